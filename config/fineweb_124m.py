@@ -1,0 +1,28 @@
+# GPT-2 small (124M): 12 layers, 12 heads, 768 wide, T=1024, on FineWeb-Edu sample-10BT.
+#   python prepare_fineweb.py config/fineweb_124m.py
+#   python train.py config/fineweb_124m.py
+#   torchrun --standalone --nproc_per_node=8 train.py config/fineweb_124m.py
+# 2**19 tokens per step x 19073 steps = 10B tokens. micro_batch_size is the memory knob; the
+# accumulation steps follow from it, so changing it (or the GPU count) keeps the tokens per step.
+#   RTX 3080 Ti (12 GB): micro_batch_size=8, or 16 with activation_checkpointing=True
+#   A100 40 GB: 32    A100 80 GB / H100 / GH200: 64
+# See docs/benchmarks.md for measured speed and memory.
+data_dir = "data/fineweb_edu"
+subset = "sample-10BT"
+out_dir = "out/fineweb_124m"
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+bias = False
+dropout = 0.0
+total_batch_tokens = 524288
+micro_batch_size = 16
+max_steps = 19073
+learning_rate = 6e-4
+min_lr = 6e-5
+warmup_steps = 700
+weight_decay = 0.1
+eval_interval = 250
+ckpt_interval = 1000
+hellaswag_interval = 1000

@@ -1,0 +1,1 @@
+"""gptkit: the code the scripts at the repository root share."""

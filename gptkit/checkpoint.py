@@ -1,0 +1,147 @@
+"""
+Checkpoints: <out_dir>/ckpt.pt plus a human-readable <out_dir>/ckpt.json.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
+    model            state dict of the unwrapped, uncompiled model
+    model_config     GPTConfig fields
+    config           the resolved run config
+    kind             "base" (pretrained) or "chat" (finetuned with the chat format)
+    step, tokens_seen, best_val_loss
+    optimizer, scaler, loader, rng   (for an exact resume; absent in exported weights)
+Saving is atomic (temporary file, fsync, rename), so a crash or kill during a save leaves the
+previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
+"""
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+from gptkit.tokenizer import MIN_VOCAB_SIZE
+
+CKPT_NAME = "ckpt.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def resolve_path(path):
+    """A run directory or a checkpoint file -> the checkpoint file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CKPT_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: give a run directory holding {CKPT_NAME} "
+                              "(such as out/fineweb_124m) or the path of a .pt file")
+    return path
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(file) on a temporary file next to path, fsync it, then rename it over path.
+    If anything fails (a full disk, a kill) the old file at path is untouched."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def save_checkpoint(out_dir, state, summary=None):
+    """Write state to <out_dir>/ckpt.pt atomically, and a JSON summary beside it."""
+    path = os.path.join(out_dir, CKPT_NAME)
+    atomic_write(path, lambda f: torch.save(state, f))
+    summary = dict(summary or {})
+    summary.update({k: state[k] for k in ("kind", "step", "tokens_seen", "best_val_loss", "model_config")
+                    if k in state})
+    summary["config"] = state.get("config")
+    atomic_write(os.path.join(out_dir, "ckpt.json"),
+                 lambda f: f.write(json.dumps(summary, indent=2, default=str).encode()))
+    return path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = resolve_path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupt, or not a gptkit "
+            f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Use an earlier copy, or start again with init_from=scratch.") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path} is not a gptkit checkpoint (no 'model' and 'model_config' entries)")
+    return ckpt
+
+
+def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
+    """GPT from a checkpoint dict; overrides change config fields that do not alter shapes (dropout)."""
+    model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
+    if model_config.vocab_size < MIN_VOCAB_SIZE:
+        raise CheckpointError(f"{path}: the model has {model_config.vocab_size} token embeddings but the "
+                              f"tokenizer needs {MIN_VOCAB_SIZE} (GPT-2's 50257 plus the chat tokens); "
+                              "this checkpoint was not made for gptkit's tokenizer")
+    model = GPT(model_config, verbose=verbose)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model config stored with them: {e}") from e
+    return model
+
+
+def load_model(path, device="cpu", verbose=True, **overrides):
+    """-> (model in eval mode on device, checkpoint dict). For finetune, sample, eval and export."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, resolve_path(path), verbose=verbose, **overrides)
+    model.to(device)
+    model.eval()
+    return model, ckpt
+
+
+def rng_state():
+    """Every random number generator the training loop touches, in a weights_only-safe form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    python = state["python"]
+    random.setstate((python[-1], tuple(python[:-1]), None))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)

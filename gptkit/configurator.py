@@ -1,0 +1,239 @@
+"""
+One configuration grammar for every script:
+
+    python SCRIPT.py [config/FILE.py ...] [--key=value ...]
+
+Defaults are the fields of a dataclass. Config files are plain Python assignments, each run in a
+namespace of its own; later files and flags override earlier ones. A config file may also hold
+keys for the other gptkit scripts (one recipe file serves prepare, train and finetune), but a key
+no script knows is an error, and so is any unknown --flag. Values are checked against the field's
+type: ints are accepted for floats, a whole float such as 1e3 for an int, and
+True/False/true/false for bools.
+
+    cfg = configure(TrainConfig)          # in a script: errors print and exit with status 2
+    cfg = load_config(TrainConfig, args)  # in tests: errors raise ConfigError
+"""
+
+import dataclasses
+import difflib
+import importlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass
+
+# Where the other scripts keep their dataclasses, so that a shared recipe file may carry their keys.
+SCRIPT_CONFIGS = [
+    ("prepare_fineweb", "PrepareConfig"),
+    ("prepare_instruct", "InstructConfig"),
+    ("gptkit.trainer", "TrainConfig"),
+    ("finetune", "FinetuneConfig"),
+    ("sample", "SampleConfig"),
+    ("eval_hellaswag", "EvalConfig"),
+    ("export_hf", "ExportConfig"),
+    ("bench", "BenchConfig"),
+]
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; the message says what to change."""
+
+
+@dataclass
+class BaseConfig:
+    device: str = "auto"   # auto picks cuda > mps > cpu
+    dtype: str = "auto"    # auto: bfloat16 where the GPU supports it, float16 + grad scaler on older GPUs, float32 on CPU
+    seed: int = 1337
+    compile: bool = False  # torch.compile: faster steps on GPU after a minute of compiling
+
+    def validate(self):
+        """Cross-field checks; return a list of problems (empty when all is well)."""
+        problems = []
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            problems.append(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            problems.append(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        return problems
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key, value, tp):
+    """Convert value (a string from the command line, or a Python value from a config file) to tp."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value in ("None", "none", "")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{key}={value!r}: expected a list such as [\"a\", \"b\"] or a,b")
+            else:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, item_tp) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value in ("True", "true", "1", "False", "false", "0"):
+            return value in ("True", "true", "1")
+        raise ConfigError(f"{key}={value!r}: expected a bool (True/False/true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected an int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{key}={value!r}: expected an int")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an int (a whole number such as 1000 or 1e3)")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a float")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise AssertionError(f"configurator does not handle the type {tp} of {key}")
+
+
+def _read_config_file(path):
+    """Run a config file in its own namespace and return its assignments."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    try:
+        code = compile(source, path, "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"syntax error in config file {path}, line {e.lineno}: {e.msg}")
+    namespace = {}
+    try:
+        exec(code, namespace)
+    except Exception as e:
+        tb = e.__traceback__
+        line = None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        raise ConfigError(f"error in config file {path}, line {line}: {type(e).__name__}: {e}")
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def _other_scripts_keys(own_cls):
+    keys = set()
+    for module_name, class_name in SCRIPT_CONFIGS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue  # that script is not part of this checkout
+        if cls is not own_cls:
+            keys.update(f.name for f in dataclasses.fields(cls))
+    return keys
+
+
+def _unknown_key_error(key, known, where):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def load_config(cls, args):
+    """Build cls from its defaults, then each config file and --key=value flag in args, in order."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    other_keys = None
+    for arg in args:
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if not sep:
+                if key in fields and hints[key] is bool:
+                    raw = "True"  # a bare --flag switches a bool on
+                else:
+                    raise ConfigError(f"flag {arg} needs a value: --{key}=VALUE")
+            if key not in fields:
+                raise _unknown_key_error(key, fields, "the command line")
+            values[key] = _coerce(key, raw, hints[key])
+        elif arg.endswith(".py"):
+            for key, value in _read_config_file(arg).items():
+                if key in fields:
+                    values[key] = _coerce(key, value, hints[key])
+                    continue
+                if other_keys is None:
+                    other_keys = _other_scripts_keys(cls)
+                if key not in other_keys:
+                    raise _unknown_key_error(key, fields | other_keys, f"config file {arg}")
+        else:
+            raise ConfigError(f"cannot understand argument {arg!r}: give config files (config/NAME.py) "
+                              f"and flags (--key=value)")
+    cfg = cls(**values)
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def configure(cls, args=None):
+    """For scripts: parse sys.argv; on a mistake print it and exit with status 2, no traceback."""
+    args = sys.argv[1:] if args is None else args
+    if any(a in ("-h", "--help") for a in args):
+        print(f"usage: python {sys.argv[0]} [config/FILE.py ...] [--key=value ...]\n\nkeys and defaults:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            print(f"  --{f.name}={default!r}  ({_type_name(hints[f.name])})")
+        sys.exit(0)
+    try:
+        return load_config(cls, args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def config_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def print_config(cfg):
+    print(f"{type(cfg).__name__}:")
+    for key, value in config_dict(cfg).items():
+        print(f"  {key} = {value!r}")

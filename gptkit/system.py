@@ -1,0 +1,179 @@
+"""
+Where and how the scripts run: device, precision, DDP, seeding, rank-0 printing and metric logging.
+
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)   # prints the device and dtype it chose and why
+    with rt.autocast():
+        logits, loss = model(x, y)
+"""
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, so that 8 processes do not print everything 8 times."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+@dataclass
+class Runtime:
+    device: str          # "cuda:0", "cpu", "mps"
+    device_type: str     # "cuda", "cpu", "mps"
+    dtype: str           # "float32", "bfloat16", "float16": the compute dtype of autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ptdtype(self):
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    @property
+    def needs_grad_scaler(self):
+        return self.dtype == "float16"  # fp16 gradients underflow without loss scaling; bf16 has fp32's range
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+
+    def synchronize(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+
+def pick_device(device="auto", local_rank=0):
+    """-> (device, reason)."""
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device={device} asked for, but PyTorch sees no CUDA GPU "
+                               "(is this a CPU-only torch build?); use --device=cpu or --device=auto")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError("device=mps asked for, but MPS is not available; use --device=cpu")
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+        return device, "as configured"
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}", f"CUDA GPU found: {torch.cuda.get_device_name(local_rank)}"
+    if torch.backends.mps.is_available():
+        return "mps", "Apple GPU (MPS) found, no CUDA"
+    return "cpu", "no CUDA or MPS GPU found"
+
+
+def pick_dtype(dtype, device_type):
+    """-> (dtype name, reason). Mixed precision only where it pays and is safe."""
+    if dtype != "auto":
+        if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("dtype=bfloat16 asked for, but this GPU does not support it; "
+                               "use --dtype=float16 (with loss scaling) or --dtype=auto")
+        return dtype, "as configured"
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "the GPU supports bf16 (fp32's range, no loss scaling needed)"
+        return "float16", "the GPU has no bf16; fp16 with a gradient scaler"
+    if device_type == "mps":
+        return "float16", "MPS: fp16 autocast"
+    return "float32", "CPU: fp32 (bf16 autocast on CPU is slow on most processors)"
+
+
+def init_distributed(device_type_hint="auto"):
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set) -> (rank, local_rank, world_size)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 0, 1
+    import torch.distributed as dist
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_nccl = torch.cuda.is_available() and device_type_hint in ("auto", "cuda") or device_type_hint.startswith("cuda:")
+    if use_nccl:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return rank, local_rank, world_size
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
+    rank, local_rank, world_size = init_distributed(device)
+    device, device_reason = pick_device(device, local_rank)
+    device_type = device.split(":")[0]
+    dtype, dtype_reason = pick_dtype(dtype, device_type)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        # TF32 for the fp32 matmuls that remain (optimizer, fp32 runs): ~free speed on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(seed + rank)
+    rt = Runtime(device=device, device_type=device_type, dtype=dtype, rank=rank, local_rank=local_rank,
+                 world_size=world_size)
+    if verbose:
+        print0(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason})"
+               + (f"; {world_size} processes" if world_size > 1 else ""))
+    return rt
+
+
+def cleanup_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MetricsLogger:
+    """Writes each record to <out_dir>/log.jsonl (one JSON object per line) and to wandb when
+    asked. Only rank 0 writes; on other ranks every call does nothing, so callers never branch."""
+
+    def __init__(self, out_dir, enabled=True, wandb_log=False, wandb_project="gptkit", wandb_run_name=None,
+                 config=None, resume=False):
+        self.enabled = enabled
+        self.file = None
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w", encoding="utf-8")
+        if wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("wandb_log=True but wandb is not installed: pip install wandb")
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
+                                    resume="allow" if resume else None)
+
+    def log(self, step, **metrics):
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in metrics.items()})
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

@@ -1,0 +1,229 @@
+"""
+The GPT language model: GPT-2's architecture in one file.
+
+Pre-LayerNorm transformer blocks, GELU MLP (tanh approximation, as GPT-2), learned position
+embeddings, input and output embeddings tied, optional biases and dropout, attention through
+PyTorch's fused scaled_dot_product_attention. Parameter names follow GPT-2
+(wte wpe h.N.ln_1 attn.c_attn attn.c_proj ln_2 mlp.c_fc mlp.c_proj ln_f lm_head), so weights map
+one-to-one onto Hugging Face's GPT2LMHeadModel.
+
+Nothing about devices, DDP, torch.compile or logging lives here: the model is plain nn.Module.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768))
+    logits, loss = model(idx, targets)           # idx, targets: (B, T) int64; targets -1 = no loss
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024    # context length T
+    vocab_size: int = 50304   # GPT-2's 50257 padded to a multiple of 64 (faster matmuls); chat tokens live in the padding
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0      # 0 for pretraining; people raise it for finetuning
+    bias: bool = False        # biases in Linear and LayerNorm: GPT-2 had them, without is a bit better and faster
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to max_len positions.
+
+    Prefill a prompt with one forward call, then feed one token at a time; `pos` is the number of
+    positions already in the cache."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.pos
+            kv_cache.k[self.layer_idx, :, :, start:start + T] = k
+            kv_cache.v[self.layer_idx, :, :, start:start + T] = v
+            k = kv_cache.k[self.layer_idx, :, :, :start + T].to(q.dtype)  # (B, nh, start+T, hs)
+            v = kv_cache.v[self.layer_idx, :, :, :start + T].to(q.dtype)
+            if start > 0:
+                # SDPA's is_causal aligns the mask top-left, which is wrong when queries start at
+                # `start`: a single new token sees everything, a chunk needs an explicit mask.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; keeps weights interchangeable with it
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-LN: normalise the branch input, keep the residual clean
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config, verbose=True):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied embeddings: the output projection is the token embedding (GPT-2; saves V*C parameters).
+        self.transformer.wte.weight = self.lm_head.weight
+        # Recompute each block in the backward pass instead of storing its activations: less
+        # memory for a small card, about a third more compute. Set by the training script.
+        self.activation_checkpointing = False
+        self.init_weights()
+        if verbose:
+            print(f"GPT: {self.num_params():,} parameters "
+                  f"({config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, T={config.block_size})")
+
+    def init_weights(self):
+        """GPT-2 initialisation, all of it here:
+
+        | parameters                       | init                              |
+        |----------------------------------|-----------------------------------|
+        | wte (= lm_head), wpe             | normal(0, 0.02)                   |
+        | c_attn, c_fc weights             | normal(0, 0.02)                   |
+        | attn.c_proj, mlp.c_proj weights  | normal(0, 0.02 / sqrt(2*n_layer)) |
+        | all biases                       | 0                                 |
+        | LayerNorm weight / bias          | 1 / 0                             |
+
+        The residual projections are scaled down because each block adds two of them to the
+        residual stream; without it the stream's variance grows with depth."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                if module is not self.transformer.wte:  # wte is lm_head.weight, initialised above
+                    torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                torch.nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count; tied weights counted once. non_embedding leaves out the position
+        embeddings (the token embedding stays: it is also the output layer and does real work)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss). targets (B, T) with -1 where no loss is
+        wanted; loss is the mean over the other positions, None without targets. With kv_cache,
+        idx continues the sequence already in the cache."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
+                             f"of {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # fp32 for the softmax: in bf16 the log-sum-exp over 50k logits loses precision
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: decay on 2-D weights (matmuls, embeddings), none on biases and LayerNorm."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def hidden_matrices(self):
+        """The 2-D weights inside the blocks: what Muon optimises (embeddings and the head stay on AdamW)."""
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 per weight for the
+        matmuls plus 12*L*C*T for the attention scores and weighted sum. Position embeddings do
+        no matmul work, so they are left out."""
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def new_kv_cache(self, batch_size, max_len=None, dtype=None):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)

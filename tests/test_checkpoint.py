@@ -1,0 +1,91 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptkit.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _state(model, step=0):
+    return {"model": model.state_dict(), "model_config": model.config.to_dict(), "config": {"x": 1},
+            "kind": "base", "step": step, "rng": rng_state()}
+
+
+def test_save_load_roundtrip(tmp_path, tiny_config):
+    model = GPT(tiny_config)
+    save_checkpoint(str(tmp_path), _state(model, step=7))
+    assert (tmp_path / "ckpt.json").exists()
+    loaded, ckpt = load_model(str(tmp_path))
+    assert ckpt["step"] == 7
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_rng_state_roundtrip():
+    import random
+    import numpy as np
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert a == b
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, tiny_config):
+    save_checkpoint(str(tmp_path), _state(GPT(tiny_config)))
+    path = tmp_path / "ckpt.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt.*truncated or corrupt"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_missing_checkpoint_message(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(str(tmp_path / "nope"))
+
+
+def test_vocab_mismatch_is_refused(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257))
+    save_checkpoint(str(tmp_path), _state(model))
+    with pytest.raises(CheckpointError, match="tokenizer needs 50261"):
+        load_model(str(tmp_path))
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"model": {}, "model_config": {}, "evil": Evil()}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path))
+
+
+def test_kill_during_save_keeps_previous(tmp_path):
+    # A child process saves big checkpoints over and over; kill it mid-write many times over.
+    out = tmp_path / "run"
+    code = f"""
+import sys, torch
+sys.path.insert(0, {ROOT!r})
+from gptkit.checkpoint import save_checkpoint
+from model import GPT, GPTConfig
+model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=64), verbose=False)
+step = 0
+while True:
+    step += 1
+    save_checkpoint({str(out)!r}, {{"model": model.state_dict(), "model_config": model.config.to_dict(), "step": step}})
+    print(step, flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    saved = 0
+    while saved < 3:  # let a few saves complete, then kill without warning
+        saved = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    model, ckpt = load_model(str(out))
+    assert ckpt["step"] >= saved

@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+
+def test_shapes_and_initial_loss(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    idx = torch.randint(0, 50257, (4, 32))
+    targets = torch.randint(0, 50257, (4, 32))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (4, 32, 50304)
+    # A fresh model predicts about uniformly over the vocabulary.
+    assert abs(loss.item() - math.log(50304)) < 0.1
+    logits, loss = model(idx)
+    assert loss is None
+
+
+def test_ignore_index():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 50257, (2, 16))
+    targets = idx.clone()
+    targets[:, :8] = -1
+    _, loss_masked = model(idx, targets)
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 50304), idx[:, 8:].reshape(-1))
+    torch.testing.assert_close(loss_masked, expected)
+
+
+def test_causality(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    idx = torch.randint(0, 50257, (1, 40))
+    logits, _ = model(idx)
+    for t in (0, 10, 38):
+        changed = idx.clone()
+        changed[0, t + 1:] = torch.randint(0, 50257, (40 - t - 1,))
+        logits2, _ = model(changed)
+        torch.testing.assert_close(logits[0, :t + 1], logits2[0, :t + 1], rtol=0, atol=1e-5)
+        if t < 38:
+            assert not torch.allclose(logits[0, t + 1:], logits2[0, t + 1:])
+
+
+def test_kv_cache_matches_full_forward(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        prefill, _ = model(idx[:, :12], kv_cache=cache)       # prompt in one go
+        steps = [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(12, 20)]  # one token at a time
+        chunk, _ = model(idx[:, 20:], kv_cache=cache)          # a chunk after the cache start
+    cached = torch.cat([prefill] + steps + [chunk], dim=1)
+    torch.testing.assert_close(cached, full.detach(), rtol=0, atol=1e-5)
+    assert cache.pos == 30
+
+
+def test_context_limit(tiny_config):
+    model = GPT(tiny_config)
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,expected", [
+    (12, 12, 768, 124_373_760),
+    (32, 24, 1296, 711_577_872),
+])
+def test_parameter_counts(n_layer, n_head, n_embd, expected):
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50304, bias=False)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = GPT(config, verbose=False)
+    assert model.num_params() == expected
+
+
+def test_tied_embeddings_and_init(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    proj_std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    fc_std = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(fc_std - 0.02) < 0.002
+    assert abs(proj_std - 0.02 / math.sqrt(2 * tiny_config.n_layer)) < 0.002
+
+
+def test_param_groups_decay_only_matrices(tiny_config):
+    model = GPT(tiny_config)
+    decay, no_decay = model.param_groups(0.1)
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params()
+
+
+def test_flops_per_token():
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    with torch.device("meta"):
+        model = GPT(config, verbose=False)
+    n = 124_373_760 - 1024 * 768
+    assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_matches_huggingface_gpt2(tiny_config):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50304, bias=True)
+    model = GPT(config).eval()
+    hf_config = transformers.GPT2Config(vocab_size=50304, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    state = model.state_dict()
+    hf_state = {}
+    for k, v in state.items():
+        # HF's GPT-2 uses Conv1D: the same matrices, transposed
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        hf_state[k] = v
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    assert not unexpected
+    assert all(".attn.bias" in k or "masked_bias" in k for k in missing), missing
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
