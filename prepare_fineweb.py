@@ -1,11 +1,41 @@
 """
 FineWeb-Edu (or local parquet/jsonl/txt) -> GPT-2 token shards with a document-level train/val split.
-(Work in progress: only the configuration is defined so far.)
+
+    python prepare_fineweb.py config/fineweb_124m.py                      # stream sample-10BT from the hub
+    python prepare_fineweb.py config/fineweb_124m.py --max_tokens=1e8     # a first try: stop after 100M tokens
+    python prepare_fineweb.py --source=my_texts/ --data_dir=data/mine --val_tokens=1e6   # local files
+
+The hub dataset is read with `datasets` in streaming mode, so nothing is downloaded whole first.
+`source` may instead be a local .parquet / .jsonl / .txt file or a folder of them (one kind per
+folder; a .txt file is one document), read through the same streaming code path. Records need a
+`text` column; an `id` column, when present, decides the split.
+
+Each document is normalised (CRLF and lone CR -> LF, BOM dropped; empty documents skipped) and
+preceded by <|endoftext|>. Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each
+(the last one shorter), in the format of gptkit/data.py.
+
+Resumable: kill it at any moment and run the same command again; it finishes with exactly the shards
+an uninterrupted run writes. On finished data it does nothing. Progress lives in
+<data_dir>/prepare_state.bin (first line: JSON you can read with `head -1`).
 """
 
-from dataclasses import dataclass
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
 
-from gptkit.configurator import BaseConfig, configure
+import numpy as np
+
+from gptkit.configurator import BaseConfig, configure, print_config
+from gptkit.data import atomic_write, make_pool, resolve_num_proc, shard_path, tokenize_stream, write_shard
+from gptkit.system import print0
+from gptkit.tokenizer import EOT, get_tokenizer
+
+STATE_FILE = "prepare_state.bin"
+LOCAL_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+HUB_SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9, "default": 1.3e12}
+BYTES_PER_TOKEN = 4.0  # GPT-2 BPE on English prose: 3.3 (old English) to 4.7 (web text); only for estimates
+VAL_OVERSAMPLE = 2.0   # see choose_val_probability
 
 
 @dataclass
@@ -18,6 +48,230 @@ class PrepareConfig(BaseConfig):
     max_tokens: int = 0                        # stop after this many tokens in all (0: the whole source)
     num_proc: int = 0                          # tokenizer processes; 0: all cores
 
+    def validate(self):
+        problems = super().validate()
+        if self.shard_tokens < 1:
+            problems.append(f"shard_tokens={self.shard_tokens}: must be at least 1 (100_000_000 is usual)")
+        for key in ("val_tokens", "max_tokens", "num_proc"):
+            if getattr(self, key) < 0:
+                problems.append(f"{key}={getattr(self, key)}: must be 0 or more")
+        if is_local(self.source) and not os.path.exists(self.source):
+            problems.append(f"source={self.source!r} does not exist: give an existing parquet/jsonl/txt file "
+                            "or folder, or a hub dataset name such as HuggingFaceFW/fineweb-edu")
+        return problems
+
+
+def is_local(source):
+    """A path on this machine, or a hub name? Existing paths and things that look like paths are local."""
+    return (os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(("/", os.sep))
+            or os.path.splitext(source)[1].lower() in LOCAL_KINDS)
+
+
+def local_files(source):
+    """-> (datasets builder name, sorted list of files) for a local file or folder."""
+    if os.path.isfile(source):
+        paths = [source]
+    else:
+        paths = sorted(os.path.join(dirpath, name) for dirpath, dirnames, names in os.walk(source)
+                       for name in names if not name.startswith("."))
+        paths = [p for p in paths if os.path.splitext(p)[1].lower() in LOCAL_KINDS]
+        if not paths:
+            raise SystemExit(f"error: folder {source} holds no .parquet, .jsonl or .txt files: point source at "
+                             "a folder (or file) of documents")
+    kinds = {LOCAL_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
+    if None in kinds:
+        raise SystemExit(f"error: cannot read {source}: use a .parquet, .jsonl or .txt file")
+    if len(kinds) > 1:
+        raise SystemExit(f"error: folder {source} mixes {', '.join(sorted(kinds))} files: keep one kind per folder")
+    return kinds.pop(), paths
+
+
+def open_records(cfg):
+    """-> iterator of (id or None, text), in the source's order, through datasets' streaming mode."""
+    from datasets import load_dataset
+    if is_local(cfg.source):
+        builder, files = local_files(cfg.source)
+        extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+        ds = load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+    else:
+        ds = load_dataset(cfg.source, name=cfg.subset or None, split="train", streaming=True)
+    for i, record in enumerate(ds):
+        if "text" not in record:
+            raise SystemExit(f"error: records of {cfg.source} have no 'text' field (fields: {sorted(record)}); "
+                             "give a source whose documents are in a 'text' column")
+        yield record.get("id"), record["text"] or ""
+
+
+def estimate_source_tokens(cfg):
+    """A rough token count of the whole source, for the progress bar and the val probability."""
+    if not is_local(cfg.source):
+        return HUB_SUBSET_TOKENS.get(cfg.subset)
+    builder, files = local_files(cfg.source)
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+        text_bytes = 0
+        for path in files:  # the uncompressed size of the text column, from the footer only
+            meta = pq.ParquetFile(path).metadata
+            for g in range(meta.num_row_groups):
+                for c in range(meta.num_columns):
+                    column = meta.row_group(g).column(c)
+                    if column.path_in_schema == "text":
+                        text_bytes += column.total_uncompressed_size
+        return text_bytes / BYTES_PER_TOKEN
+    return sum(os.path.getsize(p) for p in files) / BYTES_PER_TOKEN
+
+
+def choose_val_probability(cfg):
+    """The split rule: a document is a val candidate when its stable hash is below p, and candidates go
+    to val until val holds val_tokens; after that every document goes to train. Candidates are spread
+    over the whole stream, not just its first documents. p is VAL_OVERSAMPLE times what an exact token
+    estimate would need, so val still fills when the estimate is high, and the cap keeps val at
+    val_tokens (plus at most one document) when it is low. p is stored with the progress, so a resumed
+    run uses the same rule."""
+    if cfg.val_tokens == 0:
+        return 0.0
+    estimate = estimate_source_tokens(cfg)
+    if cfg.max_tokens:
+        estimate = min(estimate or cfg.max_tokens, cfg.max_tokens)
+    if not estimate:
+        return 0.01  # an unknown hub dataset: 1%, capped at val_tokens as always
+    return min(1.0, VAL_OVERSAMPLE * cfg.val_tokens / estimate)
+
+
+class SplitWriter:
+    """Fills shard_tokens-sized buffers for one split and writes each as it fills."""
+
+    def __init__(self, data_dir, split, shard_tokens, state, partial):
+        self.data_dir, self.split = data_dir, split
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = len(partial)
+        self.buffer[:self.fill] = partial
+        self.shards, self.tokens, self.docs = state["shards"], state["tokens"], state["docs"]
+
+    def add(self, tokens):
+        """Append one document (it may straddle shards); -> True when a shard was written."""
+        self.tokens += len(tokens)
+        self.docs += 1
+        wrote = False
+        while len(tokens):
+            n = min(len(tokens), len(self.buffer) - self.fill)
+            self.buffer[self.fill:self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == len(self.buffer):
+                self.flush()
+                wrote = True
+        return wrote
+
+    def flush(self):
+        if self.fill:
+            shard = self.buffer[:self.fill]
+            write_shard(shard_path(self.data_dir, self.split, self.shards), shard,
+                        n_docs=int(np.count_nonzero(shard == EOT)))
+            self.shards += 1
+            self.fill = 0
+
+    def state(self):
+        return {"shards": self.shards, "tokens": self.tokens, "docs": self.docs, "partial": self.fill}
+
+
+def save_state(path, state, writers):
+    """One file holds the counters (JSON, first line) and the unwritten tail of each split's buffer,
+    replaced atomically: a kill leaves either the old state or the new one, never a mix."""
+    header = (json.dumps(state) + "\n").encode()
+    atomic_write(path, [header] + [w.buffer[:w.fill].tobytes() for w in writers])
+
+
+def load_state(path):
+    with open(path, "rb") as f:
+        state = json.loads(f.readline())
+        partial = np.frombuffer(f.read(), dtype=np.uint16)
+    n_train = state["train"]["partial"]
+    return state, partial[:n_train], partial[n_train:]
+
+
+def prepare(cfg):
+    state_path = os.path.join(cfg.data_dir, STATE_FILE)
+    settings = {k: getattr(cfg, k) for k in ("source", "subset", "shard_tokens", "val_tokens", "max_tokens")}
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    for name in os.listdir(cfg.data_dir):  # temporary files of a killed run
+        if ".tmp" in name:
+            os.remove(os.path.join(cfg.data_dir, name))
+    if os.path.exists(state_path):
+        state, train_partial, val_partial = load_state(state_path)
+        if state["settings"] != settings:
+            raise SystemExit(f"error: {cfg.data_dir} holds a preparation with other settings {state['settings']}; "
+                             f"use another data_dir, or delete {cfg.data_dir} to start over")
+        if state["done"]:
+            print0(f"{cfg.data_dir} is already complete: {state['train']['shards']} train and "
+                   f"{state['val']['shards']} val shards; nothing to do")
+            return state
+        print0(f"resuming after {state['records']:,} documents ({state['train']['tokens'] + state['val']['tokens']:,} tokens)")
+    else:
+        if any(name.endswith(".bin") for name in os.listdir(cfg.data_dir)):
+            raise SystemExit(f"error: {cfg.data_dir} holds shards that this script did not start (no {STATE_FILE}); "
+                             "use an empty data_dir")
+        empty = {"shards": 0, "tokens": 0, "docs": 0, "partial": 0}
+        state = {"settings": settings, "val_probability": choose_val_probability(cfg), "records": 0,
+                 "train": dict(empty), "val": dict(empty), "done": False}
+        train_partial = val_partial = np.empty(0, dtype=np.uint16)
+    train = SplitWriter(cfg.data_dir, "train", cfg.shard_tokens, state["train"], train_partial)
+    val = SplitWriter(cfg.data_dir, "val", cfg.shard_tokens, state["val"], val_partial)
+    p_val, records_done = state["val_probability"], state["records"]
+    print0(f"val: documents with hash < {p_val:.4g} until val holds {cfg.val_tokens:,} tokens")
+
+    def checkpoint():
+        state.update(records=records_done, train=train.state(), val=val.state())
+        save_state(state_path, state, [train, val])
+
+    num_proc = resolve_num_proc(cfg.num_proc)
+    get_tokenizer()  # loaded once here, inherited by forked workers
+    pool = make_pool(num_proc) if num_proc > 1 else None  # before datasets starts any thread
+    records = open_records(cfg)
+    for _ in range(records_done):  # documents already in shards or in the saved partial buffers
+        if next(records, None) is None:
+            raise SystemExit(f"error: the source has fewer documents than {cfg.data_dir} already consumed: it "
+                             f"changed since the preparation began; delete {cfg.data_dir} to start over")
+    from tqdm import tqdm
+    estimate = estimate_source_tokens(cfg)
+    total = cfg.max_tokens or estimate
+    done_tokens = train.tokens + val.tokens
+    bar = tqdm(total=int(total) if total else None, initial=done_tokens, unit="tok", unit_scale=True,
+               smoothing=0.05, disable=int(os.environ.get("RANK", 0)) != 0)
+    start = time.time()
+    finished = cfg.max_tokens and done_tokens >= cfg.max_tokens
+    try:
+        for chunk in ([] if finished else tokenize_stream(records, 1, pool=pool)):
+            for split_hash, tokens in chunk:
+                records_done += 1
+                if not len(tokens):
+                    continue  # an empty document
+                to_val = split_hash < p_val and val.tokens < cfg.val_tokens
+                if (val if to_val else train).add(tokens):
+                    checkpoint()  # a shard was written: record the position that goes with it
+                bar.update(len(tokens))
+                if cfg.max_tokens and train.tokens + val.tokens >= cfg.max_tokens:
+                    finished = True
+                    break
+            bar.set_postfix(docs=f"{train.docs + val.docs:,}", refresh=False)
+            if finished:
+                break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    train.flush()
+    val.flush()
+    state["done"] = True
+    checkpoint()
+    elapsed = time.time() - start
+    print0(f"done: train {train.tokens:,} tokens in {train.docs:,} documents ({train.shards} shards), "
+           f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), "
+           f"in {elapsed:.0f}s; next: python train.py --data_dir={cfg.data_dir}")
+    return state
+
 
 if __name__ == "__main__":
     cfg = configure(PrepareConfig)
+    print_config(cfg)
+    prepare(cfg)

@@ -1,0 +1,183 @@
+"""
+Training-speed benchmark of a config on the current device, with synthetic tokens.
+
+    python bench.py config/fineweb_124m.py                      # tokens/s, MFU, peak memory
+    python bench.py config/fineweb_712m.py --micro_batch_size=16 --compile=True
+    python bench.py config/fineweb_124m.py --json=True          # one JSON line, for scripts
+    python bench.py config/tiny_cpu.py --device=cpu --steps=3   # runs on a CPU too
+    python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
+
+Each timed step is a full optimizer step (total_batch_tokens tokens with gradient accumulation).
+`warmup` steps run first and are not timed (compilation, allocator warm-up, cuDNN autotuning);
+the figure reported is the median of the timed steps. MFU is model FLOPs per token (6N + attention,
+see model.flops_per_token) times tokens/s over the device's dense bf16 peak; for a device not in
+the table no MFU is reported rather than a wrong one.
+"""
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gptkit.configurator import configure, config_dict
+from gptkit.system import print0, setup_runtime
+from gptkit.trainer import TrainConfig
+from model import GPT, GPTConfig, CausalSelfAttention
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s by device name, as reported by
+# torch.cuda.get_device_name. Matched in order, first hit wins, so specific names come first.
+PEAK_FLOPS = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),       # SXM and NVL
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),   # GeForce: half-rate fp32 accumulate counted as in NVIDIA's sheet
+    ("RTX 3090", 71e12),
+    ("RTX 3080 Ti", 68e12),
+    ("V100", 125e12),       # fp16 (no bf16)
+    ("T4", 65e12),          # fp16 (no bf16)
+]
+
+
+def device_peak_flops(device_name):
+    """Dense bf16 peak FLOP/s for a known GPU name, else None."""
+    for key, flops in PEAK_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def mfu(flops_per_token, tokens_per_sec, peak_flops):
+    """Model FLOPs utilisation: the share of the device's peak the model's useful arithmetic reaches."""
+    if not peak_flops:
+        return None
+    return flops_per_token * tokens_per_sec / peak_flops
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    steps: int = 10           # timed optimizer steps (the median is reported)
+    warmup: int = 3           # untimed steps first (torch.compile, autotuning)
+    mode: str = "train"       # train | decode
+    attention: str = "auto"   # auto | flash | cudnn | efficient | math: force one SDPA kernel, to compare
+    pad_heads: bool = True    # pad head sizes that are not a multiple of 8 (712M: 54 -> 56) for the fused kernels
+    json: bool = False        # print one JSON line instead of a table
+
+    def validate(self):
+        problems = super().validate()
+        if self.mode not in ("train", "decode"):
+            problems.append(f"mode={self.mode!r}: use train or decode")
+        if self.attention not in ("auto", "flash", "cudnn", "efficient", "math"):
+            problems.append(f"attention={self.attention!r}: use auto, flash, cudnn, efficient or math")
+        return problems
+
+
+def sdpa_context(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import contextlib
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel(backends[name])
+
+
+def attention_kernels(model, rt, cfg):
+    """Names of the attention kernels that actually run in a forward+backward (from the profiler)."""
+    if rt.device_type != "cuda":
+        return "math (CPU)"
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randint(0, 50257, (1, cfg.block_size), device=rt.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with rt.autocast():
+            _, loss = model(x, x)
+        loss.backward()
+    names = {e.key for e in prof.key_averages()}
+    found = sorted(n for n in names if any(s in n.lower() for s in ("flash", "fmha", "cudnn", "attention", "sdpa", "efficient")))
+    model.zero_grad(set_to_none=True)
+    return "; ".join(n[:80] for n in found[:4]) or "none matched"
+
+
+def bench_train(cfg, rt):
+    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          vocab_size=cfg.vocab_size, bias=cfg.bias, dropout=cfg.dropout),
+                verbose=not cfg.json).to(rt.device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    CausalSelfAttention.pad_heads = cfg.pad_heads
+    kernels = attention_kernels(model, rt, cfg)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), fused=rt.device_type == "cuda")
+    step_model = torch.compile(model) if cfg.compile else model
+    grad_accum = cfg.total_batch_tokens // (cfg.micro_batch_size * cfg.block_size)
+    # Synthetic tokens: speed does not depend on the text; a few different batches avoid cache effects.
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    rows = [torch.randint(0, 50257, (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
+            for _ in range(min(grad_accum, 4))]
+    batches = [(r[:, :-1].contiguous().to(rt.device), r[:, 1:].contiguous().to(rt.device)) for r in rows]
+
+    def step():
+        for micro_step in range(grad_accum):
+            x, y = batches[micro_step % len(batches)]
+            with rt.autocast():
+                _, loss = step_model(x, y)
+            (loss / grad_accum).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    with sdpa_context(cfg.attention):
+        for i in range(cfg.warmup + cfg.steps):
+            if i == cfg.warmup and rt.device_type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rt.synchronize()
+            t0 = time.perf_counter()
+            step()
+            rt.synchronize()
+            if i >= cfg.warmup:
+                times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    tokens_per_sec = grad_accum * cfg.micro_batch_size * cfg.block_size / step_time
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else rt.device_type
+    return {
+        "mode": "train",
+        "device": device_name,
+        "torch": torch.__version__,
+        "params": model.num_params(),
+        "tokens_per_sec": round(tokens_per_sec),
+        "mfu": mfu(model.flops_per_token(), tokens_per_sec, device_peak_flops(device_name)),
+        "step_time_s": round(step_time, 4),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(rt.device) / 1e9, 2) if rt.device_type == "cuda" else None,
+        "dtype": rt.dtype,
+        "compile": cfg.compile,
+        "attention": cfg.attention,
+        "attention_kernels": kernels,
+        "pad_heads": cfg.pad_heads,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "micro_batch_size": cfg.micro_batch_size,
+        "grad_accum": grad_accum,
+        "block_size": cfg.block_size,
+        "steps": cfg.steps,
+    }
+
+
+def main():
+    cfg = configure(BenchConfig)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json)
+    result = bench_train(cfg, rt)
+    if cfg.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if key == "mfu":
+            value = f"{value * 100:.1f}%" if value is not None else "n/a (device not in the peak table)"
+        print0(f"{key:>24}: {value}")
+
+
+if __name__ == "__main__":
+    main()

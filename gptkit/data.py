@@ -1,0 +1,379 @@
+"""
+Pretraining token shards and the batch loader that reads them.
+
+A shard is <dir>/{train,val}_NNNNNN.bin: a header of 256 int32 followed by uint16 token ids.
+The header follows llm.c, so shards made by llm.c or modded-nanogpt tooling load as they are:
+    header[0] = 20240520  magic
+    header[1] = 1         version (uint16 GPT-2 tokens)
+    header[2] = number of tokens
+    header[3] = 50257     vocabulary the ids come from (GPT-2); 0 in llm.c shards
+    header[4] = number of documents (each begins with <|endoftext|>); 0 when unknown
+
+    write_shard("data/x/train_000000.bin", tokens)
+    loader = PretrainLoader("data/x", "train", batch_size=16, block_size=1024, rank=0, world_size=1)
+    x, y = loader.next_batch()                      # int64 (B, T); y is x shifted left by one
+    state = loader.state_dict(); loader.load_state_dict(state)   # exact resume
+    batches = val_batches("data/x", 16, 1024, eval_tokens=10_485_760)
+    arrays = tokenize_documents(texts, num_proc=0)  # prepare_fineweb's parallel tokenizer (bench.py times it)
+"""
+
+import collections
+import glob
+import hashlib
+import multiprocessing
+import os
+import re
+
+import numpy as np
+import torch
+
+from gptkit.tokenizer import EOT, get_tokenizer
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAGIC = 20240520
+VERSION = 1
+GPT2_VOCAB = 50257  # ids at or above this are chat tokens or padding: never in pretraining text
+PREPARE_HINT = "python prepare_fineweb.py config/fineweb_124m.py --data_dir=..."
+
+
+class ShardError(ValueError):
+    """A missing, truncated or corrupt shard; the message names the file and what to do."""
+
+
+def shard_path(data_dir, split, index):
+    return os.path.join(data_dir, f"{split}_{index:06d}.bin")
+
+
+def atomic_write(path, chunks):
+    """Write the byte strings in chunks to path atomically: a temporary file, fsync, then rename,
+    so a reader (or a prep resumed after a kill) never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_shard(path, tokens, n_docs=0):
+    """Write tokens (ids < 50257) as a shard, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"write_shard({path}): tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= GPT2_VOCAB):
+        raise ValueError(f"write_shard({path}): token ids must lie in [0, {GPT2_VOCAB}), "
+                         f"got {int(tokens.min())}..{int(tokens.max())}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0], header[1], header[2], header[3], header[4] = MAGIC, VERSION, tokens.size, GPT2_VOCAB, n_docs
+    atomic_write(path, [header.tobytes(), tokens.astype(np.uint16, copy=False).tobytes()])
+
+
+def read_header(path):
+    """Check a shard's header and size (cheap: reads 1 KB) -> its header as an int32 array."""
+    redo = f"delete it and run `{PREPARE_HINT}` again"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+    except OSError as e:
+        raise ShardError(f"cannot read shard {path}: {e.strerror}")
+    if header.size < HEADER_INTS:
+        raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: {redo}")
+    if header[0] != MAGIC:
+        raise ShardError(f"shard {path} has magic number {header[0]}, expected {MAGIC}: it is not a "
+                         f"token shard of this format (llm.c layout); {redo}")
+    if header[1] != VERSION:
+        raise ShardError(f"shard {path} has version {header[1]}, expected {VERSION} (uint16 GPT-2 tokens; "
+                         f"version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); {redo}")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        raise ShardError(f"shard {path} is {size} bytes but its header announces {n_tokens} tokens "
+                         f"({expected} bytes): the file is truncated or corrupt; {redo}")
+    if header[3] not in (0, GPT2_VOCAB):
+        raise ShardError(f"shard {path} was written for a vocabulary of {header[3]} tokens, not GPT-2's "
+                         f"{GPT2_VOCAB}; prepare the data again with `{PREPARE_HINT}`")
+    return header.copy()
+
+
+def open_shard(path, n_tokens):
+    """A read-only memmap of a shard's tokens (header already checked). Cheap to make and to drop."""
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def load_shard(path):
+    """Fully validated memmap of a shard's uint16 tokens: header, length and every token id."""
+    header = read_header(path)
+    tokens = open_shard(path, int(header[2]))
+    if tokens.size and int(tokens.max()) >= GPT2_VOCAB:
+        where = int(np.argmax(tokens >= GPT2_VOCAB))
+        raise ShardError(f"shard {path} holds token id {int(tokens[where])} at position {where}, outside "
+                         f"GPT-2's vocabulary of {GPT2_VOCAB}: the file is corrupt or was made with another "
+                         f"tokenizer; delete it and run `{PREPARE_HINT}` again")
+    return tokens
+
+
+def list_shards(data_dir, split):
+    """Sorted paths of <data_dir>/<split>_NNNNNN.bin; an error naming the prepare command if none."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: use train or val")
+    pattern = re.compile(rf"{split}_\d{{6}}\.bin$")
+    paths = sorted(p for p in glob.glob(os.path.join(glob.escape(data_dir), f"{split}_*.bin"))
+                   if pattern.search(os.path.basename(p)))
+    if not paths:
+        what = "does not exist" if not os.path.isdir(data_dir) else f"holds no {split}_NNNNNN.bin shards"
+        raise ShardError(f"data_dir {data_dir} {what}: prepare the data first with `{PREPARE_HINT}` "
+                         f"(its data_dir must match), or point data_dir at prepared shards")
+    return paths
+
+
+# Documents -> tokens: used by prepare_fineweb.py, timed by bench.py.
+
+def normalize_text(text):
+    """CRLF and lone CR -> LF, a leading byte-order mark dropped; "" for a document with no text."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text if text.strip() else ""
+
+
+def split_hash(record_id, text):
+    """A stable number in [0, 1) for a document: from its id when it has one, else its text. The same
+    document lands in the same split in every run, on every machine (Python's hash() is salted)."""
+    key = f"id:{record_id}" if record_id is not None else f"text:{text}"
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def tokenize_records(records):
+    """[(id, raw text)] -> [(split hash, uint16 tokens)]: <|endoftext|> then the normalised text's ids;
+    an empty document gives an empty array. Runs in the worker processes."""
+    tok = get_tokenizer()
+    out = []
+    for record_id, text in records:
+        text = normalize_text(text)
+        if not text:
+            out.append((1.0, np.empty(0, dtype=np.uint16)))
+            continue
+        encoded = tok.encode(text)  # encode(): dataset text never becomes a control token
+        ids = np.empty(len(encoded) + 1, dtype=np.uint16)
+        ids[0], ids[1:] = EOT, encoded
+        out.append((split_hash(record_id, text), ids))
+    return out
+
+
+def resolve_num_proc(num_proc):
+    if num_proc > 0:
+        return num_proc
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def make_pool(num_proc):
+    """A process pool for tokenize_stream. Made before any reader starts threads, it can fork (fast:
+    the children inherit the loaded tokenizer and imports); where fork is missing, spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(num_proc)
+
+
+def tokenize_stream(records, num_proc=0, chunk_docs=256, pool=None):
+    """Tokenize an iterable of (id, text) in chunks on num_proc processes (0: all cores; or on pool).
+    Yields one list of (split hash, tokens) per chunk, in input order. At most 2 chunks per process
+    are in flight, so memory stays bounded however fast the input arrives."""
+    num_proc = pool._processes if pool is not None else resolve_num_proc(num_proc)
+
+    def chunks():
+        chunk = []
+        for record in records:
+            chunk.append(record)
+            if len(chunk) == chunk_docs:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    if num_proc == 1 and pool is None:
+        for chunk in chunks():
+            yield tokenize_records(chunk)
+        return
+    own_pool = pool is None
+    pool = pool or make_pool(num_proc)
+    try:
+        pending = collections.deque()
+        for chunk in chunks():
+            pending.append(pool.apply_async(tokenize_records, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        if own_pool:
+            pool.terminate()
+
+
+def tokenize_documents(texts, num_proc=0):
+    """Texts -> list of uint16 arrays (<|endoftext|> + ids of the normalised text; empty for an
+    empty document), tokenized on num_proc processes. What prepare_fineweb.py does per document."""
+    records = ((None, text) for text in texts)
+    return [tokens for chunk in tokenize_stream(records, num_proc) for _, tokens in chunk]
+
+
+def _to_device(rows, device):
+    """(B, T+1) uint16 numpy -> x, y int64 tensors on device; pinned, non-blocking copies on CUDA
+    so the copy of this batch overlaps the GPU's work on the last one."""
+    buf = torch.from_numpy(rows.astype(np.int64))
+    x, y = buf[:, :-1], buf[:, 1:]
+    if str(device).startswith("cuda"):
+        x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+class _ShardSet:
+    """The shards of one split: paths, token counts, and where each window of T+1 tokens may start."""
+
+    def __init__(self, data_dir, split, block_size):
+        self.paths = list_shards(data_dir, split)
+        self.n_tokens = np.array([int(read_header(p)[2]) for p in self.paths], dtype=np.int64)
+        self.block_size = block_size
+        # a window is T+1 tokens inside one shard (inputs plus the next-token target)
+        self.starts = np.maximum(self.n_tokens - block_size, 0)       # random mode: any start
+        self.rows = np.maximum(self.n_tokens - 1, 0) // block_size    # sequential: starts at k*T
+        self.cum_starts = np.cumsum(self.starts)
+        self.cum_rows = np.cumsum(self.rows)
+        if self.cum_rows[-1] == 0:
+            raise ShardError(f"the {split} shards in {data_dir} hold {int(self.n_tokens.sum())} tokens in all, "
+                             f"fewer than block_size+1={block_size + 1} in any one shard: prepare more data "
+                             f"(`{PREPARE_HINT}`) or lower block_size")
+
+    def row_position(self, rows):
+        """Global sequential row indices -> (shard indices, token offsets)."""
+        shard = np.searchsorted(self.cum_rows, rows, side="right")
+        first = self.cum_rows[shard] - self.rows[shard]
+        return shard, (rows - first) * self.block_size
+
+    def random_position(self, draws):
+        """Uniform integers in [0, total starts) -> (shard indices, token offsets)."""
+        shard = np.searchsorted(self.cum_starts, draws, side="right")
+        first = self.cum_starts[shard] - self.starts[shard]
+        return shard, draws - first
+
+    def gather(self, shard, offset):
+        """Read windows of T+1 tokens -> (B, T+1) uint16. Memmaps are opened here and dropped on
+        return: a long-lived memmap keeps every page it touched counted against the process."""
+        T = self.block_size
+        rows = np.empty((len(shard), T + 1), dtype=np.uint16)
+        maps = {}
+        for i, (s, o) in enumerate(zip(shard.tolist(), offset.tolist())):
+            if s not in maps:
+                maps[s] = open_shard(self.paths[s], int(self.n_tokens[s]))
+            rows[i] = maps[s][o:o + T + 1]
+        # every id is checked as it is read: a full scan of each shard up front would take minutes
+        bad = rows.max(axis=1) >= GPT2_VOCAB
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ShardError(f"shard {self.paths[shard[i]]} holds token id {int(rows[i].max())} near position "
+                             f"{int(offset[i])}, outside GPT-2's vocabulary of {GPT2_VOCAB}: the file is corrupt "
+                             f"or was made with another tokenizer; delete it and run `{PREPARE_HINT}` again")
+        return rows
+
+
+class PretrainLoader:
+    """Batches of (x, y) from a split's shards.
+
+    mode="random": each row is a window starting anywhere in any shard, uniform over all tokens,
+        so one long document never fills a stretch of training. Batch k of rank r comes from a
+        numpy Generator seeded with (seed, r, k): deterministic, different on every rank, and the
+        whole state is the counter k.
+    mode="sequential": the windows tile the shards in order (stride block_size); rank r takes every
+        world_size-th window, so ranks never share one; wraps around at the end.
+    The state is the same on every rank, so rank 0's saved state resumes all of them.
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
+                 mode="random", device="cpu"):
+        if mode not in ("random", "sequential"):
+            raise ValueError(f"mode={mode!r}: use random or sequential")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self.shards = _ShardSet(data_dir, split, block_size)
+        self.data_dir, self.split, self.mode, self.device = data_dir, split, mode, device
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batches = 0  # batches drawn so far: the whole position in the stream
+        self.exact_resume = True
+
+    @property
+    def total_tokens(self):
+        return int(self.shards.n_tokens.sum())
+
+    def next_batch(self):
+        B, k = self.batch_size, self.batches
+        if self.mode == "random":
+            rng = np.random.default_rng([self.seed, self.rank, k])
+            draws = rng.integers(0, int(self.shards.cum_starts[-1]), size=B)
+            shard, offset = self.shards.random_position(draws)
+        else:
+            rows = ((k * B + np.arange(B)) * self.world_size + self.rank) % int(self.shards.cum_rows[-1])
+            shard, offset = self.shards.row_position(rows)
+        self.batches += 1
+        return _to_device(self.shards.gather(shard, offset), self.device)
+
+    def state_dict(self):
+        # plain ints and strings only: it is saved inside a weights_only checkpoint
+        return {"mode": self.mode, "seed": self.seed, "batches": self.batches, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size, "total_tokens": self.total_tokens}
+
+    def load_state_dict(self, state):
+        """Continue where state left off; the same data stream when batch size, block size, world
+        size, seed and shards are unchanged. Otherwise sequential mode keeps its place in the data
+        and random mode keeps its counter (a different but equally random stream)."""
+        same = all(state.get(key) == getattr(self, key)
+                   for key in ("mode", "seed", "batch_size", "block_size", "world_size", "total_tokens"))
+        if same or self.mode == "random" or state.get("mode") != "sequential":
+            self.batches = int(state["batches"])
+        else:
+            rows_done = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
+            if state.get("block_size") != self.block_size:
+                rows_done = rows_done * int(state["block_size"]) // self.block_size
+            self.batches = rows_done // (self.batch_size * self.world_size)
+        self.exact_resume = same  # the caller may tell the user when the stream changed
+
+
+def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
+    """A fixed list of (x, y): the first eval_tokens of the val split in non-overlapping windows,
+    batch i going to rank i % world_size. The same on every call, so val losses compare across
+    evals and runs. Every rank gets the same number of batches (for the all-reduce); when the val
+    split is smaller than eval_tokens, all of it is used."""
+    shards = _ShardSet(data_dir, "val", block_size)
+    available = int(shards.cum_rows[-1]) // batch_size
+    wanted = max(eval_tokens // (batch_size * block_size), 1)
+    per_rank = min(wanted, available) // world_size
+    if per_rank == 0:
+        raise ShardError(f"the val split in {data_dir} has {int(shards.n_tokens.sum())} tokens, too few for one "
+                         f"batch of {batch_size}x{block_size} per rank on {world_size} rank(s): raise val_tokens "
+                         f"in `{PREPARE_HINT}`, or lower micro_batch_size or block_size")
+    batches = []
+    for i in range(rank, per_rank * world_size, world_size):
+        rows = np.arange(i * batch_size, (i + 1) * batch_size)
+        batches.append(_to_device(shards.gather(*shards.row_position(rows)), device))
+    return batches

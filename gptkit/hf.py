@@ -1,0 +1,401 @@
+"""
+Hugging Face transformers <-> gptkit, both ways, for GPT-2-shaped models.
+
+    model = load_hf_gpt2("path/to/gpt2-folder")    # a local GPT2LMHeadModel folder, or "gpt2" etc. when online
+    export_hf(model, "hf/dolly", chat=True)          # a folder transformers loads with no extra code
+
+Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three differences:
+- HF GPT-2 stores c_attn, c_proj and c_fc in its Conv1D layout, (in, out): the transpose of nn.Linear.
+- Our vocabulary is padded to 50304 (the chat tokens live in the padding); GPT-2's is 50257. On import
+  the extra rows get fresh N(0, 0.02) embeddings; on export all 50304 rows go out, so HF's logits
+  have the same width as ours.
+- HF GPT-2 always has biases. A bias=False model is exported with zero biases, which leaves every
+  logit unchanged, and config.json records "gptkit_bias": false so that importing the folder gives
+  back a bias=False model (when those biases are still all zero).
+
+Reading a folder needs only safetensors (or torch for pytorch_model.bin); transformers and
+huggingface_hub are needed only to download a hub name. The tokenizer files are generated from
+tiktoken's GPT-2 ranks, so exporting works offline.
+
+A caveat of the exported tokenizer: Hugging Face tokenizers turn the text "<|user|>" inside a
+message into the control token (they match added tokens in any text), where gptkit's own scripts
+keep a person's text as ordinary text. Ids agree for every conversation that does not spell out a
+control token.
+"""
+
+import functools
+import json
+import os
+
+import torch
+
+from model import GPT, GPTConfig
+from gptkit.system import print0
+from gptkit.tokenizer import EOT, END, MIN_VOCAB_SIZE, SPECIAL_TOKENS
+
+GPT2_VOCAB = 50257      # GPT-2's own vocabulary: 50256 BPE tokens + <|endoftext|>
+PADDED_VOCAB = 50304    # ours: padded to a multiple of 64
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+BIASES = ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
+
+# Jinja for transformers' apply_chat_template: the same ids as Tokenizer.render_conversation (and,
+# with add_generation_prompt, render_prompt). One line, so no stray whitespace reaches the text.
+CHAT_TEMPLATE = (
+    "{{- '<|endoftext|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('message role must be system, user or assistant, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' and not loop.first -%}"
+    "{{- raise_exception('a system message may only come first') -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+
+class HFError(ValueError):
+    """A folder or model that cannot be converted; the message names it and says what to do."""
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def to_hf_state_dict(model):
+    """Our GPT -> {HF GPT2LMHeadModel key: tensor}. The tied lm_head is left out (HF ties it to
+    transformer.wte.weight); missing biases are written as zeros."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    C = model.config.n_embd
+    out = {}
+    for key, value in sd.items():
+        if key == "lm_head.weight":
+            continue  # the same tensor as transformer.wte.weight
+        if key.endswith(CONV1D):
+            value = value.t()
+        out[key] = value.contiguous()
+    if not model.config.bias:
+        dtype = sd["transformer.wte.weight"].dtype
+        sizes = (C, 3 * C, C, C, 4 * C, C)  # in the order of BIASES
+        for i in range(model.config.n_layer):
+            for name, size in zip(BIASES, sizes):
+                out[f"transformer.h.{i}.{name}"] = torch.zeros(size, dtype=dtype)
+        out["transformer.ln_f.bias"] = torch.zeros(C, dtype=dtype)
+    return out
+
+
+def _hf_config_to_ours(hf, where, **overrides):
+    """Check that an HF config.json describes a GPT-2 our model can reproduce -> GPTConfig."""
+    problems = []
+    if hf.get("model_type") != "gpt2":
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    archs = hf.get("architectures") or []
+    if archs and not any(a in ("GPT2LMHeadModel", "GPT2Model") for a in archs):
+        problems.append(f"architectures is {archs}, not GPT2LMHeadModel")
+    if problems:
+        raise HFError(f"{where} is not a GPT-2 checkpoint: {'; '.join(problems)}. Give a folder saved from "
+                      "transformers' GPT2LMHeadModel (config.json + model.safetensors or pytorch_model.bin)")
+    n_embd = hf.get("n_embd", 768)
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function {hf['activation_function']!r} (ours is GPT-2's tanh GELU, gelu_new)")
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        problems.append(f"n_inner {hf['n_inner']} (ours is 4 * n_embd = {4 * n_embd})")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} (ours is 1e-5)")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("non-standard attention scaling")
+    if hf.get("add_cross_attention", False):
+        problems.append("cross-attention layers")
+    if not hf.get("tie_word_embeddings", True):
+        problems.append("untied input and output embeddings (ours are tied)")
+    vocab = hf.get("vocab_size", GPT2_VOCAB)
+    if vocab < GPT2_VOCAB:
+        problems.append(f"vocab_size {vocab}: gptkit's GPT-2 tokenizer needs at least {GPT2_VOCAB}")
+    if problems:
+        raise HFError(f"{where}: this GPT-2 variant cannot be loaded into gptkit's model: {'; '.join(problems)}")
+    fields = dict(
+        block_size=hf.get("n_positions", 1024),
+        vocab_size=max(PADDED_VOCAB, -(-vocab // 64) * 64),  # round up to a multiple of 64
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=0.0,
+        bias=True,  # HF GPT-2 always has biases; a gptkit export without them is detected by the caller
+    )
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def _read_folder_weights(folder):
+    """All tensors of an HF folder: model.safetensors (or its shards) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(load_file(os.path.join(folder, shard)))
+        return sd
+    if os.path.exists(binary):
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)  # a .bin must not run code
+        except Exception as e:
+            raise HFError(f"cannot read {binary} safely ({type(e).__name__}: {e}); "
+                          "convert it to model.safetensors with transformers' save_pretrained") from e
+    raise HFError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json "
+                  "or pytorch_model.bin next to config.json")
+
+
+def from_hf_state_dict(hf_sd, ours, where="checkpoint"):
+    """{HF key: tensor} -> ours, the state dict of a freshly initialised GPT with biases, filled in
+    (padded wte rows keep their fresh N(0, 0.02) init). Keys may carry the "transformer." prefix
+    (GPT2LMHeadModel) or not (GPT2Model, OpenAI's upload)."""
+    hf_sd = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in hf_sd.items()}
+    # HF's attention mask buffers (h.N.attn.bias / masked_bias) are not weights
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    lm_head = hf_sd.pop("lm_head.weight", None)
+    if lm_head is not None and "wte.weight" in hf_sd and not torch.equal(lm_head, hf_sd["wte.weight"]):
+        raise HFError(f"{where}: lm_head.weight differs from wte.weight; gptkit's embeddings are tied")
+    expected = {k[len("transformer."):] for k in ours if k.startswith("transformer.")}
+    missing = sorted(expected - set(hf_sd))
+    unexpected = sorted(set(hf_sd) - expected)
+    if missing or unexpected:
+        raise HFError(f"{where}: weights do not match a GPT-2 of this config; missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}")
+    for key in expected:
+        value = hf_sd[key]
+        if key.endswith(CONV1D):
+            value = value.t()
+        target = ours["transformer." + key]
+        if key == "wte.weight":
+            if value.shape[1] != target.shape[1] or value.shape[0] > target.shape[0]:
+                raise HFError(f"{where}: wte.weight has shape {tuple(value.shape)}, expected up to {tuple(target.shape)}")
+            target[:value.shape[0]] = value.to(target.dtype)
+            continue
+        if value.shape != target.shape:
+            raise HFError(f"{where}: {key} has shape {tuple(value.shape)} but config.json implies "
+                          f"{tuple(target.shape)}; the weights and config.json do not belong together")
+        ours["transformer." + key] = value.to(target.dtype).contiguous()
+    ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    return ours
+
+
+def _download(name):
+    """A hub name such as gpt2 or openai-community/gpt2-medium -> a local snapshot folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise HFError(f"{name!r} is not a local folder; to download it from the Hugging Face hub, "
+                      "pip install transformers (or give the path of a downloaded GPT-2 folder)")
+    try:
+        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
+                                                       "model.safetensors.index.json", "model-*.safetensors"])
+    except Exception as e:
+        raise HFError(f"{name!r} is not a local folder, and downloading it from the Hugging Face hub failed "
+                      f"({type(e).__name__}: {e}). Give the path of a GPT-2 folder, or connect to the internet") from e
+
+
+def is_hf_folder(path):
+    """True for a folder that looks like a Hugging Face checkpoint (config.json, no gptkit ckpt.pt)."""
+    return (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+            and not os.path.exists(os.path.join(path, "ckpt.pt")))
+
+
+def load_hf_gpt2(name_or_path, verbose=True, **overrides):
+    """A Hugging Face GPT-2 (local folder or hub name) -> our GPT on the CPU, in train mode.
+    overrides: dropout, and block_size no longer than the checkpoint's (position embeddings are
+    cut to it, for finetuning with a shorter context)."""
+    unknown = sorted(set(overrides) - {"dropout", "block_size"})
+    if unknown:
+        raise HFError(f"load_hf_gpt2 can only override dropout and block_size, not {unknown}: "
+                      "the other fields come from the checkpoint's config.json")
+    name_or_path = os.path.expanduser(name_or_path)
+    if os.path.isdir(name_or_path):
+        folder = name_or_path
+    elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise HFError(f"{name_or_path} is not a folder: give a Hugging Face GPT-2 folder holding config.json "
+                      "and model.safetensors (or a hub name such as gpt2 when online)")
+    else:
+        folder = _download(name_or_path)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise HFError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    n_positions = hf_config.get("n_positions", 1024)
+    if overrides.get("block_size", n_positions) > n_positions:
+        raise HFError(f"block_size={overrides['block_size']} is longer than the {n_positions} positions "
+                      f"{folder} was trained with: use block_size <= {n_positions}")
+    config = _hf_config_to_ours(hf_config, folder, **overrides)
+    hf_sd = _read_folder_weights(folder)
+    for key in ("wpe.weight", "transformer.wpe.weight"):
+        if key in hf_sd:
+            hf_sd[key] = hf_sd[key][:config.block_size]  # a shorter context keeps the first positions
+    model = GPT(config, verbose=False)
+    sd = from_hf_state_dict(hf_sd, model.state_dict(), folder)
+    model.load_state_dict(sd)
+    if hf_config.get("gptkit_bias") is False:
+        # exported from a bias=False gptkit model: drop the zero biases again, unless someone has
+        # trained them since (then the model needs them and keeps bias=True)
+        bias_keys = [k for k in sd if k.endswith(BIASES) or k == "transformer.ln_f.bias"]
+        if all(not sd[k].any() for k in bias_keys):
+            config = GPTConfig(**{**config.to_dict(), "bias": False})
+            model = GPT(config, verbose=False)
+            model.load_state_dict({k: v for k, v in sd.items() if k not in bias_keys})
+    if verbose:
+        print0(f"loaded Hugging Face GPT-2 from {folder}: {model.num_params():,} parameters, {config.n_layer} layers, "
+               f"{config.n_embd} wide, T={config.block_size}, bias={config.bias}, "
+               f"vocab {hf_config.get('vocab_size', GPT2_VOCAB)} -> {config.vocab_size}")
+    return model
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_alphabet():
+    """GPT-2's byte -> printable unicode character map, used by vocab.json and merges.txt: bytes
+    that are already visible characters stand for themselves, the others (control characters,
+    space, ...) are moved in order to the code points from 256 up."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in visible:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
+def _split_by_merges(token, ranks, max_rank):
+    """Byte-pair-encode token using only merges of rank < max_rank: for a vocabulary token of
+    rank r this leaves exactly the two parts whose merge created it."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, best_rank = None, max_rank
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_vocab_and_merges():
+    """(vocab {token string: id}, merges ["a b", ...]) in the format of GPT-2's encoder.json and
+    vocab.bpe, rebuilt from tiktoken's ranks (a token's rank is its id; merge i makes id 256 + i)."""
+    from gptkit.tokenizer import _load_gpt2
+    ranks = _load_gpt2()._mergeable_ranks
+    alphabet = _byte_alphabet()
+    as_text = lambda b: "".join(alphabet[x] for x in b)
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = _split_by_merges(token, ranks, rank)
+        assert len(parts) == 2, f"token {token!r} (rank {rank}) is not the merge of two earlier tokens"
+        merges.append(f"{as_text(parts[0])} {as_text(parts[1])}")
+    return vocab, merges
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_tokenizer(out_dir, chat=False, model_max_length=1024):
+    """GPT-2's tokenizer files plus our control tokens, for AutoTokenizer.from_pretrained(out_dir)."""
+    vocab, merges = gpt2_vocab_and_merges()
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # Control tokens are matched whole, before BPE, and never stripped or normalised, so the text
+    # between two of them is encoded on its own, exactly as our renderer does.
+    added = {"<|endoftext|>": EOT, **SPECIAL_TOKENS}
+    added_tokens_decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                     "single_word": False, "special": True} for t, i in added.items()}
+    eos = "<|end|>" if chat else "<|endoftext|>"  # a chat model's turn ends with <|end|>
+    chat_tokens = list(SPECIAL_TOKENS)
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "bos_token": "<|endoftext|>",
+        "eos_token": eos,
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "errors": "replace",
+        "clean_up_tokenization_spaces": False,  # decode exactly what the ids spell, like tiktoken
+        "model_max_length": model_max_length,
+        "added_tokens_decoder": added_tokens_decoder,
+        "additional_special_tokens": chat_tokens,
+        "extra_special_tokens": chat_tokens,
+    }
+    if chat:
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), {
+        "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "additional_special_tokens": chat_tokens})
+    _write_json(os.path.join(out_dir, "added_tokens.json"), SPECIAL_TOKENS)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(model, out_dir, chat=False):
+    """Write out_dir for transformers: config.json, model.safetensors, generation_config.json and
+    the tokenizer files (with the chat template when chat). Returns the list of files written."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    if cfg.vocab_size < MIN_VOCAB_SIZE:
+        raise HFError(f"the model has {cfg.vocab_size} token embeddings; the exported tokenizer needs "
+                      f"{MIN_VOCAB_SIZE}")
+    os.makedirs(out_dir, exist_ok=True)
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,  # padded: the chat tokens' rows, and logits as wide as ours
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
+        "tie_word_embeddings": True,
+        "torch_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        "gptkit_bias": cfg.bias,  # False: the biases below are zeros; import drops them again
+        "gptkit_kind": "chat" if chat else "base",
+    }
+    _write_json(os.path.join(out_dir, "config.json"), hf_config)
+    save_file(to_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(out_dir, "generation_config.json"), {
+        "bos_token_id": EOT,
+        "eos_token_id": [END, EOT] if chat else EOT,  # a chat reply stops at <|end|>
+        "pad_token_id": EOT,
+    })
+    write_tokenizer(out_dir, chat=chat, model_max_length=cfg.block_size)
+    return sorted(os.listdir(out_dir))

@@ -1,0 +1,159 @@
+"""Shard format and the pretraining loader (gptkit/data.py), on small synthetic shards."""
+
+import numpy as np
+import pytest
+import torch
+
+from gptkit.data import (HEADER_INTS, MAGIC, VERSION, PretrainLoader, ShardError, list_shards, load_shard,
+                         read_header, val_batches, write_shard)
+
+T = 16
+
+
+def make_shards(data_dir, split, sizes, start=0):
+    """Shards whose token at global position p is p (mod 50000): every window says where it came from."""
+    for i, size in enumerate(sizes):
+        write_shard(data_dir / f"{split}_{i:06d}.bin", (np.arange(start, start + size) % 50000).astype(np.uint16))
+        start += size
+    return start
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    end = make_shards(tmp_path, "train", [3000, 500, 8000])
+    make_shards(tmp_path, "val", [2000, 1000], start=end)
+    return tmp_path
+
+
+def test_write_and_load_roundtrip(tmp_path):
+    tokens = np.array([50256, 1, 2, 50256, 3, 50256], dtype=np.uint16)
+    path = tmp_path / "train_000000.bin"
+    write_shard(path, tokens, n_docs=3)
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    assert list(header[:5]) == [MAGIC, VERSION, 6, 50257, 3]
+    assert path.stat().st_size == 4 * HEADER_INTS + 2 * 6
+    loaded = load_shard(path)
+    assert isinstance(loaded, np.memmap) and loaded.dtype == np.uint16
+    assert np.array_equal(loaded, tokens)
+    assert not list(tmp_path.glob("*.tmp*"))  # the temporary file was renamed away
+
+
+def test_llmc_shard_loads_as_is(tmp_path):
+    # llm.c / modded-nanogpt write magic, version, count and leave the other 253 slots zero
+    tokens = np.random.default_rng(0).integers(0, 50257, size=3000).astype(np.uint16)
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = [20240520, 1, tokens.size]
+    (tmp_path / "train_000000.bin").write_bytes(header.tobytes() + tokens.tobytes())
+    assert np.array_equal(load_shard(tmp_path / "train_000000.bin"), tokens)
+    x, y = PretrainLoader(tmp_path, "train", 4, T, mode="sequential").next_batch()
+    assert np.array_equal(x[0].numpy(), tokens[:T]) and np.array_equal(y[0].numpy(), tokens[1:T + 1])
+
+
+def corrupt(path, slot=None, value=None, truncate=0, token=None):
+    data = bytearray(path.read_bytes())
+    if slot is not None:
+        data[4 * slot:4 * slot + 4] = np.int32(value).tobytes()
+    if token is not None:
+        data[1024 + 2 * 100:1024 + 2 * 101] = np.uint16(token).tobytes()
+    path.write_bytes(bytes(data[:len(data) - truncate]))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (dict(slot=0, value=12345), "magic"),
+    (dict(slot=1, value=2), "version"),
+    (dict(truncate=3), "truncated"),
+    (dict(slot=2, value=10), "truncated"),
+    (dict(token=50300), "vocabulary"),
+])
+def test_bad_shards_rejected_with_file_named(tmp_path, damage, words):
+    path = tmp_path / "train_000000.bin"
+    write_shard(path, np.arange(2000, dtype=np.uint16))
+    corrupt(path, **damage)
+    with pytest.raises(ShardError) as e:
+        load_shard(path)
+    assert str(path) in str(e.value) and words in str(e.value)
+    with pytest.raises(ShardError, match="train_000000.bin"):  # the loader refuses it too
+        loader = PretrainLoader(tmp_path, "train", 8, 256, mode="sequential")
+        loader.next_batch()
+
+
+def test_write_shard_refuses_ids_outside_gpt2(tmp_path):
+    with pytest.raises(ValueError, match="token ids"):
+        write_shard(tmp_path / "train_000000.bin", np.array([1, 50257]))
+
+
+def test_no_shards_names_the_prepare_command(tmp_path):
+    for where in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ShardError, match="prepare_fineweb.py"):
+            list_shards(where, "train")
+        with pytest.raises(ShardError, match="prepare_fineweb.py"):
+            PretrainLoader(where, "train", 2, T)
+
+
+def test_batches_are_shifted_windows(data_dir):
+    for mode in ("random", "sequential"):
+        x, y = PretrainLoader(data_dir, "train", 8, T, mode=mode).next_batch()
+        assert x.shape == y.shape == (8, T) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert torch.equal(y[:, -1], x[:, -1] + 1)  # consecutive positions in one shard (no shard crossing)
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_deterministic_and_exact_resume(data_dir, mode):
+    a = PretrainLoader(data_dir, "train", 4, T, seed=7, mode=mode)
+    first = [a.next_batch() for _ in range(3)]
+    state = a.state_dict()
+    rest = [a.next_batch() for _ in range(4)]
+    # the state survives a weights_only checkpoint round trip
+    path = data_dir / "state.pt"
+    torch.save({"loader": state}, path)
+    state = torch.load(path, weights_only=True)["loader"]
+    b = PretrainLoader(data_dir, "train", 4, T, seed=7, mode=mode)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(rest, [b.next_batch() for _ in range(4)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    again = PretrainLoader(data_dir, "train", 4, T, seed=7, mode=mode)
+    assert all(torch.equal(x1, again.next_batch()[0]) for x1, _ in first)
+    if mode == "random":
+        other = PretrainLoader(data_dir, "train", 4, T, seed=8, mode=mode)
+        assert not torch.equal(other.next_batch()[0], first[0][0])
+
+
+def test_sequential_ranks_disjoint_and_cover_in_order(data_dir):
+    seen = []
+    for rank in range(2):
+        loader = PretrainLoader(data_dir, "train", 4, T, rank=rank, world_size=2, mode="sequential")
+        seen.append(torch.cat([loader.next_batch()[0] for _ in range(5)])[:, 0].tolist())
+    assert not set(seen[0]) & set(seen[1])
+    merged = sorted(seen[0] + seen[1])
+    assert merged == [i * T for i in range(40)]  # the first 40 windows of shard 0, each taken once
+    assert seen[0][:3] == [0, 2 * T, 4 * T]
+
+
+def test_random_ranks_differ_and_cover_all_shards_uniformly(data_dir):
+    r0 = PretrainLoader(data_dir, "train", 64, T, rank=0, world_size=2)
+    r1 = PretrainLoader(data_dir, "train", 64, T, rank=1, world_size=2)
+    starts0 = torch.cat([r0.next_batch()[0][:, 0] for _ in range(20)])
+    starts1 = torch.cat([r1.next_batch()[0][:, 0] for _ in range(20)])
+    # independent draws: a rank repeats another's window only by chance (1 in ~11k per row)
+    assert (starts0 == starts1).float().mean() < 0.01
+    # the shards hold 3000, 500 and 8000 tokens: each is drawn in proportion to its windows
+    counts = np.histogram(starts0.numpy(), bins=[0, 3000, 3500, 11500])[0] / len(starts0)
+    expected = np.array([3000 - T, 500 - T, 8000 - T]) / (11500 - 3 * T)
+    assert np.abs(counts - expected).max() < 0.05, counts
+
+
+def test_val_batches_fixed_and_split_between_ranks(data_dir):
+    one = val_batches(data_dir, 4, T, eval_tokens=10 * 4 * T)
+    assert len(one) == 10
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, val_batches(data_dir, 4, T, eval_tokens=10 * 4 * T)))
+    starts = torch.cat([x[:, 0] for x, _ in one]).tolist()
+    assert starts == [11500 + i * T for i in range(40)]  # the first 40 windows of the val split, in order
+    ranks = [val_batches(data_dir, 4, T, eval_tokens=10 * 4 * T, rank=r, world_size=3) for r in range(3)]
+    assert [len(r) for r in ranks] == [3, 3, 3]  # the same count on every rank, for the all-reduce
+    windows = [set(torch.cat([x[:, 0] for x, _ in r]).tolist()) for r in ranks]
+    assert not (windows[0] & windows[1]) and not (windows[1] & windows[2]) and not (windows[0] & windows[2])
+    # asking for more than there is uses all of it, still in whole batches
+    assert len(val_batches(data_dir, 4, T, eval_tokens=10**9)) == (124 + 62) // 4  # windows per shard: 1999//16, 999//16
+    with pytest.raises(ShardError, match="val"):
+        val_batches(data_dir, 64, 512, eval_tokens=10**6)

@@ -1,0 +1,239 @@
+"""Hugging Face export and import (gptkit/hf.py, export_hf.py), checked against transformers itself."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, shared_data
+from gptkit.checkpoint import save_checkpoint
+from gptkit.hf import HFError, export_hf, gpt2_vocab_and_merges, is_hf_folder, load_hf_gpt2
+from gptkit.tokenizer import END, EOT, SPECIAL_TOKENS, get_tokenizer
+from model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse. Answer in one line."},
+    {"role": "user", "content": "What is 12 * 12?\n\nShow  the working."},
+    {"role": "assistant", "content": " 12 * 12 = 144 \u2714"},
+    {"role": "user", "content": "And in Japanese? \u65e5\u672c\u8a9e"},
+]
+TEXTS = [
+    "Hello world",
+    " leading space, trailing space ",
+    "two  spaces,   three,\ttab\t\tand\n\nnewlines\r\n\r\nCRLF\n",
+    "digits 0 12 345 6789 3.14159 1,000,000 2024-05-20",
+    "it's, they're, we've, I'm, you'll, he'd, IT'S",
+    "unicode: na\u00efve caf\u00e9 \u00fcber \u65e5\u672c\u8a9e \u4e2d\u6587 \ud55c\uad6d\uc5b4 \u0440\u0443\u0441\u0441\u043a\u0438\u0439 \U0001f389\U0001f680 \u00a0nbsp",
+    "code: def f(x):\n    return x**2  # square\n",
+    "punctuation!!! ??? ... --- ((()))",
+    "",
+]
+
+
+def _ids(result):
+    """apply_chat_template returns a list in some transformers versions, a BatchEncoding in others."""
+    return list(result["input_ids"]) if hasattr(result, "keys") else list(result)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A tiny bias=False chat model with trained-looking (non-default) weights, exported once."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False)
+    model = GPT(config, verbose=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # LayerNorm weights away from 1, so a transpose slip shows
+    model.eval()
+    out = str(tmp_path_factory.mktemp("hf_tiny"))
+    export_hf(model, out, chat=True)
+    return model, out
+
+
+def test_files_and_config(tiny_export):
+    model, out = tiny_export
+    for name in ("config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["vocab_size"] == 50304
+    assert config["n_positions"] == 64 and config["activation_function"] == "gelu_new"
+    assert config["tie_word_embeddings"] is True and config["gptkit_bias"] is False
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "lm_head.weight" not in keys  # tied: stored once, as transformers expects
+        assert f.get_tensor("transformer.h.0.attn.c_attn.weight").shape == (64, 192)  # Conv1D layout (in, out)
+        assert not f.get_tensor("transformer.h.1.mlp.c_fc.bias").any()  # bias=False -> zero biases
+    assert "transformer.wte.weight" in keys and "transformer.h.1.mlp.c_proj.bias" in keys
+
+
+def test_roundtrip_is_bitwise(tiny_export, tmp_path):
+    model, out = tiny_export
+    back = load_hf_gpt2(out, verbose=False)
+    assert back.config == model.config  # bias=False restored through "gptkit_bias"
+    assert _same_weights(model, back)
+    # a model with biases round-trips too, biases included
+    torch.manual_seed(1)
+    biased = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, bias=True), verbose=False)
+    with torch.no_grad():
+        for p in biased.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    export_hf(biased, str(tmp_path))
+    back = load_hf_gpt2(str(tmp_path), verbose=False)
+    assert back.config == biased.config and _same_weights(biased, back)
+
+
+def test_transformers_logits_equal_ours_tiny(tiny_export):
+    model, out = tiny_export
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    idx = torch.randint(0, 50304, (2, 40))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf_model(idx).logits
+    assert theirs.shape == ours.shape == (2, 40, 50304)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_transformers_logits_equal_ours_124m_shape(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False), verbose=False).eval()
+    export_hf(model, str(tmp_path))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert hf_model.config.n_positions == 1024
+    idx = torch.randint(0, 50257, (1, 24))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf_model(idx).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_vocab_and_merges_equal_gpt2_files():
+    vocab, merges = gpt2_vocab_and_merges()
+    with open(shared_data("gpt2", "encoder.json"), encoding="utf-8") as f:
+        assert vocab == json.load(f)
+    with open(shared_data("gpt2", "vocab.bpe"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines[0].startswith("#version")
+    assert merges == [line for line in lines[1:] if line]
+
+
+def test_autotokenizer_matches_tiktoken(tiny_export):
+    _, out = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = get_tokenizer()
+    for text in TEXTS:
+        ids = hf_tok.encode(text, add_special_tokens=False)
+        assert ids == ours.encode(text), repr(text)
+        assert hf_tok.decode(ids) == text, repr(text)
+    # control tokens stay whole, with the ids gptkit gives them
+    for token, token_id in {"<|endoftext|>": EOT, **SPECIAL_TOKENS}.items():
+        assert hf_tok.encode(token, add_special_tokens=False) == [token_id]
+        assert hf_tok.convert_ids_to_tokens(token_id) == token
+    assert hf_tok.encode("x<|user|>y<|end|>", add_special_tokens=False) == [87, SPECIAL_TOKENS["<|user|>"], 88, END]
+
+
+def test_chat_template_matches_renderer(tiny_export):
+    _, out = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = get_tokenizer()
+    prompt = _ids(hf_tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True))
+    assert prompt == ours.render_prompt(CONVERSATION)
+    full = CONVERSATION + [{"role": "assistant", "content": "\u5341\u4e8c\u304b\u3051\u308b\u5341\u4e8c"}]
+    rendered = _ids(hf_tok.apply_chat_template(full, tokenize=True))
+    assert rendered == ours.render_conversation(full)[0]
+    no_system = CONVERSATION[1:3]
+    assert _ids(hf_tok.apply_chat_template(no_system, tokenize=True)) == ours.render_conversation(no_system)[0]
+    with pytest.raises(Exception, match="system message may only come first"):
+        hf_tok.apply_chat_template([CONVERSATION[1], CONVERSATION[0]], tokenize=True)
+
+
+def test_random_transformers_gpt2_loads_with_same_logits(tmp_path):
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # non-zero biases and LayerNorm shifts must carry over
+    hf_model.save_pretrained(str(tmp_path / "st"))
+    # the older pytorch_model.bin form (OpenAI's upload has no "transformer." prefix)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "st" / "config.json").rename(tmp_path / "bin" / "config.json")
+    plain = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
+    torch.save(plain, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "st" / "config.json").write_text((tmp_path / "bin" / "config.json").read_text())
+
+    idx = torch.randint(0, 50257, (2, 50))
+    with torch.no_grad():
+        theirs = hf_model(idx).logits
+    for folder in ("st", "bin"):
+        model = load_hf_gpt2(str(tmp_path / folder), verbose=False).eval()
+        assert model.config.bias is True and model.config.vocab_size == 50304 and model.config.block_size == 128
+        with torch.no_grad():
+            ours, _ = model(idx)
+        torch.testing.assert_close(ours[..., :50257], theirs, atol=1e-4, rtol=0)
+        # the padded rows, where the chat tokens live, get fresh N(0, 0.02) embeddings
+        padded = model.transformer.wte.weight[50257:]
+        assert padded.abs().sum() > 0 and 0.01 < padded.std().item() < 0.03
+    # init_from for a finetune with a shorter context and dropout
+    short = load_hf_gpt2(str(tmp_path / "st"), verbose=False, block_size=64, dropout=0.1).eval()
+    assert short.config.block_size == 64 and short.config.dropout == 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(short(idx)[0][..., :50257], theirs, atol=1e-4, rtol=0)
+    with pytest.raises(HFError, match="block_size <= 128"):
+        load_hf_gpt2(str(tmp_path / "st"), block_size=256)
+    with pytest.raises(HFError, match="n_layer"):
+        load_hf_gpt2(str(tmp_path / "st"), n_layer=4)
+    assert is_hf_folder(str(tmp_path / "st")) and not is_hf_folder(str(tmp_path / "missing"))
+
+
+def test_not_gpt2_folders_give_clear_errors(tmp_path, tiny_export):
+    _, out = tiny_export
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(HFError, match=r"llama.*not a GPT-2 checkpoint"):
+        load_hf_gpt2(str(tmp_path / "llama"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HFError, match=r"empty.*no config.json"):
+        load_hf_gpt2(str(tmp_path / "empty"))
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(open(os.path.join(out, "config.json")).read())
+    with pytest.raises(HFError, match=r"noweights holds no weights"):
+        load_hf_gpt2(str(tmp_path / "noweights"))
+    # weights from one model, config.json of another shape
+    (tmp_path / "mismatch").mkdir()
+    config = json.load(open(os.path.join(out, "config.json")))
+    config["n_embd"] = 128
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps(config))
+    os.symlink(os.path.join(out, "model.safetensors"), tmp_path / "mismatch" / "model.safetensors")
+    with pytest.raises(HFError, match=r"mismatch.*shape"):
+        load_hf_gpt2(str(tmp_path / "mismatch"))
+    with pytest.raises(HFError, match="is not a folder"):
+        load_hf_gpt2(str(tmp_path / "does-not-exist"))  # a path, so no attempt at the hub
+
+
+def test_export_script_end_to_end(tmp_path, tiny_export):
+    model, _ = tiny_export
+    ckpt_dir, out = tmp_path / "run", tmp_path / "hf"
+    save_checkpoint(str(ckpt_dir), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                    "config": {}, "kind": "chat", "step": 10})
+    result = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={ckpt_dir}", f"--out={out}"],
+                            cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wrote a chat model" in result.stdout and "AutoModelForCausalLM.from_pretrained" in result.stdout
+    assert "chat_template" in json.load(open(out / "tokenizer_config.json"))
+    assert _same_weights(model, load_hf_gpt2(str(out), verbose=False))
+    result = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={tmp_path / 'missing'}"],
+                            cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "--out=" in result.stderr

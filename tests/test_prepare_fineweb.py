@@ -1,0 +1,203 @@
+"""prepare_fineweb.py end to end on small FineWeb-shaped local files (parquet, jsonl, txt folder)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, shared_data
+from gptkit.configurator import ConfigError, load_config
+from gptkit.data import MAGIC, VERSION, list_shards, load_shard, normalize_text, read_header, split_hash
+from gptkit.tokenizer import EOT, get_tokenizer
+from prepare_fineweb import STATE_FILE, PrepareConfig, prepare
+
+
+def zip_texts(name, limit):
+    with zipfile.ZipFile(shared_data("pretrain", "nltk", name)) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".txt") and "README" not in n)[:limit]
+        return [z.read(n).decode("utf-8", "replace") for n in names]
+
+
+def text_head(parts, n_bytes):
+    """The first n_bytes of a shared text file, cut at a line end, decoded as is (BOM and CRLF kept)."""
+    with open(shared_data("pretrain", *parts), "rb") as f:
+        data = f.read(n_bytes)
+    return data[:data.rindex(b"\n") + 1].decode("utf-8")
+
+
+def fineweb_records():
+    """FineWeb-shaped records: paragraphs of the inaugural addresses plus awkward documents."""
+    texts, seen = [], set()
+    for speech in zip_texts("inaugural.zip", 60):
+        for paragraph in speech.split("\n\n"):
+            if paragraph.strip() and paragraph not in seen:
+                seen.add(paragraph)
+                texts.append(paragraph)
+    texts[5:5] = ["", "   \n ", "a lone\rcarriage return", "\ufeffa byte-order mark", "windows\r\nlines\r\n",
+                  "user text <|endoftext|> <|assistant|> stays text"]
+    texts.insert(40, text_head(("gutenberg", "clocasto-HaikuGenerator", "pg11.txt"), 20000))  # CRLF
+    texts.insert(80, text_head(("gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"), 20000))  # BOM
+    return [{"text": t, "id": f"<urn:uuid:{i:08d}>"} for i, t in enumerate(texts)]
+
+
+def write_parquet(path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=300)
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_prepare(source, data_dir, **settings):
+    args = [f"--source={source}", f"--data_dir={data_dir}"] + [f"--{k}={v}" for k, v in settings.items()]
+    return prepare(load_config(PrepareConfig, args))
+
+
+def read_split(data_dir, split):
+    """Decode a split's shards back into documents (text after each <|endoftext|>)."""
+    try:
+        tokens = np.concatenate([np.asarray(load_shard(p)) for p in list_shards(data_dir, split)])
+    except Exception:
+        return []
+    starts = np.flatnonzero(tokens == EOT)
+    assert starts.size and starts[0] == 0, "every split starts with <|endoftext|>"
+    tok = get_tokenizer()
+    return [tok.decode(doc[1:]) for doc in np.split(tokens, starts[1:])]
+
+
+def check_headers(data_dir, shard_tokens):
+    for split in ("train", "val"):
+        paths = list_shards(data_dir, split) if any(data_dir.glob(f"{split}_*.bin")) else []
+        for i, path in enumerate(paths):
+            header = read_header(path)
+            tokens = load_shard(path)
+            assert (header[0], header[1], header[2]) == (MAGIC, VERSION, tokens.size)
+            assert header[4] == np.count_nonzero(tokens == EOT)
+            if i < len(paths) - 1:
+                assert tokens.size == shard_tokens  # only the last shard of a split is shorter
+
+
+def test_parquet_and_jsonl_round_trip_split_and_headers(tmp_path):
+    records = fineweb_records()
+    write_parquet(tmp_path / "fw.parquet", records)
+    write_jsonl(tmp_path / "fw.jsonl", records)
+    settings = dict(shard_tokens=20000, val_tokens=15000)
+    state = run_prepare(tmp_path / "fw.parquet", tmp_path / "pq", num_proc=1, **settings)
+    train, val = read_split(tmp_path / "pq", "train"), read_split(tmp_path / "pq", "val")
+
+    expected = [normalize_text(r["text"]) for r in records]
+    expected = [t for t in expected if t]
+    assert len(expected) == len(records) - 2  # the two blank documents are dropped
+    assert Counter(train + val) == Counter(expected)  # every document exactly once, normalised
+    assert not set(train) & set(val)
+    assert not any("\r" in d or "\ufeff" in d for d in train + val)
+    assert "user text <|endoftext|> <|assistant|> stays text" in train + val
+    # the split follows the stored rule: val takes hash-selected documents, in order, until full
+    p = state["val_probability"]
+    by_text = {normalize_text(r["text"]): r["id"] for r in records}
+    assert all(split_hash(by_text[d], d) < p for d in val)
+    assert [d for d in expected if d in set(val)] == val and [d for d in expected if d not in set(val)] == train
+    val_tokens = state["val"]["tokens"]
+    largest_doc = max(len(get_tokenizer().encode(d)) + 1 for d in val)
+    assert 15000 <= val_tokens <= 15000 + largest_doc, val_tokens
+    assert 0 < p < 0.5
+    check_headers(tmp_path / "pq", 20000)
+    assert state["train"]["shards"] >= 3
+
+    # the same records as jsonl, tokenized on 2 processes: the same documents (the split may differ a
+    # little: the token estimate, and so the val probability, comes from the file sizes)
+    state = run_prepare(tmp_path / "fw.jsonl", tmp_path / "js", num_proc=2, **settings)
+    train, val = read_split(tmp_path / "js", "train"), read_split(tmp_path / "js", "val")
+    assert Counter(train + val) == Counter(expected) and not set(train) & set(val)
+    assert 15000 <= state["val"]["tokens"] <= 15000 + largest_doc
+    check_headers(tmp_path / "js", 20000)
+
+
+def test_txt_folder_one_document_per_file(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    files = {f"inaugural_{i:02d}.txt": t for i, t in enumerate(zip_texts("inaugural.zip", 4))}
+    files["alice_crlf.txt"] = text_head(("gutenberg", "clocasto-HaikuGenerator", "pg11.txt"), 30000)
+    files["warpeace_bom.txt"] = text_head(("gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"), 30000)
+    files["empty.txt"] = ""
+    files["lone_cr.txt"] = "one\rtwo\r"
+    for name, text in files.items():
+        with open(folder / name, "w", encoding="utf-8", newline="") as f:
+            f.write(text)  # newline="": the CRs reach the file as they are
+    assert b"\r\n" in (folder / "alice_crlf.txt").read_bytes()
+    assert (folder / "warpeace_bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    run_prepare(folder, tmp_path / "out", shard_tokens=20000, val_tokens=0, num_proc=1)
+    docs = read_split(tmp_path / "out", "train")
+    assert read_split(tmp_path / "out", "val") == []
+    assert Counter(docs) == Counter(normalize_text(t) for t in files.values() if normalize_text(t))
+    assert "one\ntwo\n" in docs and any(d.startswith("\"Well, Prince") for d in docs)  # BOM gone
+    check_headers(tmp_path / "out", 20000)
+
+
+def test_max_tokens_stops_early(tmp_path):
+    write_jsonl(tmp_path / "fw.jsonl", fineweb_records())
+    state = run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=20000, val_tokens=2000,
+                        max_tokens=30000, num_proc=1)
+    total = state["train"]["tokens"] + state["val"]["tokens"]
+    assert 30000 <= total < 30000 + 10000, total
+    assert 2000 <= state["val"]["tokens"] < 2000 + 6000
+
+
+def test_bad_sources_give_clear_messages(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no .parquet, .jsonl or .txt"):
+        run_prepare(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PrepareConfig, [f"--source={tmp_path / 'nope.jsonl'}"])
+    # a data_dir prepared with other settings is not silently mixed
+    write_jsonl(tmp_path / "fw.jsonl", fineweb_records()[:50])
+    run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=20000, val_tokens=1000, num_proc=1)
+    with pytest.raises(SystemExit, match="other settings"):
+        run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=30000, val_tokens=1000, num_proc=1)
+
+
+def test_killed_prep_resumes_to_identical_shards(tmp_path):
+    reviews = zip_texts("movie_reviews.zip", 300)
+    records = [{"text": t, "id": f"review-{i}"} for i, t in enumerate(reviews)]
+    write_jsonl(tmp_path / "reviews.jsonl", records)
+    settings = ["--shard_tokens=5000", "--val_tokens=20000", "--num_proc=2"]
+    cmd = [sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), f"--source={tmp_path / 'reviews.jsonl'}"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + [f"--data_dir={killed}"] + settings, cwd=ROOT, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while not (killed / "train_000012.bin").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the prep and its tokenizer workers, with no chance to clean up
+    proc.wait()
+    with open(killed / STATE_FILE, "rb") as f:
+        assert not json.loads(f.readline())["done"], "the kill came too late to test a resume"
+
+    resumed = subprocess.run(cmd + [f"--data_dir={killed}"] + settings, cwd=ROOT, env=os.environ.copy(),
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after" in resumed.stdout
+    run_prepare(tmp_path / "reviews.jsonl", tmp_path / "clean", shard_tokens=5000, val_tokens=20000, num_proc=1)
+    clean_files = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert clean_files == sorted(p.name for p in killed.iterdir())
+    assert len(clean_files) > 40  # the kill came after shard 12: about midway
+    for name in clean_files:
+        assert (tmp_path / "clean" / name).read_bytes() == (killed / name).read_bytes(), name
+
+    # on finished data it does nothing
+    before = {p.name: p.stat().st_mtime_ns for p in killed.iterdir()}
+    again = subprocess.run(cmd + [f"--data_dir={killed}"] + settings, cwd=ROOT, env=os.environ.copy(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert before == {p.name: p.stat().st_mtime_ns for p in killed.iterdir()}
