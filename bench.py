@@ -6,6 +6,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_124m.py --json=True          # one JSON line, for scripts
     python bench.py config/tiny_cpu.py --device=cpu --steps=3   # runs on a CPU too
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
+    python bench.py --mode=tokenize --text=../shared/data/pretrain --num_proc=4   # prepare_fineweb's tokenizer
 
 Each timed step is a full optimizer step (total_batch_tokens tokens with gradient accumulation).
 `warmup` steps run first and are not timed (compilation, allocator warm-up, cuDNN autotuning);
@@ -14,7 +15,9 @@ see model.flops_per_token) times tokens/s over the device's dense bf16 peak; for
 the table no MFU is reported rather than a wrong one.
 """
 
+import glob
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,15 +67,20 @@ def mfu(flops_per_token, tokens_per_sec, peak_flops):
 class BenchConfig(TrainConfig):
     steps: int = 10           # timed optimizer steps (the median is reported)
     warmup: int = 3           # untimed steps first (torch.compile, autotuning)
-    mode: str = "train"       # train | decode
+    mode: str = "train"       # train | decode | tokenize
+    text: str = ""            # tokenize: a folder of .txt (and .zip of .txt) files to tokenize
+    num_proc: int = 0         # tokenize: processes (0: all cores)
     attention: str = "auto"   # auto | flash | cudnn | efficient | math: force one SDPA kernel, to compare
     pad_heads: bool = True    # pad head sizes that are not a multiple of 8 (712M: 54 -> 56) for the fused kernels
     json: bool = False        # print one JSON line instead of a table
+    coordinate_descent_tuning: bool = False  # inductor tunes its generated kernels' launch parameters (slower compile)
 
     def validate(self):
         problems = super().validate()
-        if self.mode not in ("train", "decode"):
-            problems.append(f"mode={self.mode!r}: use train or decode")
+        if self.mode not in ("train", "decode", "tokenize"):
+            problems.append(f"mode={self.mode!r}: use train, decode or tokenize")
+        if self.mode == "tokenize" and not os.path.isdir(self.text):
+            problems.append(f"text={self.text!r}: mode=tokenize needs a folder of .txt or .zip files")
         if self.attention not in ("auto", "flash", "cudnn", "efficient", "math"):
             problems.append(f"attention={self.attention!r}: use auto, flash, cudnn, efficient or math")
         return problems
@@ -111,6 +119,9 @@ def bench_train(cfg, rt):
     kernels = attention_kernels(model, rt, cfg)
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), fused=rt.device_type == "cuda")
+    if cfg.coordinate_descent_tuning:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     step_model = torch.compile(model) if cfg.compile else model
     grad_accum = cfg.total_batch_tokens // (cfg.micro_batch_size * cfg.block_size)
     # Synthetic tokens: speed does not depend on the text; a few different batches avoid cache effects.
@@ -158,6 +169,7 @@ def bench_train(cfg, rt):
         "attention": cfg.attention,
         "attention_kernels": kernels,
         "pad_heads": cfg.pad_heads,
+        "coordinate_descent_tuning": cfg.coordinate_descent_tuning,
         "activation_checkpointing": cfg.activation_checkpointing,
         "micro_batch_size": cfg.micro_batch_size,
         "grad_accum": grad_accum,
@@ -166,10 +178,84 @@ def bench_train(cfg, rt):
     }
 
 
+def bench_decode(cfg, rt):
+    """Generation speed of a randomly initialised model: greedy, 64-token prompt, 128 new tokens,
+    with the KV cache (one token per forward) and without (the whole sequence every token)."""
+    from gptkit.generate import generate
+    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          vocab_size=cfg.vocab_size, bias=cfg.bias), verbose=not cfg.json).to(rt.device).eval()
+    prompt = torch.randint(0, 50257, (64,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    new_tokens = min(128, cfg.block_size - len(prompt))
+    result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
+              else rt.device_type, "torch": torch.__version__, "params": model.num_params(),
+              "prompt_tokens": len(prompt), "new_tokens": new_tokens}
+    for use_cache in (True, False):
+        times = []
+        for i in range(cfg.warmup + cfg.steps):
+            rt.synchronize()
+            t0 = time.perf_counter()
+            n = sum(1 for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache))
+            rt.synchronize()
+            if i >= cfg.warmup:
+                times.append(time.perf_counter() - t0)
+        key = "kv_cache" if use_cache else "no_cache"
+        result[f"{key}_tokens_per_sec"] = round(n / statistics.median(times), 1)
+    return result
+
+
+def read_documents(folder):
+    """Every .txt in folder (and inside its .zip files), cut into documents of about 4 KB, the
+    size of a typical FineWeb-Edu page."""
+    import zipfile
+    texts = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        elif path.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                texts += [z.read(n).decode("utf-8", "replace") for n in sorted(z.namelist()) if n.endswith(".txt")]
+    documents = []
+    for text in texts:
+        current = ""
+        for paragraph in text.split("\n\n"):
+            current += paragraph + "\n\n"
+            if len(current) > 4000:
+                documents.append(current)
+                current = ""
+        if current.strip():
+            documents.append(current)
+    return documents
+
+
+def bench_tokenize(cfg):
+    """prepare_fineweb's parallel tokenizer against a plain single-process tiktoken loop."""
+    import tiktoken
+    from gptkit.data import resolve_num_proc, tokenize_documents
+    documents = read_documents(cfg.text)
+    megabytes = sum(len(d.encode()) for d in documents) / 1e6
+    encoding = tiktoken.get_encoding("gpt2")
+    t0 = time.perf_counter()
+    n_plain = sum(len(encoding.encode_ordinary(d)) + 1 for d in documents)
+    plain_s = time.perf_counter() - t0
+    num_proc = resolve_num_proc(cfg.num_proc)
+    t0 = time.perf_counter()
+    n_ours = sum(len(a) for a in tokenize_documents(documents, num_proc))
+    ours_s = time.perf_counter() - t0
+    return {"mode": "tokenize", "documents": len(documents), "megabytes": round(megabytes, 1),
+            "tokens": n_ours, "plain_tiktoken_mb_per_s": round(megabytes / plain_s, 2),
+            "plain_tiktoken_tokens_per_s": round(n_plain / plain_s),
+            "num_proc": num_proc, "mb_per_s": round(megabytes / ours_s, 2), "tokens_per_s": round(n_ours / ours_s),
+            "mb_per_s_per_proc": round(megabytes / ours_s / num_proc, 2), "cpu_count": os.cpu_count()}
+
+
 def main():
     cfg = configure(BenchConfig)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json)
-    result = bench_train(cfg, rt)
+    if cfg.mode == "tokenize":
+        result = bench_tokenize(cfg)
+    else:
+        rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json)
+        result = bench_train(cfg, rt) if cfg.mode == "train" else bench_decode(cfg, rt)
     if cfg.json:
         print(json.dumps(result))
         return

@@ -1,0 +1,67 @@
+"""
+HellaSwag accuracy of a checkpoint (base or chat; both are scored on plain text).
+
+    python eval_hellaswag.py --ckpt=out/fineweb_124m                      # downloads the official val file once
+    python eval_hellaswag.py --ckpt=out/fineweb_124m --data=hellaswag_val.jsonl --limit=500   # a quick look
+    python eval_hellaswag.py --ckpt=out/fineweb_124m --device=cpu --batch_size=4              # on a laptop
+    torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --ckpt=out/fineweb_124m        # items split over 8 GPUs
+
+Prints three accuracies (see gptkit/hellaswag.py): acc (summed log-prob), acc_norm (per character,
+as lm-evaluation-harness; OpenAI's GPT-2 124M scores about 0.295 with it) and acc_per_token (as
+build-nanogpt). Chance is 0.25. The downloaded file is kept in $GPTKIT_CACHE/hellaswag
+(default ~/.cache/gptkit/hellaswag).
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gptkit.checkpoint import load_model
+from gptkit.configurator import BaseConfig, configure
+from gptkit.hellaswag import evaluate_hellaswag
+from gptkit.system import cleanup_distributed, print0, setup_runtime
+
+
+@dataclass
+class EvalConfig(BaseConfig):
+    ckpt: str = "out/fineweb_124m"  # a run directory holding ckpt.pt, or the path of a checkpoint file
+    data: str = ""                  # HellaSwag JSONL; empty downloads the official val file (needs the internet once)
+    limit: int = 0                  # score only the first N items (0: all 10,042 of the val file)
+    batch_size: int = 8             # items per forward call, 4 rows each: lower it if memory runs out
+
+    def validate(self):
+        problems = super().validate()
+        if not self.ckpt:
+            problems.append("ckpt is empty: give a run directory or checkpoint file, --ckpt=out/fineweb_124m")
+        elif not os.path.exists(self.ckpt):
+            problems.append(f"ckpt={self.ckpt!r} does not exist: give a run directory or checkpoint file")
+        if self.data and not os.path.isfile(self.data):
+            problems.append(f"data={self.data!r} is not a file: give a HellaSwag JSONL, or leave it empty to download")
+        if self.limit < 0:
+            problems.append(f"limit={self.limit} must be 0 (all items) or more")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be at least 1")
+        return problems
+
+
+def main():
+    cfg = configure(EvalConfig)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=rt.master)
+    print0(f"checkpoint: {cfg.ckpt} ({ckpt.get('kind', 'base')}, step {ckpt.get('step', '?')})")
+    if cfg.compile:
+        model = torch.compile(model, dynamic=True)  # dynamic: every batch has its own length
+    t0 = time.time()
+    results = evaluate_hellaswag(model, cfg.data, rt, limit=cfg.limit, batch_size=cfg.batch_size, progress=True)
+    elapsed = time.time() - t0
+    print0(f"HellaSwag: {results['count']} items in {elapsed:.1f} s")
+    print0(f"  acc           {results['acc']:.4f}  (highest summed log-prob of the ending)")
+    print0(f"  acc_norm      {results['acc_norm']:.4f}  (log-prob per character, as lm-evaluation-harness)")
+    print0(f"  acc_per_token {results['acc_per_token']:.4f}  (mean log-prob per token, as build-nanogpt)")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import shared_data
+from gptkit import hellaswag
+from gptkit.checkpoint import save_checkpoint
+from gptkit.configurator import ConfigError, load_config
+from gptkit.hellaswag import (HellaSwagFormatError, evaluate_hellaswag, load_items, pick_endings, render_item,
+                              score_rows)
+from gptkit.system import Runtime
+from gptkit.tokenizer import EOT, get_tokenizer
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = Runtime(device="cpu", device_type="cpu", dtype="float32")
+WORDS = ("the a man woman dog cat walks runs into house garden river boat ball kitchen table slowly "
+         "then picks up puts down looks at smiles talks to camera shows how paint wall").split()
+
+
+def _random_text(rng, n_words):
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _write_jsonl(path, items):
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+    return str(path)
+
+
+def _word_token_ids(tokenizer):
+    """Ids of tokens that are a space and 3+ ASCII letters: a run of them decodes to text that
+    encodes back to exactly the same ids, so a generated ending survives the round trip."""
+    ids = []
+    for i in range(50257):
+        b = tokenizer.token_bytes(i)
+        if len(b) >= 4 and b[:1] == b" " and b[1:].isalpha() and b[1:].isascii():
+            ids.append(i)
+    return torch.tensor(ids)
+
+
+@torch.no_grad()
+def _greedy_ending(model, tokenizer, ctx, allowed, n_tokens):
+    ids = [EOT] + tokenizer.encode(ctx)  # the same start the scorer uses
+    allowed_mask = torch.full((model.config.vocab_size,), float("-inf"))
+    allowed_mask[allowed] = 0.0
+    generated = []
+    for _ in range(n_tokens):
+        logits, _ = model(torch.tensor([ids + generated]))
+        generated.append(int((logits[0, -1] + allowed_mask).argmax()))
+    text = tokenizer.decode(generated)
+    assert tokenizer.encode(text) == generated, "test setup: generated ending does not re-encode to itself"
+    return text[1:]  # the scorer puts the space back: " " + ending
+
+
+def test_greedy_ending_wins(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config, verbose=False)
+    # Larger weights than GPT-2's init: at init a tiny model repeats one token whatever the context;
+    # with these its greedy choices depend on the context and win by clear margins.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    tokenizer = get_tokenizer()
+    allowed = _word_token_ids(tokenizer)
+    rng = random.Random(0)
+    items = []
+    for i in range(8):
+        ctx = _random_text(rng, 8).capitalize() + "."
+        endings = [_random_text(rng, 5) + "." for _ in range(4)]  # distractors: random words
+        label = i % 4
+        endings[label] = _greedy_ending(model, tokenizer, ctx, allowed, 5)
+        items.append({"ctx": ctx, "endings": endings, "label": label})
+    model.train()  # evaluate_hellaswag must switch to eval mode and back
+    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "greedy.jsonl", items), CPU, batch_size=3)
+    assert results == {"acc": 1.0, "acc_norm": 1.0, "acc_per_token": 1.0, "count": 8}
+    assert model.training
+    # Same items with the labels moved off the greedy ending: now every item is wrong.
+    for item in items:
+        item["label"] = (item["label"] + 1) % 4
+    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "wrong.jsonl", items), CPU, batch_size=8)
+    assert results["acc"] == results["acc_norm"] == results["acc_per_token"] == 0.0
+
+
+def test_pick_endings_acc_and_acc_norm_differ():
+    # Ending 0: short and likely in total; ending 1: long, less likely in total, more likely per character.
+    sum_logprobs = torch.tensor([[-10.0, -12.0, -30.0, -40.0]])
+    num_tokens = torch.tensor([[2.0, 8.0, 6.0, 8.0]])
+    num_chars = torch.tensor([[10.0, 40.0, 30.0, 40.0]])
+    picks = pick_endings(sum_logprobs, num_tokens, num_chars)
+    assert picks["acc"].tolist() == [0]        # -10 is the highest sum
+    assert picks["acc_norm"].tolist() == [1]   # -12/40 = -0.3 beats -10/10 = -1.0
+    assert picks["acc_per_token"].tolist() == [1]  # -1.5 per token beats -5.0
+
+
+class UniformModel(nn.Module):
+    """A stand-in for GPT whose every next-token distribution is uniform: an ending's summed
+    log-prob is then -n_tokens * log(V), so only the ending's length decides."""
+
+    def __init__(self, block_size=64, vocab_size=50304):
+        super().__init__()
+        self.config = GPTConfig(block_size=block_size, vocab_size=vocab_size)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None):
+        return torch.zeros(*idx.shape, self.config.vocab_size) + self.dummy, None
+
+
+def test_acc_and_acc_norm_differ_end_to_end(tmp_path):
+    tokenizer = get_tokenizer()
+    endings = ["go", "disproportionately international", "a b c", "x y z w"]
+    n_tokens = [len(tokenizer.encode(" " + e)) for e in endings]
+    chars_per_token = [len(e) / n for e, n in zip(endings, n_tokens)]
+    # The test's premise: ending 0 has the fewest tokens, ending 1 the most characters per token.
+    assert n_tokens[0] < min(n_tokens[1:]) and chars_per_token[1] == max(chars_per_token) > chars_per_token[0]
+    # acc picks the fewest tokens (0); acc_norm the most characters per token (1); per token all
+    # tie at -log(V) and argmax takes the first (0).
+    items = [{"ctx": "She said", "endings": endings, "label": 1}, {"ctx": "He said", "endings": endings, "label": 0}]
+    results = evaluate_hellaswag(UniformModel(), _write_jsonl(tmp_path / "u.jsonl", items), CPU)
+    assert results == {"acc": 0.5, "acc_norm": 0.5, "acc_per_token": 0.5, "count": 2}
+    items[1]["label"] = 1
+    results = evaluate_hellaswag(UniformModel(), _write_jsonl(tmp_path / "u.jsonl", items), CPU)
+    assert results["acc"] == 0.0 and results["acc_norm"] == 1.0
+
+
+def test_score_rows_matches_one_row_at_a_time(tiny_config):
+    torch.manual_seed(1)
+    model = GPT(tiny_config, verbose=False).eval()
+    tokenizer = get_tokenizer()
+    item = {"ctx": "A man walks into the kitchen and", "endings": ["picks up a cup.", "paints the wall slowly.",
+                                                               "runs.", "talks to the camera about boats."]}
+    rows = render_item(item, tiny_config.block_size, tokenizer)
+    batched, counts = score_rows(model, rows, CPU)
+    for r, (ids, n_scored) in enumerate(rows):
+        # Reference: log-softmax over the full sequence, summed over the ending's positions.
+        logits, _ = model(torch.tensor([ids[:-1]]))
+        logprobs = torch.log_softmax(logits[0], dim=-1)
+        expected = sum(logprobs[t - 1, ids[t]].item() for t in range(len(ids) - n_scored, len(ids)))
+        assert batched[r].item() == pytest.approx(expected, abs=1e-4)
+        assert counts[r].item() == len(tokenizer.encode(" " + item["endings"][r]))
+
+
+def test_long_context_is_cut_from_the_left(tmp_path):
+    tokenizer = get_tokenizer()
+    ctx = " ".join(f"word{i}" for i in range(200))
+    item = {"ctx": ctx, "endings": ["one.", "two three.", "four five six.", "seven."], "label": 0}
+    rows = render_item(item, 16, tokenizer)
+    for (ids, n_scored), ending in zip(rows, item["endings"]):
+        assert len(ids) == 17  # block_size + 1: the model reads 16 and predicts 16
+        ending_ids = tokenizer.encode(" " + ending)
+        assert ids[-len(ending_ids):] == ending_ids and n_scored == len(ending_ids)
+        assert ids[:-len(ending_ids)] == tokenizer.encode(ctx)[-(17 - len(ending_ids)):]  # context's last tokens
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16), verbose=False)
+    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "long.jsonl", [item]), CPU)
+    assert results["count"] == 1
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}', "label"),
+    ('{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}', "4 texts"),
+    ('{"endings": ["a", "b", "c", "d"], "label": 0}', "ctx"),
+    ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0', "not valid JSON"),
+    ('["A man", "a", "b", "c", "d"]', "JSON object"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, problem):
+    good = json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "2"})  # string label is fine
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(HellaSwagFormatError, match=rf"bad\.jsonl, line 4: .*{re.escape(problem)}"):
+        load_items(str(path))
+    assert len(load_items(str(path), limit=2)) == 2  # a limit stops before the bad line
+    assert load_items(str(path), limit=1)[0]["label"] == 2
+
+
+def test_real_val_file_parses():
+    items = load_items(shared_data("hellaswag", "hellaswag_val_derived.jsonl"))
+    assert len(items) == 10042
+    assert all(len(item["endings"]) == 4 and 0 <= item["label"] <= 3 for item in items)
+    assert items[0]["ctx"] == "A man is sitting on a roof. he" and items[0]["label"] == 3
+
+
+def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTKIT_CACHE", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match=r"could not download.*network is unreachable.*--data=PATH"):
+        evaluate_hellaswag(UniformModel(), "", CPU)
+    assert os.listdir(tmp_path / "hellaswag") == []  # no half-written file left behind
+    # Once the file is in the cache it is used without any download.
+    cached = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    _write_jsonl(cached, [{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}])
+    assert evaluate_hellaswag(UniformModel(), None, CPU)["count"] == 1
+
+
+def test_eval_config_checks_paths(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt='nowhere' does not exist"):
+        load_config(hellaswag_script().EvalConfig, ["--ckpt=nowhere"])
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        load_config(hellaswag_script().EvalConfig, [f"--ckpt={tmp_path}", "--batch_size=0"])
+
+
+def hellaswag_script():
+    import eval_hellaswag
+    return eval_hellaswag
+
+
+def _run_eval(args, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]
+    result = subprocess.run(launcher + [os.path.join(ROOT, "eval_hellaswag.py")] + args, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    figures = {name: float(re.search(rf"^  {name} +([0-9.]+)", out, re.M).group(1))
+               for name in ("acc", "acc_norm", "acc_per_token")}
+    figures["count"] = int(re.search(r"HellaSwag: (\d+) items", out).group(1))
+    return figures
+
+
+def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
+    torch.manual_seed(2)
+    model = GPT(tiny_config, verbose=False)
+    save_checkpoint(str(tmp_path / "run"), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                             "config": {}, "kind": "base", "step": 5})
+    rng = random.Random(3)
+    items = [{"ctx": _random_text(rng, 10), "endings": [_random_text(rng, rng.randint(2, 9)) for _ in range(4)],
+              "label": rng.randint(0, 3)} for _ in range(23)]  # odd: the ranks get 12 and 11 items
+    data = _write_jsonl(tmp_path / "items.jsonl", items)
+    args = [f"--ckpt={tmp_path / 'run'}", f"--data={data}", "--device=cpu", "--batch_size=5", "--limit=21"]
+    one = _run_eval(args, 1)
+    two = _run_eval(args, 2)
+    assert one["count"] == 21
+    assert two == one
+    # The in-process figures agree with the script's.
+    direct = evaluate_hellaswag(model, data, CPU, limit=21)
+    assert {k: round(v, 4) for k, v in direct.items()} == one
