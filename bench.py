@@ -26,35 +26,8 @@ import torch
 
 from gptkit.configurator import configure, config_dict
 from gptkit.system import print0, setup_runtime
-from gptkit.trainer import TrainConfig
+from gptkit.trainer import TrainConfig, configure_optimizers, device_peak_flops, grad_accum_steps, train_step
 from model import GPT, GPTConfig, CausalSelfAttention
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s by device name, as reported by
-# torch.cuda.get_device_name. Matched in order, first hit wins, so specific names come first.
-PEAK_FLOPS = [
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),       # SXM and NVL
-    ("A100", 312e12),
-    ("A10G", 70e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),   # GeForce: half-rate fp32 accumulate counted as in NVIDIA's sheet
-    ("RTX 3090", 71e12),
-    ("RTX 3080 Ti", 68e12),
-    ("V100", 125e12),       # fp16 (no bf16)
-    ("T4", 65e12),          # fp16 (no bf16)
-]
-
-
-def device_peak_flops(device_name):
-    """Dense bf16 peak FLOP/s for a known GPU name, else None."""
-    for key, flops in PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None
-
 
 def mfu(flops_per_token, tokens_per_sec, peak_flops):
     """Model FLOPs utilisation: the share of the device's peak the model's useful arithmetic reaches."""
@@ -117,29 +90,22 @@ def bench_train(cfg, rt):
     model.activation_checkpointing = cfg.activation_checkpointing
     CausalSelfAttention.pad_heads = cfg.pad_heads
     kernels = attention_kernels(model, rt, cfg)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), fused=rt.device_type == "cuda")
+    optimizers = configure_optimizers(model, cfg, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.needs_grad_scaler)
     if cfg.coordinate_descent_tuning:
         import torch._inductor.config as inductor_config
         inductor_config.coordinate_descent_tuning = True
-    step_model = torch.compile(model) if cfg.compile else model
-    grad_accum = cfg.total_batch_tokens // (cfg.micro_batch_size * cfg.block_size)
+    forward_model = torch.compile(model) if cfg.compile else model
+    grad_accum = grad_accum_steps(cfg, world_size=1)
     # Synthetic tokens: speed does not depend on the text; a few different batches avoid cache effects.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     rows = [torch.randint(0, 50257, (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
             for _ in range(min(grad_accum, 4))]
     batches = [(r[:, :-1].contiguous().to(rt.device), r[:, 1:].contiguous().to(rt.device)) for r in rows]
+    micro_batches = [batches[i % len(batches)] for i in range(grad_accum)]
 
-    def step():
-        for micro_step in range(grad_accum):
-            x, y = batches[micro_step % len(batches)]
-            with rt.autocast():
-                _, loss = step_model(x, y)
-            (loss / grad_accum).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():  # exactly the training loop's step (gptkit.trainer.train_step)
+        train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=forward_model)
 
     times = []
     with sdpa_context(cfg.attention):

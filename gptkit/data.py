@@ -297,6 +297,14 @@ class _ShardSet:
         return rows
 
 
+def check_loader_args(mode, rank, world_size):
+    """The arguments both batch loaders (pretraining, SFT) share."""
+    if mode not in ("random", "sequential"):
+        raise ValueError(f"mode={mode!r}: use random or sequential")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+
+
 class PretrainLoader:
     """Batches of (x, y) from a split's shards.
 
@@ -311,10 +319,7 @@ class PretrainLoader:
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
                  mode="random", device="cpu"):
-        if mode not in ("random", "sequential"):
-            raise ValueError(f"mode={mode!r}: use random or sequential")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        check_loader_args(mode, rank, world_size)
         self.shards = _ShardSet(data_dir, split, block_size)
         self.data_dir, self.split, self.mode, self.device = data_dir, split, mode, device
         self.batch_size, self.block_size = batch_size, block_size

@@ -1,11 +1,27 @@
 """
 The one training loop, shared by train.py (pretraining) and finetune.py (instruction finetuning).
 The two differ only in how the model is built and which batch source they hand to train().
+
+    model, ckpt = init_model(cfg, rt)                  # scratch | resume | checkpoint | Hugging Face GPT-2
+    train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=ckpt)
+
+The pieces are plain functions, so bench.py can time exactly the step the loop runs:
+    optimizers = configure_optimizers(model, cfg, rt.device_type)
+    loss, grad_norm, stepped = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
 """
 
+import contextlib
+import json
+import math
+import os
+import signal
+import time
 from dataclasses import dataclass
 
-from gptkit.configurator import BaseConfig
+import torch
+
+from gptkit.configurator import BaseConfig, ConfigError, config_dict, print_config
+from gptkit.system import MetricsLogger, print0
 
 
 @dataclass
@@ -53,6 +69,7 @@ class TrainConfig(BaseConfig):
     wandb_log: bool = False
     wandb_project: str = "gptkit"
     wandb_run_name: str = ""
+    stop_step: int = 0                  # save and exit after this step though max_steps is further (job time limits); 0: off
 
     def validate(self):
         problems = super().validate()
@@ -82,3 +99,496 @@ class TrainConfig(BaseConfig):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} must be at least 1")
         return problems
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient stayed NaN/inf for max_bad_steps steps in a row; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak throughput, for MFU (model FLOPs utilisation)
+
+# Dense bf16 tensor-core peaks in FLOP/s, with fp32 accumulation (what PyTorch's bf16 matmuls use;
+# GeForce cards run that at half their fp16-accumulate rate). Matched as a substring of
+# torch.cuda.get_device_name(), first match wins, so the more specific names come first.
+PEAK_FLOPS = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),        # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 6000 Ada", 364e12),
+    ("RTX A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("RTX 3080 Ti", 68e12),
+    ("RTX 3080", 59.5e12),
+    ("V100", 125e12),        # no bf16: its fp16 peak
+    ("T4", 65e12),           # no bf16: its fp16 peak
+]
+
+
+def device_peak_flops(device_name):
+    """Peak FLOP/s of a GPU by its name, or None when it is not in PEAK_FLOPS (then no MFU is reported)."""
+    if not device_name:
+        return None
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+def init_model(cfg, rt):
+    """-> (model on rt.device, checkpoint dict to resume from or None).
+
+    init_from: scratch (a new model from cfg's n_layer, n_head, ...), resume (<out_dir>/ckpt.pt with
+    its optimizer, data position and RNG), the path of a gptkit checkpoint (its weights, fresh
+    training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2."""
+    from model import GPT, GPTConfig
+    from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint
+    from gptkit.hf import is_hf_folder, load_hf_gpt2
+    source = cfg.init_from
+    ckpt = None
+    if source == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias),
+                    verbose=rt.master)
+    elif source == "resume":
+        path = os.path.join(cfg.out_dir, CKPT_NAME)
+        if not os.path.exists(path):
+            raise ConfigError(f"init_from=resume, but there is no checkpoint at {path}: check out_dir, or start "
+                              "a new run with init_from=scratch")
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt, path, verbose=rt.master)  # the run's own model config, dropout included
+        differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
+                  if hasattr(cfg, k) and getattr(cfg, k) != v]
+        if differ:
+            print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
+    elif os.path.isfile(source) or os.path.isfile(os.path.join(source, CKPT_NAME)):
+        model = build_model(load_checkpoint(source), source, verbose=rt.master, dropout=cfg.dropout)
+    elif is_hf_folder(source) or source.startswith(("gpt2", "openai-community/gpt2", "distilgpt2")):
+        model = load_hf_gpt2(source, verbose=rt.master, dropout=cfg.dropout)
+    else:
+        raise ConfigError(f"init_from={source!r} is none of: scratch, resume, a gptkit checkpoint (a .pt file or "
+                          f"a run directory holding {CKPT_NAME}), a Hugging Face GPT-2 folder (with config.json), "
+                          "or a hub name such as gpt2 / gpt2-medium")
+    model.to(rt.device)
+    return model, ckpt
+
+
+def configure_optimizers(model, cfg, device_type):
+    """AdamW on all parameters (decay on 2-D weights only), or with optimizer=muon: Muon on the
+    hidden matrices and AdamW on the rest. Each param group remembers its base_lr, so the schedule
+    is one multiplier for all of them (set_lr)."""
+    fused = True if device_type == "cuda" else None  # one kernel for all parameters on CUDA
+    groups = model.param_groups(cfg.weight_decay)
+    optimizers = []
+    if cfg.optimizer == "muon":
+        hidden = model.hidden_matrices()
+        hidden_ids = {id(p) for p in hidden}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in groups]
+        groups = [g for g in groups if g["params"]]
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_learning_rate, weight_decay=cfg.weight_decay))
+    optimizers.insert(0, torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                           fused=fused))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step, cfg):
+    """Learning-rate factor for optimizer step `step` (0-based): linear warmup over warmup_steps, then
+    cosine down to min_lr/learning_rate at the last step, or (wsd) flat until the last
+    decay_fraction of the steps and a straight line down to min_lr/learning_rate."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr / cfg.learning_rate
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - int(round(cfg.decay_fraction * cfg.max_steps)))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step + 1 - decay_start) / (cfg.max_steps - decay_start))
+        return 1.0 - (1.0 - floor) * progress
+    progress = min(1.0, (step + 1 - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers, multiplier):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+
+
+def grad_accum_steps(cfg, world_size):
+    """Micro-batches per optimizer step on each process, so that a step holds total_batch_tokens."""
+    tokens_per_pass = cfg.micro_batch_size * cfg.block_size * world_size
+    if cfg.total_batch_tokens % tokens_per_pass:
+        raise ConfigError(f"total_batch_tokens={cfg.total_batch_tokens} is not a multiple of micro_batch_size * "
+                          f"block_size * processes = {cfg.micro_batch_size} * {cfg.block_size} * {world_size} = "
+                          f"{tokens_per_pass}: change micro_batch_size or total_batch_tokens (a power of two "
+                          "such as 524288 divides evenly for power-of-two batch sizes and GPU counts)")
+    return cfg.total_batch_tokens // tokens_per_pass
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step
+
+def train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=None):
+    """Forward and backward every micro-batch, then one optimizer step -> (loss, grad_norm, stepped).
+
+    model is the raw module (its parameters are stepped); forward_model the one that runs the
+    forward pass (compiled and/or DDP-wrapped; model itself when None). The loss is weighted by
+    tokens over the whole step: each micro-batch contributes the sum of its token losses divided by
+    the number of valid targets (y != -1) in all micro-batches of all ranks. For pretraining that is
+    the plain mean; for finetuning, where rows hold different numbers of answer tokens, it gives
+    every token the same weight. loss and grad_norm come back as tensors (no host sync); the one
+    sync is the check that both are finite: if not, the update is skipped and stepped is False."""
+    import torch.distributed as dist
+    forward_model = forward_model if forward_model is not None else model
+    is_ddp = isinstance(forward_model, torch.nn.parallel.DistributedDataParallel)
+    counts = [(y != -1).sum() for _, y in micro_batches]
+    global_count = torch.stack(counts).sum().float()
+    if is_ddp:
+        dist.all_reduce(global_count)
+    global_count = global_count.clamp(min=1.0)
+    # DDP averages gradients over ranks; scaling by world_size turns that average into the global sum
+    grad_scale = rt.world_size if is_ddp else 1
+    step_loss = torch.zeros((), device=global_count.device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # gradients are all-reduced once, in the backward of the last micro-batch
+        sync = forward_model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+        with sync:
+            with rt.autocast():
+                _, mean_loss = forward_model(x, y)
+            # the model averages over this micro-batch's valid targets: turn it back into their sum
+            # (where: a micro-batch without targets has a NaN mean and adds nothing, gradient included)
+            loss_sum = torch.where(counts[i] > 0, mean_loss * counts[i], torch.zeros_like(mean_loss))
+            loss = loss_sum / global_count
+            scaler.scale(loss * grad_scale).backward()
+        step_loss += loss.detach()
+    if is_ddp:
+        dist.all_reduce(step_loss)  # each rank holds its share of the global mean
+    for opt in optimizers:
+        scaler.unscale_(opt)  # clip and measure the true gradient, not the fp16-scaled one
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+    finite = torch.isfinite(step_loss)
+    if not scaler.is_enabled():  # with fp16 the scaler skips steps with inf gradients itself and lowers its scale
+        finite = finite & torch.isfinite(grad_norm)
+    stepped = bool(finite)  # the step's one host sync; the same answer on every rank (reduced values)
+    if stepped:
+        for opt in optimizers:
+            scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, stepped
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and samples (always on the raw model: a compiled or DDP-wrapped one is never needed)
+
+@torch.no_grad()
+def evaluate_loss(model, batches, rt):
+    """Mean loss over every valid target of the fixed val batches of all ranks."""
+    was_training = model.training
+    model.eval()
+    dtype = torch.float32 if rt.device_type == "mps" else torch.float64  # MPS has no float64
+    totals = torch.zeros(2, device=rt.device, dtype=dtype)  # (sum of token losses, tokens)
+    for x, y in batches:
+        with rt.autocast():
+            _, mean_loss = model(x, y)
+        count = (y != -1).sum()
+        totals[0] += torch.where(count > 0, mean_loss.to(dtype) * count, torch.zeros((), device=rt.device, dtype=dtype))
+        totals[1] += count
+    if rt.ddp:
+        import torch.distributed as dist
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+DEFAULT_PROMPTS = ["The meaning of life is", "Once upon a time,", "In a surprising discovery, scientists"]
+
+
+def default_sample_prompts():
+    """Base-model prompts: <|endoftext|> (a document starts) followed by some ordinary text."""
+    from gptkit.tokenizer import EOT, get_tokenizer
+    tokenizer = get_tokenizer()
+    return [[EOT] + tokenizer.encode(text) for text in DEFAULT_PROMPTS]
+
+
+def sample_texts(model, rt, prompts, max_new_tokens, seed):
+    """One continuation per prompt (list of ids), decoded; the same seed at every eval so samples
+    are comparable across training, and a private generator so training's RNG is untouched."""
+    from gptkit.generate import generate, make_generator
+    from gptkit.tokenizer import END, EOT, get_tokenizer
+    tokenizer = get_tokenizer()
+    generator = make_generator(model, seed)
+    texts = []
+    for ids in prompts:
+        new = list(generate(model, ids, max_new_tokens, temperature=1.0, top_k=50, stop_tokens=(EOT, END),
+                            generator=generator, autocast=rt.autocast))
+        shown = ids[1:] if ids and ids[0] == EOT else ids
+        texts.append(tokenizer.decode(shown) + tokenizer.decode(new))
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of the whole training state
+
+def _gather(obj, rt):
+    """obj from every rank, as a list indexed by rank (a collective: all ranks must call it)."""
+    if not rt.ddp:
+        return [obj]
+    import torch.distributed as dist
+    objs = [None] * rt.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen, best_val_loss):
+    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it)."""
+    from gptkit.checkpoint import rng_state, save_checkpoint
+    rngs = _gather(rng_state(), rt)  # each rank has its own dropout RNG
+    if not rt.master:
+        return
+    state = {
+        "model": model.state_dict(),  # the raw module: no _orig_mod. or module. prefixes
+        "model_config": model.config.to_dict(),
+        "config": config_dict(cfg),
+        "kind": kind,
+        "optimizer": [opt.state_dict() for opt in optimizers],
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "best_val_loss": best_val_loss,
+        "loader": train_loader.state_dict(),
+        "rng": rngs,
+    }
+    save_checkpoint(cfg.out_dir, state, summary={"world_size": rt.world_size})
+
+
+def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader):
+    """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss)."""
+    from gptkit.checkpoint import set_rng_state
+    saved = ckpt.get("optimizer")
+    if not isinstance(saved, list) or len(saved) != len(optimizers):
+        raise ConfigError(f"the checkpoint in {cfg.out_dir} holds {len(saved) if isinstance(saved, list) else 0} "
+                          f"optimizer state(s) but optimizer={cfg.optimizer} needs {len(optimizers)}: resume with the "
+                          "optimizer the run started with, or start fresh training from its weights with "
+                          f"--init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} and a new out_dir")
+    for opt, state in zip(optimizers, saved):
+        base_lrs = [g["base_lr"] for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, base_lr in zip(opt.param_groups, base_lrs):
+            group["base_lr"] = base_lr  # a learning_rate changed on the command line applies from here on
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    train_loader.load_state_dict(ckpt["loader"])
+    if not getattr(train_loader, "exact_resume", True):
+        print0("note: batch size, block size, process count or data changed since the checkpoint: training "
+               "continues from the same place in the data, but not with the exact batches of an uninterrupted run")
+    rngs = ckpt["rng"]
+    set_rng_state(rngs[rt.rank % len(rngs)])
+    return int(ckpt["step"]), int(ckpt["tokens_seen"]), float(ckpt["best_val_loss"])
+
+
+def _truncate_log(out_dir, last_step):
+    """On resume, drop log records written after the checkpoint (a run killed past its last save
+    logged steps that will now be run again)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut short by a kill
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None, sample_prompts=None):
+    """Train model (raw, on rt.device) until cfg.max_steps -> a summary dict.
+
+    train_loader: next_batch() -> (x, y) with y = -1 where no loss is wanted, plus state_dict() and
+    load_state_dict(). get_val_batches(): the fixed list of val (x, y) of this rank, called once at
+    the first eval. kind: "base" or "chat", stored in checkpoints. ckpt: a checkpoint to resume
+    from (init_model's second result). sample_prompts: lists of ids to continue at each eval
+    (default: a few text prompts). Raises NonFiniteLossError after max_bad_steps bad steps in a row."""
+    from tqdm import tqdm
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context of "
+                          f"{model.config.block_size}: use --block_size={model.config.block_size} or less")
+    grad_accum = grad_accum_steps(cfg, rt.world_size)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.train()
+    optimizers = configure_optimizers(model, cfg, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.needs_grad_scaler)
+    step, tokens_seen, best_val_loss = 0, 0, float("inf")
+    if ckpt is not None:
+        step, tokens_seen, best_val_loss = restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader)
+        print0(f"resuming from step {step} ({tokens_seen:,} tokens seen) in {cfg.out_dir}")
+    if step >= cfg.max_steps:
+        print0(f"nothing to do: the run is at step {step} and max_steps={cfg.max_steps}; raise max_steps to go on")
+        return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen}
+
+    # the module that runs training's forward pass; evaluation and sampling use the raw model
+    forward_model = model
+    if cfg.compile:
+        forward_model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        forward_model = DistributedDataParallel(
+            forward_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config_dict(cfg), f, indent=2)
+        print_config(cfg)
+        if ckpt is not None:
+            _truncate_log(cfg.out_dir, step)
+    logger = MetricsLogger(cfg.out_dir, enabled=rt.master, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
+                           wandb_run_name=cfg.wandb_run_name or None, config=config_dict(cfg), resume=ckpt is not None)
+    print0(f"{cfg.total_batch_tokens:,} tokens per step = {cfg.micro_batch_size} sequences x {cfg.block_size} tokens"
+           f" x {grad_accum} accumulation steps x {rt.world_size} process(es)")
+    peak_flops = device_peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device_type == "cuda" else None
+    flops_per_token = model.flops_per_token()
+    val_batches = None
+    prompts = sample_prompts if sample_prompts is not None else (default_sample_prompts() if cfg.sample_tokens else [])
+
+    # SIGTERM (a scheduler's time limit, `kill`) or Ctrl-C: finish the step, save, exit cleanly.
+    # A second Ctrl-C stops at once.
+    signals_seen = []
+
+    def on_signal(signum, frame):
+        if signals_seen and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signals_seen.append(signum)
+        print0(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
+
+    def run_eval():
+        nonlocal val_batches, best_val_loss
+        if val_batches is None:
+            val_batches = get_val_batches()
+        metrics = {"val_loss": evaluate_loss(model, val_batches, rt)}
+        best_val_loss = min(best_val_loss, metrics["val_loss"])
+        if cfg.hellaswag_interval > 0 and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
+            from gptkit.hellaswag import evaluate_hellaswag
+            result = evaluate_hellaswag(model, cfg.hellaswag_data, rt, limit=cfg.hellaswag_limit)
+            metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
+        texts = []
+        if rt.master and prompts and step > 0:
+            texts = sample_texts(model, rt, prompts, cfg.sample_tokens, cfg.seed)
+            metrics["samples"] = "\n---\n".join(texts)
+        logger.log(step, **metrics)
+        say(f"step {step}: val_loss {metrics['val_loss']:.4f}"
+            + (f" | hellaswag acc_norm {metrics['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in metrics else ""))
+        for text in texts:
+            say(f"  sample: {text!r}")
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not rt.master)
+
+    def say(line):  # print above the progress bar, on rank 0 only (tqdm.write prints even when disabled)
+        if rt.master:
+            bar.write(line)
+
+    bad_in_row, skipped_steps = 0, 0
+    interval_loss, interval_steps, interval_tokens = torch.zeros((), device=rt.device), 0, 0
+    try:
+        if ckpt is None:
+            run_eval()  # the baseline the val curve starts from
+        interval_start = time.time()
+        while step < cfg.max_steps:
+            # ---- one optimizer step
+            set_lr(optimizers, lr_multiplier(step, cfg))
+            micro_batches = [train_loader.next_batch() for _ in range(grad_accum)]
+            loss, grad_norm, stepped = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
+            step += 1
+            tokens_seen += cfg.total_batch_tokens
+            interval_tokens += cfg.total_batch_tokens
+            bar.update(1)
+            if stepped:
+                bad_in_row = 0
+                interval_loss += loss
+                interval_steps += 1
+            else:
+                bad_in_row += 1
+                skipped_steps += 1
+                logger.log(step, skipped_step=True, bad_steps_in_row=bad_in_row)
+                say(f"step {step}: non-finite loss or gradient (loss {loss.item()}, grad norm "
+                          f"{grad_norm.item()}): update skipped ({bad_in_row} in a row)")
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"loss became non-finite {bad_in_row} steps in a row at step {step}; lower learning_rate "
+                        f"(now {cfg.learning_rate}), raise warmup_steps, or set grad_clip=1.0, then resume. The "
+                        f"last good checkpoint in {cfg.out_dir} is intact (not overwritten).")
+
+            # ---- log: the only regular host sync besides the finite check
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                rt.synchronize()
+                tokens_per_sec = interval_tokens / max(time.time() - interval_start, 1e-9)
+                metrics = {"loss": (interval_loss / interval_steps).item() if interval_steps else float("nan"),
+                           "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                           "tokens_per_sec": tokens_per_sec, "tokens_seen": tokens_seen}
+                if peak_flops:
+                    metrics["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * rt.world_size)
+                if rt.device_type == "cuda":
+                    metrics["memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1e9
+                if skipped_steps:
+                    metrics["skipped_steps"] = skipped_steps
+                logger.log(step, **metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                say(f"step {step}/{cfg.max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                          f"grad_norm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s"
+                          + (f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
+                          + (f" | mem {metrics['memory_gb']:.1f} GB" if "memory_gb" in metrics else ""))
+                interval_loss.zero_()
+                interval_steps, interval_tokens, interval_start = 0, 0, time.time()
+
+            # ---- evaluate, then checkpoint (so the checkpoint holds this eval's best_val_loss)
+            pause = time.time()
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                run_eval()
+            stop = bool(signals_seen) or step == cfg.stop_step
+            if rt.ddp:  # every rank must leave at the same step, or the others wait in all-reduce forever
+                import torch.distributed as dist
+                flag = torch.tensor([float(stop)], device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item() > 0)
+            # never during a run of skipped steps: the last checkpoint is the last good state
+            if (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop) and (bad_in_row == 0 or stop):
+                save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen,
+                                    best_val_loss)
+            interval_start += time.time() - pause  # evals and saves stay out of tokens/s
+            if stop and step < cfg.max_steps:
+                why = signal.Signals(signals_seen[0]).name if signals_seen else f"stop_step={cfg.stop_step}"
+                say(f"stopped at step {step} ({why}); checkpoint saved in {cfg.out_dir}; "
+                          "continue with --init_from=resume")
+                break
+    finally:
+        bar.close()
+        logger.close()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+    return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps}

@@ -1,0 +1,202 @@
+"""
+Sampling from a GPT: KV-cache prefill and decode, temperature / top-k / top-p / repetition
+penalty, stop tokens, the context limit. Used by sample.py and by the training loop's samples.
+
+    from gptkit.generate import generate, make_generator
+    gen = make_generator(model, seed=1337)                  # same seed, same tokens
+    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[END, EOT], generator=gen):
+        ...                                                  # ints, one at a time, as they are made
+
+The context limit: prompt + answer never pass model.config.block_size. Generation stops when the
+sequence fills the context, with or without the KV cache. (Sliding the window instead would be
+possible without a cache, but then the two paths would disagree on long answers, and a chat that
+runs out of room is better served by dropping old turns, which sample.py does.)
+
+Stop tokens end generation and are not yielded: the caller gets the answer only.
+
+Each forward call runs under torch.no_grad() and, on CUDA, bf16 autocast (fp16 where the GPU has
+no bf16). The grad mode and autocast are entered around each model call, not across a `yield`, so
+the caller's code between tokens runs in whatever mode the caller chose.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def make_generator(model_or_device, seed):
+    """A torch.Generator on the model's device, seeded: sampling with it is reproducible."""
+    device = model_or_device
+    if isinstance(model_or_device, torch.nn.Module):
+        device = next(model_or_device.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def default_autocast(device):
+    """bf16 autocast on CUDA (fp16 on GPUs without bf16); full precision elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+# ----------------------------------------------------------------------------------------------
+# Logit filters. Each takes logits (B, V) in float32 and returns new logits (B, V); a token that
+# may not be sampled gets -inf.
+
+def apply_repetition_penalty(logits, previous_ids, penalty, exempt=()):
+    """Make tokens already in previous_ids (B, T) less likely (CTRL, Keskar et al. 2019): a positive
+    logit is divided by penalty, a negative one multiplied, so the token always loses ground.
+    Tokens in `exempt` (the stop tokens) are left alone: in a chat history <|end|> closes every
+    turn, and penalising it would keep the model from ever ending its answer."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen.scatter_(1, previous_ids, True)  # (B, V): token appeared at least once; counts do not matter
+    if exempt:
+        seen[:, list(exempt)] = False
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits, k):
+    """Keep exactly the k largest logits of each row (k <= 0 or k >= V: keep all)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    # scatter the top-k indices rather than compare with the k-th value: ties cannot let in more than k
+    _, idx = torch.topk(logits, k, dim=-1)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+    probabilities add up to at least p; the most likely token is always kept (p >= 1: keep all)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability of the tokens ranked above
+    keep_sorted = mass_before < p  # the first token has 0 before it, so it always stays
+    keep = torch.zeros_like(keep_sorted).scatter_(1, sorted_idx, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample_next(logits, previous_ids, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                exempt=(), generator=None):
+    """logits (B, V) of the last position -> next token ids (B,). temperature 0 is greedy."""
+    logits = logits.float()  # sampling maths in fp32 even when the model ran in bf16
+    logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty, exempt)
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)  # greedy: top-k / top-p cannot change the argmax
+    logits = logits / temperature
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
+    """Problems with the sampling settings, as messages that say what to use (empty if fine)."""
+    problems = []
+    if temperature < 0:
+        problems.append(f"temperature={temperature}: use 0 (greedy) or a positive number such as 0.8")
+    if top_k < 0:
+        problems.append(f"top_k={top_k}: use 0 (off) or a positive number such as 50")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p={top_p}: use a number in (0, 1], 1 is off")
+    if repetition_penalty <= 0:
+        problems.append(f"repetition_penalty={repetition_penalty}: use 1.0 (off) or a bit more, such as 1.1")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                   repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, autocast=None):
+    """num_samples independent continuations of one prompt `ids` (list of ints), run as one batch.
+    Yields a tensor (num_samples,) of new token ids per step, and a bool tensor (num_samples,) that
+    is True where that row had already finished before this step (ignore those ids). Ends when every
+    row has produced a stop token, max_new_tokens were made, or the context is full."""
+    problems = check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if problems:
+        raise ValueError("; ".join(problems))
+    block_size = model.config.block_size
+    if len(ids) == 0:
+        raise ValueError("empty prompt: give at least one token (for example <|endoftext|>, 50256)")
+    if len(ids) >= block_size:
+        raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room in the model's context of "
+                         f"{block_size}: shorten it (keep its last {block_size - 1} tokens at most)")
+    steps = min(max_new_tokens, block_size - len(ids))  # prompt + answer stay within the context
+    if steps <= 0:
+        return
+    device = next(model.parameters()).device
+    autocast = autocast or default_autocast(device)
+    stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.long, device=device)
+    seq = torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)  # (B, T)
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    exempt = stop.tolist()
+
+    cache = None
+    if use_cache:
+        with autocast():
+            # store keys/values in the compute dtype (bf16 under autocast): half the memory, no casts
+            cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        cache = model.new_kv_cache(num_samples, max_len=len(ids) + steps, dtype=cache_dtype)
+
+    def last_logits(idx):
+        # eval mode for the call (no dropout), then back: the training loop samples mid-training
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast():
+                logits, _ = model(idx, kv_cache=cache) if cache is not None else model(idx)
+        finally:
+            model.train(was_training)
+        return logits[:, -1, :]  # (B, V)
+
+    logits = last_logits(seq)  # prefill: the whole prompt in one call
+    for step in range(steps):
+        next_ids = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty,
+                               exempt=exempt, generator=generator)  # (B,)
+        was_finished = finished.clone()
+        finished |= torch.isin(next_ids, stop)
+        yield next_ids, was_finished
+        if bool(finished.all()) or step == steps - 1:
+            return  # the last token needs no forward pass
+        seq = torch.cat([seq, next_ids.unsqueeze(1)], dim=1)
+        logits = last_logits(next_ids.unsqueeze(1) if cache is not None else seq)
+
+
+def generate(model, ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+             stop_tokens=(), generator=None, use_cache=True, autocast=None):
+    """Continue one prompt `ids` (list of ints); yields the new token ids (ints) one at a time. A stop
+    token ends generation and is not yielded. autocast: a context-manager factory such as
+    Runtime.autocast; by default bf16 on CUDA, full precision elsewhere."""
+    for next_ids, _ in generate_batch(model, ids, 1, max_new_tokens, temperature, top_k, top_p,
+                                      repetition_penalty, stop_tokens, generator, use_cache, autocast):
+        token = int(next_ids[0])
+        if token in stop_tokens:
+            return
+        yield token
+
+
+def generate_samples(model, ids, num_samples, max_new_tokens, stop_tokens=(), **kwargs):
+    """num_samples independent answers to one prompt, batched -> list of lists of ints, each cut
+    before its first stop token."""
+    samples = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    for next_ids, _ in generate_batch(model, ids, num_samples, max_new_tokens, stop_tokens=stop_tokens, **kwargs):
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row]:
+                continue
+            if token in stop_tokens:
+                done[row] = True
+            else:
+                samples[row].append(token)
+    return samples

@@ -1,0 +1,245 @@
+"""
+SFT data: rendered chat conversations with loss masks, as written by prepare_instruct.py and read
+by finetune.py.
+
+On disk, per split (train, val) in <data_dir>:
+    {split}_ids.bin       uint16 token ids of all conversations, one after another
+    {split}_mask.bin      uint8, 1 where the token is an assistant token or the <|end|> closing one
+    {split}_offsets.npy   int64, n_conversations + 1 entries: conversation i is ids[offsets[i]:offsets[i+1]]
+    meta.json             format version, tokenizer, block_size, counts per split, the prepare summary
+Every file is written atomically (temporary file, fsync, rename) and meta.json last; the reader
+checks the files against the counts in meta.json, so a half-written folder is refused, not misread.
+
+The loader packs whole conversations into rows of block_size + 1 tokens and yields
+x = row[:-1], y = row[1:], with y = -1 where the target is not an assistant token (or is padding):
+
+    loader = SFTLoader("data/dolly", "train", batch_size=16, block_size=1024, rank=0, world_size=1, seed=1337)
+    x, y = loader.next_batch()                  # (B, T) int64 each
+    val_batches = sft_val_batches("data/dolly", batch_size=16, block_size=1024, eval_tokens=1_000_000)
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from gptkit.checkpoint import atomic_write
+from gptkit.data import check_loader_args
+from gptkit.tokenizer import EOT, MIN_VOCAB_SIZE
+
+FORMAT_VERSION = 1
+TOKENIZER_NAME = "gpt2+chat"  # GPT-2 BPE plus <|system|> <|user|> <|assistant|> <|end|> at 50257..50260
+META_NAME = "meta.json"
+
+
+class SFTDataError(RuntimeError):
+    """SFT data that cannot be used; the message names the folder and what to do."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_sft_split(data_dir, split, conversations):
+    """conversations: list of (ids, mask) -> the three files of the split. Returns (n_conversations, n_tokens)."""
+    lengths = np.array([len(ids) for ids, _ in conversations], dtype=np.int64)
+    offsets = np.zeros(len(conversations) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    n_tokens = int(offsets[-1])
+    ids = np.empty(n_tokens, dtype=np.uint16)
+    mask = np.empty(n_tokens, dtype=np.uint8)
+    for i, (conv_ids, conv_mask) in enumerate(conversations):
+        if len(conv_ids) != len(conv_mask):
+            raise AssertionError(f"conversation {i}: {len(conv_ids)} ids but {len(conv_mask)} mask entries")
+        ids[offsets[i]:offsets[i + 1]] = conv_ids
+        mask[offsets[i]:offsets[i + 1]] = conv_mask
+    atomic_write(os.path.join(data_dir, f"{split}_ids.bin"), lambda f: f.write(ids.tobytes()))
+    atomic_write(os.path.join(data_dir, f"{split}_mask.bin"), lambda f: f.write(mask.tobytes()))
+    atomic_write(os.path.join(data_dir, f"{split}_offsets.npy"), lambda f: np.save(f, offsets))
+    return len(conversations), n_tokens
+
+
+def write_meta(data_dir, meta):
+    """meta.json last: the reader trusts the other files only when their sizes match it."""
+    meta = {"format": "gptkit-sft", "version": FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, **meta}
+    atomic_write(os.path.join(data_dir, META_NAME),
+                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, META_NAME)
+    if not os.path.exists(path):
+        raise SFTDataError(f"no SFT data in {data_dir} ({META_NAME} is missing): run "
+                           f"python prepare_instruct.py config/dolly.py --data_dir={data_dir} first")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != "gptkit-sft" or meta.get("version") != FORMAT_VERSION:
+        raise SFTDataError(f"{path} is not gptkit SFT data of version {FORMAT_VERSION}: re-run prepare_instruct.py")
+    if meta.get("tokenizer") != TOKENIZER_NAME:
+        raise SFTDataError(f"{path} was made with tokenizer {meta.get('tokenizer')!r}, gptkit uses "
+                           f"{TOKENIZER_NAME!r}: re-run prepare_instruct.py")
+    return meta
+
+
+def read_sft_split(data_dir, split):
+    """-> (ids, mask, offsets) as read-only numpy arrays (ids and mask memory-mapped)."""
+    meta = read_meta(data_dir)
+    counts = meta.get("splits", {}).get(split)
+    if counts is None:
+        raise SFTDataError(f"{data_dir} has no {split} split: re-run prepare_instruct.py")
+    n_conv, n_tokens = counts["conversations"], counts["tokens"]
+    paths = {name: os.path.join(data_dir, f"{split}_{name}") for name in ("ids.bin", "mask.bin", "offsets.npy")}
+    for path in paths.values():
+        if not os.path.exists(path):
+            raise SFTDataError(f"{path} is missing: re-run prepare_instruct.py for {data_dir}")
+    offsets = np.load(paths["offsets.npy"], allow_pickle=False)
+    sizes_ok = (os.path.getsize(paths["ids.bin"]) == 2 * n_tokens and os.path.getsize(paths["mask.bin"]) == n_tokens
+                and offsets.shape == (n_conv + 1,) and (n_conv == 0 or int(offsets[-1]) == n_tokens))
+    if not sizes_ok:
+        raise SFTDataError(f"the {split} files in {data_dir} do not match {META_NAME} (an interrupted or mixed "
+                           "prepare run?): re-run prepare_instruct.py")
+    if n_tokens == 0:
+        return np.zeros(0, np.uint16), np.zeros(0, np.uint8), offsets
+    ids = np.memmap(paths["ids.bin"], dtype=np.uint16, mode="r")
+    mask = np.memmap(paths["mask.bin"], dtype=np.uint8, mode="r")
+    # one pass over the data (milliseconds for SFT sizes): a corrupt file fails here, not in the embedding
+    if int(ids.max()) >= MIN_VOCAB_SIZE or int(mask.max()) > 1 or (np.diff(offsets) <= 0).any():
+        raise SFTDataError(f"the {split} files in {data_dir} hold token ids past {MIN_VOCAB_SIZE - 1}, mask values "
+                           "other than 0/1 or empty conversations: they are corrupt; re-run prepare_instruct.py")
+    return ids, mask, offsets
+
+
+# ----------------------------------------------------------------------------- batches
+
+def pack_rows(lengths, order, row_len):
+    """Greedy packing: walk the conversations in `order`, start a new row when the next one does not fit.
+    -> list of rows, each a list of conversation indices."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if used + n > row_len and row:
+            rows.append(row)
+            row, used = [], 0
+        row.append(int(i))
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def make_row(ids, mask, offsets, conversations, block_size):
+    """Concatenate conversations into one row -> (x, y) int64 numpy arrays of length block_size.
+    Padding is <|endoftext|> with no loss; a target gets -1 unless its mask is 1."""
+    row_ids = np.full(block_size + 1, EOT, dtype=np.int64)
+    row_mask = np.zeros(block_size + 1, dtype=bool)
+    pos = 0
+    for c in conversations:
+        a, b = int(offsets[c]), int(offsets[c + 1])
+        row_ids[pos:pos + b - a] = ids[a:b]
+        row_mask[pos:pos + b - a] = mask[a:b] == 1
+        pos += b - a
+    x = row_ids[:-1].copy()
+    y = np.where(row_mask[1:], row_ids[1:], -1)
+    return x, y
+
+
+def _to_device(rows, device):
+    x = torch.from_numpy(np.stack([r[0] for r in rows]))
+    y = torch.from_numpy(np.stack([r[1] for r in rows]))
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def _check_fits(lengths, block_size, data_dir):
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest > block_size + 1:
+        raise SFTDataError(f"{data_dir} holds a conversation of {longest} tokens, longer than a row of "
+                           f"block_size+1={block_size + 1}: re-run prepare_instruct.py with "
+                           f"--block_size={block_size}, or train with a larger block_size")
+
+
+class SFTLoader:
+    """Endless stream of packed rows. Each epoch packs the conversations in a new order (seed, epoch);
+    global row g of the stream goes to rank g % world_size, so ranks never share a row.
+    state_dict() is the position in that stream: a resumed run gets exactly the batches it would have."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
+                 mode="random", device="cpu"):
+        check_loader_args(mode, rank, world_size)
+        self.ids, self.mask, self.offsets = read_sft_split(data_dir, split)
+        self.lengths = np.diff(self.offsets)
+        if len(self.lengths) == 0:
+            raise SFTDataError(f"the {split} split of {data_dir} holds no conversations: add data or "
+                               "lower val_fraction in prepare_instruct.py")
+        _check_fits(self.lengths, block_size, data_dir)
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.mode, self.device = seed, mode, device
+        self.epoch, self.row = 0, 0  # next global row: row `row` of epoch `epoch`
+        self._rows_epoch, self._rows = None, None
+        self.exact_resume = True
+
+    @property
+    def total_tokens(self):
+        return int(self.offsets[-1])
+
+    def rows_per_epoch(self):
+        return len(self._epoch_rows(self.epoch))
+
+    def _epoch_rows(self, epoch):
+        if self._rows_epoch != epoch:
+            n = len(self.lengths)
+            if self.mode == "random":
+                order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            else:
+                order = np.arange(n)
+            self._rows = pack_rows(self.lengths, order, self.block_size + 1)
+            self._rows_epoch = epoch
+        return self._rows
+
+    def next_batch(self):
+        rows = []
+        for g in range(self.batch_size * self.world_size):
+            epoch_rows = self._epoch_rows(self.epoch)
+            if g % self.world_size == self.rank:
+                rows.append(make_row(self.ids, self.mask, self.offsets, epoch_rows[self.row], self.block_size))
+            self.row += 1
+            if self.row == len(epoch_rows):
+                self.epoch, self.row = self.epoch + 1, 0
+        return _to_device(rows, self.device)
+
+    def _identity(self):
+        return {"mode": self.mode, "seed": self.seed, "block_size": self.block_size,
+                "world_size": self.world_size, "total_tokens": self.total_tokens}
+
+    def state_dict(self):
+        # plain ints and strings only: it is saved inside a weights_only checkpoint
+        return {"epoch": self.epoch, "row": self.row, **self._identity()}
+
+    def load_state_dict(self, state):
+        """Continue at the saved (epoch, row). The very same rows follow when seed, block size, world
+        size and data are unchanged; otherwise the position is kept and exact_resume is False."""
+        self.exact_resume = all(state.get(key) == value for key, value in self._identity().items())
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+        if self.row >= len(self._epoch_rows(self.epoch)):  # other packing: start the next epoch
+            self.epoch, self.row = self.epoch + 1, 0
+
+
+def sft_val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
+    """A fixed list of (x, y): the val conversations packed in file order, at most eval_tokens worth of
+    rows, global row g going to rank g % world_size. Every rank gets the same number of full batches
+    (for the all-reduce): when the rows do not fill the last batch, it is topped up from the first rows."""
+    ids, mask, offsets = read_sft_split(data_dir, "val")
+    lengths = np.diff(offsets)
+    if len(lengths) == 0:
+        raise SFTDataError(f"the val split of {data_dir} holds no conversations: re-run prepare_instruct.py "
+                           "with a larger val_fraction")
+    _check_fits(lengths, block_size, data_dir)
+    rows = pack_rows(lengths, np.arange(len(lengths)), block_size + 1)
+    rows_per_step = batch_size * world_size
+    n_batches = min(-(-len(rows) // rows_per_step), max(eval_tokens // (block_size * rows_per_step), 1))
+    rows = [rows[g % len(rows)] for g in range(n_batches * rows_per_step)]
+    mine = [make_row(ids, mask, offsets, r, block_size) for r in rows[rank::world_size]]
+    return [_to_device(mine[i:i + batch_size], device) for i in range(0, len(mine), batch_size)]

@@ -1,0 +1,81 @@
+"""
+Plot a run's train/val loss and learning rate from its <out_dir>/log.jsonl, as a PNG.
+Works on a finished run and on one still running (a half-written last line is skipped).
+
+    python plot_log.py --out_dir=out/fineweb_124m              # writes out/fineweb_124m/loss.png
+    python plot_log.py config/fineweb_124m.py                   # the same, out_dir from the recipe
+    python plot_log.py --out_dir=out/dolly --out=dolly_loss.png
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+from gptkit.configurator import BaseConfig, ConfigError, configure
+from gptkit.system import print0
+
+
+@dataclass
+class PlotConfig(BaseConfig):
+    out_dir: str = "out/fineweb_124m"  # the run directory holding log.jsonl
+    out: str = ""                      # PNG to write; empty: <out_dir>/loss.png
+
+
+def read_log(path):
+    """log.jsonl -> list of records (dicts); lines that are not complete JSON objects are skipped."""
+    if not os.path.exists(path):
+        raise ConfigError(f"no log at {path}: give the out_dir of a run started with train.py or finetune.py")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line the running trainer is still writing
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+def series(records, key):
+    """(steps, values) of the records that carry a finite number under key."""
+    points = [(r["step"], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and r[key] == r[key] and abs(r[key]) != float("inf")]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_log(out_dir, out=""):
+    """Write the loss / learning-rate figure of the run in out_dir -> the PNG's path."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed (servers, ssh, tests)
+    import matplotlib.pyplot as plt
+    records = read_log(os.path.join(out_dir, "log.jsonl"))
+    out = out or os.path.join(out_dir, "loss.png")
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1])
+    steps, loss = series(records, "loss")
+    ax_loss.plot(steps, loss, label="train loss", linewidth=1)
+    steps, val_loss = series(records, "val_loss")
+    ax_loss.plot(steps, val_loss, "o-", label="val loss", markersize=3)
+    if val_loss:
+        ax_loss.set_title(f"{os.path.basename(os.path.normpath(out_dir))}: best val loss {min(val_loss):.4f}")
+    ax_loss.set_ylabel("loss (nats per token)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    steps, lr = series(records, "lr")
+    ax_lr.plot(steps, lr, color="tab:green", linewidth=1)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    cfg = configure(PlotConfig)
+    try:
+        path = plot_log(cfg.out_dir, cfg.out)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    print0(f"wrote {path}")

@@ -1,0 +1,84 @@
+"""
+The whole pipeline, small enough for a laptop CPU (about ten minutes): stream a few thousand
+FineWeb-Edu documents, pretrain a tiny GPT on them, finetune it on instruction data, and ask it
+one question. Each step is one of the scripts a full run uses, with the same commands.
+
+    python quickstart.py                                        # FineWeb-Edu and Dolly-15k from the hub
+    python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json   # offline
+    python quickstart.py --device=cuda                          # the same on a GPU, faster
+
+What it runs (from the recipes config/tiny_cpu.py and config/tiny_chat.py):
+    1. prepare_fineweb.py   -> data/quickstart/pretrain   token shards
+    2. train.py             -> out/quickstart/base        pretrained checkpoint, log.jsonl
+    3. prepare_instruct.py  -> data/quickstart/instruct   chat conversations with loss masks
+    4. finetune.py          -> out/quickstart/chat        chat checkpoint
+    5. sample.py            -> one answer, printed
+Afterwards: `python sample.py --ckpt=out/quickstart/chat` chats with the model, and
+`python plot_log.py --out_dir=out/quickstart/base` plots its loss.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from gptkit.configurator import BaseConfig, configure
+
+
+@dataclass
+class QuickstartConfig(BaseConfig):
+    device: str = "cpu"                             # the tiny model is CPU-sized; cuda works too
+    source: str = "HuggingFaceFW/fineweb-edu"       # hub dataset, or a local folder/file of parquet, jsonl or txt
+    subset: str = "sample-10BT"
+    max_tokens: int = 3_000_000                     # about 3,000 FineWeb-Edu documents
+    instruct: str = "databricks/databricks-dolly-15k"  # hub name, or a local Alpaca/Dolly/chat JSON(L) file
+    pretrain_steps: int = 100                       # 8,192 tokens each (config/tiny_cpu.py)
+    finetune_steps: int = 40
+    prompt: str = "What is the capital of France?"  # the question asked at the end
+    data_dir: str = "data/quickstart"
+    out_dir: str = "out/quickstart"
+
+    def validate(self):
+        problems = super().validate()
+        if self.pretrain_steps < 1 or self.finetune_steps < 1:
+            problems.append("pretrain_steps and finetune_steps must be at least 1")
+        return problems
+
+
+def run(step, title, args, where):
+    print(f"\n=== [{step}/5] {title}: python {' '.join(args)}", flush=True)
+    t0 = time.time()
+    result = subprocess.run([sys.executable] + args)
+    if result.returncode != 0:
+        sys.exit(f"quickstart: step {step} ({title}) failed with exit status {result.returncode}; "
+                 f"its message is above. Fix it and run quickstart.py again.")
+    print(f"=== [{step}/5] done in {time.time() - t0:.0f}s: {where}", flush=True)
+
+
+def main():
+    cfg = configure(QuickstartConfig)
+    pretrain_data = os.path.join(cfg.data_dir, "pretrain")
+    instruct_data = os.path.join(cfg.data_dir, "instruct")
+    base_run = os.path.join(cfg.out_dir, "base")
+    chat_run = os.path.join(cfg.out_dir, "chat")
+    common = [f"--device={cfg.device}", f"--dtype={cfg.dtype}", f"--seed={cfg.seed}"]
+    run(1, "pretraining data", ["prepare_fineweb.py", "config/tiny_cpu.py", f"--source={cfg.source}",
+        f"--subset={cfg.subset}", f"--max_tokens={cfg.max_tokens}", f"--data_dir={pretrain_data}"],
+        f"token shards in {pretrain_data}/")
+    run(2, "pretraining", ["train.py", "config/tiny_cpu.py", f"--data_dir={pretrain_data}", f"--out_dir={base_run}",
+        f"--max_steps={cfg.pretrain_steps}", f"--warmup_steps={cfg.pretrain_steps // 10}",
+        f"--compile={cfg.compile}"] + common,
+        f"checkpoint {base_run}/ckpt.pt, metrics {base_run}/log.jsonl")
+    run(3, "instruction data", ["prepare_instruct.py", "config/tiny_chat.py", f"--sources={cfg.instruct}",
+        f"--data_dir={instruct_data}"], f"conversations in {instruct_data}/")
+    run(4, "finetuning", ["finetune.py", "config/tiny_chat.py", f"--data_dir={instruct_data}", f"--init_from={base_run}",
+        f"--out_dir={chat_run}", f"--max_steps={cfg.finetune_steps}", f"--warmup_steps={cfg.finetune_steps // 8}",
+        f"--compile={cfg.compile}"] + common,
+        f"chat checkpoint {chat_run}/ckpt.pt")
+    run(5, "one question", ["sample.py", f"--ckpt={chat_run}", f"--prompt={cfg.prompt}", "--temperature=0",
+        "--max_new_tokens=48"] + common, f"chat with it: python sample.py --ckpt={chat_run}")
+
+
+if __name__ == "__main__":
+    main()

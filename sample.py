@@ -1,0 +1,232 @@
+"""
+Talk to a model: a multi-turn chat in the terminal for a finetuned checkpoint, plain text
+completion for a pretrained one. Tokens are printed as they are generated.
+
+    python sample.py --ckpt=out/dolly                                   # chat (the checkpoint's kind is "chat")
+    python sample.py --ckpt=out/fineweb_124m                            # type text, the model continues it
+    python sample.py --ckpt=out/dolly --prompt="Name three rivers."     # answer once and exit
+    echo "Name three rivers." | python sample.py --ckpt=out/dolly       # the same, prompt read from a pipe
+    python sample.py --ckpt=out/fineweb_124m --prompt="Once upon a time" --num_samples=3 --temperature=0.9
+    python sample.py --ckpt=out/dolly --mode=complete --device=cpu      # force a mode or a device
+
+In the chat: /reset clears the conversation, /system TEXT sets the system prompt (/system alone
+clears it), /quit or Ctrl-D leaves. Ctrl-C stops the answer being written; at the prompt it quits.
+When the conversation outgrows the model's context, its oldest turns are dropped (the system prompt
+stays, and room is kept for max_new_tokens of answer).
+
+With --prompt or a piped stdin only the answer goes to stdout (then a newline); everything else
+goes to stderr, so scripts can use the output as is. The same seed gives the same text.
+"""
+
+import sys
+from dataclasses import dataclass
+
+from gptkit.configurator import BaseConfig, configure
+from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
+from gptkit.tokenizer import END, EOT, StreamDecoder, get_tokenizer
+
+HELP = "commands: /reset (clear the conversation), /system TEXT (set the system prompt), /quit or Ctrl-D (leave); Ctrl-C stops an answer"
+
+
+@dataclass
+class SampleConfig(BaseConfig):
+    ckpt: str = ""                  # a run directory (out/dolly) or a checkpoint file
+    prompt: str = ""                # answer this once and exit; empty: chat, or read a piped stdin
+    mode: str = "auto"              # auto: chat for a finetuned ("chat") checkpoint, complete for a base one
+    system: str = ""                # system prompt of the chat
+    max_new_tokens: int = 256       # longest answer, in tokens
+    temperature: float = 0.8        # 0 is greedy; lower is safer, higher more varied
+    top_k: int = 50                 # sample among the k most likely tokens only; 0: all
+    top_p: float = 0.95             # ... and among the most likely ones holding this much probability; 1: all
+    repetition_penalty: float = 1.0 # > 1 discourages tokens already in the text (small models loop); 1: off
+    num_samples: int = 1            # independent answers to each prompt
+
+    def validate(self):
+        problems = super().validate()
+        if not self.ckpt:
+            problems.append("ckpt is empty: give --ckpt=out/RUN (a run directory) or the path of a ckpt.pt")
+        if self.mode not in ("", "auto", "chat", "complete"):
+            problems.append(f"mode={self.mode!r}: use auto, chat or complete")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens}: use 1 or more")
+        if self.num_samples < 1:
+            problems.append(f"num_samples={self.num_samples}: use 1 or more")
+        return problems + check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+def info(*args):
+    print(*args, file=sys.stderr, flush=True)  # stdout carries only the answer in one-shot mode
+
+
+def resolve_mode(mode, kind):
+    if mode in ("", "auto"):
+        return "chat" if kind == "chat" else "complete"
+    return mode
+
+
+def answer_room(max_new_tokens, block_size):
+    # never reserve more than half the context for the answer, so some history always fits
+    return min(max_new_tokens, block_size // 2)
+
+
+def chat_prompt_ids(tokenizer, system, messages, max_new_tokens, block_size):
+    """The ids asking for the next answer, and the messages they hold: the oldest user/assistant
+    pairs are dropped until the prompt plus the answer's room fits the context. Message text goes
+    through tokenizer.encode, so a typed "<|assistant|>" stays text."""
+    head = [{"role": "system", "content": system}] if system else []
+    room = answer_room(max_new_tokens, block_size)
+    while True:
+        ids = tokenizer.render_prompt(head + messages)
+        if len(ids) + room <= block_size or len(messages) <= 1:
+            break
+        messages = messages[2:]  # the oldest user message and its answer
+    if len(ids) >= block_size:
+        raise ValueError(f"this message and the system prompt take {len(ids)} tokens, more than the model's "
+                         f"context of {block_size}: write a shorter one (or /system to shorten the system prompt)")
+    return ids, messages
+
+
+def complete_prompt_ids(tokenizer, text, max_new_tokens, block_size):
+    """<|endoftext|> (start of a document) + the text; a text too long keeps its last tokens."""
+    ids = [EOT] + tokenizer.encode(text)
+    keep = block_size - answer_room(max_new_tokens, block_size)
+    return ids[-keep:]
+
+
+def stream(model, ids, cfg, stop_tokens, generator, autocast, tokenizer):
+    """Print the answer as it is generated -> (answer ids, True if Ctrl-C stopped it)."""
+    decoder, answer = StreamDecoder(tokenizer), []
+    try:
+        for token in generate(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                              cfg.repetition_penalty, stop_tokens, generator, autocast=autocast):
+            answer.append(token)
+            sys.stdout.write(decoder.feed(token))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush())
+        return answer, False
+    except KeyboardInterrupt:
+        sys.stdout.write(decoder.flush())
+        return answer, True
+
+
+def respond(model, ids, cfg, stop_tokens, generator, autocast, tokenizer):
+    """One or several answers to the prompt ids, printed to stdout -> the first answer's text."""
+    if cfg.num_samples == 1:
+        answer, interrupted = stream(model, ids, cfg, stop_tokens, generator, autocast, tokenizer)
+        sys.stdout.write(" [stopped]\n" if interrupted else "\n")
+        sys.stdout.flush()
+        return tokenizer.decode(answer)
+    # several answers: one batch, printed when done (streaming them side by side would be unreadable)
+    try:
+        samples = generate_samples(model, ids, cfg.num_samples, cfg.max_new_tokens, stop_tokens=stop_tokens,
+                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   repetition_penalty=cfg.repetition_penalty, generator=generator, autocast=autocast)
+    except KeyboardInterrupt:
+        print("[stopped]", flush=True)
+        return ""  # nothing was shown, so the history records an empty answer
+    texts = [tokenizer.decode(s) for s in samples]
+    for i, text in enumerate(texts):
+        print(f"----- sample {i + 1}/{len(texts)} -----\n{text}", flush=True)
+    return texts[0]
+
+
+def chat_loop(model, cfg, generator, autocast, tokenizer):
+    system, messages = cfg.system, []
+    block_size = model.config.block_size
+    print(HELP, flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave cleanly
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            messages = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if text == "/system" or text.startswith("/system "):
+            system = text[len("/system"):].strip()
+            print(f"(system prompt {'set' if system else 'cleared'})", flush=True)
+            continue
+        if text == "/help":
+            print(HELP, flush=True)
+            continue
+        try:
+            ids, messages = chat_prompt_ids(tokenizer, system, messages + [{"role": "user", "content": text}],
+                                            cfg.max_new_tokens, block_size)
+        except ValueError as e:
+            print(f"({e})", flush=True)
+            continue
+        answer = respond(model, ids, cfg, (END, EOT), generator, autocast, tokenizer)
+        messages = messages + [{"role": "assistant", "content": answer}]  # a stopped answer stays as shown
+
+
+def complete_loop(model, cfg, generator, autocast, tokenizer):
+    print("type text and the model continues it; /quit or Ctrl-D leaves, Ctrl-C stops a continuation", flush=True)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() in ("/quit", "/exit"):
+            return
+        ids = complete_prompt_ids(tokenizer, text, cfg.max_new_tokens, model.config.block_size)
+        respond(model, ids, cfg, (EOT,), generator, autocast, tokenizer)
+
+
+def main(cfg):
+    import torch
+    from gptkit.checkpoint import load_model
+    from gptkit.system import setup_runtime
+
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
+    info(f"device: {rt.device}; dtype: {rt.dtype}; torch {torch.__version__}")
+    model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)
+    kind = ckpt.get("kind", "base")
+    mode = resolve_mode(cfg.mode, kind)
+    info(f"loaded {cfg.ckpt}: {kind} model, {model.num_params():,} parameters, context {model.config.block_size}; "
+         f"mode {mode}")
+    if mode == "chat" and kind != "chat":
+        info("note: this checkpoint was not finetuned for chat; expect rambling (mode=complete suits it)")
+    if cfg.compile:
+        # decoding feeds a new shape at every token (prompt lengths, cache positions): compiling
+        # would mostly recompile, so sampling runs eagerly
+        info("compile=True is ignored by sample.py: it decodes eagerly")
+    tokenizer = get_tokenizer()
+    generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
+
+    prompt = cfg.prompt
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()  # a pipe: answer once, as with --prompt
+        if not prompt.strip():
+            raise SystemExit("stdin was empty: pipe a prompt in, or give --prompt=\"...\"")
+    if prompt:
+        block_size = model.config.block_size
+        if mode == "chat":
+            messages = [{"role": "user", "content": prompt.strip()}]
+            try:
+                ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
+            except ValueError as e:
+                raise SystemExit(str(e))
+            respond(model, ids, cfg, (END, EOT), generator, rt.autocast, tokenizer)
+        else:
+            ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)
+            respond(model, ids, cfg, (EOT,), generator, rt.autocast, tokenizer)
+        return
+    if mode == "chat":
+        chat_loop(model, cfg, generator, rt.autocast, tokenizer)
+    else:
+        complete_loop(model, cfg, generator, rt.autocast, tokenizer)
+
+
+if __name__ == "__main__":
+    try:
+        main(configure(SampleConfig))
+    except KeyboardInterrupt:  # Ctrl-C while loading or in one-shot mode: no traceback
+        sys.exit(130)

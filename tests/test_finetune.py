@@ -1,0 +1,115 @@
+"""finetune.py: token-weighted loss over accumulated micro-batches, and a CPU run end to end
+(pretrain a tiny model -> prepare instruction data -> finetune -> a chat checkpoint sample.py opens)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, shared_data
+from gptkit.configurator import ConfigError, load_config
+from gptkit.system import Runtime
+from model import GPT, GPTConfig
+
+
+def run(script, *args, timeout=240):
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=dict(os.environ),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+class GradCatcher(torch.optim.Optimizer):
+    """An 'optimizer' that only records the gradients the step hands it."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for group in self.param_groups for p in group["params"]]
+
+
+def step_gradients(model, micro_batches):
+    from gptkit.trainer import train_step
+    from finetune import FinetuneConfig
+    cfg = load_config(FinetuneConfig, ["--grad_clip=0"])  # clipping would hide a difference in scale
+    rt = Runtime(device="cpu", device_type="cpu", dtype="float32")
+    catcher = GradCatcher(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, _, stepped = train_step(model, [catcher], micro_batches, cfg, rt, scaler)
+    assert stepped
+    return loss.item(), catcher.grads
+
+
+def test_accumulation_gives_the_same_gradients_as_one_batch(tmp_path):
+    from prepare_instruct import InstructConfig, prepare
+    from gptkit.sft import SFTLoader
+    path = tmp_path / "chats.jsonl"  # answers of very different lengths
+    path.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": " ".join(map(str, range(n)))}) + "\n"
+                            for n in (1, 5, 30, 2, 12, 40, 3)))
+    prepare(load_config(InstructConfig, [f"--sources={path}", f"--data_dir={tmp_path}", "--block_size=64",
+                                         "--val_fraction=0"]))
+    x, y = SFTLoader(str(tmp_path), "train", batch_size=4, block_size=64, seed=0).next_batch()
+    counts = (y != -1).sum(dim=1)
+    assert len(set(counts.tolist())) > 1  # rows with different numbers of answer tokens: the case that matters
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64), verbose=False)
+    loss_1, grads_1 = step_gradients(model, [(x, y)])
+    loss_4, grads_4 = step_gradients(model, [(x[i:i + 1], y[i:i + 1]) for i in range(4)])
+    assert abs(loss_1 - loss_4) < 1e-6
+    for g1, g4 in zip(grads_1, grads_4):
+        torch.testing.assert_close(g4, g1, atol=1e-6, rtol=0)
+    # averaging per micro-batch means instead would weight short answers up: measurably different
+    model.zero_grad()
+    sum(model(x[i:i + 1], y[i:i + 1])[1] for i in range(4)).div(4).backward()
+    naive = [p.grad for p in model.parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(naive, grads_1)) > 1e-4
+
+
+def test_finetune_config_checks():
+    from finetune import FinetuneConfig
+    with pytest.raises(ConfigError, match="init_from=scratch: finetuning starts from a pretrained model"):
+        load_config(FinetuneConfig, ["--init_from=scratch"])
+    for recipe in ("config/dolly.py", "config/alpaca.py"):
+        cfg = load_config(FinetuneConfig, [os.path.join(ROOT, recipe)])
+        assert cfg.init_from == "out/fineweb_124m" and cfg.dropout > 0
+        from prepare_instruct import InstructConfig
+        assert load_config(InstructConfig, [os.path.join(ROOT, recipe)]).data_dir == cfg.data_dir
+
+
+def test_pretrain_then_finetune_end_to_end(tmp_path):
+    from gptkit.data import shard_path, write_shard
+    from gptkit.tokenizer import get_tokenizer
+    text = open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8").read()[:120_000]
+    tokens = [50256] + get_tokenizer().encode(text)
+    split = len(tokens) * 9 // 10
+    write_shard(shard_path(str(tmp_path / "shards"), "train", 0), tokens[:split])
+    write_shard(shard_path(str(tmp_path / "shards"), "val", 0), tokens[split:])
+    # a tiny model and short rows: the 50k-way output layer is most of the cost on a CPU
+    tiny = ["--device=cpu", "--block_size=64", "--micro_batch_size=4", "--total_batch_tokens=256",
+            "--warmup_steps=2", "--log_interval=4", "--sample_tokens=0"]
+    run("train.py", f"--data_dir={tmp_path / 'shards'}", f"--out_dir={tmp_path / 'base'}", "--init_from=scratch",
+        "--n_layer=2", "--n_head=4", "--n_embd=64", "--max_steps=8", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--eval_interval=8", "--eval_tokens=1024", *tiny)
+
+    run("prepare_instruct.py", f"--sources={shared_data('instruct', 'instruction-data.json')}",
+        f"--data_dir={tmp_path / 'sft'}", "--block_size=64", "--val_fraction=0.05")
+    out = tmp_path / "chat"
+    result = run("finetune.py", f"--data_dir={tmp_path / 'sft'}", f"--out_dir={out}", f"--init_from={tmp_path / 'base'}",
+                 "--max_steps=20", "--learning_rate=3e-3", "--min_lr=3e-4", "--dropout=0.1", "--eval_interval=10",
+                 "--eval_tokens=2048", "--answer_tokens=6", *tiny)
+    stdout = result.stdout
+    assert "answers before finetuning" in stdout and "answers after finetuning" in stdout
+    assert stdout.count("Q: What is the capital of France?") == 2
+    val_losses = [r["val_loss"] for r in map(json.loads, open(out / "log.jsonl")) if "val_loss" in r]
+    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0] - 0.5, val_losses
+
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "chat" and ckpt["step"] == 20
+    assert ckpt["model_config"]["dropout"] == 0.1  # raised for finetuning; the pretrained model had 0
+    assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
+    result = run("sample.py", f"--ckpt={out}", "--prompt=Name a fruit.", "--max_new_tokens=4", "--device=cpu")
+    assert "chat" in result.stderr

@@ -1,0 +1,160 @@
+import pytest
+import torch
+
+from gptkit.generate import (apply_repetition_penalty, generate, generate_samples, make_generator, sample_next,
+                             top_k_filter, top_p_filter)
+from model import GPT, GPTConfig
+
+
+def lively_model(block_size=64, dropout=0.0, seed=0):
+    """A tiny random GPT with large weights: GPT-2's small init makes a random model repeat one
+    token forever, which would make cache-vs-no-cache comparisons too easy to pass."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=block_size, dropout=dropout), verbose=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls: on a shared 2-core machine a second OpenMP thread mostly waits (10x slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively_model()
+
+
+PROMPT = [464, 3290, 286, 1204, 318]  # "The meaning of life is"
+
+
+def test_greedy_with_cache_equals_without(model):
+    cached = list(generate(model, PROMPT, 45, temperature=0))
+    uncached = list(generate(model, PROMPT, 45, temperature=0, use_cache=False))
+    assert len(cached) == 45
+    assert len(set(cached)) > 20, "the model should produce varied tokens, or the comparison proves little"
+    assert cached == uncached
+
+
+def test_greedy_with_penalty_cache_equals_without(model):
+    kwargs = dict(temperature=0, repetition_penalty=1.3)
+    assert list(generate(model, PROMPT, 40, **kwargs)) == list(generate(model, PROMPT, 40, use_cache=False, **kwargs))
+
+
+def test_batched_samples_match_single_greedy(model):
+    single = list(generate(model, PROMPT, 30, temperature=0))
+    samples = generate_samples(model, PROMPT, 3, 30, temperature=0)
+    assert samples == [single] * 3
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 7.0, 6.0, 6.5]])
+    kept = torch.isfinite(top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, False, True, False], [False, False, True, False, True]]
+    out = top_k_filter(logits, 2)
+    assert out[0, 1] == 5.0 and out[0, 3] == 4.0  # kept logits are unchanged
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    assert torch.equal(top_k_filter(logits, 5), logits)
+    ties = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert torch.isfinite(top_k_filter(ties, 2)).sum() == 2  # never more than k, even with ties
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    logits = probs.log()
+
+    def kept(p):
+        return torch.isfinite(top_p_filter(logits, p)).squeeze(0).tolist()
+
+    assert kept(0.3) == [False, True, False, False]   # 0.5 alone reaches 0.3
+    assert kept(0.7) == [False, True, False, True]    # 0.5 + 0.3
+    assert kept(0.9) == [True, True, False, True]     # 0.5 + 0.3 + 0.15
+    assert kept(0.99) == [True, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+    assert kept(0.01) == [False, True, False, False]  # the most likely token always stays
+
+
+def test_repetition_penalty_math():
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5, 4.0]])
+    previous = torch.tensor([[0, 1, 1, 4]])
+    out = apply_repetition_penalty(logits, previous, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5, 2.0]]  # positive / 2, negative * 2, unseen unchanged
+    out = apply_repetition_penalty(logits, previous, 2.0, exempt=(4,))
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5, 4.0]]  # a stop token is never penalised
+    assert torch.equal(apply_repetition_penalty(logits, previous, 1.0), logits)
+
+
+def test_temperature_zero_is_argmax_and_sampling_is_seeded():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    previous = torch.zeros(4, 1, dtype=torch.long)
+    assert torch.equal(sample_next(logits, previous, temperature=0), logits.argmax(-1))
+    a = sample_next(logits, previous, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, previous, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    # top_k=1 leaves a single candidate: sampling must return the argmax
+    c = sample_next(logits, previous, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(c, logits.argmax(-1))
+
+
+def test_same_seed_same_tokens(model):
+    kwargs = dict(temperature=1.0, top_k=100, top_p=0.9)
+    a = list(generate(model, PROMPT, 30, generator=make_generator(model, 11), **kwargs))
+    b = list(generate(model, PROMPT, 30, generator=make_generator(model, 11), **kwargs))
+    c = list(generate(model, PROMPT, 30, generator=make_generator(model, 12), **kwargs))
+    assert a == b
+    assert a != c
+    s1 = generate_samples(model, PROMPT, 3, 20, generator=make_generator(model, 5))
+    s2 = generate_samples(model, PROMPT, 3, 20, generator=make_generator(model, 5))
+    assert s1 == s2 and s1[0] != s1[1]  # reproducible, and the samples are independent
+
+
+def test_stops_at_stop_tokens(model):
+    free = list(generate(model, PROMPT, 40, temperature=0))
+    stop = free[6]
+    cut = free.index(stop)
+    stopped = list(generate(model, PROMPT, 40, temperature=0, stop_tokens=(stop,)))
+    assert stopped == free[:cut]  # ends right before the stop token, which is not yielded
+    assert list(generate(model, PROMPT, 40, temperature=0, stop_tokens=(stop,), use_cache=False)) == free[:cut]
+    assert generate_samples(model, PROMPT, 2, 40, temperature=0, stop_tokens=(stop,)) == [free[:cut]] * 2
+
+
+def test_stops_when_the_stop_token_always_wins():
+    model = lively_model()
+
+    def end_wins(module, inputs, logits):  # patch the logits so that <|end|> (50260) is the argmax
+        logits = logits.clone()
+        logits[..., 50260] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(end_wins)
+    assert list(generate(model, PROMPT, 20, temperature=0)) == [50260] * 20  # without the stop token
+    assert list(generate(model, PROMPT, 20, temperature=0.7, stop_tokens=(50260,))) == []
+    assert list(generate(model, PROMPT, 20, temperature=0.7, stop_tokens=(50260,), use_cache=False)) == []
+
+
+def test_context_limit(model):
+    block = model.config.block_size
+    prompt = list(range(100, 100 + block - 4))
+    assert len(list(generate(model, prompt, 100, temperature=0))) == 4
+    assert len(list(generate(model, prompt, 100, temperature=0, use_cache=False))) == 4
+    with pytest.raises(ValueError, match="no room"):
+        list(generate(model, list(range(block)), 5))
+    with pytest.raises(ValueError, match="top_p"):
+        list(generate(model, PROMPT, 5, top_p=0))
+
+
+def test_train_mode_and_grad_mode_are_left_alone():
+    model = lively_model(dropout=0.5).train()
+    a = list(generate(model, PROMPT, 10, temperature=0))
+    b = list(generate(model, PROMPT, 10, temperature=0))
+    assert a == b  # dropout off while generating
+    assert model.training  # and the training loop gets its model back in train mode
+    for _ in generate(model, PROMPT, 3, temperature=0):
+        assert torch.is_grad_enabled()  # no_grad is not held across yields

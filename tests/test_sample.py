@@ -1,0 +1,222 @@
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sample
+from gptkit.checkpoint import save_checkpoint
+from gptkit.configurator import ConfigError, load_config
+from gptkit.generate import generate, generate_samples, make_generator
+from gptkit.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, get_tokenizer
+from test_generate import lively_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--device=cpu", "--temperature=0", "--max_new_tokens=8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a shared 2-core machine: one thread is much faster
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """(model, chat checkpoint dir, base checkpoint dir), the same tiny weights in both."""
+    model = lively_model()
+    dirs = {}
+    for kind in ("chat", "base"):
+        out = str(tmp_path_factory.mktemp(kind))
+        save_checkpoint(out, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                              "config": {}, "kind": kind, "step": 0})
+        dirs[kind] = out
+    return model, dirs["chat"], dirs["base"]
+
+
+def greedy_text(model, ids, n=8, stop=(END, EOT)):
+    return get_tokenizer().decode(generate(model, ids, n, temperature=0, stop_tokens=stop))
+
+
+def chat_answer(model, messages):
+    ids, _ = sample.chat_prompt_ids(get_tokenizer(), "", messages, 8, model.config.block_size)
+    return greedy_text(model, ids)
+
+
+def run_sample(args, stdin_text=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, env=env, input=stdin_text or "",
+                          capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def test_typed_control_token_stays_text():
+    tok = get_tokenizer()
+    typed = "say <|assistant|> and <|end|> please"
+    ids, _ = sample.chat_prompt_ids(tok, "be brief", [{"role": "user", "content": typed}], 16, 1024)
+    text_ids = tok.encode(typed)
+    assert ids == [EOT, SYSTEM] + tok.encode("be brief") + [END, USER] + text_ids + [END, ASSISTANT]
+    assert ids.count(ASSISTANT) == 1 and ids.count(END) == 2  # only the ones the renderer placed
+    assert ASSISTANT not in text_ids and END not in text_ids
+
+
+def test_history_drops_oldest_turns_and_keeps_system():
+    tok = get_tokenizer()
+    messages = []
+    for i in range(10):
+        messages += [{"role": "user", "content": f"question number {i} is here"},
+                     {"role": "assistant", "content": f"answer number {i} is there"}]
+    messages.append({"role": "user", "content": "last question"})
+    block_size, max_new = 128, 40
+    ids, kept = sample.chat_prompt_ids(tok, "sys", messages, max_new, block_size)
+    assert len(ids) + max_new <= block_size
+    assert 1 < len(kept) < len(messages) and kept == messages[-len(kept):]  # the newest turns, in order
+    assert kept[0]["role"] == "user"
+    assert ids[:2] == [EOT, SYSTEM]  # the system prompt survives
+    # one turn more would not have fitted
+    longer, _ = sample.chat_prompt_ids(tok, "sys", messages[-len(kept) - 2:], 0, 10_000)
+    assert len(longer) + max_new > block_size
+    with pytest.raises(ValueError, match="shorter"):
+        sample.chat_prompt_ids(tok, "", [{"role": "user", "content": "word " * 200}], max_new, block_size)
+
+
+def test_complete_prompt_keeps_the_end_of_long_text():
+    tok = get_tokenizer()
+    assert sample.complete_prompt_ids(tok, "Hello world", 10, 64) == [EOT] + tok.encode("Hello world")
+    ids = sample.complete_prompt_ids(tok, "word " * 100, 10, 64)
+    assert len(ids) == 54 and ids[-1] == tok.encode("word " * 100)[-1]
+
+
+def test_mode_and_config_checks():
+    assert sample.resolve_mode("auto", "chat") == "chat"
+    assert sample.resolve_mode("", "base") == "complete"
+    assert sample.resolve_mode("chat", "base") == "chat"
+    with pytest.raises(ConfigError) as e:
+        load_config(sample.SampleConfig, ["--ckpt=x", "--temperature=-1", "--top_p=1.5", "--mode=talk"])
+    assert "temperature" in str(e.value) and "top_p" in str(e.value) and "mode" in str(e.value)
+    with pytest.raises(ConfigError, match="ckpt"):
+        load_config(sample.SampleConfig, [])
+
+
+def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys):
+    model = ckpts[0]
+    cfg = load_config(sample.SampleConfig, ["--ckpt=x", *FLAGS])
+    calls = []
+
+    def fake_generate(model, ids, *args, **kwargs):
+        calls.append(ids)
+        yield 40  # "I"
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the first answer
+        yield 1101
+
+    inputs = iter(["first", "second"])
+
+    def fake_input(prompt):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise KeyboardInterrupt  # Ctrl-C at the prompt: leave cleanly
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr("builtins.input", fake_input)
+    sample.chat_loop(model, cfg, None, None, get_tokenizer())
+    out = capsys.readouterr().out
+    assert "I [stopped]" in out and len(calls) == 2
+    # the stopped answer stays in the history as it was shown
+    expected, _ = get_tokenizer().render_conversation([{"role": "user", "content": "first"},
+                                                        {"role": "assistant", "content": "I"},
+                                                        {"role": "user", "content": "second"}])
+    assert calls[1] == expected + [ASSISTANT]
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_one_shot_prompt_prints_only_the_answer(ckpts):
+    model, chat_dir, _ = ckpts
+    result = run_sample([f"--ckpt={chat_dir}", "--prompt=Name a river.", *FLAGS])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == chat_answer(model, [{"role": "user", "content": "Name a river."}]) + "\n"
+    assert "mode chat" in result.stderr
+
+
+def test_base_checkpoint_defaults_to_completion(ckpts):
+    model, _, base_dir = ckpts
+    result = run_sample([f"--ckpt={base_dir}", "--prompt=Once upon a time", *FLAGS])
+    assert result.returncode == 0, result.stderr
+    expected = greedy_text(model, [EOT] + get_tokenizer().encode("Once upon a time"), stop=(EOT,))
+    assert result.stdout == expected + "\n"
+    assert "mode complete" in result.stderr
+
+
+def test_piped_prompt_and_seeded_samples(ckpts):
+    """A piped prompt, two samples: the text equals what the same seed gives in this process."""
+    model, chat_dir, _ = ckpts
+    args = [f"--ckpt={chat_dir}", "--device=cpu", "--temperature=1.0", "--top_k=0", "--top_p=1.0",
+            "--max_new_tokens=12", "--num_samples=2", "--seed=7"]
+    result = run_sample(args, stdin_text="Name a river.\n")
+    assert result.returncode == 0, result.stderr
+    ids, _ = sample.chat_prompt_ids(get_tokenizer(), "", [{"role": "user", "content": "Name a river."}], 12, 64)
+    samples = generate_samples(model, ids, 2, 12, stop_tokens=(END, EOT), temperature=1.0,
+                               generator=make_generator(model, 7))
+    texts = [get_tokenizer().decode(s) for s in samples]
+    assert texts[0] != texts[1]
+    assert result.stdout == f"----- sample 1/2 -----\n{texts[0]}\n----- sample 2/2 -----\n{texts[1]}\n"
+
+
+def read_until(fd, buffer, predicate, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate(buffer[0]):
+        if time.time() > deadline:
+            raise AssertionError(f"timed out; terminal shows:\n{buffer[0]}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            buffer[0] += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def test_chat_in_a_terminal(ckpts):
+    """Two turns, /reset, a turn, /quit, through a pseudo-terminal; greedy answers are checked
+    against the model run here on the same history, so the history must be right."""
+    model, chat_dir, _ = ckpts
+    u1, u2 = "Tell me about rivers.", "And lakes?"
+    a1 = chat_answer(model, [{"role": "user", "content": u1}])
+    a2 = chat_answer(model, [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                             {"role": "user", "content": u2}])
+    assert a2 != chat_answer(model, [{"role": "user", "content": u2}]), "history should change this answer"
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TERM="dumb")
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--ckpt={chat_dir}", *FLAGS], cwd=ROOT, env=env,
+                            stdin=slave, stdout=slave, stderr=slave)  # input() writes its prompt to stderr
+    os.close(slave)
+    screen = [""]
+    try:
+        def prompts(n):
+            return lambda text: text.count("\n> ") + text.startswith("> ") >= n and text.endswith("> ")
+
+        read_until(master, screen, prompts(1))
+        assert "/reset" in screen[0] and "/quit" in screen[0]  # the help line
+        for n, line in enumerate([u1, u2, "/reset", u1], start=2):
+            os.write(master, (line + "\n").encode())
+            read_until(master, screen, prompts(n))
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = screen[0]
+    first = text.index(f"{u1}\n{a1}\n")
+    second = text.index(f"{u2}\n{a2}\n", first)
+    cleared = text.index("(conversation cleared)", second)
+    assert text.index(f"{u1}\n{a1}\n", cleared) > cleared  # after /reset the first answer comes back

@@ -1,0 +1,318 @@
+"""The training loop and train.py, on CPU with a 2-layer, 64-wide model and real text."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, shared_data
+
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--micro_batch_size=4",
+        "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", "--warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Train/val shards of tiny Shakespeare (the first ~55k tokens; val is the last tenth)."""
+    from gptkit.data import write_shard
+    from gptkit.tokenizer import EOT, get_tokenizer
+    with open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        text = f.read()[:200_000]
+    ids = np.array([EOT] + get_tokenizer().encode(text), dtype=np.uint16)
+    cut = len(ids) * 9 // 10
+    path = tmp_path_factory.mktemp("shards")
+    write_shard(str(path / "train_000000.bin"), ids[:cut])
+    write_shard(str(path / "val_000000.bin"), ids[cut:])
+    return str(path)
+
+
+def env():
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"  # 2 processes on 2 shared cores: no oversubscription
+    return e
+
+
+def run_train(*args, launcher=None, check=True):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py")] + TINY + list(args)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records, key="loss"):
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: learning, exact resume, SIGTERM, DDP, divergence
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """12 uninterrupted steps with dropout (so the RNG state matters for resume)."""
+    out = str(tmp_path_factory.mktemp("full"))
+    args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=12", "--total_batch_tokens=512",
+            "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=6", "--ckpt_interval=100", "--dropout=0.1"]
+    run_train(*args, "--sample_tokens=4")
+    return out, args
+
+
+def test_val_loss_falls(full_run):
+    out, _ = full_run
+    val = losses(read_log(out), "val_loss")
+    assert sorted(val) == [0, 6, 12]
+    assert val[0] > 10.0  # about ln(50304) for an untrained model
+    assert val[12] < val[0] - 2.5, val
+    with open(os.path.join(out, "ckpt.json")) as f:
+        summary = json.load(f)
+    assert summary["step"] == 12 and summary["kind"] == "base"
+    assert abs(summary["best_val_loss"] - min(val.values())) < 1e-12
+    records = read_log(out)
+    assert any("samples" in r for r in records)
+    assert all(k in records[5] for k in ("loss", "lr", "grad_norm", "tokens_per_sec"))
+
+
+def test_stop_and_resume_gives_bitwise_identical_losses(full_run, tmp_path):
+    full_out, args = full_run
+    out = str(tmp_path / "resumed")
+    args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={out}"]
+    first = run_train(*args, "--stop_step=5")
+    assert "stopped at step 5" in first.stdout
+    assert max(losses(read_log(out))) == 5
+    run_train(*args, "--init_from=resume")
+    expected, got = read_log(full_out), read_log(out)
+    assert losses(got) == losses(expected)  # every step 1..12, bitwise (floats compared exactly)
+    assert sorted(losses(got)) == list(range(1, 13))
+    assert losses(got, "val_loss") == losses(expected, "val_loss")
+    assert losses(got, "lr") == losses(expected, "lr")
+
+
+def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
+    out = str(tmp_path / "sigterm")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + [
+        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=1000", "--total_batch_tokens=256",
+        "--eval_interval=1000", "--ckpt_interval=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if os.path.exists(log):
+                with open(log, encoding="utf-8") as f:
+                    if sum('"loss"' in line for line in f) >= 3:
+                        break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM received" in stdout and "Traceback" not in stderr
+    with open(os.path.join(out, "ckpt.json")) as f:
+        stopped_at = json.load(f)["step"]
+    assert 3 <= stopped_at < 1000
+    assert max(losses(read_log(out))) == stopped_at
+    run_train(f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_steps={stopped_at + 1}",
+              "--total_batch_tokens=256", "--eval_interval=1000", "--init_from=resume")
+    steps = sorted(losses(read_log(out)))
+    assert steps == list(range(1, stopped_at + 2))  # continued from the checkpoint, nothing run twice
+    with open(os.path.join(out, "ckpt.json")) as f:
+        assert json.load(f)["step"] == stopped_at + 1
+
+
+def test_torchrun_two_processes_match_one_with_double_accumulation(data_dir, tmp_path):
+    common = [f"--data_dir={data_dir}", "--max_steps=2", "--total_batch_tokens=1024", "--data_mode=sequential",
+              "--eval_interval=2", "--learning_rate=3e-3"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run_train(*common, f"--out_dir={single}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_train(*common, f"--out_dir={ddp}", launcher=torchrun)
+    assert "2 accumulation steps x 2 process(es)" in proc.stdout
+    assert proc.stdout.count("step 2/2 |") == 1  # rank 0 alone prints
+    one, two = read_log(single), read_log(ddp)
+    for key in ("loss", "val_loss", "grad_norm"):
+        a, b = losses(one, key), losses(two, key)
+        assert sorted(a) == sorted(b) and len(a) >= 2, key
+        for step in a:
+            assert abs(a[step] - b[step]) < 1e-5, (key, step, a[step], b[step])
+
+
+def test_absurd_learning_rate_stops_with_clear_message(data_dir, tmp_path):
+    out = str(tmp_path / "diverge")
+    proc = run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=40", "--total_batch_tokens=256",
+                     "--learning_rate=1e6", "--min_lr=1e6", "--warmup_steps=0", "--max_bad_steps=2",
+                     "--ckpt_interval=1", "--eval_interval=1000", check=False)
+    assert proc.returncode != 0
+    assert "loss became non-finite 2 steps in a row" in proc.stderr
+    assert "lower learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    from gptkit.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(out)  # the last good checkpoint is intact and loads
+    records = read_log(out)
+    first_bad = min(r["step"] for r in records if r.get("skipped_step"))
+    assert ckpt["step"] == first_bad - 1  # the last good step's checkpoint, not overwritten since
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces, in process
+
+def tiny_cfg(*args):
+    from gptkit.configurator import load_config
+    from gptkit.trainer import TrainConfig
+    return load_config(TrainConfig, TINY + ["--total_batch_tokens=256", "--max_steps=100", *args])
+
+
+def cpu_runtime():
+    from gptkit.system import Runtime
+    return Runtime(device="cpu", device_type="cpu", dtype="float32")
+
+
+def test_token_weighted_accumulation(tiny_config):
+    from model import GPT
+    from gptkit.trainer import train_step
+    torch.manual_seed(0)
+    x = torch.randint(0, 50257, (4, 64))
+    y = torch.randint(0, 50257, (4, 64))
+    for row, masked in enumerate([0, 20, 50, 63]):  # rows with very different numbers of targets
+        y[row, :masked] = -1
+    empty = (x[:1], torch.full_like(y[:1], -1))  # a micro-batch without any target adds nothing
+    cfg, rt = tiny_cfg("--grad_clip=0"), cpu_runtime()
+    base = GPT(tiny_config, verbose=False)
+    results = []
+    for micro_batches in ([(x, y)], [(x[i:i + 1], y[i:i + 1]) for i in range(4)] + [empty]):
+        model = GPT(tiny_config, verbose=False)
+        model.load_state_dict(base.state_dict())
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, grad_norm, stepped = train_step(model, [opt], micro_batches, cfg, rt, scaler)
+        assert stepped and torch.isfinite(grad_norm)
+        results.append((loss, {k: before[k] - p.detach() for k, p in model.named_parameters()}))
+    (loss_one, grads_one), (loss_four, grads_four) = results
+    with torch.no_grad():
+        logits, _ = base(x)
+        expected = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+    assert abs(loss_one.item() - expected.item()) < 1e-5
+    assert abs(loss_four.item() - expected.item()) < 1e-5
+    for name in grads_one:
+        assert torch.allclose(grads_one[name], grads_four[name], atol=1e-6, rtol=0), name
+    # a plain mean of per-micro-batch means would weight the 1-target row like the 64-target one
+    assert grads_one["transformer.wte.weight"].abs().sum() > 0
+
+
+def test_nonfinite_loss_skips_the_update(tiny_config):
+    from model import GPT
+    from gptkit.trainer import configure_optimizers, train_step
+    cfg, rt = tiny_cfg(), cpu_runtime()
+    model = GPT(tiny_config, verbose=False)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizers = configure_optimizers(model, cfg, "cpu")
+    x = torch.randint(0, 50257, (2, 64))
+    loss, _, stepped = train_step(model, optimizers, [(x, x)], cfg, rt, torch.amp.GradScaler("cpu", enabled=False))
+    assert not stepped and not torch.isfinite(loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k  # no parameter moved
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lr_schedules():
+    from gptkit.trainer import lr_multiplier
+    cfg = tiny_cfg("--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_steps=10", "--max_steps=100")
+    cosine = [lr_multiplier(s, cfg) for s in range(100)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:]))  # decays monotonically after warmup
+    assert cosine[99] == pytest.approx(0.1)  # ends at min_lr / learning_rate
+    assert cosine[54] == pytest.approx(0.55, abs=0.02)  # halfway through the decay: halfway down
+    cfg = tiny_cfg("--learning_rate=1e-3", "--min_lr=0", "--warmup_steps=10", "--max_steps=100",
+                   "--lr_schedule=wsd", "--decay_fraction=0.2")
+    wsd = [lr_multiplier(s, cfg) for s in range(100)]
+    assert wsd[5] == pytest.approx(0.6) and all(m == 1.0 for m in wsd[10:80])
+    assert wsd[80] < 1.0 and wsd[99] == pytest.approx(0.0)
+    steps = np.diff(wsd[80:])
+    assert np.allclose(steps, steps[0])  # a straight line down
+
+
+def test_muon_optimizer_covers_every_parameter_once(tiny_config):
+    from model import GPT
+    from gptkit.trainer import configure_optimizers, set_lr, train_step
+    cfg, rt = tiny_cfg("--optimizer=muon"), cpu_runtime()
+    model = GPT(tiny_config, verbose=False)
+    adamw, muon = configure_optimizers(model, cfg, "cpu")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # all, none twice
+    assert {id(p) for p in muon.param_groups[0]["params"]} == {id(p) for p in model.hidden_matrices()}
+    set_lr([adamw, muon], 0.5)
+    assert muon.param_groups[0]["lr"] == pytest.approx(cfg.muon_learning_rate * 0.5)
+    assert adamw.param_groups[0]["lr"] == pytest.approx(cfg.learning_rate * 0.5)
+    before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    x = torch.randint(0, 50257, (2, 64))
+    _, _, stepped = train_step(model, [adamw, muon], [(x, x)], cfg, rt, torch.amp.GradScaler("cpu", enabled=False))
+    assert stepped and not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
+
+
+def test_device_peak_flops():
+    from gptkit.trainer import device_peak_flops
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert device_peak_flops("NVIDIA GH200 480GB") == 989e12
+    assert device_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert device_peak_flops("NVIDIA GeForce RTX 3080 Ti") == 68e12  # not the plain 3080's figure
+    assert device_peak_flops("Some Future GPU") is None and device_peak_flops("") is None
+
+
+def test_batch_size_must_divide_across_processes():
+    from gptkit.configurator import ConfigError
+    from gptkit.trainer import grad_accum_steps
+    cfg = tiny_cfg("--total_batch_tokens=768")  # 3 micro-batches of 4 x 64
+    assert grad_accum_steps(cfg, 1) == 3
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size"):
+        grad_accum_steps(cfg, 2)
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    proc = run_train(f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=2",
+                     "--total_batch_tokens=256", check=False)
+    assert proc.returncode == 2 and "prepare the data first" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plot_log_writes_png(full_run, tmp_path):
+    out, _ = full_run
+    png = str(tmp_path / "loss.png")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_log.py"), f"--out_dir={out}", f"--out={png}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(png) > 10_000  # a drawn figure, not an empty canvas
+
+
+def test_init_model_from_checkpoint_path(full_run):
+    from gptkit.configurator import ConfigError
+    from gptkit.checkpoint import load_checkpoint
+    from gptkit.trainer import init_model
+    out, _ = full_run
+    cfg = tiny_cfg(f"--init_from={out}", "--dropout=0.2")
+    model, ckpt = init_model(cfg, cpu_runtime())
+    assert ckpt is None  # new training from these weights: no optimizer or step carried over
+    assert model.config.dropout == 0.2 and model.transformer.h[0].mlp.dropout.p == 0.2
+    saved = load_checkpoint(out)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="is none of: scratch, resume"):
+        init_model(tiny_cfg("--init_from=no/such/thing"), cpu_runtime())
