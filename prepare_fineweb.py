@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gptkit.configurator import BaseConfig, configure, print_config
-from gptkit.data import atomic_write, make_pool, resolve_num_proc, shard_path, tokenize_stream, write_shard
+from gptkit.checkpoint import atomic_write
+from gptkit.data import make_pool, resolve_num_proc, shard_path, tokenize_stream, write_shard
 from gptkit.system import print0
 from gptkit.tokenizer import EOT, get_tokenizer
 
@@ -179,7 +180,7 @@ def save_state(path, state, writers):
     """One file holds the counters (JSON, first line) and the unwritten tail of each split's buffer,
     replaced atomically: a kill leaves either the old state or the new one, never a mix."""
     header = (json.dumps(state) + "\n").encode()
-    atomic_write(path, [header] + [w.buffer[:w.fill].tobytes() for w in writers])
+    atomic_write(path, lambda f: f.writelines([header] + [w.buffer[:w.fill].tobytes() for w in writers]))
 
 
 def load_state(path):

@@ -27,6 +27,7 @@ import re
 import numpy as np
 import torch
 
+from gptkit.checkpoint import atomic_write
 from gptkit.tokenizer import EOT, get_tokenizer
 
 HEADER_INTS = 256
@@ -45,33 +46,6 @@ def shard_path(data_dir, split, index):
     return os.path.join(data_dir, f"{split}_{index:06d}.bin")
 
 
-def atomic_write(path, chunks):
-    """Write the byte strings in chunks to path atomically: a temporary file, fsync, then rename,
-    so a reader (or a prep resumed after a kill) never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def write_shard(path, tokens, n_docs=0):
     """Write tokens (ids < 50257) as a shard, atomically."""
     tokens = np.asarray(tokens)
@@ -82,7 +56,7 @@ def write_shard(path, tokens, n_docs=0):
                          f"got {int(tokens.min())}..{int(tokens.max())}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[0], header[1], header[2], header[3], header[4] = MAGIC, VERSION, tokens.size, GPT2_VOCAB, n_docs
-    atomic_write(path, [header.tobytes(), tokens.astype(np.uint16, copy=False).tobytes()])
+    atomic_write(path, lambda f: f.writelines([header.tobytes(), tokens.astype(np.uint16, copy=False).tobytes()]))
 
 
 def read_header(path):
