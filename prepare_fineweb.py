@@ -7,8 +7,9 @@ FineWeb-Edu (or local parquet/jsonl/txt) -> GPT-2 token shards with a document-l
 
 The hub dataset is read with `datasets` in streaming mode, so nothing is downloaded whole first.
 `source` may instead be a local .parquet / .jsonl / .txt file or a folder of them (one kind per
-folder; a .txt file is one document), read through the same streaming code path. Records need a
-`text` column; an `id` column, when present, decides the split.
+folder), read through the same streaming code path. Records need a `text` column; an `id` column,
+when present, decides the split. A .txt file is one text, cut at paragraph breaks into documents of
+about 16K characters, so that a folder of a few books still gets a val split of about val_tokens.
 
 Each document is normalised (CRLF and lone CR -> LF, BOM dropped; empty documents skipped) and
 preceded by <|endoftext|>. Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each
@@ -28,7 +29,7 @@ import numpy as np
 
 from gptkit.configurator import BaseConfig, configure, print_config
 from gptkit.checkpoint import atomic_write
-from gptkit.data import make_pool, resolve_num_proc, shard_path, tokenize_stream, write_shard
+from gptkit.data import make_pool, normalize_text, resolve_num_proc, shard_path, tokenize_stream, write_shard
 from gptkit.system import print0
 from gptkit.tokenizer import EOT, get_tokenizer
 
@@ -37,6 +38,7 @@ LOCAL_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt":
 HUB_SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9, "default": 1.3e12}
 BYTES_PER_TOKEN = 4.0  # GPT-2 BPE on English prose: 3.3 (old English) to 4.7 (web text); only for estimates
 VAL_OVERSAMPLE = 2.0   # see choose_val_probability
+TXT_PIECE_CHARS = 16_000  # .txt files are cut into documents of about this size (about 4K tokens)
 
 
 @dataclass
@@ -92,15 +94,39 @@ def open_records(cfg):
     from datasets import load_dataset
     if is_local(cfg.source):
         builder, files = local_files(cfg.source)
-        extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+        extra = {"sample_by": "document"} if builder == "text" else {}  # one record per .txt file
         ds = load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
     else:
+        builder = None
         ds = load_dataset(cfg.source, name=cfg.subset or None, split="train", streaming=True)
-    for i, record in enumerate(ds):
+    for record in ds:
         if "text" not in record:
             raise SystemExit(f"error: records of {cfg.source} have no 'text' field (fields: {sorted(record)}); "
                              "give a source whose documents are in a 'text' column")
-        yield record.get("id"), record["text"] or ""
+        if builder == "text":
+            for piece in text_pieces(normalize_text(record["text"] or "")):
+                yield None, piece
+        else:
+            yield record.get("id"), record["text"] or ""
+
+
+def text_pieces(text, size=TXT_PIECE_CHARS):
+    """A long text (a book) -> consecutive pieces of at least `size` characters that join back into it,
+    each cut after a paragraph break, else after a line end, else at 4 x size. A whole book as one
+    document would land in train or in val entirely."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        longest = start + 4 * size
+        cut = text.find("\n\n", start + size) + 2
+        if not start + size < cut <= longest:
+            cut = text.find("\n", start + size) + 1
+            if not start + size < cut <= longest:
+                cut = longest
+        pieces.append(text[start:cut])
+        start = cut
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
 
 
 def estimate_source_tokens(cfg):
@@ -269,6 +295,9 @@ def prepare(cfg):
     print0(f"done: train {train.tokens:,} tokens in {train.docs:,} documents ({train.shards} shards), "
            f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), "
            f"in {elapsed:.0f}s; next: python train.py --data_dir={cfg.data_dir}")
+    if cfg.val_tokens and not val.tokens:
+        print0(f"warning: no document went to val ({train.docs:,} documents in all), and training needs a val "
+               f"split: delete {cfg.data_dir} and run again with more documents or a larger --val_tokens")
     return state
 
 

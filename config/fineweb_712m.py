@@ -3,7 +3,10 @@
 #   python train.py config/fineweb_712m.py
 # 2**19 tokens per step. Measured peak memory (docs/benchmarks.md): micro-batch 4: 19.6 GB,
 # 8: 29.1 GB (eager), 16: 44.6 GB (compiled).
-#   RTX 3080 Ti (12 GB): does not fit (weights + gradients + AdamW state alone are 11.4 GB)
+#   RTX 3080 Ti (12 GB): does not fit with AdamW (weights + gradients + its state alone are 11.4 GB).
+#     Muon keeps one buffer per hidden matrix instead of two: optimizer=muon,
+#     activation_checkpointing=True, micro_batch_size=2 should peak near 9.5 GB (the measured 12.1 GB
+#     with AdamW minus 2.6 GB of second moments; computed, not measured).
 #   A100 40 GB: micro_batch_size=8      (estimated ~28K tokens/s: ~4 days for 10B tokens)
 #   A100 80 GB / H100 / GH200: micro_batch_size=16  (H100: 90K tokens/s measured: ~31 hours)
 # Windows or no Triton: --compile=False.

@@ -16,7 +16,7 @@ from conftest import ROOT, shared_data
 from gptkit.configurator import ConfigError, load_config
 from gptkit.data import MAGIC, VERSION, list_shards, load_shard, normalize_text, read_header, split_hash
 from gptkit.tokenizer import EOT, get_tokenizer
-from prepare_fineweb import STATE_FILE, PrepareConfig, prepare
+from prepare_fineweb import STATE_FILE, TXT_PIECE_CHARS, PrepareConfig, prepare, text_pieces
 
 
 def zip_texts(name, limit):
@@ -124,12 +124,12 @@ def test_parquet_and_jsonl_round_trip_split_and_headers(tmp_path):
     check_headers(tmp_path / "js", 20000)
 
 
-def test_txt_folder_one_document_per_file(tmp_path):
+def test_txt_folder_files_cut_into_documents(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
     files = {f"inaugural_{i:02d}.txt": t for i, t in enumerate(zip_texts("inaugural.zip", 4))}
-    files["alice_crlf.txt"] = text_head(("gutenberg", "clocasto-HaikuGenerator", "pg11.txt"), 30000)
-    files["warpeace_bom.txt"] = text_head(("gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"), 30000)
+    files["alice_crlf.txt"] = text_head(("gutenberg", "clocasto-HaikuGenerator", "pg11.txt"), 40000)
+    files["warpeace_bom.txt"] = text_head(("gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"), 40000)
     files["empty.txt"] = ""
     files["lone_cr.txt"] = "one\rtwo\r"
     for name, text in files.items():
@@ -140,9 +140,35 @@ def test_txt_folder_one_document_per_file(tmp_path):
     run_prepare(folder, tmp_path / "out", shard_tokens=20000, val_tokens=0, num_proc=1)
     docs = read_split(tmp_path / "out", "train")
     assert read_split(tmp_path / "out", "val") == []
-    assert Counter(docs) == Counter(normalize_text(t) for t in files.values() if normalize_text(t))
+    # in file order, the documents join back into each normalised file; the two long ones are cut
+    assert "".join(docs) == "".join(normalize_text(files[name]) for name in sorted(files))
+    assert len(docs) == 4 + 1 + 3 + 3  # speeches and lone_cr whole; 40K characters -> 16K + 16K + rest
     assert "one\ntwo\n" in docs and any(d.startswith("\"Well, Prince") for d in docs)  # BOM gone
+    alice = [d for d in docs if "Alice" in d]
+    assert len(alice) == 3 and alice[0].endswith("\n\n") and len(alice[0]) >= TXT_PIECE_CHARS
     check_headers(tmp_path / "out", 20000)
+
+
+def test_text_pieces_cut_at_paragraphs_then_lines():
+    text = "".join(f"paragraph {i} " * 40 + "\n\n" for i in range(200))
+    pieces = text_pieces(text, size=1000)
+    assert "".join(pieces) == text and all(p.endswith("\n\n") for p in pieces)
+    assert all(1000 <= len(p) < 1000 + 500 for p in pieces[:-1])
+    lines = "a line of text\n" * 1000
+    assert all(p.endswith("\n") for p in text_pieces(lines, size=100))
+    assert [len(p) for p in text_pieces("x" * 1000, size=100)] == [400, 400, 200]  # no line ends at all
+    assert text_pieces("short", size=100) == ["short"] and text_pieces("", size=100) == []
+
+
+def test_a_few_books_still_get_a_val_split(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for name in ("pg11.txt", "pg16.txt", "pg1342.txt"):
+        with open(folder / name, "w", encoding="utf-8") as f:
+            f.write(text_head(("gutenberg", "clocasto-HaikuGenerator", name), 400_000))
+    state = run_prepare(folder, tmp_path / "out", shard_tokens=100_000, val_tokens=20_000, num_proc=1)
+    assert 20_000 <= state["val"]["tokens"] <= 20_000 + TXT_PIECE_CHARS  # not a whole book, not nothing
+    assert state["train"]["docs"] > 20
 
 
 def test_max_tokens_stops_early(tmp_path):
