@@ -451,6 +451,15 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
         print0(f"nothing to do: the run is at step {step} and max_steps={cfg.max_steps}; raise max_steps to go on")
         return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen}
 
+    hellaswag_path = None
+    if cfg.hellaswag_interval > 0:  # fetch and check the file now, not hours into the run
+        from gptkit.hellaswag import HellaSwagFormatError, download_val, load_items
+        try:
+            hellaswag_path = cfg.hellaswag_data or download_val()
+            load_items(hellaswag_path, cfg.hellaswag_limit)
+        except (RuntimeError, HellaSwagFormatError, OSError) as e:
+            raise ConfigError(f"{e} (or turn HellaSwag off: --hellaswag_interval=0)") from e
+
     # the module that runs training's forward pass; evaluation and sampling use the raw model
     forward_model = model
     if cfg.compile:
@@ -494,7 +503,7 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
         best_val_loss = min(best_val_loss, metrics["val_loss"])
         if cfg.hellaswag_interval > 0 and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
             from gptkit.hellaswag import evaluate_hellaswag
-            result = evaluate_hellaswag(model, cfg.hellaswag_data, rt, limit=cfg.hellaswag_limit)
+            result = evaluate_hellaswag(model, hellaswag_path, rt, limit=cfg.hellaswag_limit)
             metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
         texts = []
         if rt.master and prompts and step > 0:

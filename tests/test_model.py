@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+import model as model_module
+from model import GPT, ChunkedCrossEntropy, GPTConfig
+from torch.nn import functional as F
 
 
 def test_shapes_and_initial_loss(tiny_config):
@@ -11,12 +13,17 @@ def test_shapes_and_initial_loss(tiny_config):
     model = GPT(tiny_config)
     idx = torch.randint(0, 50257, (4, 32))
     targets = torch.randint(0, 50257, (4, 32))
+    model.eval()
     logits, loss = model(idx, targets)
     assert logits.shape == (4, 32, 50304)
     # A fresh model predicts about uniformly over the vocabulary.
     assert abs(loss.item() - math.log(50304)) < 0.1
     logits, loss = model(idx)
     assert loss is None
+    model.train()  # training computes the same loss without materialising the logits
+    logits, train_loss = model(idx, targets)
+    assert logits is None
+    torch.testing.assert_close(train_loss, model.eval()(idx, targets)[1])
 
 
 def test_ignore_index():
@@ -25,6 +32,7 @@ def test_ignore_index():
     idx = torch.randint(0, 50257, (2, 16))
     targets = idx.clone()
     targets[:, :8] = -1
+    model.eval()
     _, loss_masked = model(idx, targets)
     logits, _ = model(idx)
     expected = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 50304), idx[:, 8:].reshape(-1))
@@ -127,3 +135,55 @@ def test_matches_huggingface_gpt2(tiny_config):
         ours, _ = model(idx)
         theirs = hf(idx).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def plain_loss(x, weight, targets):
+    return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
+
+
+@pytest.mark.parametrize("chunk_rows", [4096, 7])
+def test_chunked_cross_entropy_matches_plain(monkeypatch, chunk_rows):
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", chunk_rows)  # 7: many chunks, a ragged last one
+    torch.manual_seed(0)
+    x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = (0.5 * torch.randn(300, 16, dtype=torch.float64)).requires_grad_()
+    t = torch.randint(0, 300, (50,))
+    t[3:20] = -1  # masked rows, some whole chunks
+    for upstream in (1.0, 3.5):  # the gradient scales with the upstream one (e.g. a loss scaler)
+        loss = ChunkedCrossEntropy.apply(x, w, t)
+        gx, gw = torch.autograd.grad(loss * upstream, (x, w))
+        ref = plain_loss(x, w, t)
+        rx, rw = torch.autograd.grad(ref * upstream, (x, w))
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gw, rw)
+        assert gx[3:20].abs().max() == 0  # masked rows get no gradient
+
+
+def test_chunked_cross_entropy_without_targets_is_nan_with_zero_gradient():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = ChunkedCrossEntropy.apply(x, w, torch.full((6,), -1))
+    assert torch.isnan(loss)  # as F.cross_entropy
+    # the trainer drops such a micro-batch with torch.where; no NaN may leak into the gradients
+    torch.where(torch.tensor(False), loss, torch.zeros(())).backward()
+    assert torch.all(x.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_plain():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 50257, (2, 16))
+    grads = []
+    for train_mode in (True, False):  # chunked vs plain (eval mode with gradients on)
+        model.train(train_mode)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, idx)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-2, atol=1e-2)
+    for a, b in zip(grads_a, grads_b):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)

@@ -167,6 +167,25 @@ def test_absurd_learning_rate_stops_with_clear_message(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_hellaswag_during_training_and_a_missing_file_fails_first(data_dir, tmp_path):
+    hellaswag = shared_data("hellaswag", "hellaswag_val_derived.jsonl")
+    args = [f"--data_dir={data_dir}", "--max_steps=2", "--total_batch_tokens=256", "--eval_interval=2",
+            "--hellaswag_interval=2", "--hellaswag_limit=8"]
+    out = str(tmp_path / "hs")
+    run_train(*args, f"--out_dir={out}", f"--hellaswag_data={hellaswag}")
+    scored = [r for r in read_log(out) if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in scored] == [2] and scored[0]["hellaswag_count"] == 8
+    assert 0.0 <= scored[0]["hellaswag_acc_norm"] <= 1.0
+    # a file that cannot be read (or downloaded) stops the run before its first step, not at the
+    # first evaluation hours later
+    broken = tmp_path / "broken_hellaswag.jsonl"
+    broken.write_text('{"ctx": "half a record"\n', encoding="utf-8")
+    proc = run_train(*args, f"--out_dir={tmp_path / 'hs_broken'}", f"--hellaswag_data={broken}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "broken_hellaswag.jsonl" in proc.stderr and "--hellaswag_interval=0" in proc.stderr
+    assert "Traceback" not in proc.stderr and "step 1" not in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # The pieces, in process
 
