@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import os
 import sys
 import types
 import typing
@@ -225,7 +226,8 @@ def configure(cls, args=None):
     try:
         return load_config(cls, args)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -79,3 +79,14 @@ def test_every_config_file_loads(path):
     # Each recipe holds keys for several scripts; every key must be known to one of them.
     cfg = load_config(TrainConfig, [path])
     assert cfg.out_dir
+
+
+@pytest.mark.parametrize("rank,says", [("0", True), ("1", False)])
+def test_script_config_error_is_said_once_under_torchrun(rank, says):
+    import subprocess
+    import sys
+    env = dict(os.environ, RANK=rank)
+    proc = subprocess.run([sys.executable, "plot_log.py", "--out_dirr=x"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert ("did you mean 'out_dir'" in proc.stderr) == says, proc.stderr
