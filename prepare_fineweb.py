@@ -98,7 +98,12 @@ def open_records(cfg):
         ds = load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
     else:
         builder = None
-        ds = load_dataset(cfg.source, name=cfg.subset or None, split="train", streaming=True)
+        try:
+            ds = load_dataset(cfg.source, name=cfg.subset or None, split="train", streaming=True)
+        except Exception as e:  # no network, a misspelt name or subset
+            raise SystemExit(f"error: could not open {cfg.source!r} (subset {cfg.subset!r}) on the Hugging Face hub "
+                             f"({type(e).__name__}: {e}). Check the name, the subset and the network, or prepare "
+                             "local files: --source=path/to/folder of parquet, jsonl or txt files") from e
     for record in ds:
         if "text" not in record:
             raise SystemExit(f"error: records of {cfg.source} have no 'text' field (fields: {sorted(record)}); "

@@ -227,3 +227,13 @@ def test_killed_prep_resumes_to_identical_shards(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert before == {p.name: p.stat().st_mtime_ns for p in killed.iterdir()}
+
+
+def test_unreachable_hub_dataset_says_what_to_do(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # the same failure as no network, without waiting for retries
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), "--source=gptkit-test/no-such-data",
+                           f"--data_dir={tmp_path / 'out'}", "--max_tokens=1000"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "could not open 'gptkit-test/no-such-data'" in proc.stderr and "--source=path/to/folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
