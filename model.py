@@ -11,8 +11,8 @@ Nothing about devices, DDP, torch.compile or logging lives here: the model is pl
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768))
-    logits, loss = model(idx, targets)           # idx, targets: (B, T) int64; targets -1 = no loss
-    # (training with gradients gives logits None: the loss is computed without them)
+    _, loss = model(idx, targets)                # idx, targets: (B, T) int64; targets -1 = no loss
+    logits, _ = model(idx)                       # (B, T, V)
 """
 
 import math
@@ -27,7 +27,7 @@ LOSS_CHUNK_ROWS = 4096  # tokens per chunk of ChunkedCrossEntropy: 4096 x 50304 
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (x @ weight.T) against targets (-1: ignored), for training.
+    """Mean cross-entropy of (x @ weight.T) against targets (-1: ignored); with_grad=False for evaluation.
 
     The plain way writes the (N, V) logits (N = B*T tokens, V = 50304), keeps them in bf16 and fp32
     for the backward and then writes their gradient: at N = 16K that is about 8 GB, more than the
@@ -37,18 +37,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     backward), so the FLOPs are unchanged. Numerically it is F.cross_entropy on fp32 logits."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets):
+    def forward(ctx, x, weight, targets, with_grad=True):
         n_valid = (targets != -1).sum()
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if with_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
             xc, tc = x[start:start + LOSS_CHUNK_ROWS], targets[start:start + LOSS_CHUNK_ROWS]
             valid = (tc != -1).unsqueeze(1)
             safe_t = tc.clamp(min=0).unsqueeze(1)
             logits = (xc @ weight.t()).float()  # under autocast a bf16 matmul; the softmax in fp32
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # fp32: in bf16 it loses precision over 50k logits
             loss_sum += torch.where(valid, lse - logits.gather(1, safe_t), 0.0).sum()
+            if not with_grad:  # evaluation
+                continue
             # d(sum of losses)/d(logits) = softmax - one_hot, in place in the logits' memory. Masked
             # rows are zeroed through xc and the output rows (N x C), not the (N x V) logits. The
             # 1/n_valid comes after the matmuls, so that in fp16 these O(1) values do not underflow.
@@ -56,15 +58,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             dlogits = dlogits.to(weight.dtype)
             grad_x[start:start + LOSS_CHUNK_ROWS] = (dlogits @ weight) * valid
             grad_w += dlogits.t() @ (xc * valid).to(weight.dtype)
-        scale = 1.0 / n_valid.clamp(min=1).float()  # no targets at all: zero gradient, not NaN
-        ctx.save_for_backward(grad_x * scale, grad_w * scale)
-        ctx.weight_dtype = weight.dtype
+        if with_grad:
+            scale = 1.0 / n_valid.clamp(min=1).float()  # no targets at all: zero gradient, not NaN
+            ctx.save_for_backward(grad_x * scale, grad_w * scale)
+            ctx.weight_dtype = weight.dtype
         return loss_sum / n_valid  # NaN without any target, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None
+        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None
 
 
 @dataclass
@@ -236,10 +239,9 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss). targets (B, T) with -1 where no loss is
-        wanted; loss is the mean over the other positions, None without targets. In training mode
-        with gradients on, logits is None (the loss never materialises them). With kv_cache, idx
-        continues the sequence already in the cache."""
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) -> (None, loss):
+        the mean loss over the positions whose target is not -1, computed without materialising
+        the logits. With kv_cache, idx continues the sequence already in the cache."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -255,17 +257,13 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
-        if targets is not None and self.training and torch.is_grad_enabled():
-            # Training needs only the loss: compute it and its gradient chunk by chunk, never
-            # holding the (B*T, V) logits (the largest activation by far, see ChunkedCrossEntropy).
-            loss = ChunkedCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
-            return None, loss
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
         if targets is not None:
-            # fp32 for the softmax: in bf16 the log-sum-exp over 50k logits loses precision
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            # Training and evaluation need only the loss: compute it (and its gradient) chunk by
+            # chunk, never holding the (B*T, V) logits, the largest activation by far.
+            weight = self.lm_head.weight
+            with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            return None, ChunkedCrossEntropy.apply(x.view(B * T, -1), weight, targets.reshape(-1), with_grad)
+        return self.lm_head(x), None  # (B, T, V)
 
     def param_groups(self, weight_decay):
         """AdamW groups: decay on 2-D weights (matmuls, embeddings), none on biases and LayerNorm."""

@@ -13,17 +13,15 @@ def test_shapes_and_initial_loss(tiny_config):
     model = GPT(tiny_config)
     idx = torch.randint(0, 50257, (4, 32))
     targets = torch.randint(0, 50257, (4, 32))
-    model.eval()
-    logits, loss = model(idx, targets)
-    assert logits.shape == (4, 32, 50304)
+    logits, loss = model(idx)
+    assert logits.shape == (4, 32, 50304) and loss is None
+    none, loss = model(idx, targets)  # the loss is computed without materialising the logits
+    assert none is None
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 50304), targets.view(-1)))
     # A fresh model predicts about uniformly over the vocabulary.
     assert abs(loss.item() - math.log(50304)) < 0.1
-    logits, loss = model(idx)
-    assert loss is None
-    model.train()  # training computes the same loss without materialising the logits
-    logits, train_loss = model(idx, targets)
-    assert logits is None
-    torch.testing.assert_close(train_loss, model.eval()(idx, targets)[1])
+    with torch.no_grad():  # evaluation: the same value, no gradient work
+        torch.testing.assert_close(model(idx, targets)[1], loss.detach())
 
 
 def test_ignore_index():
@@ -32,7 +30,6 @@ def test_ignore_index():
     idx = torch.randint(0, 50257, (2, 16))
     targets = idx.clone()
     targets[:, :8] = -1
-    model.eval()
     _, loss_masked = model(idx, targets)
     logits, _ = model(idx)
     expected = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 50304), idx[:, 8:].reshape(-1))
@@ -175,11 +172,13 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_plain():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
     idx = torch.randint(0, 50257, (2, 16))
     grads = []
-    for train_mode in (True, False):  # chunked vs plain (eval mode with gradients on)
-        model.train(train_mode)
+    for chunked in (True, False):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = model(idx, idx)
+            if chunked:
+                _, loss = model(idx, idx)
+            else:  # the plain way: logits, then cross-entropy in fp32
+                loss = F.cross_entropy(model(idx)[0].float().view(-1, 50304), idx.view(-1))
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = grads
