@@ -113,3 +113,36 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
     result = run("sample.py", f"--ckpt={out}", "--prompt=Name a fruit.", "--max_new_tokens=4", "--device=cpu")
     assert "chat" in result.stderr
+
+
+def test_torchrun_two_processes_match_one_with_double_accumulation(tmp_path):
+    from gptkit.data import shard_path, write_shard
+    from gptkit.tokenizer import get_tokenizer
+    tokens = [50256] + get_tokenizer().encode(open(shared_data("pretrain", "tinyshakespeare", "input.txt"),
+                                                   encoding="utf-8").read()[:20_000])
+    write_shard(shard_path(str(tmp_path / "shards"), "train", 0), tokens)
+    write_shard(shard_path(str(tmp_path / "shards"), "val", 0), tokens[-2000:])
+    tiny = ["--device=cpu", "--block_size=64", "--micro_batch_size=4", "--sample_tokens=0", "--log_interval=1"]
+    run("train.py", f"--data_dir={tmp_path / 'shards'}", f"--out_dir={tmp_path / 'base'}", "--n_layer=2",
+        "--n_head=4", "--n_embd=64", "--max_steps=1", "--total_batch_tokens=256", "--warmup_steps=0",
+        "--eval_interval=1", "--eval_tokens=256", *tiny)
+    run("prepare_instruct.py", f"--sources={shared_data('instruct', 'instruction-data.json')}",
+        f"--data_dir={tmp_path / 'sft'}", "--block_size=64", "--val_fraction=0.05")
+    common = [f"--data_dir={tmp_path / 'sft'}", f"--init_from={tmp_path / 'base'}", "--max_steps=3",
+              "--total_batch_tokens=512", "--data_mode=sequential", "--dropout=0", "--warmup_steps=1",
+              "--eval_interval=3", "--eval_tokens=1024", "--answer_tokens=0", "--learning_rate=1e-3", *tiny]
+    logs = []
+    for name, launcher in (("single", [sys.executable]),
+                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        out = tmp_path / name
+        proc = subprocess.run(launcher + ["finetune.py", *common, f"--out_dir={out}"], cwd=ROOT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        logs.append([json.loads(line) for line in open(out / "log.jsonl")])
+    assert "1 accumulation steps x 2 process(es)" in proc.stdout
+    for key in ("loss", "grad_norm"):  # the same rows, token-weighted over both ranks: the same step
+        one = {r["step"]: r[key] for r in logs[0] if key in r}
+        two = {r["step"]: r[key] for r in logs[1] if key in r}
+        assert sorted(one) == sorted(two) == [1, 2, 3], key
+        for step in one:
+            assert abs(one[step] - two[step]) < 1e-5, (key, step, one[step], two[step])
