@@ -75,7 +75,7 @@ def main():
         # a user's problem, not a bug: the message says what to do, a traceback would only bury it
         if rt.master:  # every rank meets the same problem; say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed()
+        cleanup_distributed(finished=False)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
     cleanup_distributed()
 

@@ -133,9 +133,14 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
     return rt
 
 
-def cleanup_distributed():
+def cleanup_distributed(finished=True):
+    """Leave the process group. finished: every rank got here normally, so wait for all of them first;
+    a rank that tears down while another still talks to it (rank 0 writing the last checkpoint)
+    can abort in gloo's C++ threads. After an error no barrier: a rank that did not fail would hang."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
