@@ -83,6 +83,8 @@ def main():
         f"chat checkpoint {chat_run}/ckpt.pt")
     run(5, "one question", ["sample.py", f"--ckpt={chat_run}", f"--prompt={cfg.prompt}", "--temperature=0",
         "--max_new_tokens=48"] + common, f"chat with it: python sample.py --ckpt={chat_run}")
+    print("A 7M-parameter model after a few minutes of training answers in word salad; the pieces are the\n"
+          "ones the full recipes use. Next: config/fineweb_124m.py and config/dolly.py on a GPU (README).")
 
 
 if __name__ == "__main__":

@@ -28,4 +28,4 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "out" / "base" / "ckpt.pt")
     chat = json.load(open(tmp_path / "out" / "chat" / "ckpt.json"))
     assert chat["kind"] == "chat"
-    assert "chat with it: python sample.py" in result.stdout
+    assert "chat with it: python sample.py" in result.stdout and "config/fineweb_124m.py" in result.stdout
