@@ -419,8 +419,8 @@ def _truncate_log(out_dir, last_step):
                 kept.append(line)
         except json.JSONDecodeError:
             pass  # a line cut short by a kill
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+    from gptkit.checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))  # a kill here keeps the old log whole
 
 
 # ----------------------------------------------------------------------------------------------

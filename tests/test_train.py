@@ -335,3 +335,12 @@ def test_init_model_from_checkpoint_path(full_run):
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     with pytest.raises(ConfigError, match="is none of: scratch, resume"):
         init_model(tiny_cfg("--init_from=no/such/thing"), cpu_runtime())
+
+
+def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
+    from gptkit.trainer import _truncate_log
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)]
+    (tmp_path / "log.jsonl").write_text("".join(lines) + '{"step": 11, "lo', encoding="utf-8")  # cut by a kill
+    _truncate_log(str(tmp_path), 6)
+    assert [r["step"] for r in read_log(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]  # no temporary file left behind
