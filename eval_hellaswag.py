@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptkit.checkpoint import load_model
+from gptkit.checkpoint import ckpt_arg_problems, load_model
 from gptkit.configurator import BaseConfig, configure
 from gptkit.hellaswag import evaluate_hellaswag
 from gptkit.system import cleanup_distributed, print0, setup_runtime
@@ -33,10 +33,7 @@ class EvalConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate()
-        if not self.ckpt:
-            problems.append("ckpt is empty: give a run directory or checkpoint file, --ckpt=out/fineweb_124m")
-        elif not os.path.exists(self.ckpt):
-            problems.append(f"ckpt={self.ckpt!r} does not exist: give a run directory or checkpoint file")
+        problems += ckpt_arg_problems(self.ckpt)
         if self.data and not os.path.isfile(self.data):
             problems.append(f"data={self.data!r} is not a file: give a HellaSwag JSONL, or leave it empty to download")
         if self.limit < 0:

@@ -22,6 +22,7 @@ The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub n
 import os
 from dataclasses import dataclass
 
+from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, configure
 
 
@@ -32,10 +33,7 @@ class ExportConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate()
-        if not self.ckpt:
-            problems.append("ckpt is empty: give the run to export, such as --ckpt=out/dolly")
-        elif not os.path.exists(self.ckpt):
-            problems.append(f"ckpt={self.ckpt!r} does not exist: give a run directory or a ckpt.pt file")
+        problems += ckpt_arg_problems(self.ckpt, example="out/dolly")
         if not self.out:
             problems.append("out is empty: give the folder to write, such as --out=hf/dolly")
         elif os.path.exists(self.out) and not os.path.isdir(self.out):

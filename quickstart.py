@@ -1,7 +1,8 @@
 """
 The whole pipeline, small enough for a laptop CPU (about 7 minutes on 2 cores): stream a few
 thousand FineWeb-Edu documents, pretrain a tiny GPT on 490K of their tokens, finetune it on
-instruction data, and ask it one question. Each step is one of the scripts a full run uses, with the same commands.
+instruction data, and ask it one question. Each step is one of the scripts a full run uses, with
+the same commands.
 
     python quickstart.py                                        # FineWeb-Edu and Dolly-15k from the hub
     python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json   # offline

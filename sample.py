@@ -21,6 +21,7 @@ goes to stderr, so scripts can use the output as is. The same seed gives the sam
 import sys
 from dataclasses import dataclass
 
+from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
 from gptkit.tokenizer import END, EOT, StreamDecoder, get_tokenizer
@@ -43,8 +44,7 @@ class SampleConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate()
-        if not self.ckpt:
-            problems.append("ckpt is empty: give --ckpt=out/RUN (a run directory) or the path of a ckpt.pt")
+        problems += ckpt_arg_problems(self.ckpt, example="out/dolly")
         if self.mode not in ("", "auto", "chat", "complete"):
             problems.append(f"mode={self.mode!r}: use auto, chat or complete")
         if self.max_new_tokens < 1:

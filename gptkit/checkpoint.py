@@ -39,6 +39,15 @@ def resolve_path(path):
     return path
 
 
+def ckpt_arg_problems(ckpt, example="out/fineweb_124m"):
+    """The config check of a script's --ckpt option -> a list of problems (empty when it is usable)."""
+    if not ckpt:
+        return [f"ckpt is empty: give a run directory or a ckpt.pt file, such as --ckpt={example}"]
+    if not os.path.exists(ckpt):
+        return [f"ckpt={ckpt!r} does not exist: give a run directory or a ckpt.pt file"]
+    return []
+
+
 def _fsync_dir(directory):
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -101,13 +101,14 @@ def test_mode_and_config_checks():
     with pytest.raises(ConfigError) as e:
         load_config(sample.SampleConfig, ["--ckpt=x", "--temperature=-1", "--top_p=1.5", "--mode=talk"])
     assert "temperature" in str(e.value) and "top_p" in str(e.value) and "mode" in str(e.value)
+    assert "ckpt='x' does not exist" in str(e.value)  # said before loading anything
     with pytest.raises(ConfigError, match="ckpt"):
         load_config(sample.SampleConfig, [])
 
 
-def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys):
+def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys, tmp_path):
     model = ckpts[0]
-    cfg = load_config(sample.SampleConfig, ["--ckpt=x", *FLAGS])
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={tmp_path}", *FLAGS])  # not loaded: the model is given
     calls = []
 
     def fake_generate(model, ids, *args, **kwargs):
