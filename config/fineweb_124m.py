@@ -4,13 +4,14 @@
 #   torchrun --standalone --nproc_per_node=8 train.py config/fineweb_124m.py
 # 2**19 tokens per step x 19073 steps = 10B tokens. micro_batch_size is the memory knob; the
 # accumulation steps follow from it, so changing it (or the GPU count) keeps the tokens per step.
-# Measured peak memory (docs/benchmarks.md): micro-batch 8: 10.4 GB, 16: 18.9 GB, 32: 36.0 GB
-# (eager), 64: 44.3 GB (compiled).
-# Time for 10B tokens: H100 490K tokens/s measured -> 5.7 hours; the others estimated from their
-# peak at the H100's 42% MFU: A100 ~155K tokens/s -> ~18 hours; RTX 3080 Ti ~34K -> ~3.5 days.
+# Measured peak memory on an H100 (docs/benchmarks.md): micro-batch 8: 9.1 GB, 16: 11.9 GB,
+# 32: 17.5 GB (eager), 64: 31.4 GB, 128: 60.1 GB (compiled).
+# Time for 10B tokens: H100 514K tokens/s measured (527K at 128) -> about 5.5 hours; the others
+# estimated from their peak at the H100's 42% MFU: A100 ~155K tokens/s -> ~18 hours;
+# RTX 3080 Ti ~34K -> ~3.5 days.
 #   RTX 3080 Ti (12 GB): micro_batch_size=8
-#   A100 40 GB: micro_batch_size=32
-#   A100 80 GB / H100 / GH200: micro_batch_size=64
+#   A100 40 GB: micro_batch_size=64 (the default)
+#   A100 80 GB / H100 / GH200: micro_batch_size=128
 # Windows or no Triton: --compile=False.
 data_dir = "data/fineweb_edu"
 subset = "sample-10BT"
@@ -22,7 +23,7 @@ block_size = 1024
 bias = False
 dropout = 0.0
 total_batch_tokens = 524288
-micro_batch_size = 32
+micro_batch_size = 64
 compile = True
 max_steps = 19073
 learning_rate = 6e-4

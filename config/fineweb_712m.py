@@ -1,14 +1,14 @@
 # A 712M GPT: 32 layers, 24 heads, 1296 wide (head size 54), T=1024, on FineWeb-Edu.
 #   python prepare_fineweb.py config/fineweb_712m.py
 #   python train.py config/fineweb_712m.py
-# 2**19 tokens per step. Measured peak memory (docs/benchmarks.md): micro-batch 4: 19.6 GB,
-# 8: 29.1 GB (eager), 16: 44.6 GB (compiled).
+# 2**19 tokens per step. Measured peak memory on an H100 (docs/benchmarks.md): micro-batch 4:
+# 20.4 GB, 8: 28.0 GB (eager), 16: 41.6 GB, 32: 69.7 GB (compiled).
 #   RTX 3080 Ti (12 GB): does not fit with AdamW (weights + gradients + its state alone are 11.4 GB).
 #     Muon keeps one buffer per hidden matrix instead of two: optimizer=muon,
-#     activation_checkpointing=True, micro_batch_size=2 should peak near 9.5 GB (the measured 12.1 GB
-#     with AdamW minus 2.6 GB of second moments; computed, not measured).
+#     activation_checkpointing=True, micro_batch_size=2 peaks at 9.8 GB (measured).
 #   A100 40 GB: micro_batch_size=8      (estimated ~28K tokens/s: ~4 days for 10B tokens)
-#   A100 80 GB / H100 / GH200: micro_batch_size=16  (H100: 90K tokens/s measured: ~31 hours)
+#   A100 80 GB / H100 / GH200: micro_batch_size=16 (the default; H100: 88K tokens/s measured),
+#     or 32 (92K tokens/s: ~30 hours for 10B tokens)
 # Windows or no Triton: --compile=False.
 data_dir = "data/fineweb_edu"
 subset = "sample-10BT"

@@ -138,16 +138,23 @@ def plain_loss(x, weight, targets):
     return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("chunk_rows", [4096, 7])
-def test_chunked_cross_entropy_matches_plain(monkeypatch, chunk_rows):
+def test_chunked_cross_entropy_matches_plain(monkeypatch, chunk_rows, compiled):
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", chunk_rows)  # 7: many chunks, a ragged last one
     torch.manual_seed(0)
     x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     w = (0.5 * torch.randn(300, 16, dtype=torch.float64)).requires_grad_()
     t = torch.randint(0, 300, (50,))
     t[3:20] = -1  # masked rows, some whole chunks
+    loss_fn = ChunkedCrossEntropy.apply
+    if compiled:  # the branch torch.compile traces (aot_eager: the same graph, without generating kernels)
+        torch._dynamo.reset()
+        loss_fn = torch.compile(lambda *args: ChunkedCrossEntropy.apply(*args), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(loss_fn(x, w, t, False), plain_loss(x, w, t))
     for upstream in (1.0, 3.5):  # the gradient scales with the upstream one (e.g. a loss scaler)
-        loss = ChunkedCrossEntropy.apply(x, w, t)
+        loss = loss_fn(x, w, t, True)
         gx, gw = torch.autograd.grad(loss * upstream, (x, w))
         ref = plain_loss(x, w, t)
         rx, rw = torch.autograd.grad(ref * upstream, (x, w))
