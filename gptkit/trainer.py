@@ -7,7 +7,7 @@ The two differ only in how the model is built and which batch source they hand t
 
 The pieces are plain functions, so bench.py can time exactly the step the loop runs:
     optimizers = configure_optimizers(model, cfg, rt.device_type)
-    loss, grad_norm, stepped = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
+    loss, grad_norm, finite = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
 """
 
 import contextlib
@@ -185,7 +185,8 @@ def configure_optimizers(model, cfg, device_type):
     """AdamW on all parameters (decay on 2-D weights only), or with optimizer=muon: Muon on the
     hidden matrices and AdamW on the rest. Each param group remembers its base_lr, so the schedule
     is one multiplier for all of them (set_lr)."""
-    fused = True if device_type == "cuda" else None  # one kernel for all parameters on CUDA
+    # fused: one kernel for all parameters, and it can skip a step on the device (found_inf, see train_step)
+    fused = True
     groups = model.param_groups(cfg.weight_decay)
     optimizers = []
     if cfg.optimizer == "muon":
@@ -240,15 +241,18 @@ def grad_accum_steps(cfg, world_size):
 # One optimizer step
 
 def train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=None):
-    """Forward and backward every micro-batch, then one optimizer step -> (loss, grad_norm, stepped).
+    """Forward and backward every micro-batch, then one optimizer step -> (loss, grad_norm, finite).
 
     model is the raw module (its parameters are stepped); forward_model the one that runs the
     forward pass (compiled and/or DDP-wrapped; model itself when None). The loss is weighted by
     tokens over the whole step: each micro-batch contributes the sum of its token losses divided by
     the number of valid targets (y != -1) in all micro-batches of all ranks. For pretraining that is
     the plain mean; for finetuning, where rows hold different numbers of answer tokens, it gives
-    every token the same weight. loss and grad_norm come back as tensors (no host sync); the one
-    sync is the check that both are finite: if not, the update is skipped and stepped is False."""
+    every token the same weight. loss, grad_norm and finite come back as device tensors: if the loss
+    or the gradient is not finite, the update is skipped and finite is False. With AdamW in bf16 or
+    fp32 the skip happens on the device (fused AdamW's found_inf), so the step never waits for the
+    GPU and the host can queue the next step's work while this one runs; Muon and fp16's grad
+    scaler need the answer on the host (one sync per step)."""
     import torch.distributed as dist
     forward_model = forward_model if forward_model is not None else model
     is_ddp = isinstance(forward_model, torch.nn.parallel.DistributedDataParallel)
@@ -285,14 +289,20 @@ def train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=
     finite = torch.isfinite(step_loss)
     if not scaler.is_enabled():  # with fp16 the scaler skips steps with inf gradients itself and lowers its scale
         finite = finite & torch.isfinite(grad_norm)
-    stepped = bool(finite)  # the step's one host sync; the same answer on every rank (reduced values)
-    if stepped:
-        for opt in optimizers:
-            scaler.step(opt)
+    on_host = None  # bool(finite), read only if an optimizer needs it: a host sync (the same on every rank)
+    for opt in optimizers:
+        if isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and not scaler.is_enabled():
+            # the fused kernel leaves parameters, moments and step count alone where found_inf is 1
+            opt.grad_scale, opt.found_inf = None, (~finite).float()
+            opt.step()
+        else:
+            on_host = bool(finite) if on_host is None else on_host
+            if on_host:
+                scaler.step(opt)
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, stepped
+    return step_loss, grad_norm, finite
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,8 +532,39 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
         if rt.master:
             bar.write(line)
 
+    stop_group = None
+    if rt.ddp:
+        import torch.distributed as dist
+        # the per-step stop flag is all-reduced between the processes' CPUs (gloo): reading the
+        # result of an all-reduce on the GPU would make every step wait for the GPU
+        stop_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
     bad_in_row, skipped_steps = 0, 0
-    interval_loss, interval_steps, interval_tokens = torch.zeros((), device=rt.device), 0, 0
+    # Steps whose `finite` flag the host has not read yet: reading it waits for the GPU, so it is read
+    # in one go where the loop needs it anyway (log, eval, checkpoint, stop). A skipped step changed
+    # nothing on the device, so deciding about it a few steps late loses nothing.
+    unread = []  # (step, finite, loss, grad_norm)
+    interval_loss, interval_good_steps = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+    interval_tokens = 0
+
+    def read_finite_flags():
+        nonlocal bad_in_row, skipped_steps
+        flags = torch.stack([finite for _, finite, _, _ in unread]).tolist() if unread else []
+        for (at_step, _, loss, grad_norm), ok in zip(unread, flags):
+            if ok:
+                bad_in_row = 0
+                continue
+            bad_in_row += 1
+            skipped_steps += 1
+            logger.log(at_step, skipped_step=True, bad_steps_in_row=bad_in_row)
+            say(f"step {at_step}: non-finite loss or gradient (loss {loss.item()}, grad norm "
+                f"{grad_norm.item()}): update skipped ({bad_in_row} in a row)")
+            if bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"loss became non-finite {bad_in_row} steps in a row at step {at_step}; lower learning_rate "
+                    f"(now {cfg.learning_rate}), raise warmup_steps, or set grad_clip=1.0, then resume. The "
+                    f"last good checkpoint in {cfg.out_dir} is intact (not overwritten).")
+        unread.clear()
     try:
         if ckpt is None:
             run_eval()  # the baseline the val curve starts from
@@ -532,32 +573,22 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
             # ---- one optimizer step
             set_lr(optimizers, lr_multiplier(step, cfg))
             micro_batches = [train_loader.next_batch() for _ in range(grad_accum)]
-            loss, grad_norm, stepped = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
+            loss, grad_norm, finite = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
             step += 1
             tokens_seen += cfg.total_batch_tokens
             interval_tokens += cfg.total_batch_tokens
             bar.update(1)
-            if stepped:
-                bad_in_row = 0
-                interval_loss += loss
-                interval_steps += 1
-            else:
-                bad_in_row += 1
-                skipped_steps += 1
-                logger.log(step, skipped_step=True, bad_steps_in_row=bad_in_row)
-                say(f"step {step}: non-finite loss or gradient (loss {loss.item()}, grad norm "
-                          f"{grad_norm.item()}): update skipped ({bad_in_row} in a row)")
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"loss became non-finite {bad_in_row} steps in a row at step {step}; lower learning_rate "
-                        f"(now {cfg.learning_rate}), raise warmup_steps, or set grad_clip=1.0, then resume. The "
-                        f"last good checkpoint in {cfg.out_dir} is intact (not overwritten).")
+            unread.append((step, finite, loss, grad_norm))
+            interval_loss += torch.where(finite, loss, 0.0)
+            interval_good_steps += finite
 
-            # ---- log: the only regular host sync besides the finite check
+            # ---- log: the only regular host sync (with AdamW in bf16/fp32)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 rt.synchronize()
+                read_finite_flags()
                 tokens_per_sec = interval_tokens / max(time.time() - interval_start, 1e-9)
-                metrics = {"loss": (interval_loss / interval_steps).item() if interval_steps else float("nan"),
+                good_steps = interval_good_steps.item()
+                metrics = {"loss": (interval_loss / good_steps).item() if good_steps else float("nan"),
                            "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
                            "tokens_per_sec": tokens_per_sec, "tokens_seen": tokens_seen}
                 if peak_flops:
@@ -573,7 +604,8 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
                           + (f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
                           + (f" | mem {metrics['memory_gb']:.1f} GB" if "memory_gb" in metrics else ""))
                 interval_loss.zero_()
-                interval_steps, interval_tokens, interval_start = 0, 0, time.time()
+                interval_good_steps.zero_()
+                interval_tokens, interval_start = 0, time.time()
 
             # ---- evaluate, then checkpoint (so the checkpoint holds this eval's best_val_loss)
             pause = time.time()
@@ -581,12 +613,14 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
                 run_eval()
             stop = bool(signals_seen) or step == cfg.stop_step
             if rt.ddp:  # every rank must leave at the same step, or the others wait in all-reduce forever
-                import torch.distributed as dist
-                flag = torch.tensor([float(stop)], device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                flag = torch.tensor([float(stop)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
                 stop = bool(flag.item() > 0)
+            save_due = step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop
+            if save_due:
+                read_finite_flags()
             # never during a run of skipped steps: the last checkpoint is the last good state
-            if (step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop) and (bad_in_row == 0 or stop):
+            if save_due and (bad_in_row == 0 or stop):
                 save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen,
                                     best_val_loss)
             interval_start += time.time() - pause  # evals and saves stay out of tokens/s

@@ -1,5 +1,6 @@
 """The training loop and train.py, on CPU with a 2-layer, 64-wide model and real text."""
 
+import copy
 import json
 import os
 import signal
@@ -167,6 +168,20 @@ def test_absurd_learning_rate_stops_with_clear_message(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_nonfinite_steps_read_at_the_next_log_still_stop_the_run(data_dir, tmp_path):
+    # the host reads the steps' finite flags only at log, eval and checkpoint time: the run must
+    # still stop, name the step where it happened, and log every skipped step
+    out = str(tmp_path / "diverge_late")
+    proc = run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=40", "--total_batch_tokens=256",
+                     "--learning_rate=1e6", "--min_lr=1e6", "--warmup_steps=0", "--max_bad_steps=2",
+                     "--log_interval=5", "--ckpt_interval=1000", "--eval_interval=1000", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    skipped = [r["step"] for r in read_log(out) if r.get("skipped_step")]
+    assert len(skipped) == 2 and skipped[1] == skipped[0] + 1, skipped
+    assert f"loss became non-finite 2 steps in a row at step {skipped[1]}" in proc.stderr
+    assert skipped[1] <= 5  # read at the first log step
+
+
 def test_hellaswag_during_training_and_a_missing_file_fails_first(data_dir, tmp_path):
     hellaswag = shared_data("hellaswag", "hellaswag_val_derived.jsonl")
     args = [f"--data_dir={data_dir}", "--max_steps=2", "--total_batch_tokens=256", "--eval_interval=2",
@@ -218,8 +233,8 @@ def test_token_weighted_accumulation(tiny_config):
         before = {k: v.clone() for k, v in model.named_parameters()}
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss, grad_norm, stepped = train_step(model, [opt], micro_batches, cfg, rt, scaler)
-        assert stepped and torch.isfinite(grad_norm)
+        loss, grad_norm, finite = train_step(model, [opt], micro_batches, cfg, rt, scaler)
+        assert finite and torch.isfinite(grad_norm)
         results.append((loss, {k: before[k] - p.detach() for k, p in model.named_parameters()}))
     (loss_one, grads_one), (loss_four, grads_four) = results
     with torch.no_grad():
@@ -233,21 +248,51 @@ def test_token_weighted_accumulation(tiny_config):
     assert grads_one["transformer.wte.weight"].abs().sum() > 0
 
 
-def test_nonfinite_loss_skips_the_update(tiny_config):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # skipped on the device / on the host
+def test_nonfinite_loss_skips_the_update(tiny_config, optimizer):
+    from model import GPT
+    from gptkit.trainer import configure_optimizers, train_step
+    cfg, rt = tiny_cfg(f"--optimizer={optimizer}"), cpu_runtime()
+    model = GPT(tiny_config, verbose=False)
+    optimizers = configure_optimizers(model, cfg, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randint(0, 50257, (2, 64))
+    assert train_step(model, optimizers, [(x, x)], cfg, rt, scaler)[2]  # one good step: the state has moments
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loss, _, finite = train_step(model, optimizers, [(x, x)], cfg, rt, scaler)
+    assert not finite and not torch.isfinite(loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k  # no parameter moved
+    for opt, old in zip(optimizers, state_before):  # moments and step counts untouched
+        for p_id, p_state in opt.state_dict()["state"].items():
+            for name, value in p_state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(old["state"][p_id][name])), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_adamw_step_reads_nothing_back_from_the_device(tiny_config, monkeypatch):
+    """With AdamW (bf16/fp32) the step never waits for the GPU: the host can queue the next step's
+    work while this one runs. Here any read of a tensor value on the host fails the test."""
     from model import GPT
     from gptkit.trainer import configure_optimizers, train_step
     cfg, rt = tiny_cfg(), cpu_runtime()
     model = GPT(tiny_config, verbose=False)
-    with torch.no_grad():
-        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizers = configure_optimizers(model, cfg, "cpu")
     x = torch.randint(0, 50257, (2, 64))
-    loss, _, stepped = train_step(model, optimizers, [(x, x)], cfg, rt, torch.amp.GradScaler("cpu", enabled=False))
-    assert not stepped and not torch.isfinite(loss)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k  # no parameter moved
-    assert all(p.grad is None for p in model.parameters())
+
+    def host_read(*args):
+        raise AssertionError("the training step read a tensor value on the host (a GPU sync)")
+
+    with monkeypatch.context() as m:
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, host_read)
+        loss, grad_norm, finite = train_step(model, optimizers, [(x, x)], cfg, rt,
+                                             torch.amp.GradScaler("cpu", enabled=False))
+    assert finite and torch.isfinite(loss) and torch.isfinite(grad_norm)
+    assert all(opt.state_dict()["state"] for opt in optimizers)  # the update happened
 
 
 def test_lr_schedules():
@@ -282,8 +327,8 @@ def test_muon_optimizer_covers_every_parameter_once(tiny_config):
     assert adamw.param_groups[0]["lr"] == pytest.approx(cfg.learning_rate * 0.5)
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     x = torch.randint(0, 50257, (2, 64))
-    _, _, stepped = train_step(model, [adamw, muon], [(x, x)], cfg, rt, torch.amp.GradScaler("cpu", enabled=False))
-    assert stepped and not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
+    _, _, finite = train_step(model, [adamw, muon], [(x, x)], cfg, rt, torch.amp.GradScaler("cpu", enabled=False))
+    assert finite and not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
 
 
 def test_device_peak_flops():
