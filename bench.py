@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gptkit.configurator import configure, config_dict
-from gptkit.system import print0, setup_runtime
-from gptkit.trainer import TrainConfig, configure_optimizers, device_peak_flops, grad_accum_steps, train_step
+from gptkit.configurator import configure
+from gptkit.system import device_peak_flops, print0, setup_runtime
+from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, train_step
 from model import GPT, GPTConfig, CausalSelfAttention
 
 def mfu(flops_per_token, tokens_per_sec, peak_flops):

@@ -10,6 +10,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
     optimizer, scaler, loader, rng   (for an exact resume; absent in exported weights)
 Saving is atomic (temporary file, fsync, rename), so a crash or kill during a save leaves the
 previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
+The training loop writes and reads the whole state with save_training_state / restore_training_state.
 """
 
 import json
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
+from gptkit.configurator import ConfigError, config_dict
+from gptkit.system import print0
 from gptkit.tokenizer import MIN_VOCAB_SIZE
 
 CKPT_NAME = "ckpt.pt"
@@ -154,3 +157,80 @@ def set_rng_state(state):
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole training state, for an exact resume (the training loop saves and restores it)
+
+
+def _gather(obj, rt):
+    """obj from every rank, as a list indexed by rank (a collective: all ranks must call it)."""
+    if not rt.ddp:
+        return [obj]
+    import torch.distributed as dist
+    objs = [None] * rt.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen, best_val_loss):
+    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it)."""
+    rngs = _gather(rng_state(), rt)  # each rank has its own dropout RNG
+    if not rt.master:
+        return
+    state = {
+        "model": model.state_dict(),  # the raw module: no _orig_mod. or module. prefixes
+        "model_config": model.config.to_dict(),
+        "config": config_dict(cfg),
+        "kind": kind,
+        "optimizer": [opt.state_dict() for opt in optimizers],
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "best_val_loss": best_val_loss,
+        "loader": train_loader.state_dict(),
+        "rng": rngs,
+    }
+    save_checkpoint(cfg.out_dir, state, summary={"world_size": rt.world_size})
+
+
+def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader):
+    """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss)."""
+    saved = ckpt.get("optimizer")
+    if not isinstance(saved, list) or len(saved) != len(optimizers):
+        raise ConfigError(f"the checkpoint in {cfg.out_dir} holds {len(saved) if isinstance(saved, list) else 0} "
+                          f"optimizer state(s) but optimizer={cfg.optimizer} needs {len(optimizers)}: resume with the "
+                          "optimizer the run started with, or start fresh training from its weights with "
+                          f"--init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} and a new out_dir")
+    for opt, state in zip(optimizers, saved):
+        base_lrs = [g["base_lr"] for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, base_lr in zip(opt.param_groups, base_lrs):
+            group["base_lr"] = base_lr  # a learning_rate changed on the command line applies from here on
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    train_loader.load_state_dict(ckpt["loader"])
+    if not getattr(train_loader, "exact_resume", True):
+        print0("note: batch size, block size, process count or data changed since the checkpoint: training "
+               "continues from the same place in the data, but not with the exact batches of an uninterrupted run")
+    rngs = ckpt["rng"]
+    set_rng_state(rngs[rt.rank % len(rngs)])
+    return int(ckpt["step"]), int(ckpt["tokens_seen"]), float(ckpt["best_val_loss"])
+
+
+def truncate_log(out_dir, last_step):
+    """On resume, drop log records written after the checkpoint (a run killed past its last save
+    logged steps that will now be run again)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut short by a kill
+    atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))  # a kill here keeps the old log whole

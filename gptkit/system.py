@@ -60,6 +60,40 @@ class Runtime:
             torch.mps.synchronize()
 
 
+# Peak throughput, for MFU (model FLOPs utilisation)
+
+# Dense bf16 tensor-core peaks in FLOP/s, with fp32 accumulation (what PyTorch's bf16 matmuls use;
+# GeForce cards run that at half their fp16-accumulate rate). Matched as a substring of
+# torch.cuda.get_device_name(), first match wins, so the more specific names come first.
+PEAK_FLOPS = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),        # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 6000 Ada", 364e12),
+    ("RTX A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("RTX 3080 Ti", 68e12),
+    ("RTX 3080", 59.5e12),
+    ("V100", 125e12),        # no bf16: its fp16 peak
+    ("T4", 65e12),           # no bf16: its fp16 peak
+]
+
+
+def device_peak_flops(device_name):
+    """Peak FLOP/s of a GPU by its name, or None when it is not in PEAK_FLOPS (then no MFU is reported)."""
+    if not device_name:
+        return None
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
 def pick_device(device="auto", local_rank=0):
     """-> (device, reason)."""
     if device != "auto":

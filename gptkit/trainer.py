@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from gptkit.configurator import BaseConfig, ConfigError, config_dict, print_config
-from gptkit.system import MetricsLogger, print0
+from gptkit.checkpoint import restore_training_state, save_training_state, truncate_log
+from gptkit.system import MetricsLogger, device_peak_flops, print0
 
 
 @dataclass
@@ -103,41 +104,6 @@ class TrainConfig(BaseConfig):
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient stayed NaN/inf for max_bad_steps steps in a row; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Peak throughput, for MFU (model FLOPs utilisation)
-
-# Dense bf16 tensor-core peaks in FLOP/s, with fp32 accumulation (what PyTorch's bf16 matmuls use;
-# GeForce cards run that at half their fp16-accumulate rate). Matched as a substring of
-# torch.cuda.get_device_name(), first match wins, so the more specific names come first.
-PEAK_FLOPS = [
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),        # SXM
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("RTX 6000 Ada", 364e12),
-    ("RTX A6000", 155e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("RTX 3080 Ti", 68e12),
-    ("RTX 3080", 59.5e12),
-    ("V100", 125e12),        # no bf16: its fp16 peak
-    ("T4", 65e12),           # no bf16: its fp16 peak
-]
-
-
-def device_peak_flops(device_name):
-    """Peak FLOP/s of a GPU by its name, or None when it is not in PEAK_FLOPS (then no MFU is reported)."""
-    if not device_name:
-        return None
-    for key, flops in PEAK_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,85 +321,6 @@ def sample_texts(model, rt, prompts, max_new_tokens, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints of the whole training state
-
-def _gather(obj, rt):
-    """obj from every rank, as a list indexed by rank (a collective: all ranks must call it)."""
-    if not rt.ddp:
-        return [obj]
-    import torch.distributed as dist
-    objs = [None] * rt.world_size
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen, best_val_loss):
-    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it)."""
-    from gptkit.checkpoint import rng_state, save_checkpoint
-    rngs = _gather(rng_state(), rt)  # each rank has its own dropout RNG
-    if not rt.master:
-        return
-    state = {
-        "model": model.state_dict(),  # the raw module: no _orig_mod. or module. prefixes
-        "model_config": model.config.to_dict(),
-        "config": config_dict(cfg),
-        "kind": kind,
-        "optimizer": [opt.state_dict() for opt in optimizers],
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "tokens_seen": tokens_seen,
-        "best_val_loss": best_val_loss,
-        "loader": train_loader.state_dict(),
-        "rng": rngs,
-    }
-    save_checkpoint(cfg.out_dir, state, summary={"world_size": rt.world_size})
-
-
-def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader):
-    """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss)."""
-    from gptkit.checkpoint import set_rng_state
-    saved = ckpt.get("optimizer")
-    if not isinstance(saved, list) or len(saved) != len(optimizers):
-        raise ConfigError(f"the checkpoint in {cfg.out_dir} holds {len(saved) if isinstance(saved, list) else 0} "
-                          f"optimizer state(s) but optimizer={cfg.optimizer} needs {len(optimizers)}: resume with the "
-                          "optimizer the run started with, or start fresh training from its weights with "
-                          f"--init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} and a new out_dir")
-    for opt, state in zip(optimizers, saved):
-        base_lrs = [g["base_lr"] for g in opt.param_groups]
-        opt.load_state_dict(state)
-        for group, base_lr in zip(opt.param_groups, base_lrs):
-            group["base_lr"] = base_lr  # a learning_rate changed on the command line applies from here on
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    train_loader.load_state_dict(ckpt["loader"])
-    if not getattr(train_loader, "exact_resume", True):
-        print0("note: batch size, block size, process count or data changed since the checkpoint: training "
-               "continues from the same place in the data, but not with the exact batches of an uninterrupted run")
-    rngs = ckpt["rng"]
-    set_rng_state(rngs[rt.rank % len(rngs)])
-    return int(ckpt["step"]), int(ckpt["tokens_seen"]), float(ckpt["best_val_loss"])
-
-
-def _truncate_log(out_dir, last_step):
-    """On resume, drop log records written after the checkpoint (a run killed past its last save
-    logged steps that will now be run again)."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            pass  # a line cut short by a kill
-    from gptkit.checkpoint import atomic_write
-    atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))  # a kill here keeps the old log whole
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop
 
 def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None, sample_prompts=None):
@@ -485,7 +372,7 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
             json.dump(config_dict(cfg), f, indent=2)
         print_config(cfg)
         if ckpt is not None:
-            _truncate_log(cfg.out_dir, step)
+            truncate_log(cfg.out_dir, step)
     logger = MetricsLogger(cfg.out_dir, enabled=rt.master, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
                            wandb_run_name=cfg.wandb_run_name or None, config=config_dict(cfg), resume=ckpt is not None)
     print0(f"{cfg.total_batch_tokens:,} tokens per step = {cfg.micro_batch_size} sequences x {cfg.block_size} tokens"

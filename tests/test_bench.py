@@ -17,7 +17,7 @@ def test_peak_table_matches_specific_names_first():
     assert device_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert device_peak_flops("NVIDIA GeForce RTX 3080 Ti") == 68e12
     assert device_peak_flops("Some Future GPU") is None
-    assert device_peak_flops("cpu") is None
+    assert device_peak_flops("cpu") is None and device_peak_flops("") is None
 
 
 def test_mfu_arithmetic():

@@ -331,16 +331,6 @@ def test_muon_optimizer_covers_every_parameter_once(tiny_config):
     assert finite and not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
 
 
-def test_device_peak_flops():
-    from gptkit.trainer import device_peak_flops
-    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert device_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert device_peak_flops("NVIDIA GH200 480GB") == 989e12
-    assert device_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
-    assert device_peak_flops("NVIDIA GeForce RTX 3080 Ti") == 68e12  # not the plain 3080's figure
-    assert device_peak_flops("Some Future GPU") is None and device_peak_flops("") is None
-
-
 def test_batch_size_must_divide_across_processes():
     from gptkit.configurator import ConfigError
     from gptkit.trainer import grad_accum_steps
@@ -383,9 +373,9 @@ def test_init_model_from_checkpoint_path(full_run):
 
 
 def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
-    from gptkit.trainer import _truncate_log
+    from gptkit.checkpoint import truncate_log
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)]
     (tmp_path / "log.jsonl").write_text("".join(lines) + '{"step": 11, "lo', encoding="utf-8")  # cut by a kill
-    _truncate_log(str(tmp_path), 6)
+    truncate_log(str(tmp_path), 6)
     assert [r["step"] for r in read_log(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]  # no temporary file left behind
