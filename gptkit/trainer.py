@@ -428,18 +428,18 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
 
     bad_in_row, skipped_steps = 0, 0
     # Steps whose `finite` flag the host has not read yet: reading it waits for the GPU, so it is read
-    # in one go where the loop needs it anyway (log, eval, checkpoint, stop). A skipped step changed
+    # in one go where the loop needs it anyway (log and checkpoint time). A skipped step changed
     # nothing on the device, so deciding about it a few steps late loses nothing.
     unread = []  # (step, finite, loss, grad_norm)
-    interval_loss, interval_good_steps = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
-    interval_tokens = 0
+    interval_loss, interval_good_steps, interval_tokens = torch.zeros((), device=rt.device), 0, 0
 
     def read_finite_flags():
-        nonlocal bad_in_row, skipped_steps
+        nonlocal bad_in_row, skipped_steps, interval_good_steps
         flags = torch.stack([finite for _, finite, _, _ in unread]).tolist() if unread else []
         for (at_step, _, loss, grad_norm), ok in zip(unread, flags):
             if ok:
                 bad_in_row = 0
+                interval_good_steps += 1
                 continue
             bad_in_row += 1
             skipped_steps += 1
@@ -467,15 +467,14 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
             bar.update(1)
             unread.append((step, finite, loss, grad_norm))
             interval_loss += torch.where(finite, loss, 0.0)
-            interval_good_steps += finite
 
             # ---- log: the only regular host sync (with AdamW in bf16/fp32)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 rt.synchronize()
                 read_finite_flags()
                 tokens_per_sec = interval_tokens / max(time.time() - interval_start, 1e-9)
-                good_steps = interval_good_steps.item()
-                metrics = {"loss": (interval_loss / good_steps).item() if good_steps else float("nan"),
+                mean_loss = (interval_loss / interval_good_steps).item() if interval_good_steps else float("nan")
+                metrics = {"loss": mean_loss,
                            "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
                            "tokens_per_sec": tokens_per_sec, "tokens_seen": tokens_seen}
                 if peak_flops:
@@ -491,8 +490,7 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
                           + (f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
                           + (f" | mem {metrics['memory_gb']:.1f} GB" if "memory_gb" in metrics else ""))
                 interval_loss.zero_()
-                interval_good_steps.zero_()
-                interval_tokens, interval_start = 0, time.time()
+                interval_good_steps, interval_tokens, interval_start = 0, 0, time.time()
 
             # ---- evaluate, then checkpoint (so the checkpoint holds this eval's best_val_loss)
             pause = time.time()
