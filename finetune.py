@@ -82,12 +82,15 @@ def print_answers(model, rt, prompts, max_new_tokens, title):
 
 
 def main():
-    from gptkit.sft import SFTLoader, read_meta, sft_val_batches
+    from gptkit.sft import SFTDataError, SFTLoader, read_meta, sft_val_batches
     from gptkit.system import cleanup_distributed, print0, setup_runtime
     from gptkit.trainer import init_model, train
 
     cfg = configure(FinetuneConfig)
     meta = read_meta(cfg.data_dir)  # before the model loads: a missing dataset fails fast
+    if not meta.get("splits", {}).get("val", {}).get("conversations"):
+        raise SFTDataError(f"{cfg.data_dir} has no val conversations (prepared with val_fraction=0?), and "
+                           "finetuning evaluates on them: run prepare_instruct.py again with val_fraction=0.05")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     model, ckpt = init_model(cfg, rt)
     if cfg.block_size > model.config.block_size:

@@ -16,8 +16,9 @@ keeps a fixed half of them (chosen by a seeded hash); val gets each kept convers
 Exact duplicates are removed (the first copy wins), conversations that do not fit a row of
 block_size+1 tokens are dropped or truncated (overlong=...), and train/val is decided per
 conversation by a stable hash of its text, so it never changes between runs. Bad records (a missing
-field, an empty response, invalid UTF-8, a .json file that is not a list) are skipped and counted,
-or stop the run with the file and record index (on_bad_record=error).
+field, an empty response, invalid UTF-8, a line that is not JSON) are skipped and counted, or stop
+the run with the file and record index (on_bad_record=error). A file that cannot be read as a whole
+(not JSON, a JSON object instead of a list) always stops the run: skipping it would drop a source.
 """
 
 import collections
@@ -35,10 +36,10 @@ from gptkit.configurator import BaseConfig, configure, print_config
 class InstructConfig(BaseConfig):
     sources: list[str] = field(default_factory=lambda: ["databricks/databricks-dolly-15k"])  # hub names or local files, NAME*WEIGHT to mix
     data_dir: str = "data/dolly"      # output folder
-    val_fraction: float = 0.05        # share of conversations held out for val loss
+    val_fraction: float = 0.05        # share of conversations held out for val loss (finetune.py needs some; 0: none)
     block_size: int = 1024            # the model's context: a conversation must fit block_size+1 tokens
     overlong: str = "drop"            # drop | truncate conversations longer than that
-    on_bad_record: str = "skip"       # skip (and count) | error (stop, naming file and record)
+    on_bad_record: str = "skip"       # skip (and count) | error (stop, naming file and record); unreadable files always stop
     system: str = ""                  # system prompt for conversations that bring none ("" for none)
 
     def validate(self):
@@ -51,7 +52,10 @@ class InstructConfig(BaseConfig):
             except ValueError as e:
                 problems.append(str(e))
                 continue
-            if name.endswith((".json", ".jsonl")) and not os.path.exists(name):
+            if os.path.isdir(name):
+                problems.append(f"source {name} is a folder: name its .json or .jsonl files, as in "
+                                f"--sources='[\"{name}/a.jsonl\", \"{name}/b.json\"]'")
+            elif name.endswith((".json", ".jsonl")) and not os.path.exists(name):
                 problems.append(f"source {name}: no such file")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction={self.val_fraction} must be in [0, 1)")
@@ -65,7 +69,7 @@ class InstructConfig(BaseConfig):
 
 
 class InstructDataError(ValueError):
-    """A bad source or record when on_bad_record=error; the message names the file and record."""
+    """An unreadable source, or a bad record when on_bad_record=error; the message names the file and record."""
 
 
 class BadRecord(Exception):
@@ -93,7 +97,8 @@ def read_local_records(path):
     are kept as lone surrogates while parsing, so the one record holding them can be told apart."""
     with open(path, "rb") as f:
         text = f.read().decode("utf-8", errors="surrogateescape")
-    stripped = text.lstrip("\ufeff \t\r\n")
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+    stripped = text.lstrip(" \t\r\n")
     if path.endswith(".json") and stripped.startswith(("[", "{")):
         try:
             data = json.loads(stripped)
@@ -107,7 +112,8 @@ def read_local_records(path):
                                 "or one record per line")
             yield from enumerate(data)
             return
-    for index, line in enumerate(text.splitlines()):
+    # lines end at "\n" only: splitlines() would also cut at U+2028, U+0085, ..., which JSON strings may hold raw
+    for index, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
         try:
@@ -220,12 +226,8 @@ def prepare(cfg):
         stats["weight"] = weight
         try:
             records = list(read_local_records(name) if os.path.exists(name) else read_hub_records(name))
-        except BadRecord as e:
-            if cfg.on_bad_record == "error":
-                raise InstructDataError(f"{name}: {e}")
-            stats["read"] += 1
-            stats[f"bad: {e}"] += 1
-            continue
+        except BadRecord as e:  # the whole file is unreadable: never skipped, a source would silently vanish
+            raise InstructDataError(f"{name}: {e}") from None
         schema = detect_schema(records, name)
         stats["schema"] = schema
         kept = []
@@ -292,6 +294,8 @@ def prepare(cfg):
             print0(f"  {key}: {value}")
     for split, counts in splits.items():
         print0(f"{split}: {counts['conversations']} conversations, {counts['tokens']} tokens")
+    if not val:
+        print0("note: no val split (val_fraction=0): finetune.py evaluates on one, so it cannot use this data")
     print0(f"wrote {cfg.data_dir}")
     return {"sources": summary, "splits": splits}
 

@@ -15,6 +15,7 @@ The training loop writes and reads the whole state with save_training_state / re
 
 import json
 import os
+import pickle
 import random
 
 import numpy as np
@@ -98,11 +99,16 @@ def load_checkpoint(path, map_location="cpu"):
     path = resolve_path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own message suggests weights_only=False: never here
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is corrupt, or not a gptkit checkpoint (it holds something other "
+            "than tensors and plain values). gptkit loads checkpoints with weights_only=True, so it never runs "
+            "code a file may carry; give the ckpt.pt of a gptkit run, or an earlier copy of it.") from e
     except Exception as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated or corrupt, or not a gptkit "
             f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Use an earlier copy, or start again with init_from=scratch.") from e
+            "Use an earlier copy of it, or another checkpoint.") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not a gptkit checkpoint (no 'model' and 'model_config' entries)")
     return ckpt
@@ -194,8 +200,16 @@ def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, 
     save_checkpoint(cfg.out_dir, state, summary={"world_size": rt.world_size})
 
 
-def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader):
-    """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss)."""
+def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader, kind):
+    """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss).
+    kind is the run's ("base": train.py, "chat": finetune.py); a run of the other kind cannot be resumed."""
+    scripts = {"base": "train.py (pretraining)", "chat": "finetune.py (finetuning)"}
+    saved_kind = ckpt.get("kind", "base")
+    if saved_kind != kind:
+        advice = (f"to finetune its model, use --init_from={cfg.out_dir} with a new --out_dir" if kind == "chat"
+                  else "resume it with finetune.py, or give train.py a new --out_dir")
+        raise ConfigError(f"init_from=resume: {cfg.out_dir} holds a run of {scripts.get(saved_kind, saved_kind)}, "
+                          f"which {scripts[kind].split()[0]} cannot resume; {advice}")
     saved = ckpt.get("optimizer")
     if not isinstance(saved, list) or len(saved) != len(optimizers):
         raise ConfigError(f"the checkpoint in {cfg.out_dir} holds {len(saved) if isinstance(saved, list) else 0} "

@@ -72,9 +72,12 @@ def read_meta(data_dir):
     if not os.path.exists(path):
         raise SFTDataError(f"no SFT data in {data_dir} ({META_NAME} is missing): run "
                            f"python prepare_instruct.py config/dolly.py --data_dir={data_dir} first")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != "gptkit-sft" or meta.get("version") != FORMAT_VERSION:
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:  # cut short, overwritten, not UTF-8
+        raise SFTDataError(f"cannot read {path} ({type(e).__name__}: {e}): re-run prepare_instruct.py") from e
+    if not isinstance(meta, dict) or meta.get("format") != "gptkit-sft" or meta.get("version") != FORMAT_VERSION:
         raise SFTDataError(f"{path} is not gptkit SFT data of version {FORMAT_VERSION}: re-run prepare_instruct.py")
     if meta.get("tokenizer") != TOKENIZER_NAME:
         raise SFTDataError(f"{path} was made with tokenizer {meta.get('tokenizer')!r}, gptkit uses "
@@ -93,7 +96,11 @@ def read_sft_split(data_dir, split):
     for path in paths.values():
         if not os.path.exists(path):
             raise SFTDataError(f"{path} is missing: re-run prepare_instruct.py for {data_dir}")
-    offsets = np.load(paths["offsets.npy"], allow_pickle=False)
+    try:
+        offsets = np.load(paths["offsets.npy"], allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SFTDataError(f"cannot read {paths['offsets.npy']} ({type(e).__name__}): the file is corrupt; "
+                           "re-run prepare_instruct.py") from e
     sizes_ok = (os.path.getsize(paths["ids.bin"]) == 2 * n_tokens and os.path.getsize(paths["mask.bin"]) == n_tokens
                 and offsets.shape == (n_conv + 1,) and (n_conv == 0 or int(offsets[-1]) == n_tokens))
     if not sizes_ok:

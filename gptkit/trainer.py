@@ -128,7 +128,7 @@ def init_model(cfg, rt):
         path = os.path.join(cfg.out_dir, CKPT_NAME)
         if not os.path.exists(path):
             raise ConfigError(f"init_from=resume, but there is no checkpoint at {path}: check out_dir, or start "
-                              "a new run with init_from=scratch")
+                              "a new run (init_from=scratch to pretrain, or the path of a run or .pt file to start from)")
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, path, verbose=rt.master)  # the run's own model config, dropout included
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
@@ -342,7 +342,7 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.needs_grad_scaler)
     step, tokens_seen, best_val_loss = 0, 0, float("inf")
     if ckpt is not None:
-        step, tokens_seen, best_val_loss = restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader)
+        step, tokens_seen, best_val_loss = restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader, kind)
         print0(f"resuming from step {step} ({tokens_seen:,} tokens seen) in {cfg.out_dir}")
     if step >= cfg.max_steps:
         print0(f"nothing to do: the run is at step {step} and max_steps={cfg.max_steps}; raise max_steps to go on")

@@ -62,8 +62,21 @@ def test_checkpoint_cannot_run_code(tmp_path):
         def __reduce__(self):
             return (os.system, ("echo pwned",))
     torch.save({"model": {}, "model_config": {}, "evil": Evil()}, tmp_path / "ckpt.pt")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="weights_only=True") as error:
         load_checkpoint(str(tmp_path))
+    assert "weights_only=False" not in str(error.value)  # torch's own advice, unsafe here, is not passed on
+
+
+@pytest.mark.parametrize("saved_kind, run_kind, advice", [
+    ("base", "chat", r"finetune\.py cannot resume; to finetune its model, use --init_from=.*run with a new --out_dir"),
+    ("chat", "base", r"train\.py cannot resume; resume it with finetune\.py")])
+def test_resume_refuses_a_run_of_the_other_script(saved_kind, run_kind, advice):
+    from types import SimpleNamespace
+    from gptkit.checkpoint import restore_training_state
+    from gptkit.configurator import ConfigError
+    ckpt = {"kind": saved_kind, "optimizer": [], "loader": {}}
+    with pytest.raises(ConfigError, match=advice):
+        restore_training_state(ckpt, SimpleNamespace(out_dir="run", optimizer="adamw"), None, [], None, None, run_kind)
 
 
 def test_kill_during_save_keeps_previous(tmp_path):

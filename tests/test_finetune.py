@@ -80,6 +80,20 @@ def test_finetune_config_checks():
         assert load_config(InstructConfig, [os.path.join(ROOT, recipe)]).data_dir == cfg.data_dir
 
 
+def test_data_without_val_split_is_refused_before_the_model_loads(tmp_path):
+    from prepare_instruct import InstructConfig, prepare
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
+    prepare(load_config(InstructConfig, [f"--sources={path}", f"--data_dir={tmp_path / 'sft'}", "--block_size=64",
+                                         "--val_fraction=0"]))
+    result = subprocess.run([sys.executable, "finetune.py", f"--data_dir={tmp_path / 'sft'}",
+                             f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'no_model_needed'}",
+                             "--device=cpu", "--block_size=64"],
+                            cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "has no val conversations" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_pretrain_then_finetune_end_to_end(tmp_path):
     from gptkit.data import shard_path, write_shard
     from gptkit.tokenizer import get_tokenizer

@@ -119,12 +119,25 @@ def test_json_file_that_is_not_a_list(tmp_path):
     path = tmp_path / "dict.json"
     path.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}]}))
     good = write_jsonl(tmp_path / "good.jsonl", [chat("Hi", "Hello")])
-    summary, data_dir = run_prepare(tmp_path, path, good)
-    assert summary["sources"][str(path)]["read"] == 1
-    assert any(k.startswith("bad: the file holds a JSON object, not a list") for k in summary["sources"][str(path)])
-    assert len(conversations(data_dir)) == 1
-    with pytest.raises(InstructDataError, match=r"dict\.json: the file holds a JSON object, not a list"):
-        run_prepare(tmp_path, path, good, on_bad_record="error")
+    # the whole file is unreadable: the run stops even with on_bad_record=skip, or a source would vanish
+    for mode in ("skip", "error"):
+        with pytest.raises(InstructDataError, match=r"dict\.json: the file holds a JSON object, not a list"):
+            run_prepare(tmp_path, path, good, on_bad_record=mode)
+    path.write_text('[{"instruction": "a", "output": "b"},]')
+    with pytest.raises(InstructDataError, match=r"dict\.json: not valid JSON"):
+        run_prepare(tmp_path, path, good)
+
+
+def test_jsonl_with_byte_order_mark_crlf_and_unicode_line_separators(tmp_path):
+    answers = ["line one\u2028line two", "next\x85line", "para\u2029graph", "plain"]
+    records = [{"instruction": f"Question {i}?", "input": "", "output": a} for i, a in enumerate(answers)]
+    path = tmp_path / "odd.jsonl"  # ensure_ascii=False writes U+2028, U+0085, U+2029 raw, as JSON allows
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records).encode())
+    summary, data_dir = run_prepare(tmp_path, path, on_bad_record="error")
+    assert summary["sources"][str(path)]["read"] == 4 and summary["sources"][str(path)]["kept"] == 4
+    tok = get_tokenizer()
+    kept = [tok.decode([i for i, m in zip(ids, mask) if m]) for ids, mask in conversations(data_dir)]
+    assert sorted(kept) == sorted(a + "<|end|>" for a in answers)
 
 
 def test_overlong_conversations_dropped_or_truncated(tmp_path):
@@ -179,6 +192,8 @@ def test_config_mistakes_are_reported(tmp_path):
         load_config(InstructConfig, ["--sources=a.jsonl*two"])
     with pytest.raises(ConfigError, match="no such file"):
         load_config(InstructConfig, [f"--sources={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(ConfigError, match="is a folder: name its .json or .jsonl files"):
+        load_config(InstructConfig, [f"--sources={tmp_path}"])
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -243,6 +258,16 @@ def test_loader_resume_is_exact_and_epochs_reshuffle(instruct_dir):
     for (x, y), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(40))):
         assert torch.equal(x, rx) and torch.equal(y, ry)
     assert loader._epoch_rows(0) != loader._epoch_rows(1)
+
+
+def test_corrupt_meta_or_offsets_say_to_prepare_again(instruct_dir, tmp_path):
+    import shutil
+    for name, garbage in (("meta.json", b'{"format": "gptkit-sft", "vers'), ("train_offsets.npy", b"garbage\n")):
+        broken = tmp_path / name
+        shutil.copytree(instruct_dir, broken)
+        (broken / name).write_bytes(garbage)
+        with pytest.raises(SFTDataError, match=r"re-run prepare_instruct\.py"):
+            read_sft_split(str(broken), "train")
 
 
 def test_val_batches_fixed_and_full(instruct_dir):
