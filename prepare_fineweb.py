@@ -12,7 +12,8 @@ when present, decides the split. A .txt file is one text, cut at paragraph break
 about 16K characters, so that a folder of a few books still gets a val split of about val_tokens.
 
 Each document is normalised (CRLF and lone CR -> LF, BOM dropped; empty documents skipped) and
-preceded by <|endoftext|>. Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each
+preceded by <|endoftext|>. Documents picked by a stable hash go to val until it holds val_tokens, at
+most 10% of the source; a source too small for any to be picked still gives its last one to val. Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each
 (the last one shorter), in the format of gptkit/data.py.
 
 Resumable: kill it at any moment and run the same command again; it finishes with exactly the shards
@@ -22,6 +23,7 @@ an uninterrupted run writes. On finished data it does nothing. Progress lives in
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,15 +31,16 @@ import numpy as np
 
 from gptkit.configurator import BaseConfig, configure, print_config
 from gptkit.checkpoint import atomic_write
-from gptkit.data import make_pool, normalize_text, resolve_num_proc, shard_path, tokenize_stream, write_shard
+from gptkit.data import (PREPARE_STATE, ShardError, list_shards, make_pool, normalize_text, read_header,
+                         resolve_num_proc, shard_path, tokenize_stream, write_shard)
 from gptkit.system import print0
 from gptkit.tokenizer import EOT, get_tokenizer
 
-STATE_FILE = "prepare_state.bin"
 LOCAL_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 HUB_SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9, "default": 1.3e12}
 BYTES_PER_TOKEN = 4.0  # GPT-2 BPE on English prose: 3.3 (old English) to 4.7 (web text); only for estimates
-VAL_OVERSAMPLE = 2.0   # see choose_val_probability
+VAL_OVERSAMPLE = 2.0   # see choose_val_split
+VAL_MAX_SHARE = 0.1    # val never takes more than this share of the (estimated) source
 TXT_PIECE_CHARS = 16_000  # .txt files are cut into documents of about this size (about 4K tokens)
 
 
@@ -47,7 +50,7 @@ class PrepareConfig(BaseConfig):
     subset: str = "sample-10BT"                # hub config: sample-10BT, sample-100BT, sample-350BT, default
     data_dir: str = "data/fineweb_edu"         # where the shards go
     shard_tokens: int = 100_000_000            # tokens per shard (200 MB of uint16)
-    val_tokens: int = 10_485_760               # about this many tokens go to val, chosen per document
+    val_tokens: int = 10_485_760               # about this many tokens go to val (at most 10% of the source), chosen per document
     max_tokens: int = 0                        # stop after this many tokens in all (0: the whole source)
     num_proc: int = 0                          # tokenizer processes; 0: all cores
 
@@ -55,9 +58,12 @@ class PrepareConfig(BaseConfig):
         problems = super().validate()
         if self.shard_tokens < 1:
             problems.append(f"shard_tokens={self.shard_tokens}: must be at least 1 (100_000_000 is usual)")
-        for key in ("val_tokens", "max_tokens", "num_proc"):
+        for key in ("max_tokens", "num_proc"):
             if getattr(self, key) < 0:
                 problems.append(f"{key}={getattr(self, key)}: must be 0 or more")
+        if self.val_tokens < 1:
+            problems.append(f"val_tokens={self.val_tokens}: train.py evaluates on a val split, so it needs one "
+                            "(10_485_760 is usual; a small source gets at most 10% of its tokens)")
         if is_local(self.source) and not os.path.exists(self.source):
             problems.append(f"source={self.source!r} does not exist: give an existing parquet/jsonl/txt file "
                             "or folder, or a hub dataset name such as HuggingFaceFW/fineweb-edu")
@@ -97,22 +103,59 @@ def open_records(cfg):
         extra = {"sample_by": "document"} if builder == "text" else {}  # one record per .txt file
         ds = load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
     else:
-        builder = None
+        builder, files = None, []
         try:
             ds = load_dataset(cfg.source, name=cfg.subset or None, split="train", streaming=True)
         except Exception as e:  # no network, a misspelt name or subset
             raise SystemExit(f"error: could not open {cfg.source!r} (subset {cfg.subset!r}) on the Hugging Face hub "
                              f"({type(e).__name__}: {e}). Check the name, the subset and the network, or prepare "
                              "local files: --source=path/to/folder of parquet, jsonl or txt files") from e
-    for record in ds:
-        if "text" not in record:
-            raise SystemExit(f"error: records of {cfg.source} have no 'text' field (fields: {sorted(record)}); "
-                             "give a source whose documents are in a 'text' column")
-        if builder == "text":
-            for piece in text_pieces(normalize_text(record["text"] or "")):
-                yield None, piece
-        else:
-            yield record.get("id"), record["text"] or ""
+    try:
+        for number, record in enumerate(ds):
+            text = record.get("text")
+            if "text" not in record or not isinstance(text, (str, type(None))):
+                raise SystemExit(f"error: record {number} of {cfg.source} has no 'text' string (fields: "
+                                 f"{ {k: type(v).__name__ for k, v in record.items()} }); give a source whose "
+                                 "documents are strings in a 'text' column")
+            if builder == "text":
+                for piece in text_pieces(normalize_text(text or "")):
+                    yield None, piece
+            else:
+                yield record.get("id"), text or ""
+    except Exception as e:  # datasets names neither the file nor the fix: find them
+        found = unreadable_file(builder, files) if builder else None
+        where, why = found or (cfg.source, f"{type(e).__name__}: {str(e)[:300]}")
+        raise SystemExit(f"error: reading {where} failed: {why}. Fix or remove it, then run the same command "
+                         "again: it goes on from the last shard written") from e
+
+
+def unreadable_file(builder, files):
+    """-> (path, reason) for the first local file that cannot be read, or None. Called only after the
+    reader failed, so reading every file again costs nothing in a normal run."""
+    import pyarrow.parquet as pq
+    for path in files:
+        try:
+            if builder == "parquet":
+                pq.ParquetFile(path).read(columns=["text"])
+            elif builder == "text" or path.endswith(".json"):
+                with open(path, "rb") as f:
+                    data = f.read().decode("utf-8")
+                if builder == "json":
+                    json.loads(data)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    for number, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                json.loads(line)
+                            except ValueError as e:
+                                return path, f"line {number} is not valid JSON ({e})"
+        except UnicodeDecodeError as e:
+            return path, (f"it is not UTF-8 text (byte {e.start}); convert it, for example with "
+                          "iconv -f cp1252 -t utf-8")
+        except Exception as e:
+            return path, f"the file is truncated or not valid {builder} ({type(e).__name__}: {str(e)[:200]})"
+    return None
 
 
 def text_pieces(text, size=TXT_PIECE_CHARS):
@@ -143,7 +186,11 @@ def estimate_source_tokens(cfg):
         import pyarrow.parquet as pq
         text_bytes = 0
         for path in files:  # the uncompressed size of the text column, from the footer only
-            meta = pq.ParquetFile(path).metadata
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as e:
+                raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}): the file is truncated or "
+                                 "not parquet; download it again or remove it") from e
             for g in range(meta.num_row_groups):
                 for c in range(meta.num_columns):
                     column = meta.row_group(g).column(c)
@@ -153,21 +200,21 @@ def estimate_source_tokens(cfg):
     return sum(os.path.getsize(p) for p in files) / BYTES_PER_TOKEN
 
 
-def choose_val_probability(cfg):
-    """The split rule: a document is a val candidate when its stable hash is below p, and candidates go
-    to val until val holds val_tokens; after that every document goes to train. Candidates are spread
-    over the whole stream, not just its first documents. p is VAL_OVERSAMPLE times what an exact token
-    estimate would need, so val still fills when the estimate is high, and the cap keeps val at
-    val_tokens (plus at most one document) when it is low. p is stored with the progress, so a resumed
-    run uses the same rule."""
-    if cfg.val_tokens == 0:
-        return 0.0
+def choose_val_split(cfg):
+    """The split rule -> (p, limit): a document is a val candidate when its stable hash is below p, and
+    candidates go to val until val holds limit tokens; after that every document goes to train.
+    limit is val_tokens, or VAL_MAX_SHARE of the estimated source when that is less (a few books must
+    not all land in val). Candidates are spread over the whole stream, not just its first documents.
+    p is VAL_OVERSAMPLE times what an exact token estimate would need, so val still fills when the
+    estimate is high, and the limit keeps val at limit (plus at most one document) when it is low.
+    Both are stored with the progress, so a resumed run uses the same rule."""
     estimate = estimate_source_tokens(cfg)
     if cfg.max_tokens:
         estimate = min(estimate or cfg.max_tokens, cfg.max_tokens)
     if not estimate:
-        return 0.01  # an unknown hub dataset: 1%, capped at val_tokens as always
-    return min(1.0, VAL_OVERSAMPLE * cfg.val_tokens / estimate)
+        return 0.01, cfg.val_tokens  # an unknown hub dataset: 1%, up to val_tokens
+    limit = max(1, min(cfg.val_tokens, int(VAL_MAX_SHARE * estimate)))
+    return min(1.0, VAL_OVERSAMPLE * limit / estimate), limit
 
 
 class SplitWriter:
@@ -223,11 +270,12 @@ def load_state(path):
 
 
 def prepare(cfg):
-    state_path = os.path.join(cfg.data_dir, STATE_FILE)
+    state_path = os.path.join(cfg.data_dir, PREPARE_STATE)
     settings = {k: getattr(cfg, k) for k in ("source", "subset", "shard_tokens", "val_tokens", "max_tokens")}
     os.makedirs(cfg.data_dir, exist_ok=True)
+    temporary = re.compile(rf"((train|val)_\d{{6}}\.bin|{re.escape(PREPARE_STATE)})\.tmp\d+")  # atomic_write's names
     for name in os.listdir(cfg.data_dir):  # temporary files of a killed run
-        if ".tmp" in name:
+        if temporary.fullmatch(name):
             os.remove(os.path.join(cfg.data_dir, name))
     if os.path.exists(state_path):
         state, train_partial, val_partial = load_state(state_path)
@@ -235,22 +283,26 @@ def prepare(cfg):
             raise SystemExit(f"error: {cfg.data_dir} holds a preparation with other settings {state['settings']}; "
                              f"use another data_dir, or delete {cfg.data_dir} to start over")
         if state["done"]:
+            check_finished(cfg.data_dir, state)
             print0(f"{cfg.data_dir} is already complete: {state['train']['shards']} train and "
                    f"{state['val']['shards']} val shards; nothing to do")
             return state
         print0(f"resuming after {state['records']:,} documents ({state['train']['tokens'] + state['val']['tokens']:,} tokens)")
     else:
         if any(name.endswith(".bin") for name in os.listdir(cfg.data_dir)):
-            raise SystemExit(f"error: {cfg.data_dir} holds shards that this script did not start (no {STATE_FILE}); "
+            raise SystemExit(f"error: {cfg.data_dir} holds shards that this script did not start (no {PREPARE_STATE}); "
                              "use an empty data_dir")
         empty = {"shards": 0, "tokens": 0, "docs": 0, "partial": 0}
-        state = {"settings": settings, "val_probability": choose_val_probability(cfg), "records": 0,
+        p_val, val_limit = choose_val_split(cfg)
+        state = {"settings": settings, "val_probability": p_val, "val_limit": val_limit, "records": 0,
                  "train": dict(empty), "val": dict(empty), "done": False}
         train_partial = val_partial = np.empty(0, dtype=np.uint16)
     train = SplitWriter(cfg.data_dir, "train", cfg.shard_tokens, state["train"], train_partial)
     val = SplitWriter(cfg.data_dir, "val", cfg.shard_tokens, state["val"], val_partial)
     p_val, records_done = state["val_probability"], state["records"]
-    print0(f"val: documents with hash < {p_val:.4g} until val holds {cfg.val_tokens:,} tokens")
+    val_limit = state.get("val_limit", cfg.val_tokens)  # progress saved before the limit existed: val_tokens
+    print0(f"val: documents with hash < {p_val:.4g} until val holds {val_limit:,} tokens"
+           + (f" (10% of the source's estimated size; val_tokens={cfg.val_tokens:,})" if val_limit < cfg.val_tokens else ""))
 
     def checkpoint():
         state.update(records=records_done, train=train.state(), val=val.state())
@@ -271,23 +323,38 @@ def prepare(cfg):
     bar = tqdm(total=int(total) if total else None, initial=done_tokens, unit="tok", unit_scale=True,
                smoothing=0.05, disable=int(os.environ.get("RANK", 0)) != 0)
     start = time.time()
-    finished = cfg.max_tokens and done_tokens >= cfg.max_tokens
+    finished = bool(cfg.max_tokens and done_tokens >= cfg.max_tokens)
+
+    def place(split_hash, tokens, last):
+        """Add one document to its split -> True when it is the last one max_tokens allows."""
+        nonlocal records_done
+        records_done += 1  # counted when placed: a resumed run skips exactly the placed documents
+        if not len(tokens):
+            return False  # an empty document
+        total = train.tokens + val.tokens + len(tokens)
+        last = last or bool(cfg.max_tokens and total >= cfg.max_tokens)
+        to_val = split_hash < p_val and val.tokens < val_limit
+        # a small source whose documents all hashed into train: its last document keeps val from being empty
+        to_val = to_val or (last and not val.tokens and train.tokens > 0)
+        if (val if to_val else train).add(tokens):
+            checkpoint()  # a shard was written: record the position that goes with it
+        bar.update(len(tokens))
+        return last
+
+    # documents are placed one behind the reader, so the last one of the stream is known as the last
+    pending = None
     try:
         for chunk in ([] if finished else tokenize_stream(records, 1, pool=pool)):
-            for split_hash, tokens in chunk:
-                records_done += 1
-                if not len(tokens):
-                    continue  # an empty document
-                to_val = split_hash < p_val and val.tokens < cfg.val_tokens
-                if (val if to_val else train).add(tokens):
-                    checkpoint()  # a shard was written: record the position that goes with it
-                bar.update(len(tokens))
-                if cfg.max_tokens and train.tokens + val.tokens >= cfg.max_tokens:
+            for document in chunk:
+                if pending is not None and place(*pending, last=False):
                     finished = True
                     break
+                pending = document
             bar.set_postfix(docs=f"{train.docs + val.docs:,}", refresh=False)
             if finished:
                 break
+        if pending is not None and not finished:
+            place(*pending, last=True)
     finally:
         bar.close()
         if pool is not None:
@@ -298,15 +365,31 @@ def prepare(cfg):
     checkpoint()
     elapsed = time.time() - start
     print0(f"done: train {train.tokens:,} tokens in {train.docs:,} documents ({train.shards} shards), "
-           f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), "
-           f"in {elapsed:.0f}s; next: python train.py --data_dir={cfg.data_dir}")
-    if cfg.val_tokens and not val.tokens:
-        print0(f"warning: no document went to val ({train.docs:,} documents in all), and training needs a val "
-               f"split: delete {cfg.data_dir} and run again with more documents or a larger --val_tokens")
+           f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), in {elapsed:.0f}s")
+    for split, writer in (("train", train), ("val", val)):
+        if not writer.tokens:  # train.py would refuse the folder: say so now, not at the start of training
+            raise SystemExit(f"error: no document went to {split} ({train.docs + val.docs:,} documents in all), "
+                             f"and training needs both splits: delete {cfg.data_dir} and prepare more documents")
+    print0(f"next: python train.py --data_dir={cfg.data_dir}")
     return state
+
+
+def check_finished(data_dir, state):
+    """A finished folder still holds every shard its progress lists, each the right size."""
+    try:
+        for split in ("train", "val"):
+            tokens = sum(int(read_header(path)[2]) for path in list_shards(data_dir, split))
+            if tokens != state[split]["tokens"]:
+                raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the "
+                                 f"{state[split]['tokens']:,} prepared; delete {data_dir} and prepare it again")
+    except ShardError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":
     cfg = configure(PrepareConfig)
     print_config(cfg)
-    prepare(cfg)
+    try:
+        prepare(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: the shards written so far are kept; run the same command again to go on")

@@ -20,9 +20,11 @@ The header follows llm.c, so shards made by llm.c or modded-nanogpt tooling load
 import collections
 import glob
 import hashlib
+import json
 import multiprocessing
 import os
 import re
+import signal
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ MAGIC = 20240520
 VERSION = 1
 GPT2_VOCAB = 50257  # ids at or above this are chat tokens or padding: never in pretraining text
 PREPARE_HINT = "python prepare_fineweb.py config/fineweb_124m.py --data_dir=..."
+PREPARE_STATE = "prepare_state.bin"  # prepare_fineweb.py's progress, beside the shards it writes
 
 
 class ShardError(ValueError):
@@ -59,17 +62,24 @@ def write_shard(path, tokens, n_docs=0):
     atomic_write(path, lambda f: f.writelines([header.tobytes(), tokens.astype(np.uint16, copy=False).tobytes()]))
 
 
+def redo_advice(path):
+    """What to do about a bad shard: a single shard cannot be rebuilt, its whole folder is prepared again."""
+    return (f"prepare the data again: delete (or move) {os.path.dirname(path) or '.'} and run `{PREPARE_HINT}` "
+            "with the same settings")
+
+
 def read_header(path):
     """Check a shard's header and size (cheap: reads 1 KB) -> its header as an int32 array."""
-    redo = f"delete it and run `{PREPARE_HINT}` again"
+    redo = redo_advice(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+            head = f.read(HEADER_BYTES)
     except OSError as e:
         raise ShardError(f"cannot read shard {path}: {e.strerror}")
-    if header.size < HEADER_INTS:
+    if len(head) < HEADER_BYTES:
         raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: {redo}")
+    header = np.frombuffer(head, dtype=np.int32)
     if header[0] != MAGIC:
         raise ShardError(f"shard {path} has magic number {header[0]}, expected {MAGIC}: it is not a "
                          f"token shard of this format (llm.c layout); {redo}")
@@ -83,7 +93,7 @@ def read_header(path):
                          f"({expected} bytes): the file is truncated or corrupt; {redo}")
     if header[3] not in (0, GPT2_VOCAB):
         raise ShardError(f"shard {path} was written for a vocabulary of {header[3]} tokens, not GPT-2's "
-                         f"{GPT2_VOCAB}; prepare the data again with `{PREPARE_HINT}`")
+                         f"{GPT2_VOCAB}; {redo}")
     return header.copy()
 
 
@@ -100,21 +110,52 @@ def load_shard(path):
         where = int(np.argmax(tokens >= GPT2_VOCAB))
         raise ShardError(f"shard {path} holds token id {int(tokens[where])} at position {where}, outside "
                          f"GPT-2's vocabulary of {GPT2_VOCAB}: the file is corrupt or was made with another "
-                         f"tokenizer; delete it and run `{PREPARE_HINT}` again")
+                         f"tokenizer; {redo_advice(path)}")
     return tokens
 
 
+def read_prepare_state(data_dir):
+    """The progress prepare_fineweb.py keeps in <data_dir>/prepare_state.bin (its first line is JSON),
+    or None for shards made some other way (llm.c, modded-nanogpt, by hand)."""
+    path = os.path.join(data_dir, PREPARE_STATE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.readline())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"cannot read {path} ({type(e).__name__}): {redo_advice(path)}") from e
+
+
 def list_shards(data_dir, split):
-    """Sorted paths of <data_dir>/<split>_NNNNNN.bin; an error naming the prepare command if none."""
+    """Sorted paths of <data_dir>/<split>_NNNNNN.bin; an error naming the prepare command if none.
+    In a folder prepare_fineweb.py made, also checks the preparation finished and no shard is missing."""
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: use train or val")
+    if not os.path.isdir(data_dir):
+        what = "is a file, not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise ShardError(f"data_dir {data_dir} {what}: prepare the data first with `{PREPARE_HINT}` "
+                         f"(its data_dir must match), or point data_dir at prepared shards")
+    state = read_prepare_state(data_dir)
+    if state is not None and not state.get("done"):
+        raise ShardError(f"the preparation of {data_dir} is unfinished (it was stopped): run the same "
+                         "prepare_fineweb.py command again, and it goes on where it stopped")
     pattern = re.compile(rf"{split}_\d{{6}}\.bin$")
     paths = sorted(p for p in glob.glob(os.path.join(glob.escape(data_dir), f"{split}_*.bin"))
                    if pattern.search(os.path.basename(p)))
+    if state is not None:
+        expected = [shard_path(data_dir, split, i) for i in range(state[split]["shards"])]
+        missing = sorted(set(expected) - set(paths))
+        if missing:
+            raise ShardError(f"{len(missing)} of the {len(expected)} {split} shards prepared in {data_dir} are "
+                             f"missing ({os.path.basename(missing[0])}, ...): {redo_advice(missing[0])}")
+        if not expected:
+            raise ShardError(f"{data_dir} was prepared with no {split} documents (the source is too small): "
+                             "prepare it again from more data")
+        paths = expected
     if not paths:
-        what = "does not exist" if not os.path.isdir(data_dir) else f"holds no {split}_NNNNNN.bin shards"
-        raise ShardError(f"data_dir {data_dir} {what}: prepare the data first with `{PREPARE_HINT}` "
-                         f"(its data_dir must match), or point data_dir at prepared shards")
+        raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards: prepare the data first with "
+                         f"`{PREPARE_HINT}` (its data_dir must match), or point data_dir at prepared shards")
     return paths
 
 
@@ -166,7 +207,9 @@ def make_pool(num_proc):
     """A process pool for tokenize_stream. Made before any reader starts threads, it can fork (fast:
     the children inherit the loaded tokenizer and imports); where fork is missing, spawn."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(num_proc)
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # Ctrl-C is the parent's to handle (it terminates the pool): no traceback from every worker
+    return context.Pool(num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def tokenize_stream(records, num_proc=0, chunk_docs=256, pool=None):
@@ -267,7 +310,7 @@ class _ShardSet:
             i = int(np.argmax(bad))
             raise ShardError(f"shard {self.paths[shard[i]]} holds token id {int(rows[i].max())} near position "
                              f"{int(offset[i])}, outside GPT-2's vocabulary of {GPT2_VOCAB}: the file is corrupt "
-                             f"or was made with another tokenizer; delete it and run `{PREPARE_HINT}` again")
+                             f"or was made with another tokenizer; {redo_advice(self.paths[shard[i]])}")
         return rows
 
 

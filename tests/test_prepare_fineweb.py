@@ -14,9 +14,9 @@ import pytest
 
 from conftest import ROOT, shared_data
 from gptkit.configurator import ConfigError, load_config
-from gptkit.data import MAGIC, VERSION, list_shards, load_shard, normalize_text, read_header, split_hash
+from gptkit.data import MAGIC, PREPARE_STATE, VERSION, ShardError, list_shards, load_shard, normalize_text, read_header, split_hash
 from gptkit.tokenizer import EOT, get_tokenizer
-from prepare_fineweb import STATE_FILE, TXT_PIECE_CHARS, PrepareConfig, prepare, text_pieces
+from prepare_fineweb import TXT_PIECE_CHARS, PrepareConfig, prepare, text_pieces
 
 
 def zip_texts(name, limit):
@@ -127,7 +127,7 @@ def test_parquet_and_jsonl_round_trip_split_and_headers(tmp_path):
 def test_txt_folder_files_cut_into_documents(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
-    files = {f"inaugural_{i:02d}.txt": t for i, t in enumerate(zip_texts("inaugural.zip", 4))}
+    files = {f"inaugural_{i:02d}.txt": t for i, t in enumerate(zip_texts("inaugural.zip", 7))}
     files["alice_crlf.txt"] = text_head(("gutenberg", "clocasto-HaikuGenerator", "pg11.txt"), 40000)
     files["warpeace_bom.txt"] = text_head(("gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"), 40000)
     files["empty.txt"] = ""
@@ -137,12 +137,18 @@ def test_txt_folder_files_cut_into_documents(tmp_path):
             f.write(text)  # newline="": the CRs reach the file as they are
     assert b"\r\n" in (folder / "alice_crlf.txt").read_bytes()
     assert (folder / "warpeace_bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
-    run_prepare(folder, tmp_path / "out", shard_tokens=20000, val_tokens=0, num_proc=1)
-    docs = read_split(tmp_path / "out", "train")
-    assert read_split(tmp_path / "out", "val") == []
-    # in file order, the documents join back into each normalised file; the two long ones are cut
+    state = run_prepare(folder, tmp_path / "out", shard_tokens=20000, val_tokens=3000, num_proc=1)
+    train, val = read_split(tmp_path / "out", "train"), read_split(tmp_path / "out", "val")
+    # put back in file order, the documents join into each normalised file; the two long ones are cut
+    position = {}
+    for name in sorted(files):
+        for piece in text_pieces(normalize_text(files[name])):
+            position.setdefault(piece, len(position))
+    docs = sorted(train + val, key=position.__getitem__)
+    # no document hashed into val (14 of them, p=0.17): the last one went there, so val is not empty
+    assert state["val_probability"] < 0.2 and val == docs[-1:] and train == docs[:-1]
     assert "".join(docs) == "".join(normalize_text(files[name]) for name in sorted(files))
-    assert len(docs) == 4 + 1 + 3 + 3  # speeches and lone_cr whole; 40K characters -> 16K + 16K + rest
+    assert len(docs) == 7 + 1 + 3 + 3  # speeches and lone_cr whole; 40K characters -> 16K + 16K + rest
     assert "one\ntwo\n" in docs and any(d.startswith("\"Well, Prince") for d in docs)  # BOM gone
     alice = [d for d in docs if "Alice" in d]
     assert len(alice) == 3 and alice[0].endswith("\n\n") and len(alice[0]) >= TXT_PIECE_CHARS
@@ -169,6 +175,11 @@ def test_a_few_books_still_get_a_val_split(tmp_path):
     state = run_prepare(folder, tmp_path / "out", shard_tokens=100_000, val_tokens=20_000, num_proc=1)
     assert 20_000 <= state["val"]["tokens"] <= 20_000 + TXT_PIECE_CHARS  # not a whole book, not nothing
     assert state["train"]["docs"] > 20
+    # the default val_tokens (10M) is far more than these 1.2 MB: val takes at most 10% of them, not all
+    state = run_prepare(folder, tmp_path / "default", shard_tokens=100_000, num_proc=1)
+    total = state["train"]["tokens"] + state["val"]["tokens"]
+    assert state["val_limit"] < 0.1 * total * 1.5 and state["val_limit"] <= state["val"]["tokens"]
+    assert state["val"]["tokens"] <= state["val_limit"] + TXT_PIECE_CHARS and state["train"]["tokens"] > 0.8 * total
 
 
 def test_max_tokens_stops_early(tmp_path):
@@ -186,11 +197,49 @@ def test_bad_sources_give_clear_messages(tmp_path):
         run_prepare(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(PrepareConfig, [f"--source={tmp_path / 'nope.jsonl'}"])
+    with pytest.raises(ConfigError, match="val_tokens=0: train.py evaluates on a val split"):
+        load_config(PrepareConfig, ["--val_tokens=0"])
+    # unreadable files are named, with the fix
+    for name, content, says in (("latin.txt", "Caf\u00e9 na\u00efve\n".encode("cp1252"), r"latin\.txt failed: it is not UTF-8"),
+                                ("lines.jsonl", b'{"text": "fine"}\n{"text": "cut\n', r"lines\.jsonl failed: line 2 is not valid JSON"),
+                                ("number.jsonl", b'{"text": 123, "id": "a"}\n', "has no 'text' string")):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        if not name.startswith("number"):  # a good file first: the bad one is named, not just the folder
+            (folder / "good.txt" if name.endswith(".txt") else folder / "a.jsonl").write_text(
+                "Good text.\n" if name.endswith(".txt") else '{"text": "Good text.", "id": "0"}\n')
+        (folder / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=says):
+            run_prepare(folder, tmp_path / f"out_{name}", num_proc=1)
+    write_parquet(tmp_path / "whole.parquet", fineweb_records()[:20])
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "part.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes()[:3000])
+    with pytest.raises(SystemExit, match=r"part\.parquet.*truncated or not parquet"):
+        run_prepare(tmp_path / "cut", tmp_path / "out_parquet", num_proc=1)
     # a data_dir prepared with other settings is not silently mixed
     write_jsonl(tmp_path / "fw.jsonl", fineweb_records()[:50])
     run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=20000, val_tokens=1000, num_proc=1)
     with pytest.raises(SystemExit, match="other settings"):
         run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=30000, val_tokens=1000, num_proc=1)
+
+
+def test_a_damaged_folder_is_refused_and_foreign_files_are_kept(tmp_path):
+    write_jsonl(tmp_path / "fw.jsonl", fineweb_records())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.tmp.txt").write_text("mine")  # ".tmp" in a name the preparation did not write
+    (out / "train_000001.bin.tmp123").write_bytes(b"left by a killed run")
+    state = run_prepare(tmp_path / "fw.jsonl", out, shard_tokens=5000, val_tokens=2000, num_proc=1)
+    assert (out / "notes.tmp.txt").read_text() == "mine" and not (out / "train_000001.bin.tmp123").exists()
+    assert state["train"]["shards"] >= 3
+    os.remove(out / "train_000001.bin")
+    with pytest.raises(ShardError, match=r"1 of the \d+ train shards prepared in .* are missing \(train_000001"):
+        list_shards(str(out), "train")
+    with pytest.raises(SystemExit, match="train shards prepared in .* are missing"):  # not "already complete"
+        run_prepare(tmp_path / "fw.jsonl", out, shard_tokens=5000, val_tokens=2000, num_proc=1)
+    (out / "train_000002.bin").write_bytes((out / "train_000002.bin").read_bytes()[:501])
+    with pytest.raises(ShardError, match=r"501 bytes, shorter than its 1024-byte header: prepare the data again"):
+        read_header(str(out / "train_000002.bin"))
 
 
 def test_killed_prep_resumes_to_identical_shards(tmp_path):
@@ -207,8 +256,10 @@ def test_killed_prep_resumes_to_identical_shards(tmp_path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the prep and its tokenizer workers, with no chance to clean up
     proc.wait()
-    with open(killed / STATE_FILE, "rb") as f:
+    with open(killed / PREPARE_STATE, "rb") as f:
         assert not json.loads(f.readline())["done"], "the kill came too late to test a resume"
+    with pytest.raises(ShardError, match="is unfinished.*run the same prepare_fineweb.py command again"):
+        list_shards(str(killed), "train")  # what train.py checks first: it never trains on part of the data
 
     resumed = subprocess.run(cmd + [f"--data_dir={killed}"] + settings, cwd=ROOT, env=os.environ.copy(),
                              capture_output=True, text=True, timeout=120)
