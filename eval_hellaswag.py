@@ -21,7 +21,7 @@ import torch
 from gptkit.checkpoint import ckpt_arg_problems, load_model
 from gptkit.configurator import BaseConfig, configure
 from gptkit.hellaswag import evaluate_hellaswag
-from gptkit.system import cleanup_distributed, print0, setup_runtime
+from gptkit.system import cleanup_distributed, print0, run_main, setup_runtime
 
 
 @dataclass
@@ -61,4 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad checkpoint or data file: one `error:` line, exit code 2

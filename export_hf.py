@@ -38,6 +38,9 @@ class ExportConfig(BaseConfig):
             problems.append("out is empty: give the folder to write, such as --out=hf/dolly")
         elif os.path.exists(self.out) and not os.path.isdir(self.out):
             problems.append(f"out={self.out!r} is a file: give a folder")
+        elif os.path.exists(os.path.join(self.out, "ckpt.pt")):  # its config.json is the run's own
+            problems.append(f"out={self.out!r} holds a gptkit run (ckpt.pt), whose files the export would "
+                            "overwrite: give another folder, such as --out=hf/NAME")
         return problems
 
 
@@ -52,6 +55,10 @@ def main():
     chat = ckpt.get("kind") == "chat"
     files = export_hf(model, cfg.out, chat=chat)
     print0(f"wrote a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}")
+    if chat:
+        print0("note: transformers' tokenizer turns control-token text a person types (such as <|user|>) into "
+               "the control token; gptkit's own scripts keep it text. Remove such strings from untrusted input "
+               "before apply_chat_template.")
     print0("load it with:\n"
            "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
            f"    tokenizer = AutoTokenizer.from_pretrained({cfg.out!r})\n"
@@ -59,4 +66,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from gptkit.system import run_main
+    run_main(main)  # a bad checkpoint or output folder: one `error:` line, exit code 2

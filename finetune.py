@@ -119,15 +119,5 @@ def main():
 
 
 if __name__ == "__main__":
-    import sys
-    from gptkit.checkpoint import CheckpointError
-    from gptkit.sft import SFTDataError
-    from gptkit.trainer import NonFiniteLossError
-    try:
-        main()
-    except (ConfigError, CheckpointError, SFTDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:  # the last good checkpoint is intact; the message says what to change
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from gptkit.system import run_main
+    run_main(main)  # a bad setting, dataset or checkpoint: one `error:` line, exit code 2

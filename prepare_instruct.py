@@ -26,10 +26,9 @@ import hashlib
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
-from gptkit.configurator import BaseConfig, configure, print_config
+from gptkit.configurator import BaseConfig, UserError, configure, print_config
 
 
 @dataclass
@@ -68,7 +67,7 @@ class InstructConfig(BaseConfig):
         return problems
 
 
-class InstructDataError(ValueError):
+class InstructDataError(UserError, ValueError):
     """An unreadable source, or a bad record when on_bad_record=error; the message names the file and record."""
 
 
@@ -301,10 +300,7 @@ def prepare(cfg):
 
 
 if __name__ == "__main__":
+    from gptkit.system import run_main
     cfg = configure(InstructConfig)
     print_config(cfg)
-    try:
-        prepare(cfg)
-    except InstructDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(prepare, cfg)  # a bad source: one `error:` line naming it, exit code 2

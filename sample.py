@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
+from gptkit.system import run_main
 from gptkit.tokenizer import END, EOT, StreamDecoder, get_tokenizer
 
 HELP = "commands: /reset (clear the conversation), /system TEXT (set the system prompt), /quit or Ctrl-D (leave); Ctrl-C stops an answer"
@@ -227,6 +228,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        main(configure(SampleConfig))
+        run_main(main, configure(SampleConfig))  # a bad checkpoint: one `error:` line, exit code 2
     except KeyboardInterrupt:  # Ctrl-C while loading or in one-shot mode: no traceback
         sys.exit(130)

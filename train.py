@@ -24,11 +24,10 @@ Logs go to <out_dir>/log.jsonl (and wandb with --wandb_log=True; WANDB_MODE=offl
 """
 
 import os
-import sys
 
 from gptkit.configurator import ConfigError, configure
-from gptkit.system import cleanup_distributed, print0, setup_runtime
-from gptkit.trainer import NonFiniteLossError, TrainConfig, grad_accum_steps, init_model, train
+from gptkit.system import cleanup_distributed, print0, run_main, setup_runtime
+from gptkit.trainer import TrainConfig, grad_accum_steps, init_model, train
 
 
 def check_config(cfg, rt):
@@ -54,31 +53,23 @@ def check_config(cfg, rt):
 
 
 def main():
-    from gptkit.checkpoint import CheckpointError
-    from gptkit.data import PretrainLoader, ShardError, val_batches
+    from gptkit.data import PretrainLoader, val_batches
     cfg = configure(TrainConfig)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    try:
-        check_config(cfg, rt)
-        model, ckpt = init_model(cfg, rt)
-        train_loader = PretrainLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size, rank=rt.rank,
-                                      world_size=rt.world_size, seed=cfg.seed, mode=cfg.data_mode, device=rt.device)
-        print0(f"train data: {train_loader.total_tokens:,} tokens in {cfg.data_dir}")
+    check_config(cfg, rt)
+    model, ckpt = init_model(cfg, rt)
+    train_loader = PretrainLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size, rank=rt.rank,
+                                  world_size=rt.world_size, seed=cfg.seed, mode=cfg.data_mode, device=rt.device)
+    print0(f"train data: {train_loader.total_tokens:,} tokens in {cfg.data_dir}")
 
-        def get_val_batches():
-            return val_batches(cfg.data_dir, cfg.micro_batch_size, cfg.block_size, cfg.eval_tokens,
-                               rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    def get_val_batches():
+        return val_batches(cfg.data_dir, cfg.micro_batch_size, cfg.block_size, cfg.eval_tokens,
+                           rank=rt.rank, world_size=rt.world_size, device=rt.device)
 
-        summary = train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=ckpt)
-        print0(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, checkpoint in {cfg.out_dir}")
-    except (ConfigError, ShardError, CheckpointError, NonFiniteLossError) as e:
-        # a user's problem, not a bug: the message says what to do, a traceback would only bury it
-        if rt.master:  # every rank meets the same problem; say it once
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed(finished=False)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    summary = train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=ckpt)
+    print0(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, checkpoint in {cfg.out_dir}")
     cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad setting, shard or checkpoint: one `error:` line, exit code 2

@@ -13,6 +13,7 @@ previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkp
 The training loop writes and reads the whole state with save_training_state / restore_training_state.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -22,14 +23,14 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from gptkit.configurator import ConfigError, config_dict
+from gptkit.configurator import ConfigError, UserError, config_dict
 from gptkit.system import print0
 from gptkit.tokenizer import MIN_VOCAB_SIZE
 
 CKPT_NAME = "ckpt.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
@@ -49,6 +50,9 @@ def ckpt_arg_problems(ckpt, example="out/fineweb_124m"):
         return [f"ckpt is empty: give a run directory or a ckpt.pt file, such as --ckpt={example}"]
     if not os.path.exists(ckpt):
         return [f"ckpt={ckpt!r} does not exist: give a run directory or a ckpt.pt file"]
+    if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, CKPT_NAME)):
+        return [f"ckpt={ckpt!r} is a folder without {CKPT_NAME} (a run that has not saved yet, or not a run "
+                f"directory): give a run directory holding {CKPT_NAME}, or a .pt file"]
     return []
 
 
@@ -116,6 +120,10 @@ def load_checkpoint(path, map_location="cpu"):
 
 def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
     """GPT from a checkpoint dict; overrides change config fields that do not alter shapes (dropout)."""
+    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:  # a newer or forked gptkit's model
+        raise CheckpointError(f"{path}: its model config has fields this gptkit's model does not know ({', '.join(unknown)}): "
+                              "it was made by another version of gptkit; use that version, or a checkpoint made by this one")
     model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
     if model_config.vocab_size < MIN_VOCAB_SIZE:
         raise CheckpointError(f"{path}: the model has {model_config.vocab_size} token embeddings but the "

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import os
 import sys
 import types
@@ -37,7 +38,12 @@ SCRIPT_CONFIGS = [
 ]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of every error a user can fix (a setting, a file, a checkpoint): its message says what to
+    do, and scripts print it as one `error:` line (gptkit.system.run_main), not a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A user's configuration mistake; the message says what to change."""
 
 
@@ -117,14 +123,19 @@ def _coerce(key, value, tp):
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a float")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a float")
+        if number is None:
+            raise ConfigError(f"{key}={value!r}: expected a float")
+        if not math.isfinite(number):  # no setting means anything with nan or inf; they only crash later
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -139,6 +150,8 @@ def _read_config_file(path):
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 (byte {e.start}): save it as UTF-8")
     try:
         code = compile(source, path, "exec")
     except SyntaxError as e:

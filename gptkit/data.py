@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from gptkit.checkpoint import atomic_write
+from gptkit.configurator import UserError
 from gptkit.tokenizer import EOT, get_tokenizer
 
 HEADER_INTS = 256
@@ -41,7 +42,7 @@ PREPARE_HINT = "python prepare_fineweb.py config/fineweb_124m.py --data_dir=..."
 PREPARE_STATE = "prepare_state.bin"  # prepare_fineweb.py's progress, beside the shards it writes
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A missing, truncated or corrupt shard; the message names the file and what to do."""
 
 

@@ -26,13 +26,14 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
+from gptkit.configurator import UserError
 from gptkit.tokenizer import EOT, get_tokenizer
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ENDINGS = 4
 
 
-class HellaSwagFormatError(ValueError):
+class HellaSwagFormatError(UserError, ValueError):
     """A HellaSwag file that cannot be read; the message names the file, the line and the problem."""
 
 
@@ -57,7 +58,7 @@ def download_val(url=VAL_URL):
     except Exception as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RuntimeError(
+        raise UserError(
             f"could not download the HellaSwag val file from {url} ({type(e).__name__}: {e}). "
             "Offline? Copy hellaswag_val.jsonl here by hand and pass its path: --data=PATH for "
             "eval_hellaswag.py, --hellaswag_data=PATH for training.") from e

@@ -30,6 +30,7 @@ import os
 import torch
 
 from model import GPT, GPTConfig
+from gptkit.configurator import UserError
 from gptkit.system import print0
 from gptkit.tokenizer import EOT, END, MIN_VOCAB_SIZE, SPECIAL_TOKENS
 
@@ -55,7 +56,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class HFError(ValueError):
+class HFError(UserError, ValueError):
     """A folder or model that cannot be converted; the message names it and says what to do."""
 
 
@@ -108,6 +109,9 @@ def _hf_config_to_ours(hf, where, **overrides):
         problems.append("cross-attention layers")
     if not hf.get("tie_word_embeddings", True):
         problems.append("untied input and output embeddings (ours are tied)")
+    n_head = hf.get("n_head", 12)
+    if not isinstance(n_head, int) or not isinstance(n_embd, int) or n_head < 1 or n_embd % n_head:
+        problems.append(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
     vocab = hf.get("vocab_size", GPT2_VOCAB)
     if vocab < GPT2_VOCAB:
         problems.append(f"vocab_size {vocab}: gptkit's GPT-2 tokenizer needs at least {GPT2_VOCAB}")
@@ -117,7 +121,7 @@ def _hf_config_to_ours(hf, where, **overrides):
         block_size=hf.get("n_positions", 1024),
         vocab_size=max(PADDED_VOCAB, -(-vocab // 64) * 64),  # round up to a multiple of 64
         n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
+        n_head=n_head,
         n_embd=n_embd,
         dropout=0.0,
         bias=True,  # HF GPT-2 always has biases; a gptkit export without them is detected by the caller
@@ -132,14 +136,20 @@ def _read_folder_weights(folder):
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     binary = os.path.join(folder, "pytorch_model.bin")
+    def read(path):
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own error names neither the file nor the fix
+            raise HFError(f"cannot read {path} ({type(e).__name__}: {e}): the file is truncated or corrupt; "
+                          "download or export it again") from e
+
     if os.path.exists(single):
-        return load_file(single)
+        return read(single)
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
         sd = {}
         for shard in shards:
-            sd.update(load_file(os.path.join(folder, shard)))
+            sd.update(read(os.path.join(folder, shard)))
         return sd
     if os.path.exists(binary):
         try:
@@ -149,6 +159,14 @@ def _read_folder_weights(folder):
                           "convert it to model.safetensors with transformers' save_pretrained") from e
     raise HFError(f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json "
                   "or pytorch_model.bin next to config.json")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise HFError(f"cannot read {path} ({type(e).__name__}: {e}): download or export the folder again") from e
 
 
 def from_hf_state_dict(hf_sd, ours, where="checkpoint"):
@@ -225,8 +243,7 @@ def load_hf_gpt2(name_or_path, verbose=True, **overrides):
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise HFError(f"{folder} is not a Hugging Face checkpoint folder: it has no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
+    hf_config = _read_json(config_path)
     n_positions = hf_config.get("n_positions", 1024)
     if overrides.get("block_size", n_positions) > n_positions:
         raise HFError(f"block_size={overrides['block_size']} is longer than the {n_positions} positions "
@@ -356,6 +373,10 @@ def write_tokenizer(out_dir, chat=False, model_max_length=1024):
 # ----------------------------------------------------------------------------- export
 
 
+EXPORT_FILES = ["added_tokens.json", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+
+
 def export_hf(model, out_dir, chat=False):
     """Write out_dir for transformers: config.json, model.safetensors, generation_config.json and
     the tokenizer files (with the chat template when chat). Returns the list of files written."""
@@ -398,4 +419,4 @@ def export_hf(model, out_dir, chat=False):
         "pad_token_id": EOT,
     })
     write_tokenizer(out_dir, chat=chat, model_max_length=cfg.block_size)
-    return sorted(os.listdir(out_dir))
+    return EXPORT_FILES

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gptkit.checkpoint import atomic_write
+from gptkit.configurator import UserError
 from gptkit.data import check_loader_args
 from gptkit.tokenizer import EOT, MIN_VOCAB_SIZE
 
@@ -33,7 +34,7 @@ TOKENIZER_NAME = "gpt2+chat"  # GPT-2 BPE plus <|system|> <|user|> <|assistant|>
 META_NAME = "meta.json"
 
 
-class SFTDataError(RuntimeError):
+class SFTDataError(UserError, RuntimeError):
     """SFT data that cannot be used; the message names the folder and what to do."""
 
 

@@ -1,5 +1,6 @@
 """
-Where and how the scripts run: device, precision, DDP, seeding, rank-0 printing and metric logging.
+Where and how the scripts run: device, precision, DDP, seeding, rank-0 printing, metric logging,
+and one `error:` line for a user's mistake (run_main).
 
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)   # prints the device and dtype it chose and why
     with rt.autocast():
@@ -10,11 +11,14 @@ import contextlib
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from gptkit.configurator import ConfigError, UserError
 
 
 def print0(*args, **kwargs):
@@ -98,10 +102,10 @@ def pick_device(device="auto", local_rank=0):
     """-> (device, reason)."""
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device={device} asked for, but PyTorch sees no CUDA GPU "
+            raise ConfigError(f"device={device} asked for, but PyTorch sees no CUDA GPU "
                                "(is this a CPU-only torch build?); use --device=cpu or --device=auto")
         if device == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError("device=mps asked for, but MPS is not available; use --device=cpu")
+            raise ConfigError("device=mps asked for, but MPS is not available; use --device=cpu")
         if device == "cuda":
             device = f"cuda:{local_rank}"
         return device, "as configured"
@@ -116,7 +120,7 @@ def pick_dtype(dtype, device_type):
     """-> (dtype name, reason). Mixed precision only where it pays and is safe."""
     if dtype != "auto":
         if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError("dtype=bfloat16 asked for, but this GPU does not support it; "
+            raise ConfigError("dtype=bfloat16 asked for, but this GPU does not support it; "
                                "use --dtype=float16 (with loss scaling) or --dtype=auto")
         return dtype, "as configured"
     if device_type == "cuda":
@@ -167,6 +171,19 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
     return rt
 
 
+def run_main(main, *args):
+    """Run a script's main(*args). A UserError (a bad setting, file or checkpoint; its message says what
+    to do) ends the process with one `error:` line and exit code 2, not a traceback that buries the
+    message. Under torchrun every rank meets the same problem; rank 0 says it."""
+    try:
+        return main(*args)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        cleanup_distributed(finished=False)
+        sys.exit(2)
+
+
 def cleanup_distributed(finished=True):
     """Leave the process group. finished: every rank got here normally, so wait for all of them first;
     a rank that tears down while another still talks to it (rank 0 writing the last checkpoint)
@@ -195,7 +212,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("wandb_log=True but wandb is not installed: pip install wandb")
+                raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb")
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
                                     resume="allow" if resume else None)
 

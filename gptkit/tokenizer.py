@@ -12,6 +12,8 @@ with loss on the assistant's tokens and the <|end|> that closes them.
 
 import codecs
 
+from gptkit.configurator import UserError
+
 EOT = 50256  # <|endoftext|>: document separator in pretraining, start of every conversation
 SPECIAL_TOKENS = {
     "<|system|>": 50257,
@@ -31,7 +33,7 @@ def _load_gpt2():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise RuntimeError(
+        raise UserError(
             "could not load the GPT-2 tokenizer files: tiktoken downloads them once from "
             "openaipublic.blob.core.windows.net and that failed "
             f"({type(e).__name__}: {e}). Connect to the internet once, or set TIKTOKEN_CACHE_DIR "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptkit.configurator import BaseConfig, ConfigError, config_dict, print_config
+from gptkit.configurator import BaseConfig, ConfigError, UserError, config_dict, print_config
 from gptkit.checkpoint import restore_training_state, save_training_state, truncate_log
 from gptkit.system import MetricsLogger, device_peak_flops, print0
 
@@ -74,8 +74,6 @@ class TrainConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate()
-        if self.n_embd % self.n_head:
-            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.optimizer not in ("adamw", "muon"):
             problems.append(f"optimizer={self.optimizer!r}: use adamw or muon")
         if self.lr_schedule not in ("cosine", "wsd"):
@@ -88,12 +86,29 @@ class TrainConfig(BaseConfig):
         elif self.total_batch_tokens % tokens_per_micro_batch:
             problems.append(f"total_batch_tokens={self.total_batch_tokens} is not a multiple of "
                             f"micro_batch_size*block_size={tokens_per_micro_batch}")
+        elif self.total_batch_tokens < 1:
+            problems.append(f"total_batch_tokens={self.total_batch_tokens} must be positive (524288 is usual)")
+        if self.n_head < 1 or self.n_layer < 1 or self.n_embd < 1:
+            problems.append("n_layer, n_head and n_embd must be positive")
+        elif self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.max_steps < 1:
             problems.append(f"max_steps={self.max_steps} must be at least 1")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             problems.append(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")
-        if self.min_lr > self.learning_rate:
-            problems.append(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}")
+        for key in ("learning_rate", "muon_learning_rate"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{key}={getattr(self, key)} must be positive")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            problems.append(f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                problems.append(f"{key}={getattr(self, key)} must be 0 (off) or more")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)} must be in [0, 1)")
+        if not 0 <= self.decay_fraction <= 1:
+            problems.append(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
         for key in ("eval_interval", "log_interval", "ckpt_interval"):
@@ -102,7 +117,7 @@ class TrainConfig(BaseConfig):
         return problems
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or gradient stayed NaN/inf for max_bad_steps steps in a row; the message says what to do."""
 
 
@@ -350,11 +365,11 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
 
     hellaswag_path = None
     if cfg.hellaswag_interval > 0:  # fetch and check the file now, not hours into the run
-        from gptkit.hellaswag import HellaSwagFormatError, download_val, load_items
+        from gptkit.hellaswag import download_val, load_items
         try:
             hellaswag_path = cfg.hellaswag_data or download_val()
             load_items(hellaswag_path, cfg.hellaswag_limit)
-        except (RuntimeError, HellaSwagFormatError, OSError) as e:
+        except (UserError, OSError) as e:
             raise ConfigError(f"{e} (or turn HellaSwag off: --hellaswag_interval=0)") from e
 
     # the module that runs training's forward pass; evaluation and sampling use the raw model

@@ -57,6 +57,29 @@ def test_vocab_mismatch_is_refused(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_folder_without_checkpoint_and_unknown_model_fields(tmp_path, tiny_config):
+    from gptkit.checkpoint import ckpt_arg_problems
+    (tmp_path / "run").mkdir()
+    assert "is a folder without ckpt.pt" in ckpt_arg_problems(str(tmp_path / "run"))[0]
+    model = GPT(tiny_config)
+    state = _state(model)
+    state["model_config"] = {**state["model_config"], "rope": True}  # a newer or forked gptkit's model
+    save_checkpoint(str(tmp_path / "run"), state)
+    assert ckpt_arg_problems(str(tmp_path / "run")) == []
+    with pytest.raises(CheckpointError, match=r"fields this gptkit's model does not know \(rope\)"):
+        load_model(str(tmp_path / "run"))
+
+
+def test_scripts_report_a_bad_checkpoint_in_one_line(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    for script, args in (("sample.py", ["--prompt=hi"]), ("eval_hellaswag.py", []),
+                         ("export_hf.py", [f"--out={tmp_path / 'hf'}"])):
+        proc = subprocess.run([sys.executable, script, f"--ckpt={tmp_path}", "--device=cpu", *args],
+                              cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, proc.stderr)
+        assert "error: cannot read checkpoint" in proc.stderr, (script, proc.stderr)
+
+
 def test_checkpoint_cannot_run_code(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -38,6 +38,30 @@ def test_wrong_type_names_key_and_type():
         load_config(TrainConfig, ["--compile=yes"])
     with pytest.raises(ConfigError, match="learning_rate.*float"):
         load_config(TrainConfig, ["--learning_rate=fast"])
+    for value in ("nan", "inf", "-inf"):  # they parse as floats, then crash deep inside a run
+        with pytest.raises(ConfigError, match=f"weight_decay='{value}': expected a finite number"):
+            load_config(TrainConfig, [f"--weight_decay={value}"])
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--learning_rate=0", "learning_rate=0.0 must be positive"),
+    ("--learning_rate=-1", "learning_rate=-1.0 must be positive"),
+    ("--min_lr=-1e-5", "min_lr=-1e-05 must be between 0 and learning_rate"),
+    ("--total_batch_tokens=0", "total_batch_tokens=0 must be positive"),
+    ("--grad_clip=-1", "grad_clip=-1.0 must be 0"),
+    ("--beta2=1", r"beta2=1.0 must be in \[0, 1\)"),
+    ("--n_head=0", "n_layer, n_head and n_embd must be positive"),
+])
+def test_training_settings_that_cannot_train_are_refused(flag, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(TrainConfig, [flag])
+
+
+def test_config_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin.py"
+    path.write_bytes('out_dir = "caf\u00e9"\n'.encode("cp1252"))
+    with pytest.raises(ConfigError, match=r"latin\.py is not UTF-8.*save it as UTF-8"):
+        load_config(TrainConfig, [str(path)])
 
 
 def test_syntax_error_names_file_and_line(tmp_path):

@@ -221,6 +221,19 @@ def test_not_gpt2_folders_give_clear_errors(tmp_path, tiny_export):
         load_hf_gpt2(str(tmp_path / "mismatch"))
     with pytest.raises(HFError, match="is not a folder"):
         load_hf_gpt2(str(tmp_path / "does-not-exist"))  # a path, so no attempt at the hub
+    # damaged files and impossible shapes are named, with what to do
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.json").write_text('{"model_type": "gpt2", "n_la')
+    with pytest.raises(HFError, match=r"cannot read .*damaged/config\.json.*export the folder again"):
+        load_hf_gpt2(str(tmp_path / "damaged"))
+    (tmp_path / "damaged" / "config.json").write_text(open(os.path.join(out, "config.json")).read())
+    (tmp_path / "damaged" / "model.safetensors").write_bytes(open(os.path.join(out, "model.safetensors"), "rb").read()[:5000])
+    with pytest.raises(HFError, match=r"cannot read .*model\.safetensors.*truncated or corrupt"):
+        load_hf_gpt2(str(tmp_path / "damaged"))
+    config["n_embd"], config["n_head"] = 64, 3
+    (tmp_path / "damaged" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFError, match="n_embd 64 is not a multiple of n_head 3"):
+        load_hf_gpt2(str(tmp_path / "damaged"))
 
 
 def test_export_script_end_to_end(tmp_path, tiny_export):
@@ -237,3 +250,8 @@ def test_export_script_end_to_end(tmp_path, tiny_export):
     result = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={tmp_path / 'missing'}"],
                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr and "--out=" in result.stderr
+    # exporting into the run's own folder would replace its config.json
+    result = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={ckpt_dir}", f"--out={ckpt_dir}"],
+                            cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "holds a gptkit run (ckpt.pt)" in result.stderr
+    assert "config.json" not in os.listdir(ckpt_dir)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from conftest import shared_data
 from gptkit import hellaswag
 from gptkit.checkpoint import save_checkpoint
-from gptkit.configurator import ConfigError, load_config
+from gptkit.configurator import ConfigError, UserError, load_config
 from gptkit.hellaswag import (HellaSwagFormatError, evaluate_hellaswag, load_items, pick_endings, render_item,
                               score_rows)
 from gptkit.system import Runtime
@@ -194,7 +194,7 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
     monkeypatch.setattr(hellaswag.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match=r"could not download.*network is unreachable.*--data=PATH"):
+    with pytest.raises(UserError, match=r"could not download.*network is unreachable.*--data=PATH"):
         evaluate_hellaswag(UniformModel(), "", CPU)
     assert os.listdir(tmp_path / "hellaswag") == []  # no half-written file left behind
     # Once the file is in the cache it is used without any download.

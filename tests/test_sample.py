@@ -106,9 +106,9 @@ def test_mode_and_config_checks():
         load_config(sample.SampleConfig, [])
 
 
-def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys, tmp_path):
+def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys):
     model = ckpts[0]
-    cfg = load_config(sample.SampleConfig, [f"--ckpt={tmp_path}", *FLAGS])  # not loaded: the model is given
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS])  # not loaded: the model is given
     calls = []
 
     def fake_generate(model, ids, *args, **kwargs):
