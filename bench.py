@@ -6,6 +6,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_124m.py --json=True          # one JSON line, for scripts
     python bench.py config/tiny_cpu.py --device=cpu --steps=3   # runs on a CPU too
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
+    python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
     python bench.py --mode=tokenize --text=../shared/data/pretrain --num_proc=4   # prepare_fineweb's tokenizer
 
 Each timed step is a full optimizer step (total_batch_tokens tokens with gradient accumulation).
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptkit.configurator import configure
+from gptkit.configurator import ConfigError, configure
 from gptkit.system import device_peak_flops, print0, setup_runtime
 from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, train_step
 from model import GPT, GPTConfig, CausalSelfAttention
@@ -52,10 +53,24 @@ class BenchConfig(TrainConfig):
         problems = super().validate()
         if self.mode not in ("train", "decode", "tokenize"):
             problems.append(f"mode={self.mode!r}: use train, decode or tokenize")
-        if self.mode == "tokenize" and not os.path.isdir(self.text):
-            problems.append(f"text={self.text!r}: mode=tokenize needs a folder of .txt or .zip files")
+        if self.steps < 1:
+            problems.append(f"steps={self.steps}: the median needs at least 1 timed step (10 is usual)")
+        if self.warmup < 0:
+            problems.append(f"warmup={self.warmup}: use 0 or more untimed steps (3 is usual)")
+        if self.mode == "decode" and self.block_size < 2:
+            problems.append(f"block_size={self.block_size}: mode=decode needs room for a prompt and a new token "
+                            "(2 or more)")
+        if self.mode == "tokenize":
+            if not os.path.isdir(self.text):
+                problems.append(f"text={self.text!r}: mode=tokenize needs a folder of .txt or .zip files")
+            elif not text_files(self.text):
+                problems.append(f"text={self.text!r}: no .txt or .zip files found in it or its subfolders; "
+                                "give a folder that holds some")
         if self.attention not in ("auto", "flash", "cudnn", "efficient", "math"):
             problems.append(f"attention={self.attention!r}: use auto, flash, cudnn, efficient or math")
+        on_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        if self.attention in ("cudnn", "efficient") and not on_cuda:
+            problems.append(f"attention={self.attention}: a CUDA kernel; without a GPU use auto, flash or math")
         return problems
 
 
@@ -68,17 +83,24 @@ def sdpa_context(name):
 
 
 def attention_kernels(model, rt, cfg):
-    """Names of the attention kernels that actually run in a forward+backward (from the profiler)."""
-    if rt.device_type != "cuda":
-        return "math (CPU)"
+    """Names of the attention kernels that actually run in a forward+backward (from the profiler):
+    the GPU kernels on CUDA, elsewhere the ATen op that SDPA dispatched to (and its backward)."""
     from torch.profiler import ProfilerActivity, profile
+    on_cuda = rt.device_type == "cuda"
     x = torch.randint(0, 50257, (1, cfg.block_size), device=rt.device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activity = ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU
+    with sdpa_context(cfg.attention), profile(activities=[activity]) as prof:
         with rt.autocast():
             _, loss = model(x, x)
         loss.backward()
     names = {e.key for e in prof.key_averages()}
-    found = sorted(n for n in names if any(s in n.lower() for s in ("flash", "fmha", "cudnn", "attention", "sdpa", "efficient")))
+    if on_cuda:
+        found = sorted(n for n in names if any(s in n.lower() for s in
+                                               ("flash", "fmha", "cudnn", "attention", "sdpa", "efficient")))
+    else:
+        # e.g. aten::_scaled_dot_product_flash_attention_for_cpu; aten::scaled_dot_product_attention
+        # (no underscore) is only the entry point that chooses it
+        found = sorted(n for n in names if n.startswith("aten::_scaled_dot_product"))
     model.zero_grad(set_to_none=True)
     return "; ".join(n[:80] for n in found[:4]) or "none matched"
 
@@ -146,11 +168,13 @@ def bench_train(cfg, rt):
 
 def bench_decode(cfg, rt):
     """Generation speed of a randomly initialised model: greedy, 64-token prompt, 128 new tokens,
-    with the KV cache (one token per forward) and without (the whole sequence every token)."""
+    with the KV cache (one token per forward) and without (the whole sequence every token). A
+    context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit."""
     from gptkit.generate import generate
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=cfg.vocab_size, bias=cfg.bias), verbose=not cfg.json).to(rt.device).eval()
-    prompt = torch.randint(0, 50257, (64,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prompt_tokens = min(64, cfg.block_size // 2)
+    prompt = torch.randint(0, 50257, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
               else rt.device_type, "torch": torch.__version__, "params": model.num_params(),
@@ -169,12 +193,18 @@ def bench_decode(cfg, rt):
     return result
 
 
+def text_files(folder):
+    """The .txt and .zip files in folder and its subfolders, sorted."""
+    paths = glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+    return sorted(p for p in paths if p.endswith((".txt", ".zip")))
+
+
 def read_documents(folder):
     """Every .txt in folder (and inside its .zip files), cut into documents of about 4 KB, the
     size of a typical FineWeb-Edu page."""
     import zipfile
     texts = []
-    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+    for path in text_files(folder):
         if path.endswith(".txt"):
             with open(path, encoding="utf-8", errors="replace") as f:
                 texts.append(f.read())
@@ -199,6 +229,8 @@ def bench_tokenize(cfg):
     import tiktoken
     from gptkit.data import resolve_num_proc, tokenize_documents
     documents = read_documents(cfg.text)
+    if not documents:  # empty .txt files, or .zip files without any .txt inside
+        raise ConfigError(f"text={cfg.text!r}: its .txt and .zip files hold no text to tokenize")
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
     encoding = tiktoken.get_encoding("gpt2")
     t0 = time.perf_counter()

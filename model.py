@@ -13,6 +13,7 @@ Nothing about devices, DDP, torch.compile or logging lives here: the model is pl
     model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768))
     _, loss = model(idx, targets)                # idx, targets: (B, T) int64; targets -1 = no loss
     logits, _ = model(idx)                       # (B, T, V)
+    logits, _ = model(idx, last_only=True)       # (B, 1, V): the last position's, all generation needs
 """
 
 import math
@@ -249,10 +250,14 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) -> (None, loss):
         the mean loss over the positions whose target is not -1, computed without materialising
-        the logits. With kv_cache, idx continues the sequence already in the cache."""
+        the logits. With kv_cache, idx continues the sequence already in the cache. last_only:
+        logits (B, 1, V) of the last position only, the one generation samples from."""
+        if last_only and targets is not None:
+            raise ValueError("last_only=True is for generation, which has no targets: pass targets or "
+                             "last_only, not both")
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -274,6 +279,10 @@ class GPT(nn.Module):
             weight = self.lm_head.weight
             with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             return None, ChunkedCrossEntropy.apply(x.view(B * T, -1), weight, targets.reshape(-1), with_grad)
+        if last_only:
+            # the output layer (V = 50304 wide: a third of the 124M's weights, most of a tiny
+            # model's) runs on the one position that is sampled, not on all T
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, V)
         return self.lm_head(x), None  # (B, T, V)
 
     def param_groups(self, weight_decay):

@@ -5,6 +5,7 @@ Works on a finished run and on one still running (a half-written last line is sk
     python plot_log.py --out_dir=out/fineweb_124m              # writes out/fineweb_124m/loss.png
     python plot_log.py config/fineweb_124m.py                   # the same, out_dir from the recipe
     python plot_log.py --out_dir=out/dolly --out=dolly_loss.png
+    python plot_log.py --out_dir=out/dolly --out=plots/dolly.pdf   # any format matplotlib writes; no extension: .png
 """
 
 import json
@@ -18,7 +19,29 @@ from gptkit.system import print0
 @dataclass
 class PlotConfig(BaseConfig):
     out_dir: str = "out/fineweb_124m"  # the run directory holding log.jsonl
-    out: str = ""                      # PNG to write; empty: <out_dir>/loss.png
+    out: str = ""                      # image to write (png, pdf, svg...; no extension: png); empty: <out_dir>/loss.png
+
+    def validate(self):
+        problems = super().validate()
+        if self.out:
+            folder = os.path.dirname(self.out) or "."
+            extension = os.path.splitext(self.out)[1].lower().lstrip(".")
+            if os.path.isdir(self.out):
+                problems.append(f"out={self.out!r} is a folder: give a file name such as "
+                                f"{os.path.join(self.out, 'loss.png')}")
+            elif not os.path.isdir(folder):
+                problems.append(f"out={self.out!r}: the folder {folder} does not exist; create it first")
+            formats = image_formats()
+            if extension and extension not in formats:
+                problems.append(f"out={self.out!r}: matplotlib cannot write .{extension} files; end the name "
+                                f"in one of {', '.join('.' + f for f in sorted(formats))}")
+        return problems
+
+
+def image_formats():
+    """File extensions matplotlib can save a figure as (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def read_log(path):
@@ -49,8 +72,14 @@ def plot_log(out_dir, out=""):
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed (servers, ssh, tests)
     import matplotlib.pyplot as plt
-    records = read_log(os.path.join(out_dir, "log.jsonl"))
+    log_path = os.path.join(out_dir, "log.jsonl")
+    records = read_log(log_path)
+    if not (series(records, "loss")[0] or series(records, "val_loss")[0]):
+        raise ConfigError(f"no loss in {log_path} yet, so nothing to plot: run it again once the run has "
+                          "logged a train or val loss (every log_interval / eval_interval steps)")
     out = out or os.path.join(out_dir, "loss.png")
+    if not os.path.splitext(out)[1].strip("."):
+        out = out.rstrip(".") + ".png"  # what savefig writes anyway; said here, the path returned is the real one
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1])
     steps, loss = series(records, "loss")
     ax_loss.plot(steps, loss, label="train loss", linewidth=1)

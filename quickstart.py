@@ -16,6 +16,9 @@ What it runs (from the recipes config/tiny_cpu.py and config/tiny_chat.py):
     5. sample.py            -> one answer, printed
 Afterwards: `python sample.py --ckpt=out/quickstart/chat` chats with the model, and
 `python plot_log.py --out_dir=out/quickstart/base` plots its loss.
+
+It runs from any folder: data/quickstart, out/quickstart and the paths you give are relative to the
+folder you run it from, and the commands it prints work when pasted there.
 """
 
 import os
@@ -25,6 +28,9 @@ import time
 from dataclasses import dataclass
 
 from gptkit.configurator import BaseConfig, configure
+from prepare_fineweb import is_local
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts and config/ live next to this file
 
 
 @dataclass
@@ -45,7 +51,21 @@ class QuickstartConfig(BaseConfig):
         problems = super().validate()
         if self.pretrain_steps < 1 or self.finetune_steps < 1:
             problems.append("pretrain_steps and finetune_steps must be at least 1")
+        # Checked now, not when their step starts minutes later. A path that does not exist would
+        # be taken for a hub name; is_local is prepare_fineweb's test for "this is a path".
+        for key, kind in (("source", "parquet/jsonl/txt file or folder"), ("instruct", ".json or .jsonl file")):
+            path, hub_default = getattr(self, key), getattr(QuickstartConfig, key)
+            if is_local(path) and not os.path.exists(path):
+                problems.append(f"{key}={path!r} does not exist: give an existing {kind}, or a hub dataset "
+                                f"name such as {hub_default}")
+        if os.path.isdir(self.instruct):
+            problems.append(f"instruct={self.instruct!r} is a folder: give one of its .json or .jsonl files")
         return problems
+
+
+def repo_file(name):
+    """A file of this repository as a path from the current folder, so the printed commands work as pasted."""
+    return os.path.relpath(os.path.join(HERE, name))
 
 
 def run(step, title, args, where):
@@ -69,21 +89,23 @@ def main():
     base_run = os.path.join(cfg.out_dir, "base")
     chat_run = os.path.join(cfg.out_dir, "chat")
     common = [f"--device={cfg.device}", f"--dtype={cfg.dtype}", f"--seed={cfg.seed}"]
-    run(1, "pretraining data", ["prepare_fineweb.py", "config/tiny_cpu.py", f"--source={cfg.source}",
+    tiny_cpu, tiny_chat = repo_file("config/tiny_cpu.py"), repo_file("config/tiny_chat.py")
+    run(1, "pretraining data", [repo_file("prepare_fineweb.py"), tiny_cpu, f"--source={cfg.source}",
         f"--subset={cfg.subset}", f"--max_tokens={cfg.max_tokens}", f"--data_dir={pretrain_data}"],
         f"token shards in {pretrain_data}/")
-    run(2, "pretraining", ["train.py", "config/tiny_cpu.py", f"--data_dir={pretrain_data}", f"--out_dir={base_run}",
+    run(2, "pretraining", [repo_file("train.py"), tiny_cpu, f"--data_dir={pretrain_data}", f"--out_dir={base_run}",
         f"--max_steps={cfg.pretrain_steps}", f"--warmup_steps={cfg.pretrain_steps // 10}",
         f"--compile={cfg.compile}"] + common + evals(cfg.pretrain_steps, cfg),
         f"checkpoint {base_run}/ckpt.pt, metrics {base_run}/log.jsonl")
-    run(3, "instruction data", ["prepare_instruct.py", "config/tiny_chat.py", f"--sources={cfg.instruct}",
+    run(3, "instruction data", [repo_file("prepare_instruct.py"), tiny_chat, f"--sources={cfg.instruct}",
         f"--data_dir={instruct_data}"], f"conversations in {instruct_data}/")
-    run(4, "finetuning", ["finetune.py", "config/tiny_chat.py", f"--data_dir={instruct_data}", f"--init_from={base_run}",
+    run(4, "finetuning", [repo_file("finetune.py"), tiny_chat, f"--data_dir={instruct_data}", f"--init_from={base_run}",
         f"--out_dir={chat_run}", f"--max_steps={cfg.finetune_steps}", f"--warmup_steps={cfg.finetune_steps // 8}",
         f"--compile={cfg.compile}"] + common + evals(cfg.finetune_steps, cfg),
         f"chat checkpoint {chat_run}/ckpt.pt")
-    run(5, "one question", ["sample.py", f"--ckpt={chat_run}", f"--prompt={cfg.prompt}", "--temperature=0",
-        "--max_new_tokens=48"] + common, f"chat with it: python sample.py --ckpt={chat_run}")
+    sample = repo_file("sample.py")
+    run(5, "one question", [sample, f"--ckpt={chat_run}", f"--prompt={cfg.prompt}", "--temperature=0",
+        "--max_new_tokens=48"] + common, f"chat with it: python {sample} --ckpt={chat_run}")
     print("A 7M-parameter model after a few minutes of training answers in word salad; the pieces are the\n"
           "ones the full recipes use. Next: config/fineweb_124m.py and config/dolly.py on a GPU (README).")
 

@@ -103,13 +103,13 @@ def sample_next(logits, previous_ids, temperature=1.0, top_k=0, top_p=1.0, repet
 def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
     """Problems with the sampling settings, as messages that say what to use (empty if fine)."""
     problems = []
-    if temperature < 0:
+    if not temperature >= 0:  # written so that nan fails too
         problems.append(f"temperature={temperature}: use 0 (greedy) or a positive number such as 0.8")
-    if top_k < 0:
+    if not top_k >= 0:
         problems.append(f"top_k={top_k}: use 0 (off) or a positive number such as 50")
     if not 0 < top_p <= 1:
         problems.append(f"top_p={top_p}: use a number in (0, 1], 1 is off")
-    if repetition_penalty <= 0:
+    if not repetition_penalty > 0:
         problems.append(f"repetition_penalty={repetition_penalty}: use 1.0 (off) or a bit more, such as 1.1")
     return problems
 
@@ -155,7 +155,8 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
         model.eval()
         try:
             with torch.no_grad(), autocast():
-                logits, _ = model(idx, kv_cache=cache) if cache is not None else model(idx)
+                # last_only: the output layer runs on the sampled position only, not on all T
+                logits, _ = model(idx, kv_cache=cache, last_only=True)  # (B, 1, V)
         finally:
             model.train(was_training)
         return logits[:, -1, :]  # (B, V)

@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from bench import device_peak_flops, mfu
+from bench import BenchConfig, attention_kernels, bench_decode, bench_tokenize, device_peak_flops, mfu
+from gptkit.configurator import ConfigError, load_config
+from gptkit.system import setup_runtime
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +42,44 @@ def test_bench_runs_on_cpu_and_prints_json():
     assert result["grad_accum"] == 2 and result["micro_batch_size"] == 2
     assert result["tokens_per_sec"] > 0 and result["mfu"] is None  # a CPU is not in the peak table
     assert result["dtype"] == "float32"
+    assert "aten::_scaled_dot_product" in result["attention_kernels"]  # measured on the CPU too
+
+
+TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch_size=2",
+        "--total_batch_tokens=64"]
+
+
+def test_settings_that_cannot_run_are_refused(tmp_path):
+    for flag, problem in [("--steps=0", "steps=0"), ("--warmup=-1", "warmup=-1")]:
+        with pytest.raises(ConfigError, match=problem):
+            load_config(BenchConfig, TINY + [flag])
+    with pytest.raises(ConfigError, match="without a GPU"):
+        load_config(BenchConfig, TINY + ["--attention=cudnn"])
+    with pytest.raises(ConfigError, match="block_size=1"):
+        load_config(BenchConfig, TINY + ["--mode=decode", "--block_size=1"])
+    (tmp_path / "notes.md").write_text("not a .txt")
+    with pytest.raises(ConfigError, match="no .txt or .zip files found"):
+        load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp_path}"])
+
+
+def test_tokenize_without_any_text_is_an_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    cfg = load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp_path}"])
+    with pytest.raises(ConfigError, match="no text"):
+        bench_tokenize(cfg)
+
+
+def test_decode_fits_the_prompt_to_a_short_context():
+    cfg = load_config(BenchConfig, TINY + ["--mode=decode", "--steps=1", "--warmup=0", "--json=True"])
+    result = bench_decode(cfg, setup_runtime("cpu", "float32", cfg.seed, verbose=False))
+    assert result["prompt_tokens"] == 16 and result["new_tokens"] == 16
+    assert result["kv_cache_tokens_per_sec"] > 0 and result["no_cache_tokens_per_sec"] > 0
+
+
+def test_attention_kernels_names_what_ran_on_the_cpu():
+    rt = setup_runtime("cpu", "float32", 1337, verbose=False)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32), verbose=False)
+    default = attention_kernels(model, rt, load_config(BenchConfig, TINY))
+    forced = attention_kernels(model, rt, load_config(BenchConfig, TINY + ["--attention=math"]))
+    assert "aten::_scaled_dot_product" in default and "aten::_scaled_dot_product" in forced
+    assert default != forced and "math" in forced  # a forced kernel is what gets reported

@@ -158,3 +158,33 @@ def test_train_mode_and_grad_mode_are_left_alone():
     assert model.training  # and the training loop gets its model back in train mode
     for _ in generate(model, PROMPT, 3, temperature=0):
         assert torch.is_grad_enabled()  # no_grad is not held across yields
+
+
+def test_output_layer_runs_on_the_sampled_position_only():
+    model = lively_model()
+    rows = []  # positions per call of the 50,304-wide output layer, the bulk of a decode step's work
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: rows.append(inputs[0].size(1)))
+    for use_cache in (True, False):
+        rows.clear()
+        assert len(list(generate(model, PROMPT, 6, temperature=0, use_cache=use_cache))) == 6
+        assert rows == [1] * 6, f"use_cache={use_cache}: prefill and every step need the last position only"
+
+
+def test_greedy_equals_argmax_of_full_logits(model):
+    # the tokens of a plain loop over the full (B, T, V) logits, as generation ran before last_only
+    seq, expected = torch.tensor([PROMPT]), []
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(seq)
+            expected.append(int(logits[0, -1].argmax()))
+            seq = torch.cat([seq, torch.tensor([[expected[-1]]])], dim=1)
+    assert list(generate(model, PROMPT, 30, temperature=0, use_cache=False)) == expected
+    assert list(generate(model, PROMPT, 30, temperature=0)) == expected
+
+
+def test_sampling_settings_refuse_nan():
+    from gptkit.generate import check_sampling_args
+    nan = float("nan")
+    assert check_sampling_args(0.8, 50, 0.9, 1.1) == []
+    assert any(p.startswith("temperature=nan") for p in check_sampling_args(nan, 50, 0.9, 1.1))
+    assert any(p.startswith("repetition_penalty=nan") for p in check_sampling_args(0.8, 50, 0.9, nan))

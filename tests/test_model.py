@@ -65,6 +65,25 @@ def test_kv_cache_matches_full_forward(tiny_config):
     assert cache.pos == 30
 
 
+def test_last_only_is_the_last_position_of_the_full_logits(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, _ = model(idx, last_only=True)
+        cache = model.new_kv_cache(batch_size=2)
+        prefill, _ = model(idx[:, :29], kv_cache=cache, last_only=True)
+        step, _ = model(idx[:, 29:], kv_cache=cache, last_only=True)
+    assert last.shape == prefill.shape == step.shape == (2, 1, 50304)
+    # the same sums; one row through the matmul instead of T may round the last bit differently
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(prefill, full[:, 28:29], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step, full[:, -1:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(idx, idx, last_only=True)
+
+
 def test_context_limit(tiny_config):
     model = GPT(tiny_config)
     with pytest.raises(ValueError, match="context"):

@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+import quickstart
 from conftest import ROOT, shared_data
+from gptkit.configurator import ConfigError, load_config
 
 
 def test_quickstart_pipeline_end_to_end(tmp_path):
@@ -29,3 +33,39 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     chat = json.load(open(tmp_path / "out" / "chat" / "ckpt.json"))
     assert chat["kind"] == "chat"
     assert "chat with it: python sample.py" in result.stdout and "config/fineweb_124m.py" in result.stdout
+
+
+def test_missing_local_data_is_refused_before_any_step(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(quickstart.QuickstartConfig, [f"--source={tmp_path / 'books'}/",
+                                                  f"--instruct={tmp_path / 'alpaca.json'}"])
+    assert "source=" in str(error.value) and "instruct=" in str(error.value) and "does not exist" in str(error.value)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(quickstart.QuickstartConfig, [f"--instruct={tmp_path}"])
+    assert load_config(quickstart.QuickstartConfig, []).instruct == "databricks/databricks-dolly-15k"  # hub names pass
+
+
+def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
+    commands = []
+
+    def record(cmd, *args, **kwargs):  # the steps themselves are the end-to-end test above
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(quickstart.subprocess, "run", record)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "texts.jsonl").write_text("")
+    (elsewhere / "alpaca.json").write_text("[]")
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--source=texts.jsonl", "--instruct=alpaca.json"])
+    quickstart.main()
+    assert len(commands) == 5
+    for cmd in commands:
+        files = [arg for arg in cmd[1:] if not arg.startswith("--")]  # the script and its recipe
+        assert files and all(os.path.isfile(f) for f in files), cmd
+    # outputs stay where the README says, relative to the folder it runs from
+    assert "--data_dir=data/quickstart/pretrain" in commands[0] and "--out_dir=out/quickstart/base" in commands[1]
+    assert "--source=texts.jsonl" in commands[0] and "--sources=alpaca.json" in commands[2]
+    sample = os.path.relpath(os.path.join(ROOT, "sample.py"))
+    assert f"python {sample} --ckpt=out/quickstart/chat" in capsys.readouterr().out  # a command that works here

@@ -1,0 +1,46 @@
+"""plot_log.py: what it writes, and a clear error instead of a traceback or a blank plot."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from gptkit.configurator import ConfigError, load_config
+from plot_log import PlotConfig, plot_log
+
+
+def write_log(folder, records):
+    with open(folder / "log.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+RECORDS = [{"step": 0, "val_loss": 10.8}, {"step": 5, "loss": 9.5, "lr": 1e-3}, {"step": 10, "loss": 8.1, "lr": 2e-3}]
+
+
+def test_out_without_extension_reports_the_file_written(tmp_path):
+    write_log(tmp_path, RECORDS)
+    path = plot_log(str(tmp_path), str(tmp_path / "curves"))
+    assert path == str(tmp_path / "curves.png") and os.path.getsize(path) > 0
+    assert not os.path.exists(tmp_path / "curves")
+    assert plot_log(str(tmp_path), str(tmp_path / "dot.")) == str(tmp_path / "dot.png")
+
+
+def test_out_that_cannot_be_written_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PlotConfig, [f"--out={tmp_path / 'missing' / 'loss.png'}"])
+    with pytest.raises(ConfigError, match=r"cannot write \.xyz"):
+        load_config(PlotConfig, [f"--out={tmp_path / 'loss.xyz'}"])
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(PlotConfig, [f"--out={tmp_path}"])
+    assert load_config(PlotConfig, [f"--out={tmp_path / 'loss.pdf'}"]).out.endswith("loss.pdf")
+
+
+def test_empty_log_is_an_error_not_a_blank_plot(tmp_path):
+    write_log(tmp_path, [])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_log.py"), f"--out_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no loss" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "loss.png")
