@@ -264,4 +264,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from gptkit.system import run_main
+    run_main(main)  # a setting that cannot run: one `error:` line, exit code 2

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from gptkit.configurator import BaseConfig, ConfigError, configure
-from gptkit.system import print0
+from gptkit.system import print0, run_main
 
 
 @dataclass
@@ -103,8 +103,4 @@ def plot_log(out_dir, out=""):
 
 if __name__ == "__main__":
     cfg = configure(PlotConfig)
-    try:
-        path = plot_log(cfg.out_dir, cfg.out)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}")
-    print0(f"wrote {path}")
+    print0(f"wrote {run_main(plot_log, cfg.out_dir, cfg.out)}")  # no log yet: one `error:` line, exit code 2

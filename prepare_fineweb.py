@@ -13,8 +13,9 @@ about 16K characters, so that a folder of a few books still gets a val split of 
 
 Each document is normalised (CRLF and lone CR -> LF, BOM dropped; empty documents skipped) and
 preceded by <|endoftext|>. Documents picked by a stable hash go to val until it holds val_tokens, at
-most 10% of the source; a source too small for any to be picked still gives its last one to val. Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each
-(the last one shorter), in the format of gptkit/data.py.
+most 10% of the source; a source too small for any to be picked still gives its last one to val.
+Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each (the last one shorter), in
+the format of gptkit/data.py.
 
 Resumable: kill it at any moment and run the same command again; it finishes with exactly the shards
 an uninterrupted run writes. On finished data it does nothing. Progress lives in
@@ -302,7 +303,8 @@ def prepare(cfg):
     p_val, records_done = state["val_probability"], state["records"]
     val_limit = state.get("val_limit", cfg.val_tokens)  # progress saved before the limit existed: val_tokens
     print0(f"val: documents with hash < {p_val:.4g} until val holds {val_limit:,} tokens"
-           + (f" (10% of the source's estimated size; val_tokens={cfg.val_tokens:,})" if val_limit < cfg.val_tokens else ""))
+           + (f" ({VAL_MAX_SHARE:.0%} of the source's estimated size; val_tokens={cfg.val_tokens:,})"
+              if val_limit < cfg.val_tokens else ""))
 
     def checkpoint():
         state.update(records=records_done, train=train.state(), val=val.state())
@@ -331,8 +333,8 @@ def prepare(cfg):
         records_done += 1  # counted when placed: a resumed run skips exactly the placed documents
         if not len(tokens):
             return False  # an empty document
-        total = train.tokens + val.tokens + len(tokens)
-        last = last or bool(cfg.max_tokens and total >= cfg.max_tokens)
+        tokens_after = train.tokens + val.tokens + len(tokens)
+        last = last or bool(cfg.max_tokens and tokens_after >= cfg.max_tokens)
         to_val = split_hash < p_val and val.tokens < val_limit
         # a small source whose documents all hashed into train: its last document keeps val from being empty
         to_val = to_val or (last and not val.tokens and train.tokens > 0)

@@ -211,13 +211,13 @@ def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, 
 def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader, kind):
     """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss).
     kind is the run's ("base": train.py, "chat": finetune.py); a run of the other kind cannot be resumed."""
-    scripts = {"base": "train.py (pretraining)", "chat": "finetune.py (finetuning)"}
+    script = {"base": "train.py", "chat": "finetune.py"}
     saved_kind = ckpt.get("kind", "base")
     if saved_kind != kind:
         advice = (f"to finetune its model, use --init_from={cfg.out_dir} with a new --out_dir" if kind == "chat"
                   else "resume it with finetune.py, or give train.py a new --out_dir")
-        raise ConfigError(f"init_from=resume: {cfg.out_dir} holds a run of {scripts.get(saved_kind, saved_kind)}, "
-                          f"which {scripts[kind].split()[0]} cannot resume; {advice}")
+        raise ConfigError(f"init_from=resume: {cfg.out_dir} holds a run of {script.get(saved_kind, saved_kind)}, "
+                          f"which {script[kind]} cannot resume; {advice}")
     saved = ckpt.get("optimizer")
     if not isinstance(saved, list) or len(saved) != len(optimizers):
         raise ConfigError(f"the checkpoint in {cfg.out_dir} holds {len(saved) if isinstance(saved, list) else 0} "

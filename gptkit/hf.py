@@ -136,6 +136,7 @@ def _read_folder_weights(folder):
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     binary = os.path.join(folder, "pytorch_model.bin")
+
     def read(path):
         try:
             return load_file(path)

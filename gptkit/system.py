@@ -103,7 +103,7 @@ def pick_device(device="auto", local_rank=0):
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={device} asked for, but PyTorch sees no CUDA GPU "
-                               "(is this a CPU-only torch build?); use --device=cpu or --device=auto")
+                              "(is this a CPU-only torch build?); use --device=cpu or --device=auto")
         if device == "mps" and not torch.backends.mps.is_available():
             raise ConfigError("device=mps asked for, but MPS is not available; use --device=cpu")
         if device == "cuda":
@@ -121,7 +121,7 @@ def pick_dtype(dtype, device_type):
     if dtype != "auto":
         if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("dtype=bfloat16 asked for, but this GPU does not support it; "
-                               "use --dtype=float16 (with loss scaling) or --dtype=auto")
+                              "use --dtype=float16 (with loss scaling) or --dtype=auto")
         return dtype, "as configured"
     if device_type == "cuda":
         if torch.cuda.is_bf16_supported():

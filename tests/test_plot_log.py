@@ -42,5 +42,5 @@ def test_empty_log_is_an_error_not_a_blank_plot(tmp_path):
     write_log(tmp_path, [])
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_log.py"), f"--out_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "no loss" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "no loss" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "loss.png")
