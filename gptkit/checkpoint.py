@@ -187,8 +187,11 @@ def _gather(obj, rt):
     return objs
 
 
-def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen, best_val_loss):
-    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it)."""
+def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen, best_val_loss,
+                        log_state=None):
+    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it). log_state: the
+    loop's plain-number counters (the loss summed since the last log line, skipped steps), so the first
+    log line after a resume is the one an uninterrupted run writes."""
     rngs = _gather(rng_state(), rt)  # each rank has its own dropout RNG
     if not rt.master:
         return
@@ -204,13 +207,14 @@ def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, 
         "best_val_loss": best_val_loss,
         "loader": train_loader.state_dict(),
         "rng": rngs,
+        "log_state": dict(log_state or {}),
     }
     save_checkpoint(cfg.out_dir, state, summary={"world_size": rt.world_size})
 
 
 def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader, kind):
-    """Load optimizer, scaler, data position and RNG from a resume checkpoint -> (step, tokens_seen, best_val_loss).
-    kind is the run's ("base": train.py, "chat": finetune.py); a run of the other kind cannot be resumed."""
+    """Load optimizer, scaler, data position and RNG from a resume checkpoint
+    -> (step, tokens_seen, best_val_loss, log_state). kind is the run's ("base": train.py, "chat": finetune.py); a run of the other kind cannot be resumed."""
     script = {"base": "train.py", "chat": "finetune.py"}
     saved_kind = ckpt.get("kind", "base")
     if saved_kind != kind:
@@ -237,7 +241,7 @@ def restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader, kind
                "continues from the same place in the data, but not with the exact batches of an uninterrupted run")
     rngs = ckpt["rng"]
     set_rng_state(rngs[rt.rank % len(rngs)])
-    return int(ckpt["step"]), int(ckpt["tokens_seen"]), float(ckpt["best_val_loss"])
+    return int(ckpt["step"]), int(ckpt["tokens_seen"]), float(ckpt["best_val_loss"]), dict(ckpt.get("log_state", {}))
 
 
 def truncate_log(out_dir, last_step):

@@ -355,9 +355,10 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
     model.train()
     optimizers = configure_optimizers(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.needs_grad_scaler)
-    step, tokens_seen, best_val_loss = 0, 0, float("inf")
+    step, tokens_seen, best_val_loss, log_state = 0, 0, float("inf"), {}
     if ckpt is not None:
-        step, tokens_seen, best_val_loss = restore_training_state(ckpt, cfg, rt, optimizers, scaler, train_loader, kind)
+        step, tokens_seen, best_val_loss, log_state = restore_training_state(
+            ckpt, cfg, rt, optimizers, scaler, train_loader, kind)
         print0(f"resuming from step {step} ({tokens_seen:,} tokens seen) in {cfg.out_dir}")
     if step >= cfg.max_steps:
         print0(f"nothing to do: the run is at step {step} and max_steps={cfg.max_steps}; raise max_steps to go on")
@@ -441,12 +442,15 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
         # result of an all-reduce on the GPU would make every step wait for the GPU
         stop_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
-    bad_in_row, skipped_steps = 0, 0
+    bad_in_row, skipped_steps = log_state.get("bad_in_row", 0), log_state.get("skipped_steps", 0)
     # Steps whose `finite` flag the host has not read yet: reading it waits for the GPU, so it is read
     # in one go where the loop needs it anyway (log and checkpoint time). A skipped step changed
     # nothing on the device, so deciding about it a few steps late loses nothing.
     unread = []  # (step, finite, loss, grad_norm)
-    interval_loss, interval_good_steps, interval_tokens = torch.zeros((), device=rt.device), 0, 0
+    # the loss summed over the good steps since the last log line (a resume restores the sum, so the
+    # first line after it averages the same steps as an uninterrupted run's)
+    interval_loss = torch.tensor(float(log_state.get("loss_sum", 0.0)), device=rt.device)
+    interval_good_steps, interval_tokens = log_state.get("good_steps", 0), 0
 
     def read_finite_flags():
         nonlocal bad_in_row, skipped_steps, interval_good_steps
@@ -521,8 +525,10 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
                 read_finite_flags()
             # never during a run of skipped steps: the last checkpoint is the last good state
             if save_due and (bad_in_row == 0 or stop):
+                log_state = {"loss_sum": interval_loss.item(), "good_steps": interval_good_steps,
+                             "skipped_steps": skipped_steps, "bad_in_row": bad_in_row}
                 save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen,
-                                    best_val_loss)
+                                    best_val_loss, log_state)
             interval_start += time.time() - pause  # evals and saves stay out of tokens/s
             if stop and step < cfg.max_steps:
                 why = signal.Signals(signals_seen[0]).name if signals_seen else f"stop_step={cfg.stop_step}"
