@@ -18,10 +18,12 @@ Afterwards: `python sample.py --ckpt=out/quickstart/chat` chats with the model, 
 `python plot_log.py --out_dir=out/quickstart/base` plots its loss.
 
 It runs from any folder: data/quickstart, out/quickstart and the paths you give are relative to the
-folder you run it from, and the commands it prints work when pasted there.
+folder you run it from, and the commands it prints work when pasted there. Run again, it reuses
+its prepared data and replaces its two runs in out/quickstart.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,6 +84,13 @@ def evals(steps, cfg):
     return [f"--eval_interval={max(1, steps // 2)}", f"--eval_tokens={cfg.eval_tokens}"]
 
 
+def replace_run(run_dir):
+    """train.py and finetune.py never start a new run over an old one: quickstart removes its own."""
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        print(f"replacing the earlier quickstart run in {run_dir}/")
+        shutil.rmtree(run_dir)
+
+
 def main():
     cfg = configure(QuickstartConfig)
     pretrain_data = os.path.join(cfg.data_dir, "pretrain")
@@ -93,6 +102,8 @@ def main():
     run(1, "pretraining data", [repo_file("prepare_fineweb.py"), tiny_cpu, f"--source={cfg.source}",
         f"--subset={cfg.subset}", f"--max_tokens={cfg.max_tokens}", f"--data_dir={pretrain_data}"],
         f"token shards in {pretrain_data}/")
+    replace_run(base_run)
+    replace_run(chat_run)  # it was finetuned from the base run being replaced
     run(2, "pretraining", [repo_file("train.py"), tiny_cpu, f"--data_dir={pretrain_data}", f"--out_dir={base_run}",
         f"--max_steps={cfg.pretrain_steps}", f"--warmup_steps={cfg.pretrain_steps // 10}",
         f"--compile={cfg.compile}"] + common + evals(cfg.pretrain_steps, cfg),

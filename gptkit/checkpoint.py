@@ -99,6 +99,15 @@ def save_checkpoint(out_dir, state, summary=None):
     return path
 
 
+def saved_step(out_dir):
+    """", step N" from <out_dir>/ckpt.json for messages, or "" when it cannot be read."""
+    try:
+        with open(os.path.join(out_dir, "ckpt.json"), encoding="utf-8") as f:
+            return f", step {int(json.load(f)['step']):,}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def load_checkpoint(path, map_location="cpu"):
     path = resolve_path(path)
     try:

@@ -131,10 +131,16 @@ def init_model(cfg, rt):
     its optimizer, data position and RNG), the path of a gptkit checkpoint (its weights, fresh
     training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2."""
     from model import GPT, GPTConfig
-    from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint
+    from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint, saved_step
     from gptkit.hf import is_hf_folder, load_hf_gpt2
     source = cfg.init_from
     ckpt = None
+    own = os.path.join(cfg.out_dir, CKPT_NAME)
+    if source != "resume" and os.path.exists(own):
+        # a new run here would replace the log at once and the checkpoint at its first save
+        raise ConfigError(f"{cfg.out_dir} already holds a run ({own}{saved_step(cfg.out_dir)}), which a new run "
+                          f"with init_from={source} would overwrite: continue it with --init_from=resume, or give "
+                          f"a new --out_dir (delete {cfg.out_dir} to start over there)")
     if source == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias),

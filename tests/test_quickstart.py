@@ -59,7 +59,12 @@ def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
     (elsewhere / "texts.jsonl").write_text("")
     (elsewhere / "alpaca.json").write_text("[]")
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--source=texts.jsonl", "--instruct=alpaca.json"])
+    for run in ("base", "chat"):  # an earlier quickstart's runs, which train.py would refuse to overwrite
+        os.makedirs(elsewhere / "out" / "quickstart" / run)
+        (elsewhere / "out" / "quickstart" / run / "ckpt.pt").write_bytes(b"old")
     quickstart.main()
+    assert not os.path.exists(elsewhere / "out" / "quickstart" / "base")
+    assert not os.path.exists(elsewhere / "out" / "quickstart" / "chat")
     assert len(commands) == 5
     for cmd in commands:
         files = [arg for arg in cmd[1:] if not arg.startswith("--")]  # the script and its recipe

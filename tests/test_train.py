@@ -388,6 +388,22 @@ def test_init_model_from_checkpoint_path(full_run):
         init_model(tiny_cfg("--init_from=no/such/thing"), cpu_runtime())
 
 
+def test_a_new_run_never_overwrites_a_run_folder(full_run, data_dir):
+    # the same command run again (no --init_from=resume) would wipe the log at once and the checkpoint later
+    out, args = full_run
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    proc = run_train(*args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{out} already holds a run" in proc.stderr and "step 12" in proc.stderr
+    assert "--init_from=resume" in proc.stderr and "new --out_dir" in proc.stderr
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    # starting from the run's weights into the same folder is refused the same way
+    from gptkit.configurator import ConfigError
+    from gptkit.trainer import init_model
+    with pytest.raises(ConfigError, match="already holds a run"):
+        init_model(tiny_cfg(f"--init_from={out}", f"--out_dir={out}"), cpu_runtime())
+
+
 def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
     from gptkit.checkpoint import truncate_log
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)]
