@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gptkit.configurator import BaseConfig, configure, print_config
+from gptkit.configurator import BaseConfig, UserError, configure, print_config
 from gptkit.checkpoint import atomic_write
 from gptkit.data import (PREPARE_STATE, ShardError, list_shards, make_pool, normalize_text, read_header,
                          resolve_num_proc, shard_path, tokenize_stream, write_shard)
-from gptkit.system import print0
+from gptkit.system import print0, run_main
 from gptkit.tokenizer import EOT, get_tokenizer
 
 LOCAL_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -86,13 +86,13 @@ def local_files(source):
                        for name in names if not name.startswith("."))
         paths = [p for p in paths if os.path.splitext(p)[1].lower() in LOCAL_KINDS]
         if not paths:
-            raise SystemExit(f"error: folder {source} holds no .parquet, .jsonl or .txt files: point source at "
+            raise UserError(f"folder {source} holds no .parquet, .jsonl or .txt files: point source at "
                              "a folder (or file) of documents")
     kinds = {LOCAL_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
     if None in kinds:
-        raise SystemExit(f"error: cannot read {source}: use a .parquet, .jsonl or .txt file")
+        raise UserError(f"cannot read {source}: use a .parquet, .jsonl or .txt file")
     if len(kinds) > 1:
-        raise SystemExit(f"error: folder {source} mixes {', '.join(sorted(kinds))} files: keep one kind per folder")
+        raise UserError(f"folder {source} mixes {', '.join(sorted(kinds))} files: keep one kind per folder")
     return kinds.pop(), paths
 
 
@@ -108,14 +108,14 @@ def open_records(cfg):
         try:
             ds = load_dataset(cfg.source, name=cfg.subset or None, split="train", streaming=True)
         except Exception as e:  # no network, a misspelt name or subset
-            raise SystemExit(f"error: could not open {cfg.source!r} (subset {cfg.subset!r}) on the Hugging Face hub "
+            raise UserError(f"could not open {cfg.source!r} (subset {cfg.subset!r}) on the Hugging Face hub "
                              f"({type(e).__name__}: {e}). Check the name, the subset and the network, or prepare "
                              "local files: --source=path/to/folder of parquet, jsonl or txt files") from e
     try:
         for number, record in enumerate(ds):
             text = record.get("text")
             if "text" not in record or not isinstance(text, (str, type(None))):
-                raise SystemExit(f"error: record {number} of {cfg.source} has no 'text' string (fields: "
+                raise UserError(f"record {number} of {cfg.source} has no 'text' string (fields: "
                                  f"{ {k: type(v).__name__ for k, v in record.items()} }); give a source whose "
                                  "documents are strings in a 'text' column")
             if builder == "text":
@@ -126,7 +126,7 @@ def open_records(cfg):
     except Exception as e:  # datasets names neither the file nor the fix: find them
         found = unreadable_file(builder, files) if builder else None
         where, why = found or (cfg.source, f"{type(e).__name__}: {str(e)[:300]}")
-        raise SystemExit(f"error: reading {where} failed: {why}. Fix or remove it, then run the same command "
+        raise UserError(f"reading {where} failed: {why}. Fix or remove it, then run the same command "
                          "again: it goes on from the last shard written") from e
 
 
@@ -190,7 +190,7 @@ def estimate_source_tokens(cfg):
             try:
                 meta = pq.ParquetFile(path).metadata
             except Exception as e:
-                raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e}): the file is truncated or "
+                raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): the file is truncated or "
                                  "not parquet; download it again or remove it") from e
             for g in range(meta.num_row_groups):
                 for c in range(meta.num_columns):
@@ -281,7 +281,7 @@ def prepare(cfg):
     if os.path.exists(state_path):
         state, train_partial, val_partial = load_state(state_path)
         if state["settings"] != settings:
-            raise SystemExit(f"error: {cfg.data_dir} holds a preparation with other settings {state['settings']}; "
+            raise UserError(f"{cfg.data_dir} holds a preparation with other settings {state['settings']}; "
                              f"use another data_dir, or delete {cfg.data_dir} to start over")
         if state["done"]:
             check_finished(cfg.data_dir, state)
@@ -291,7 +291,7 @@ def prepare(cfg):
         print0(f"resuming after {state['records']:,} documents ({state['train']['tokens'] + state['val']['tokens']:,} tokens)")
     else:
         if any(name.endswith(".bin") for name in os.listdir(cfg.data_dir)):
-            raise SystemExit(f"error: {cfg.data_dir} holds shards that this script did not start (no {PREPARE_STATE}); "
+            raise UserError(f"{cfg.data_dir} holds shards that this script did not start (no {PREPARE_STATE}); "
                              "use an empty data_dir")
         empty = {"shards": 0, "tokens": 0, "docs": 0, "partial": 0}
         p_val, val_limit = choose_val_split(cfg)
@@ -316,7 +316,7 @@ def prepare(cfg):
     records = open_records(cfg)
     for _ in range(records_done):  # documents already in shards or in the saved partial buffers
         if next(records, None) is None:
-            raise SystemExit(f"error: the source has fewer documents than {cfg.data_dir} already consumed: it "
+            raise UserError(f"the source has fewer documents than {cfg.data_dir} already consumed: it "
                              f"changed since the preparation began; delete {cfg.data_dir} to start over")
     from tqdm import tqdm
     estimate = estimate_source_tokens(cfg)
@@ -370,7 +370,7 @@ def prepare(cfg):
            f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), in {elapsed:.0f}s")
     for split, writer in (("train", train), ("val", val)):
         if not writer.tokens:  # train.py would refuse the folder: say so now, not at the start of training
-            raise SystemExit(f"error: no document went to {split} ({train.docs + val.docs:,} documents in all), "
+            raise UserError(f"no document went to {split} ({train.docs + val.docs:,} documents in all), "
                              f"and training needs both splits: delete {cfg.data_dir} and prepare more documents")
     print0(f"next: python train.py --data_dir={cfg.data_dir}")
     return state
@@ -378,20 +378,17 @@ def prepare(cfg):
 
 def check_finished(data_dir, state):
     """A finished folder still holds every shard its progress lists, each the right size."""
-    try:
-        for split in ("train", "val"):
-            tokens = sum(int(read_header(path)[2]) for path in list_shards(data_dir, split))
-            if tokens != state[split]["tokens"]:
-                raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the "
-                                 f"{state[split]['tokens']:,} prepared; delete {data_dir} and prepare it again")
-    except ShardError as e:
-        raise SystemExit(f"error: {e}") from e
+    for split in ("train", "val"):
+        tokens = sum(int(read_header(path)[2]) for path in list_shards(data_dir, split))
+        if tokens != state[split]["tokens"]:
+            raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the "
+                             f"{state[split]['tokens']:,} prepared; delete {data_dir} and prepare it again")
 
 
 if __name__ == "__main__":
     cfg = configure(PrepareConfig)
     print_config(cfg)
     try:
-        prepare(cfg)
+        run_main(prepare, cfg)  # a bad source or data folder: one `error:` line, exit code 2
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: the shards written so far are kept; run the same command again to go on")

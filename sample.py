@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 
 from gptkit.checkpoint import ckpt_arg_problems
-from gptkit.configurator import BaseConfig, configure
+from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
 from gptkit.system import run_main
 from gptkit.tokenizer import END, EOT, StreamDecoder, get_tokenizer
@@ -206,7 +206,7 @@ def main(cfg):
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()  # a pipe: answer once, as with --prompt
         if not prompt.strip():
-            raise SystemExit("stdin was empty: pipe a prompt in, or give --prompt=\"...\"")
+            raise UserError("stdin was empty: pipe a prompt in, or give --prompt=\"...\"")
     if prompt:
         block_size = model.config.block_size
         if mode == "chat":
@@ -214,7 +214,7 @@ def main(cfg):
             try:
                 ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
             except ValueError as e:
-                raise SystemExit(str(e))
+                raise UserError(str(e)) from e
             respond(model, ids, cfg, (END, EOT), generator, rt.autocast, tokenizer)
         else:
             ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)

@@ -8,6 +8,7 @@ and one `error:` line for a user's mistake (run_main).
 """
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -173,15 +174,25 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
 
 def run_main(main, *args):
     """Run a script's main(*args). A UserError (a bad setting, file or checkpoint; its message says what
-    to do) ends the process with one `error:` line and exit code 2, not a traceback that buries the
-    message. Under torchrun every rank meets the same problem; rank 0 says it."""
+    to do) or a full disk ends the process with one `error:` line and exit code 2, not a traceback that
+    buries the message. Under torchrun every rank meets the same setting problem, so rank 0 says it;
+    a full disk is said by the rank that met it (rank 0 writes checkpoints and logs)."""
+    said_by_any_rank = False
     try:
         return main(*args)
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed(finished=False)
-        sys.exit(2)
+        message = str(e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        said_by_any_rank = True
+        message = (f"the disk is full{f' ({e.filename})' if e.filename else ''}: free some space, then run the "
+                   "same command again (a training run: with --init_from=resume). Checkpoints, shards and "
+                   "prepared data are only ever replaced by complete files, so the last good ones are intact.")
+    if said_by_any_rank or int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    cleanup_distributed(finished=False)
+    sys.exit(2)
 
 
 def cleanup_distributed(finished=True):

@@ -125,3 +125,32 @@ while True:
     proc.wait()
     model, ckpt = load_model(str(out))
     assert ckpt["step"] >= saved
+
+
+def test_full_disk_during_save_keeps_previous_and_says_what_to_do(tmp_path, tiny_config, monkeypatch, capsys):
+    import errno
+    from gptkit.system import run_main
+    model = GPT(tiny_config, verbose=False)
+    out = str(tmp_path / "run")
+    save_checkpoint(out, {"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 1})
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(out)}
+
+    def save_until_full(obj, f):
+        f.write(b"x" * 1000)  # part of the file is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+
+    def main():
+        save_checkpoint(out, {"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 2})
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full") and "--init_from=resume" in err and "intact" in err
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(out)} == before  # no temp file
+    # other OS errors are not a full disk: they keep their traceback
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+    with pytest.raises(PermissionError):
+        run_main(main)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_data
-from gptkit.configurator import ConfigError, load_config
+from gptkit.configurator import ConfigError, UserError, load_config
 from gptkit.data import MAGIC, PREPARE_STATE, VERSION, ShardError, list_shards, load_shard, normalize_text, read_header, split_hash
 from gptkit.tokenizer import EOT, get_tokenizer
 from prepare_fineweb import TXT_PIECE_CHARS, PrepareConfig, prepare, text_pieces
@@ -193,7 +193,7 @@ def test_max_tokens_stops_early(tmp_path):
 
 def test_bad_sources_give_clear_messages(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="holds no .parquet, .jsonl or .txt"):
+    with pytest.raises(UserError, match="holds no .parquet, .jsonl or .txt"):
         run_prepare(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(PrepareConfig, [f"--source={tmp_path / 'nope.jsonl'}"])
@@ -209,17 +209,17 @@ def test_bad_sources_give_clear_messages(tmp_path):
             (folder / "good.txt" if name.endswith(".txt") else folder / "a.jsonl").write_text(
                 "Good text.\n" if name.endswith(".txt") else '{"text": "Good text.", "id": "0"}\n')
         (folder / name).write_bytes(content)
-        with pytest.raises(SystemExit, match=says):
+        with pytest.raises(UserError, match=says):
             run_prepare(folder, tmp_path / f"out_{name}", num_proc=1)
     write_parquet(tmp_path / "whole.parquet", fineweb_records()[:20])
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "part.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes()[:3000])
-    with pytest.raises(SystemExit, match=r"part\.parquet.*truncated or not parquet"):
+    with pytest.raises(UserError, match=r"part\.parquet.*truncated or not parquet"):
         run_prepare(tmp_path / "cut", tmp_path / "out_parquet", num_proc=1)
     # a data_dir prepared with other settings is not silently mixed
     write_jsonl(tmp_path / "fw.jsonl", fineweb_records()[:50])
     run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=20000, val_tokens=1000, num_proc=1)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=30000, val_tokens=1000, num_proc=1)
 
 
@@ -235,7 +235,7 @@ def test_a_damaged_folder_is_refused_and_foreign_files_are_kept(tmp_path):
     os.remove(out / "train_000001.bin")
     with pytest.raises(ShardError, match=r"1 of the \d+ train shards prepared in .* are missing \(train_000001"):
         list_shards(str(out), "train")
-    with pytest.raises(SystemExit, match="train shards prepared in .* are missing"):  # not "already complete"
+    with pytest.raises(UserError, match="train shards prepared in .* are missing"):  # not "already complete"
         run_prepare(tmp_path / "fw.jsonl", out, shard_tokens=5000, val_tokens=2000, num_proc=1)
     (out / "train_000002.bin").write_bytes((out / "train_000002.bin").read_bytes()[:501])
     with pytest.raises(ShardError, match=r"501 bytes, shorter than its 1024-byte header: prepare the data again"):
@@ -285,6 +285,6 @@ def test_unreachable_hub_dataset_says_what_to_do(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), "--source=gptkit-test/no-such-data",
                            f"--data_dir={tmp_path / 'out'}", "--max_tokens=1000"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "could not open 'gptkit-test/no-such-data'" in proc.stderr and "--source=path/to/folder" in proc.stderr
+    assert proc.returncode == 2
+    assert "error: could not open 'gptkit-test/no-such-data'" in proc.stderr and "--source=path/to/folder" in proc.stderr
     assert "Traceback" not in proc.stderr

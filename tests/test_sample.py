@@ -221,3 +221,14 @@ def test_chat_in_a_terminal(ckpts):
     second = text.index(f"{u2}\n{a2}\n", first)
     cleared = text.index("(conversation cleared)", second)
     assert text.index(f"{u1}\n{a1}\n", cleared) > cleared  # after /reset the first answer comes back
+
+
+def test_one_shot_mistakes_are_one_error_line(ckpts):
+    _, chat_dir, _ = ckpts
+    empty = run_sample([f"--ckpt={chat_dir}", *FLAGS], stdin_text="  \n")
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr
+    assert "error: stdin was empty" in empty.stderr
+    # the test model's context is 64 tokens: a long system prompt leaves no room for the message
+    too_long = run_sample([f"--ckpt={chat_dir}", "--prompt=Hi.", "--system=" + "word " * 200, *FLAGS])
+    assert too_long.returncode == 2 and "Traceback" not in too_long.stderr, too_long.stderr
+    assert "error: this message and the system prompt take" in too_long.stderr
