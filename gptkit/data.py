@@ -385,18 +385,25 @@ class PretrainLoader:
 def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
     """A fixed list of (x, y): the first eval_tokens of the val split in non-overlapping windows,
     batch i going to rank i % world_size. The same on every call, so val losses compare across
-    evals and runs. Every rank gets the same number of batches (for the all-reduce); when the val
-    split is smaller than eval_tokens, all of it is used."""
+    evals and runs. Every rank gets the same number of batches (for the all-reduce): a rank a batch
+    short gets one without targets (y = -1), which adds nothing to the loss, so the windows scored
+    are the same for any number of processes. When the val split is smaller than eval_tokens, all
+    of it is used."""
     shards = _ShardSet(data_dir, "val", block_size)
     available = int(shards.cum_rows[-1]) // batch_size
     wanted = max(eval_tokens // (batch_size * block_size), 1)
-    per_rank = min(wanted, available) // world_size
-    if per_rank == 0:
+    n_batches = min(wanted, available)
+    if n_batches == 0:
         raise ShardError(f"the val split in {data_dir} has {int(shards.n_tokens.sum())} tokens, too few for one "
-                         f"batch of {batch_size}x{block_size} per rank on {world_size} rank(s): raise val_tokens "
-                         f"in `{PREPARE_HINT}`, or lower micro_batch_size or block_size")
+                         f"batch of {batch_size}x{block_size}: raise val_tokens in `{PREPARE_HINT}`, or lower "
+                         f"micro_batch_size or block_size")
+    per_rank = -(-n_batches // world_size)
     batches = []
     for i in range(rank, per_rank * world_size, world_size):
-        rows = np.arange(i * batch_size, (i + 1) * batch_size)
-        batches.append(_to_device(shards.gather(*shards.row_position(rows)), device))
+        if i < n_batches:
+            rows = np.arange(i * batch_size, (i + 1) * batch_size)
+            batches.append(_to_device(shards.gather(*shards.row_position(rows)), device))
+        else:
+            x = torch.full((batch_size, block_size), EOT, dtype=torch.int64, device=device)
+            batches.append((x, torch.full_like(x, -1)))
     return batches

@@ -238,7 +238,9 @@ class SFTLoader:
 def sft_val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
     """A fixed list of (x, y): the val conversations packed in file order, at most eval_tokens worth of
     rows, global row g going to rank g % world_size. Every rank gets the same number of full batches
-    (for the all-reduce): when the rows do not fill the last batch, it is topped up from the first rows."""
+    (for the all-reduce): the last batches are filled up with rows without targets, which add nothing
+    to the loss, so each conversation counts once and the val loss is the same for any number of
+    processes and any batch size."""
     ids, mask, offsets = read_sft_split(data_dir, "val")
     lengths = np.diff(offsets)
     if len(lengths) == 0:
@@ -246,8 +248,9 @@ def sft_val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world
                            "with a larger val_fraction")
     _check_fits(lengths, block_size, data_dir)
     rows = pack_rows(lengths, np.arange(len(lengths)), block_size + 1)
+    rows = rows[:max(eval_tokens // block_size, 1)]
     rows_per_step = batch_size * world_size
-    n_batches = min(-(-len(rows) // rows_per_step), max(eval_tokens // (block_size * rows_per_step), 1))
-    rows = [rows[g % len(rows)] for g in range(n_batches * rows_per_step)]
+    n_rows = -(-len(rows) // rows_per_step) * rows_per_step
+    rows += [[]] * (n_rows - len(rows))  # an empty row: <|endoftext|> padding, every target -1
     mine = [make_row(ids, mask, offsets, r, block_size) for r in rows[rank::world_size]]
     return [_to_device(mine[i:i + batch_size], device) for i in range(0, len(mine), batch_size)]

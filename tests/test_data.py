@@ -150,10 +150,29 @@ def test_val_batches_fixed_and_split_between_ranks(data_dir):
     starts = torch.cat([x[:, 0] for x, _ in one]).tolist()
     assert starts == [11500 + i * T for i in range(40)]  # the first 40 windows of the val split, in order
     ranks = [val_batches(data_dir, 4, T, eval_tokens=10 * 4 * T, rank=r, world_size=3) for r in range(3)]
-    assert [len(r) for r in ranks] == [3, 3, 3]  # the same count on every rank, for the all-reduce
-    windows = [set(torch.cat([x[:, 0] for x, _ in r]).tolist()) for r in ranks]
+    assert [len(r) for r in ranks] == [4, 4, 4]  # the same count on every rank, for the all-reduce
+    windows = [set(torch.cat([x[:, 0] for x, y in r if (y != -1).any()]).tolist()) for r in ranks]
+    assert sorted(set.union(*windows)) == starts  # the 10 batches between them, none twice
     assert not (windows[0] & windows[1]) and not (windows[1] & windows[2]) and not (windows[0] & windows[2])
     # asking for more than there is uses all of it, still in whole batches
     assert len(val_batches(data_dir, 4, T, eval_tokens=10**9)) == (124 + 62) // 4  # windows per shard: 1999//16, 999//16
     with pytest.raises(ShardError, match="val"):
         val_batches(data_dir, 64, 512, eval_tokens=10**6)
+
+
+def test_val_set_is_the_same_for_any_number_of_processes(data_dir):
+    # 5 batches of val windows: 2 processes cannot split them evenly, yet they must score the same
+    # windows as one process (a rank short of a batch gets one without targets)
+    def val_windows(world_size):
+        batches = [b for r in range(world_size)
+                   for b in val_batches(data_dir, 4, T, eval_tokens=5 * 4 * T, rank=r, world_size=world_size)]
+        assert len(batches) % world_size == 0  # the same count on every rank, for the all-reduce
+        return sorted(int(x[0]) for xb, yb in batches for x, y in zip(xb, yb) if (y != -1).any())
+
+    one = val_windows(1)
+    assert one == [11500 + i * T for i in range(20)]
+    assert val_windows(2) == one and val_windows(3) == one
+    for world_size in (2, 3):
+        for r in range(world_size):
+            for _, y in val_batches(data_dir, 4, T, eval_tokens=5 * 4 * T, rank=r, world_size=world_size):
+                assert ((y == -1).all(dim=1) | (y != -1).all(dim=1)).all()  # whole windows or none

@@ -282,3 +282,31 @@ def test_val_batches_fixed_and_full(instruct_dir):
     assert len(r0) == len(r1) >= 1
     with pytest.raises(SFTDataError, match="longer than a row"):
         SFTLoader(instruct_dir, "train", batch_size=2, block_size=16)
+
+
+def test_val_set_is_each_conversation_once_for_any_number_of_processes(tmp_path):
+    # 7 val rows: 2 processes x 2 rows per batch need 8. The val loss must not change with the
+    # process count or the batch size: no row counted twice, filler rows carry no targets
+    from gptkit.sft import write_meta, write_sft_split
+    tokenizer = get_tokenizer()
+    chats = [tokenizer.render_conversation([{"role": "user", "content": f"Say {n}."},
+                                            {"role": "assistant", "content": "ok " * (40 + n)}]) for n in range(7)]
+    data_dir = str(tmp_path)
+    n, tokens = write_sft_split(data_dir, "val", chats)
+    write_meta(data_dir, {"splits": {"val": {"conversations": n, "tokens": tokens}}})
+
+    def val_rows(world_size, batch_size, eval_tokens=10**6):
+        per_rank = [sft_val_batches(data_dir, batch_size, 64, eval_tokens, rank=r, world_size=world_size)
+                    for r in range(world_size)]
+        assert len({len(batches) for batches in per_rank}) == 1  # the same count on every rank, for the all-reduce
+        rows = [(tuple(x.tolist()), tuple(y.tolist())) for batches in per_rank for xb, yb in batches
+                for x, y in zip(xb, yb)]
+        return sorted(r for r in rows if any(t != -1 for t in r[1]))
+
+    one = val_rows(1, 1)
+    assert len(one) == 7 and len(set(one)) == 7
+    for world_size, batch_size in ((1, 2), (2, 2), (3, 2), (2, 3)):
+        assert val_rows(world_size, batch_size) == one, (world_size, batch_size)
+    # eval_tokens caps the rows: the same ones for any process count
+    assert len(val_rows(1, 1, eval_tokens=3 * 64)) == 3
+    assert val_rows(2, 2, eval_tokens=3 * 64) == val_rows(1, 1, eval_tokens=3 * 64)
