@@ -255,3 +255,27 @@ def test_export_script_end_to_end(tmp_path, tiny_export):
                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "holds a gptkit run (ckpt.pt)" in result.stderr
     assert "config.json" not in os.listdir(ckpt_dir)
+
+
+def test_hub_names_download_then_load(tiny_export, monkeypatch):
+    # the hub itself is out of reach in tests: its download function is replaced at the boundary
+    import huggingface_hub
+    model, out = tiny_export
+    asked = []
+
+    def fake_snapshot_download(name, allow_patterns=None, **kwargs):
+        asked.append((name, allow_patterns))
+        return out
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for name in ("gpt2", "openai-community/gpt2-medium"):
+        assert _same_weights(model, load_hf_gpt2(name, verbose=False))
+    assert [name for name, _ in asked] == ["gpt2", "openai-community/gpt2-medium"]
+    assert "config.json" in asked[0][1] and "model.safetensors" in asked[0][1]  # weights only, no other formats
+
+    def offline(name, **kwargs):
+        raise OSError("could not reach huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(HFError, match=r"'gpt2' is not a local folder, and downloading it .*could not reach"):
+        load_hf_gpt2("gpt2", verbose=False)
