@@ -7,7 +7,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/tiny_cpu.py --device=cpu --steps=3   # runs on a CPU too
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
-    python bench.py --mode=tokenize --text=../shared/data/pretrain --num_proc=4   # prepare_fineweb's tokenizer
+    python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=4   # prepare_fineweb's tokenizer
 
 Each timed step is a full optimizer step (total_batch_tokens tokens with gradient accumulation).
 `warmup` steps run first and are not timed (compilation, allocator warm-up, cuDNN autotuning);

@@ -7,7 +7,7 @@ tokens and the <|end|> closing each answer, weighted by token count across the w
     python finetune.py config/dolly.py                         # one GPU
     torchrun --standalone --nproc_per_node=8 finetune.py config/dolly.py
     python finetune.py config/dolly.py --init_from=resume      # continue an interrupted run
-    python finetune.py config/alpaca.py --device=cpu --max_steps=20 --micro_batch_size=2   # a CPU smoke run
+    python finetune.py config/tiny_chat.py                     # on a CPU, after config/tiny_cpu.py (see its header)
     python sample.py --ckpt=out/dolly                          # then chat with it
 
 Before and after training it prints the model's greedy answers to a few fixed prompts, so the

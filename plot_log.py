@@ -5,7 +5,7 @@ Works on a finished run and on one still running (a half-written last line is sk
     python plot_log.py --out_dir=out/fineweb_124m              # writes out/fineweb_124m/loss.png
     python plot_log.py config/fineweb_124m.py                   # the same, out_dir from the recipe
     python plot_log.py --out_dir=out/dolly --out=dolly_loss.png
-    python plot_log.py --out_dir=out/dolly --out=plots/dolly.pdf   # any format matplotlib writes; no extension: .png
+    python plot_log.py --out_dir=out/dolly --out=dolly_loss.pdf    # any format matplotlib writes; no extension: .png
 """
 
 import json

@@ -25,6 +25,8 @@ an uninterrupted run writes. On finished data it does nothing. Progress lives in
 import json
 import os
 import re
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -270,7 +272,8 @@ def load_state(path):
     return state, partial[:n_train], partial[n_train:]
 
 
-def prepare(cfg):
+def prepare(cfg, recipes=()):
+    """Write the shards of cfg -> the progress state. recipes: the config files given, for the hint at the end."""
     state_path = os.path.join(cfg.data_dir, PREPARE_STATE)
     settings = {k: getattr(cfg, k) for k in ("source", "subset", "shard_tokens", "val_tokens", "max_tokens")}
     os.makedirs(cfg.data_dir, exist_ok=True)
@@ -372,7 +375,8 @@ def prepare(cfg):
         if not writer.tokens:  # train.py would refuse the folder: say so now, not at the start of training
             raise UserError(f"no document went to {split} ({train.docs + val.docs:,} documents in all), "
                              f"and training needs both splits: delete {cfg.data_dir} and prepare more documents")
-    print0(f"next: python train.py --data_dir={cfg.data_dir}")
+    # with the same recipe: without it train.py would start its 124M defaults on this data
+    print0(f"next: python train.py {shlex.join(list(recipes) + [f'--data_dir={cfg.data_dir}'])}")
     return state
 
 
@@ -389,6 +393,7 @@ if __name__ == "__main__":
     cfg = configure(PrepareConfig)
     print_config(cfg)
     try:
-        run_main(prepare, cfg)  # a bad source or data folder: one `error:` line, exit code 2
+        # a bad source or data folder: one `error:` line, exit code 2
+        run_main(prepare, cfg, [arg for arg in sys.argv[1:] if arg.endswith(".py") and not arg.startswith("--")])
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: the shards written so far are kept; run the same command again to go on")

@@ -23,6 +23,7 @@ its prepared data and replaces its two runs in out/quickstart.
 """
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def repo_file(name):
 
 
 def run(step, title, args, where):
-    print(f"\n=== [{step}/5] {title}: python {' '.join(args)}", flush=True)
+    print(f"\n=== [{step}/5] {title}: python {shlex.join(args)}", flush=True)  # quoted: pastes as it ran
     t0 = time.time()
     result = subprocess.run([sys.executable] + args)
     if result.returncode != 0:
@@ -116,7 +117,7 @@ def main():
         f"chat checkpoint {chat_run}/ckpt.pt")
     sample = repo_file("sample.py")
     run(5, "one question", [sample, f"--ckpt={chat_run}", f"--prompt={cfg.prompt}", "--temperature=0",
-        "--max_new_tokens=48"] + common, f"chat with it: python {sample} --ckpt={chat_run}")
+        "--max_new_tokens=48"] + common, f"chat with it: python {shlex.join([sample, f'--ckpt={chat_run}'])}")
     print("A 7M-parameter model after a few minutes of training answers in word salad; the pieces are the\n"
           "ones the full recipes use. Next: config/fineweb_124m.py and config/dolly.py on a GPU (README).")
 

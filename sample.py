@@ -14,8 +14,9 @@ clears it), /quit or Ctrl-D leaves. Ctrl-C stops the answer being written; at th
 When the conversation outgrows the model's context, its oldest turns are dropped (the system prompt
 stays, and room is kept for max_new_tokens of answer).
 
-With --prompt or a piped stdin only the answer goes to stdout (then a newline); everything else
-goes to stderr, so scripts can use the output as is. The same seed gives the same text.
+With --prompt or a piped stdin only the answer goes to stdout (then a newline; with --num_samples,
+each under a '----- sample i/n -----' line); everything else goes to stderr, so scripts can use the
+output as is. The same seed gives the same text.
 """
 
 import sys

@@ -4,7 +4,7 @@
 #   python finetune.py config/alpaca.py
 #   python sample.py --ckpt=out/alpaca
 # Other Alpaca-style sources work the same: "tatsu-lab/alpaca" (the original), or a local JSON list
-# such as ../shared/data/instruct/instruction-data.json (1,100 records: a quick smoke run).
+# such as instruction-data.json of rasbt/LLMs-from-scratch, ch07 (1,100 records: a quick smoke run).
 # ~52k short conversations, ~8M tokens: ~125 steps of 64k tokens per epoch, 375 steps ~3 epochs.
 # For the 712M (config/fineweb_712m.py): init_from = "out/fineweb_712m", out_dir = "out/alpaca_712m",
 #   learning_rate = 3e-5, min_lr = 3e-6, micro_batch_size = 8 (2 with activation_checkpointing = True

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -288,3 +289,15 @@ def test_unreachable_hub_dataset_says_what_to_do(tmp_path):
     assert proc.returncode == 2
     assert "error: could not open 'gptkit-test/no-such-data'" in proc.stderr and "--source=path/to/folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_next_command_keeps_the_recipe(tmp_path):
+    """The printed next step trains with the recipe the data was prepared with, not train.py's 124M defaults."""
+    write_jsonl(tmp_path / "fw.jsonl", fineweb_records())
+    cmd = [sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), "config/tiny_cpu.py", f"--source={tmp_path / 'fw.jsonl'}",
+           f"--data_dir={tmp_path / 'my data'}", "--val_tokens=2000", "--num_proc=1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("next: "))
+    assert shlex.split(line[len("next: "):]) == ["python", "train.py", "config/tiny_cpu.py",
+                                                  f"--data_dir={tmp_path / 'my data'}"]

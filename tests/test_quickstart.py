@@ -1,6 +1,7 @@
 """The README's quick start, end to end, as CI sees it: local data instead of the hub."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -74,3 +75,27 @@ def test_runs_from_any_folder(tmp_path, monkeypatch, capsys):
     assert "--source=texts.jsonl" in commands[0] and "--sources=alpaca.json" in commands[2]
     sample = os.path.relpath(os.path.join(ROOT, "sample.py"))
     assert f"python {sample} --ckpt=out/quickstart/chat" in capsys.readouterr().out  # a command that works here
+
+
+def test_printed_commands_paste_back_into_a_shell(tmp_path, monkeypatch, capsys):
+    commands = []
+
+    def record(cmd, *args, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(quickstart.subprocess, "run", record)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my texts").mkdir()
+    (tmp_path / "alpaca.json").write_text("[]")
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--source=my texts/", "--instruct=alpaca.json",
+                                      "--prompt=What is the capital of France?", "--out_dir=my runs"])
+    quickstart.main()
+    out = capsys.readouterr().out
+    printed = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("=== [") and "done" not in line]
+    assert len(printed) == 5
+    for line, cmd in zip(printed, commands):
+        # a shell splits the printed line back into exactly the arguments that ran
+        assert shlex.split(line) == ["python"] + cmd[1:], line
+    chat = out.split("chat with it: ")[1].splitlines()[0]
+    assert shlex.split(chat) == ["python", commands[4][1], "--ckpt=my runs/chat"]
