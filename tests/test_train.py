@@ -380,3 +380,35 @@ def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
     truncate_log(str(tmp_path), 6)
     assert [r["step"] for r in read_log(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]  # no temporary file left behind
+
+
+def test_metrics_logger_writes_jsonl_and_wandb(tmp_path, monkeypatch):
+    """--wandb_log=True: every record goes to wandb too (wandb itself is replaced by a recorder)."""
+    import types
+    from gptkit.system import MetricsLogger
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake_wandb = types.SimpleNamespace(init=lambda **kwargs: calls.append(("init", kwargs)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    logger = MetricsLogger(str(tmp_path), wandb_log=True, wandb_project="proj", wandb_run_name="run1",
+                           config={"n_layer": 2})
+    logger.log(3, loss=torch.tensor(2.5), lr=np.float32(0.5), samples=["text"])
+    logger.close()
+    assert calls[0] == ("init", {"project": "proj", "name": "run1", "config": {"n_layer": 2}, "resume": None})
+    assert calls[1:] == [("log", {"loss": 2.5, "lr": 0.5, "samples": ["text"]}, 3), ("finish",)]
+    [record] = read_log(str(tmp_path))
+    assert record["step"] == 3 and record["loss"] == 2.5 and record["lr"] == 0.5
+    # a resumed run appends to its log and to the same wandb run; other ranks write nothing
+    for enabled, step in ((True, 4), (False, 5)):
+        logger = MetricsLogger(str(tmp_path), enabled=enabled, wandb_log=True, resume=True)
+        logger.log(step, loss=2.0)
+        logger.close()
+    assert calls[3][1]["resume"] == "allow" and calls[4:] == [("log", {"loss": 2.0}, 4), ("finish",)]
+    assert [r["step"] for r in read_log(str(tmp_path))] == [3, 4]
