@@ -248,7 +248,7 @@ def test_token_weighted_accumulation(tiny_config):
     assert grads_one["transformer.wte.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # skipped on the device / on the host
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # AdamW skips the update on the device, Muon on the host
 def test_nonfinite_loss_skips_the_update(tiny_config, optimizer):
     from model import GPT
     from gptkit.trainer import configure_optimizers, train_step
