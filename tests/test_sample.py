@@ -207,6 +207,25 @@ def test_completion_loop_continues_each_text_alone(ckpts, monkeypatch, capsys):
     assert capsys.readouterr().out.count("I\n") == 2
 
 
+def test_one_shot_prompt_with_a_system_prompt(ckpts, monkeypatch, capsys):
+    """--prompt (or a pipe) with --system: one answer to the system prompt and the message."""
+    import io
+    asked = []
+
+    def fake_generate(*args, **kwargs):
+        asked.append(inspect.signature(generate).bind(*args, **kwargs).arguments["ids"])
+        yield 40  # "I"
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    flags = [f"--ckpt={ckpts[1]}", *FLAGS, "--system=Be brief."]
+    sample.main(load_config(sample.SampleConfig, flags + ["--prompt=Name a river."]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a river.\n"))  # not a terminal: read as the prompt
+    sample.main(load_config(sample.SampleConfig, flags))
+    assert asked == [render("Name a river.", system="Be brief.")] * 2
+    assert capsys.readouterr().out == "I\n" * 2
+
+
 def test_stop_tokens_of_each_mode(ckpts, monkeypatch, capsys):
     """With the real sampler: an answer ends at <|end|> in chat mode; a completion writes <|end|> as
     text and ends at <|endoftext|>."""
