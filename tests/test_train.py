@@ -100,8 +100,9 @@ def test_stop_and_resume_gives_bitwise_identical_losses(full_run, tmp_path):
     assert losses(got, "lr") == losses(expected, "lr")
 
 
-def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
-    out = str(tmp_path / "sigterm")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_saves_and_resume_continues(data_dir, tmp_path, signum):
+    out = str(tmp_path / "stopped")
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + [
         f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=1000", "--total_batch_tokens=256",
         "--eval_interval=1000", "--ckpt_interval=1000"]
@@ -116,13 +117,13 @@ def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
                         break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
-    assert "SIGTERM received" in stdout and "Traceback" not in stderr
+    assert f"{signal.Signals(signum).name} received" in stdout and "Traceback" not in stderr
     with open(os.path.join(out, "ckpt.json")) as f:
         stopped_at = json.load(f)["step"]
     assert 3 <= stopped_at < 1000
