@@ -132,6 +132,33 @@ def test_transformers_logits_equal_ours_124m_shape(tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
+def test_transformers_generate_stops_where_gptkit_does(tiny_export, tmp_path):
+    """generation_config.json: in transformers' generate an exported chat model's reply ends at
+    <|end|>, as in sample.py; a base model writes <|end|> on and ends at <|endoftext|>."""
+    model, chat_dir = tiny_export
+    export_hf(model, str(tmp_path / "base"))
+    new_tokens = {}
+    for kind, folder in (("chat", chat_dir), ("base", str(tmp_path / "base"))):
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        steps = []
+
+        def steer(module, inputs, logits):  # the 3rd new token is <|end|>, the 5th <|endoftext|>
+            steps.append(1)
+            forced = {3: END, 5: EOT}.get(len(steps))
+            if forced is None:
+                return logits
+            logits = logits.clone()
+            logits[:, -1, forced] = 1e4
+            return logits
+
+        hf_model.lm_head.register_forward_hook(steer)
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([[EOT, 15496]]), max_new_tokens=10, do_sample=False)
+        new_tokens[kind] = out[0, 2:].tolist()
+    assert len(new_tokens["chat"]) == 3 and new_tokens["chat"][-1] == END
+    assert len(new_tokens["base"]) == 5 and new_tokens["base"][2] == END and new_tokens["base"][-1] == EOT
+
+
 def test_vocab_and_merges_equal_gpt2_files():
     vocab, merges = gpt2_vocab_and_merges()
     with open(shared_data("gpt2", "encoder.json"), encoding="utf-8") as f:
