@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def test_resume_refuses_a_run_of_the_other_script(saved_kind, run_kind, advice):
 
 
 def test_kill_during_save_keeps_previous(tmp_path):
-    # A child process saves big checkpoints over and over; kill it mid-write many times over.
+    # A child process saves big checkpoints over and over; kill it without warning in the middle of
+    # a save (most of each save is writing ckpt.pt), at several points of the save.
     out = tmp_path / "run"
     code = f"""
 import sys, torch
@@ -117,14 +119,17 @@ while True:
     save_checkpoint({str(out)!r}, {{"model": model.state_dict(), "model_config": model.config.to_dict(), "step": step}})
     print(step, flush=True)
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    saved = 0
-    while saved < 3:  # let a few saves complete, then kill without warning
-        saved = int(proc.stdout.readline())
-    proc.kill()
-    proc.wait()
-    model, ckpt = load_model(str(out))
-    assert ckpt["step"] >= saved
+    for fraction in (0.3, 0.7):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        done = []
+        while len(done) < 3:  # let a few saves complete, to time them
+            done.append((int(proc.stdout.readline()), time.perf_counter()))
+        save_seconds = (done[-1][1] - done[0][1]) / (len(done) - 1)
+        time.sleep(fraction * save_seconds)  # part way through the next save
+        proc.kill()
+        proc.wait()
+        model, ckpt = load_model(str(out))
+        assert ckpt["step"] >= done[-1][0]
 
 
 def test_full_disk_during_save_keeps_previous_and_says_what_to_do(tmp_path, tiny_config, monkeypatch, capsys):

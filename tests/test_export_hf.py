@@ -95,6 +95,19 @@ def test_roundtrip_is_bitwise(tiny_export, tmp_path):
     assert back.config == biased.config and _same_weights(biased, back)
 
 
+def test_a_run_starts_from_an_exported_folder(tiny_export):
+    """train.py / finetune.py --init_from=<a Hugging Face GPT-2 folder>: its weights, this run's dropout."""
+    from gptkit.configurator import load_config
+    from gptkit.system import Runtime
+    from gptkit.trainer import TrainConfig, init_model
+    model, out = tiny_export
+    cfg = load_config(TrainConfig, [f"--init_from={out}", "--dropout=0.1", "--device=cpu"])
+    started, ckpt = init_model(cfg, Runtime(device="cpu", device_type="cpu", dtype="float32"))
+    assert ckpt is None  # fresh training from these weights
+    assert started.config == GPTConfig(**{**model.config.to_dict(), "dropout": 0.1})
+    assert started.transformer.h[0].mlp.dropout.p == 0.1 and _same_weights(model, started)
+
+
 def test_transformers_logits_equal_ours_tiny(tiny_export):
     model, out = tiny_export
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -117,6 +130,33 @@ def test_transformers_logits_equal_ours_124m_shape(tmp_path):
         ours, _ = model(idx)
         theirs = hf_model(idx).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_transformers_generate_stops_where_gptkit_does(tiny_export, tmp_path):
+    """generation_config.json: in transformers' generate an exported chat model's reply ends at
+    <|end|>, as in sample.py; a base model writes <|end|> on and ends at <|endoftext|>."""
+    model, chat_dir = tiny_export
+    export_hf(model, str(tmp_path / "base"))
+    new_tokens = {}
+    for kind, folder in (("chat", chat_dir), ("base", str(tmp_path / "base"))):
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        steps = []
+
+        def steer(module, inputs, logits):  # the 3rd new token is <|end|>, the 5th <|endoftext|>
+            steps.append(1)
+            forced = {3: END, 5: EOT}.get(len(steps))
+            if forced is None:
+                return logits
+            logits = logits.clone()
+            logits[:, -1, forced] = 1e4
+            return logits
+
+        hf_model.lm_head.register_forward_hook(steer)
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([[EOT, 15496]]), max_new_tokens=10, do_sample=False)
+        new_tokens[kind] = out[0, 2:].tolist()
+    assert len(new_tokens["chat"]) == 3 and new_tokens["chat"][-1] == END
+    assert len(new_tokens["base"]) == 5 and new_tokens["base"][2] == END and new_tokens["base"][-1] == EOT
 
 
 def test_vocab_and_merges_equal_gpt2_files():

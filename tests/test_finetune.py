@@ -129,9 +129,13 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert "chat" in result.stderr
 
 
-def test_torchrun_two_processes_match_one_with_double_accumulation(tmp_path):
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A one-step base model, instruction data, and an uninterrupted 3-step finetune of it
+    -> (folder, the finetune flags, the finetune's log records)."""
     from gptkit.data import shard_path, write_shard
     from gptkit.tokenizer import get_tokenizer
+    tmp_path = tmp_path_factory.mktemp("finetune")
     tokens = [50256] + get_tokenizer().encode(open(shared_data("pretrain", "tinyshakespeare", "input.txt"),
                                                    encoding="utf-8").read()[:20_000])
     write_shard(shard_path(str(tmp_path / "shards"), "train", 0), tokens)
@@ -145,18 +149,40 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(tmp_path):
     common = [f"--data_dir={tmp_path / 'sft'}", f"--init_from={tmp_path / 'base'}", "--max_steps=3",
               "--total_batch_tokens=512", "--data_mode=sequential", "--dropout=0", "--warmup_steps=1",
               "--eval_interval=3", "--eval_tokens=1024", "--answer_tokens=0", "--learning_rate=1e-3", *tiny]
-    logs = []
-    for name, launcher in (("single", [sys.executable]),
-                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
-        out = tmp_path / name
-        proc = subprocess.run(launcher + ["finetune.py", *common, f"--out_dir={out}"], cwd=ROOT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        logs.append([json.loads(line) for line in open(out / "log.jsonl")])
+    return tmp_path, common, run_finetune([sys.executable], common, tmp_path / "single")[0]
+
+
+def run_finetune(launcher, args, out):
+    proc = subprocess.run(launcher + ["finetune.py", *args, f"--out_dir={out}"], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{out}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return [json.loads(line) for line in open(out / "log.jsonl")], proc
+
+
+def by_step(records, key):
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def test_torchrun_two_processes_match_one_with_double_accumulation(finetuned):
+    tmp_path, common, single = finetuned
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp, proc = run_finetune(torchrun, common, tmp_path / "ddp")
     assert "1 accumulation steps x 2 process(es)" in proc.stdout
     for key in ("loss", "grad_norm"):  # the same rows, token-weighted over both ranks: the same step
-        one = {r["step"]: r[key] for r in logs[0] if key in r}
-        two = {r["step"]: r[key] for r in logs[1] if key in r}
+        one, two = by_step(single, key), by_step(ddp, key)
         assert sorted(one) == sorted(two) == [1, 2, 3], key
         for step in one:
             assert abs(one[step] - two[step]) < 1e-5, (key, step, one[step], two[step])
+
+
+def test_stopped_finetune_resumes_exactly(finetuned):
+    """finetune.py --init_from=resume: the interrupted run ends with the same figures, bitwise."""
+    tmp_path, common, single = finetuned
+    out = tmp_path / "resumed"
+    first, proc = run_finetune([sys.executable], common + ["--stop_step=1"], out)
+    assert "stopped at step 1" in proc.stdout and max(by_step(first, "loss")) == 1
+    resumed, proc = run_finetune([sys.executable], common + ["--init_from=resume"], out)
+    for key in ("loss", "grad_norm", "lr", "val_loss"):
+        assert by_step(resumed, key) == by_step(single, key), key
+    assert sorted(by_step(resumed, "loss")) == [1, 2, 3]
+    assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -114,10 +115,33 @@ def test_tied_embeddings_and_init(tiny_config):
 def test_param_groups_decay_only_matrices(tiny_config):
     model = GPT(tiny_config)
     decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
     assert all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == model.num_params()
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(tiny_config, dropout=0.1), verbose=False)
+    idx = torch.randint(0, 50257, (2, 32))
+    runs = []
+    model.transformer.h[0].register_forward_pre_hook(lambda *args: runs.append(1))  # a recomputation may stop early
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        runs.clear()
+        torch.manual_seed(1)  # the same dropout masks; the recomputation must replay them too
+        _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], len(runs)))
+    (loss_a, grads_a, runs_a), (loss_b, grads_b, runs_b) = results
+    assert (runs_a, runs_b) == (1, 2)  # the block ran again in backward instead of keeping its activations
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
 def test_flops_per_token():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from gptkit.configurator import ConfigError, load_config
-from plot_log import PlotConfig, plot_log
+from plot_log import PlotConfig, plot_log, read_log, series
 
 
 def write_log(folder, records):
@@ -44,3 +44,20 @@ def test_empty_log_is_an_error_not_a_blank_plot(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no loss" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "loss.png")
+
+
+def test_a_running_log_with_a_half_written_line_and_nonfinite_losses(tmp_path):
+    records = RECORDS + [{"step": 11, "loss": float("nan"), "skipped_step": True}, {"step": 12, "loss": float("inf")},
+                         {"step": 15, "loss": 7.9, "lr": 1e-3}]
+    write_log(tmp_path, records)
+    with open(tmp_path / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 20, "loss": 7.')  # the trainer is writing this line right now
+    assert series(read_log(str(tmp_path / "log.jsonl")), "loss") == ([5, 10, 15], [9.5, 8.1, 7.9])
+    assert series(read_log(str(tmp_path / "log.jsonl")), "val_loss") == ([0], [10.8])
+    assert os.path.getsize(plot_log(str(tmp_path))) > 10_000
+
+
+def test_out_dir_from_a_recipe():
+    # python plot_log.py config/dolly.py: the recipe's other keys belong to other scripts
+    for recipe in ("dolly", "tiny_cpu"):
+        assert load_config(PlotConfig, [os.path.join(ROOT, "config", f"{recipe}.py")]).out_dir == f"out/{recipe}"

@@ -67,10 +67,7 @@ def run_prepare(source, data_dir, **settings):
 
 def read_split(data_dir, split):
     """Decode a split's shards back into documents (text after each <|endoftext|>)."""
-    try:
-        tokens = np.concatenate([np.asarray(load_shard(p)) for p in list_shards(data_dir, split)])
-    except Exception:
-        return []
+    tokens = np.concatenate([np.asarray(load_shard(p)) for p in list_shards(data_dir, split)])
     starts = np.flatnonzero(tokens == EOT)
     assert starts.size and starts[0] == 0, "every split starts with <|endoftext|>"
     tok = get_tokenizer()
@@ -79,7 +76,7 @@ def read_split(data_dir, split):
 
 def check_headers(data_dir, shard_tokens):
     for split in ("train", "val"):
-        paths = list_shards(data_dir, split) if any(data_dir.glob(f"{split}_*.bin")) else []
+        paths = list_shards(data_dir, split)  # both splits have shards: a missing one is an error here
         for i, path in enumerate(paths):
             header = read_header(path)
             tokens = load_shard(path)

@@ -24,13 +24,19 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     instruct = shared_data("instruct", "instruction-data.json")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "quickstart.py", f"--source={source}", f"--instruct={instruct}",
-           "--max_tokens=200000", "--pretrain_steps=4", "--finetune_steps=2", "--prompt=Name a color.",
+           # a CPU step of 8,192 tokens takes ~10 s on one thread: as few steps and val tokens as show
+           # every stage working (evaluations at the start and end of each run, and at step 1 of 2)
+           "--max_tokens=200000", "--pretrain_steps=2", "--finetune_steps=1", "--eval_tokens=4096",
+           "--prompt=Name a color.",
            f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for step in range(1, 6):
         assert f"=== [{step}/5] done" in result.stdout
     assert os.path.exists(tmp_path / "out" / "base" / "ckpt.pt")
+    for run, steps in (("base", [0, 1, 2]), ("chat", [0, 1])):
+        log = [json.loads(line) for line in open(tmp_path / "out" / run / "log.jsonl")]
+        assert [r["step"] for r in log if "val_loss" in r] == steps, run
     chat = json.load(open(tmp_path / "out" / "chat" / "ckpt.json"))
     assert chat["kind"] == "chat"
     assert "chat with it: python sample.py" in result.stdout and "config/fineweb_124m.py" in result.stdout

@@ -1,3 +1,4 @@
+import inspect
 import os
 import pty
 import select
@@ -136,6 +137,121 @@ def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys):
                                                         {"role": "assistant", "content": "I"},
                                                         {"role": "user", "content": "second"}])
     assert calls[1] == expected + [ASSISTANT]
+
+
+def typed_session(monkeypatch, ckpt_dir, lines, mode="chat", flags=()):
+    """Run the interactive loop on typed lines, then Ctrl-D; every answer is "I".
+    -> ([(prompt ids, stop tokens) of each answer], the lines it never read)."""
+    model = lively_model()
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpt_dir}", *FLAGS, *flags])  # not loaded: the model is given
+    asked = []
+
+    def fake_generate(*args, **kwargs):
+        call = inspect.signature(generate).bind(*args, **kwargs).arguments
+        asked.append((call["ids"], tuple(call["stop_tokens"])))
+        yield 40  # "I"
+
+    remaining = list(lines)
+
+    def fake_input(prompt):
+        if not remaining:
+            raise EOFError  # Ctrl-D
+        return remaining.pop(0)
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr("builtins.input", fake_input)
+    loop = sample.chat_loop if mode == "chat" else sample.complete_loop
+    loop(model, cfg, None, None, get_tokenizer())
+    return asked, remaining
+
+
+def render(*turns, system=""):
+    """The prompt ids of a conversation given as alternating user / assistant texts."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+    return get_tokenizer().render_prompt(messages)
+
+
+def test_chat_commands_system_reset_help_and_quit(ckpts, monkeypatch, capsys):
+    lines = ["/help", "first", "/system Be brief.", "second", "/system", "third", "/reset", "fourth", "/quit",
+             "never read"]
+    asked, remaining = typed_session(monkeypatch, ckpts[1], lines, flags=["--system=Start here."])
+    out = capsys.readouterr().out
+    assert [ids for ids, _ in asked] == [
+        render("first", system="Start here."),                                  # --system from the command line
+        render("first", "I", "second", system="Be brief."),                     # /system TEXT replaces it, history kept
+        render("first", "I", "second", "I", "third"),                           # /system alone clears it
+        render("fourth"),                                                       # /reset forgets the turns
+    ]
+    assert all(stop == (END, EOT) for _, stop in asked)  # an answer ends at <|end|> (or <|endoftext|>)
+    assert remaining == ["never read"]  # /quit leaves at once
+    assert out.count(sample.HELP) == 2  # on start and on /help
+    assert "(system prompt set)" in out and "(system prompt cleared)" in out and "(conversation cleared)" in out
+
+
+def test_chat_refuses_a_message_too_long_and_goes_on(ckpts, monkeypatch, capsys):
+    asked, _ = typed_session(monkeypatch, ckpts[1], ["first", "word " * 100, "second"])  # then Ctrl-D: it returns
+    out = capsys.readouterr().out
+    assert "write a shorter one" in out
+    # the refused message is not in the history: the next prompt is as if it was never typed
+    assert [ids for ids, _ in asked] == [render("first"), render("first", "I", "second")]
+
+
+def test_completion_loop_continues_each_text_alone(ckpts, monkeypatch, capsys):
+    asked, remaining = typed_session(monkeypatch, ckpts[1], ["Once upon a time", "The river", "/exit", "never read"],
+                                     mode="complete")
+    tok = get_tokenizer()
+    # no history, no chat tokens: each text continued on its own, until <|endoftext|> only
+    assert asked == [([EOT] + tok.encode("Once upon a time"), (EOT,)), ([EOT] + tok.encode("The river"), (EOT,))]
+    assert remaining == ["never read"]
+    assert capsys.readouterr().out.count("I\n") == 2
+
+
+def test_one_shot_prompt_with_a_system_prompt(ckpts, monkeypatch, capsys):
+    """--prompt (or a pipe) with --system: one answer to the system prompt and the message."""
+    import io
+    asked = []
+
+    def fake_generate(*args, **kwargs):
+        asked.append(inspect.signature(generate).bind(*args, **kwargs).arguments["ids"])
+        yield 40  # "I"
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    flags = [f"--ckpt={ckpts[1]}", *FLAGS, "--system=Be brief."]
+    sample.main(load_config(sample.SampleConfig, flags + ["--prompt=Name a river."]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a river.\n"))  # not a terminal: read as the prompt
+    sample.main(load_config(sample.SampleConfig, flags))
+    assert asked == [render("Name a river.", system="Be brief.")] * 2
+    assert capsys.readouterr().out == "I\n" * 2
+
+
+def test_stop_tokens_of_each_mode(ckpts, monkeypatch, capsys):
+    """With the real sampler: an answer ends at <|end|> in chat mode; a completion writes <|end|> as
+    text and ends at <|endoftext|>."""
+    model = lively_model()
+    calls = []
+
+    def steer(module, inputs, logits):  # the 3rd new token is <|end|>, the 5th <|endoftext|>
+        calls.append(1)
+        forced = {3: END, 5: EOT}.get(len(calls))
+        if forced is None:
+            return logits
+        logits = logits.clone()
+        logits[..., forced] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(steer)
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (model, {"kind": "chat"}))
+    texts, steps = {}, {}
+    for mode in ("chat", "complete"):
+        calls.clear()
+        cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, f"--mode={mode}", "--prompt=Hi"])
+        sample.main(cfg)
+        texts[mode], steps[mode] = capsys.readouterr().out, len(calls)
+    assert steps["chat"] == 3 and "<|end|>" not in texts["chat"] and len(texts["chat"]) > 1
+    assert steps["complete"] == 5 and "<|end|>" in texts["complete"] and "<|endoftext|>" not in texts["complete"]
+
 
 # ---------------------------------------------------------------------------------------------- end to end
 

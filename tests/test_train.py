@@ -115,8 +115,9 @@ def test_resume_inside_a_log_interval_logs_what_an_uninterrupted_run_logs(data_d
     assert losses(read_log(resumed)) == expected  # floats compared exactly
 
 
-def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
-    out = str(tmp_path / "sigterm")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_saves_and_resume_continues(data_dir, tmp_path, signum):
+    out = str(tmp_path / "stopped")
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + [
         f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=1000", "--total_batch_tokens=256",
         "--eval_interval=1000", "--ckpt_interval=1000"]
@@ -131,13 +132,13 @@ def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
                         break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr
-    assert "SIGTERM received" in stdout and "Traceback" not in stderr
+    assert f"{signal.Signals(signum).name} received" in stdout and "Traceback" not in stderr
     with open(os.path.join(out, "ckpt.json")) as f:
         stopped_at = json.load(f)["step"]
     assert 3 <= stopped_at < 1000
@@ -263,7 +264,7 @@ def test_token_weighted_accumulation(tiny_config):
     assert grads_one["transformer.wte.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # skipped on the device / on the host
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # AdamW skips the update on the device, Muon on the host
 def test_nonfinite_loss_skips_the_update(tiny_config, optimizer):
     from model import GPT
     from gptkit.trainer import configure_optimizers, train_step
@@ -411,3 +412,35 @@ def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
     truncate_log(str(tmp_path), 6)
     assert [r["step"] for r in read_log(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]  # no temporary file left behind
+
+
+def test_metrics_logger_writes_jsonl_and_wandb(tmp_path, monkeypatch):
+    """--wandb_log=True: every record goes to wandb too (wandb itself is replaced by a recorder)."""
+    import types
+    from gptkit.system import MetricsLogger
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake_wandb = types.SimpleNamespace(init=lambda **kwargs: calls.append(("init", kwargs)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    logger = MetricsLogger(str(tmp_path), wandb_log=True, wandb_project="proj", wandb_run_name="run1",
+                           config={"n_layer": 2})
+    logger.log(3, loss=torch.tensor(2.5), lr=np.float32(0.5), samples=["text"])
+    logger.close()
+    assert calls[0] == ("init", {"project": "proj", "name": "run1", "config": {"n_layer": 2}, "resume": None})
+    assert calls[1:] == [("log", {"loss": 2.5, "lr": 0.5, "samples": ["text"]}, 3), ("finish",)]
+    [record] = read_log(str(tmp_path))
+    assert record["step"] == 3 and record["loss"] == 2.5 and record["lr"] == 0.5
+    # a resumed run appends to its log and to the same wandb run; other ranks write nothing
+    for enabled, step in ((True, 4), (False, 5)):
+        logger = MetricsLogger(str(tmp_path), enabled=enabled, wandb_log=True, resume=True)
+        logger.log(step, loss=2.0)
+        logger.close()
+    assert calls[3][1]["resume"] == "allow" and calls[4:] == [("log", {"loss": 2.0}, 4), ("finish",)]
+    assert [r["step"] for r in read_log(str(tmp_path))] == [3, 4]
