@@ -7,7 +7,7 @@ Hugging Face transformers <-> gptkit, both ways, for GPT-2-shaped models.
 Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three differences:
 - HF GPT-2 stores c_attn, c_proj and c_fc in its Conv1D layout, (in, out): the transpose of nn.Linear.
 - Our vocabulary is padded to 50304 (the chat tokens live in the padding); GPT-2's is 50257. On import
-  the extra rows get fresh N(0, 0.02) embeddings; on export all 50304 rows go out, so HF's logits
+  the extra rows start at the mean of GPT-2's embeddings (see from_hf_state_dict); on export all 50304 rows go out, so HF's logits
   have the same width as ours.
 - HF GPT-2 always has biases. A bias=False model is exported with zero biases, which leaves every
   logit unchanged, and config.json records "gptkit_bias": false so that importing the folder gives
@@ -172,7 +172,7 @@ def _read_json(path):
 
 def from_hf_state_dict(hf_sd, ours, where="checkpoint"):
     """{HF key: tensor} -> ours, the state dict of a freshly initialised GPT with biases, filled in
-    (padded wte rows keep their fresh N(0, 0.02) init). Keys may carry the "transformer." prefix
+    (wte rows past the checkpoint's vocabulary start at the mean of its rows). Keys may carry the "transformer." prefix
     (GPT2LMHeadModel) or not (GPT2Model, OpenAI's upload)."""
     hf_sd = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in hf_sd.items()}
     # HF's attention mask buffers (h.N.attn.bias / masked_bias) are not weights
@@ -195,6 +195,11 @@ def from_hf_state_dict(hf_sd, ours, where="checkpoint"):
             if value.shape[1] != target.shape[1] or value.shape[0] > target.shape[0]:
                 raise HFError(f"{where}: wte.weight has shape {tuple(value.shape)}, expected up to {tuple(target.shape)}")
             target[:value.shape[0]] = value.to(target.dtype)
+            # The rows GPT-2 lacks (the chat tokens' slots) start at the mean of its rows, so each
+            # scores the mean of the real logits: never likelier than an average token. Fresh random
+            # rows would score near 0, far above a trained GPT-2's logits (about -35), and the
+            # imported model would sample nothing but these slots.
+            target[value.shape[0]:] = value.to(target.dtype).mean(0)
             continue
         if value.shape != target.shape:
             raise HFError(f"{where}: {key} has shape {tuple(value.shape)} but config.json implies "

@@ -223,9 +223,9 @@ def test_random_transformers_gpt2_loads_with_same_logits(tmp_path):
         with torch.no_grad():
             ours, _ = model(idx)
         torch.testing.assert_close(ours[..., :50257], theirs, atol=1e-4, rtol=0)
-        # the padded rows, where the chat tokens live, get fresh N(0, 0.02) embeddings
-        padded = model.transformer.wte.weight[50257:]
-        assert padded.abs().sum() > 0 and 0.01 < padded.std().item() < 0.03
+        # the padded rows, where the chat tokens live, start at the mean of GPT-2's rows
+        wte = model.transformer.wte.weight
+        torch.testing.assert_close(wte[50257:], wte[:50257].mean(0).expand(47, -1))
     # init_from for a finetune with a shorter context and dropout
     short = load_hf_gpt2(str(tmp_path / "st"), verbose=False, block_size=64, dropout=0.1).eval()
     assert short.config.block_size == 64 and short.config.dropout == 0.1
@@ -319,3 +319,26 @@ def test_hub_names_download_then_load(tiny_export, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(HFError, match=r"'gpt2' is not a local folder, and downloading it .*could not reach"):
         load_hf_gpt2("gpt2", verbose=False)
+
+
+def test_imported_gpt2_never_prefers_the_padded_slots(tmp_path):
+    # A trained GPT-2's embeddings share a large common direction that its final hidden state points
+    # away from: every real logit is far below 0 (about -35 for OpenAI's 124M). Rows added for the
+    # padded vocabulary must not score above them, or sampling the imported model emits only those.
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32,
+                                                                    n_positions=16, vocab_size=50257)).eval()
+    common = torch.randn(32)
+    common /= common.norm()
+    with torch.no_grad():
+        hf_model.transformer.wte.weight.copy_(3 * common + 0.3 * torch.randn(50257, 32))
+        hf_model.transformer.ln_f.weight.fill_(0.5)
+        hf_model.transformer.ln_f.bias.copy_(-10 * common)
+    hf_model.save_pretrained(str(tmp_path))
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert hf_model(idx).logits.max() < -5  # real logits far below 0, as in the trained model
+        probs = torch.softmax(load_hf_gpt2(str(tmp_path), verbose=False).eval()(idx)[0].float(), dim=-1)
+    # each padded row scores the mean of the real logits, so it is no likelier than an average token
+    # (exp of a mean <= mean of exps): all 47 together get at most 47 / 50257 of the probability
+    assert probs[..., 50257:].sum(-1).max().item() <= 47 / 50257 + 1e-6
