@@ -2,6 +2,7 @@
 HellaSwag accuracy of a checkpoint (base or chat; both are scored on plain text).
 
     python eval_hellaswag.py --ckpt=out/fineweb_124m                      # downloads the official val file once
+    python eval_hellaswag.py --ckpt=gpt2                                  # OpenAI's GPT-2 124M, to compare
     python eval_hellaswag.py --ckpt=out/fineweb_124m --data=hellaswag_val.jsonl --limit=500   # a quick look
     python eval_hellaswag.py --ckpt=out/fineweb_124m --device=cpu --batch_size=4              # on a laptop
     torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --ckpt=out/fineweb_124m        # items split over 8 GPUs
@@ -26,7 +27,7 @@ from gptkit.system import cleanup_distributed, print0, run_main, setup_runtime
 
 @dataclass
 class EvalConfig(BaseConfig):
-    ckpt: str = "out/fineweb_124m"  # a run directory holding ckpt.pt, or the path of a checkpoint file
+    ckpt: str = "out/fineweb_124m"  # a run directory or checkpoint file, or a Hugging Face GPT-2 (gpt2)
     data: str = ""                  # HellaSwag JSONL; empty downloads the official val file (needs the internet once)
     limit: int = 0                  # score only the first N items (0: all 10,042 of the val file)
     batch_size: int = 8             # items per forward call, 4 rows each: lower it if memory runs out
@@ -47,7 +48,8 @@ def main():
     cfg = configure(EvalConfig)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=rt.master)
-    print0(f"checkpoint: {cfg.ckpt} ({ckpt.get('kind', 'base')}, step {ckpt.get('step', '?')})")
+    step = f", step {ckpt['step']}" if "step" in ckpt else ""  # a Hugging Face model has no step
+    print0(f"checkpoint: {cfg.ckpt} ({ckpt.get('kind', 'base')}{step})")
     if cfg.compile:
         model = torch.compile(model, dynamic=True)  # dynamic: every batch has its own length
     t0 = time.time()

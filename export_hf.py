@@ -33,7 +33,7 @@ class ExportConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate()
-        problems += ckpt_arg_problems(self.ckpt, example="out/dolly")
+        problems += ckpt_arg_problems(self.ckpt, example="out/dolly", hf=False)
         if not self.out:
             problems.append("out is empty: give the folder to write, such as --out=hf/dolly")
         elif os.path.exists(self.out) and not os.path.isdir(self.out):

@@ -8,6 +8,7 @@ completion for a pretrained one. Tokens are printed as they are generated.
     echo "Name three rivers." | python sample.py --ckpt=out/dolly       # the same, prompt read from a pipe
     python sample.py --ckpt=out/fineweb_124m --prompt="Once upon a time" --num_samples=3 --temperature=0.9
     python sample.py --ckpt=out/dolly --mode=complete --device=cpu      # force a mode or a device
+    python sample.py --ckpt=gpt2 --prompt="Once upon a time"            # OpenAI's GPT-2 (or an exported folder)
 
 In the chat: /reset clears the conversation, /system TEXT sets the system prompt (/system alone
 clears it), /quit or Ctrl-D leaves. Ctrl-C stops the answer being written; at the prompt it quits.
@@ -33,7 +34,7 @@ HELP = "commands: /reset (clear the conversation), /system TEXT (set the system 
 
 @dataclass
 class SampleConfig(BaseConfig):
-    ckpt: str = ""                  # a run directory (out/dolly) or a checkpoint file
+    ckpt: str = ""                  # a run directory (out/dolly) or checkpoint file, or a Hugging Face GPT-2
     prompt: str = ""                # answer this once and exit; empty: chat, or read a piped stdin
     mode: str = "auto"              # auto: chat for a finetuned ("chat") checkpoint, complete for a base one
     system: str = ""                # system prompt of the chat

@@ -44,12 +44,18 @@ def resolve_path(path):
     return path
 
 
-def ckpt_arg_problems(ckpt, example="out/fineweb_124m"):
-    """The config check of a script's --ckpt option -> a list of problems (empty when it is usable)."""
+def ckpt_arg_problems(ckpt, example="out/fineweb_124m", hf=True):
+    """The config check of a script's --ckpt option -> a list of problems (empty when it is usable).
+    hf: a Hugging Face GPT-2 folder or hub name (gpt2, ...) is usable too (load_model reads it)."""
+    from gptkit.hf import is_hf_folder, is_hub_name
+    also = ", a Hugging Face GPT-2 folder or a hub name such as gpt2" if hf else ""
     if not ckpt:
-        return [f"ckpt is empty: give a run directory or a ckpt.pt file, such as --ckpt={example}"]
+        return [f"ckpt is empty: give a run directory or a ckpt.pt file{also}, such as --ckpt={example}"]
+    if is_hf_folder(ckpt) or is_hub_name(ckpt):
+        return [] if hf else [f"ckpt={ckpt!r} is a Hugging Face model, not a gptkit run: give a run directory "
+                              "or a ckpt.pt file"]
     if not os.path.exists(ckpt):
-        return [f"ckpt={ckpt!r} does not exist: give a run directory or a ckpt.pt file"]
+        return [f"ckpt={ckpt!r} does not exist: give a run directory or a ckpt.pt file{also}"]
     if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, CKPT_NAME)):
         return [f"ckpt={ckpt!r} is a folder without {CKPT_NAME} (a run that has not saved yet, or not a run "
                 f"directory): give a run directory holding {CKPT_NAME}, or a .pt file"]
@@ -147,9 +153,15 @@ def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
 
 
 def load_model(path, device="cpu", verbose=True, **overrides):
-    """-> (model in eval mode on device, checkpoint dict). For finetune, sample, eval and export."""
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt, resolve_path(path), verbose=verbose, **overrides)
+    """-> (model in eval mode on device, checkpoint dict), for sample, eval and export. path: a run
+    directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2, gpt2-xl, ...:
+    to compare with OpenAI's models, or use an export), whose dict holds only its "kind"."""
+    from gptkit.hf import hf_kind, is_hf_folder, is_hub_name, load_hf_gpt2
+    if is_hf_folder(path) or is_hub_name(path):
+        model, ckpt = load_hf_gpt2(path, verbose=verbose, **overrides), {"kind": hf_kind(path)}
+    else:
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt, resolve_path(path), verbose=verbose, **overrides)
     model.to(device)
     model.eval()
     return model, ckpt

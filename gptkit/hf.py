@@ -7,8 +7,8 @@ Hugging Face transformers <-> gptkit, both ways, for GPT-2-shaped models.
 Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three differences:
 - HF GPT-2 stores c_attn, c_proj and c_fc in its Conv1D layout, (in, out): the transpose of nn.Linear.
 - Our vocabulary is padded to 50304 (the chat tokens live in the padding); GPT-2's is 50257. On import
-  the extra rows start at the mean of GPT-2's embeddings (see from_hf_state_dict); on export all 50304 rows go out, so HF's logits
-  have the same width as ours.
+  the extra rows start at the mean of GPT-2's embeddings (see from_hf_state_dict); on export all 50304
+  rows go out, so HF's logits have the same width as ours.
 - HF GPT-2 always has biases. A bias=False model is exported with zero biases, which leaves every
   logit unchanged, and config.json records "gptkit_bias": false so that importing the folder gives
   back a bias=False model (when those biases are still all zero).
@@ -222,6 +222,23 @@ def _download(name):
     except Exception as e:
         raise HFError(f"{name!r} is not a local folder, and downloading it from the Hugging Face hub failed "
                       f"({type(e).__name__}: {e}). Give the path of a GPT-2 folder, or connect to the internet") from e
+
+
+HUB_PREFIXES = ("gpt2", "openai-community/gpt2", "distilgpt2", "distilbert/distilgpt2")
+
+
+def is_hub_name(name):
+    """True for a hub name of a GPT-2 (gpt2, gpt2-xl, openai-community/gpt2-medium, ...) that is not a
+    local path. Other hub names are not guessed at: a mistyped path must not become a download."""
+    return name.startswith(HUB_PREFIXES) and not os.path.exists(name)
+
+
+def hf_kind(name_or_path):
+    """"chat" for a folder exported from a gptkit chat model, else "base" (any other GPT-2)."""
+    config_path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(config_path):
+        return "base"
+    return "chat" if _read_json(config_path).get("gptkit_kind") == "chat" else "base"
 
 
 def is_hf_folder(path):

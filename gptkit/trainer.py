@@ -132,7 +132,7 @@ def init_model(cfg, rt):
     training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2."""
     from model import GPT, GPTConfig
     from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint, saved_step
-    from gptkit.hf import is_hf_folder, load_hf_gpt2
+    from gptkit.hf import is_hf_folder, is_hub_name, load_hf_gpt2
     source = cfg.init_from
     ckpt = None
     own = os.path.join(cfg.out_dir, CKPT_NAME)
@@ -158,7 +158,7 @@ def init_model(cfg, rt):
             print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
     elif os.path.isfile(source) or os.path.isfile(os.path.join(source, CKPT_NAME)):
         model = build_model(load_checkpoint(source), source, verbose=rt.master, dropout=cfg.dropout)
-    elif is_hf_folder(source) or source.startswith(("gpt2", "openai-community/gpt2", "distilgpt2")):
+    elif is_hf_folder(source) or is_hub_name(source):
         model = load_hf_gpt2(source, verbose=rt.master, dropout=cfg.dropout)
     else:
         raise ConfigError(f"init_from={source!r} is none of: scratch, resume, a gptkit checkpoint (a .pt file or "

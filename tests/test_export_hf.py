@@ -310,7 +310,18 @@ def test_hub_names_download_then_load(tiny_export, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for name in ("gpt2", "openai-community/gpt2-medium"):
         assert _same_weights(model, load_hf_gpt2(name, verbose=False))
-    assert [name for name, _ in asked] == ["gpt2", "openai-community/gpt2-medium"]
+    # sample.py and eval_hellaswag.py take a hub name as --ckpt; export_hf.py, which makes such folders, does not
+    import eval_hellaswag
+    import export_hf as export_script
+    from gptkit.checkpoint import load_model
+    from gptkit.configurator import ConfigError, load_config
+    assert load_config(eval_hellaswag.EvalConfig, ["--ckpt=gpt2"]).ckpt == "gpt2"
+    loaded, info = load_model("gpt2", verbose=False)
+    assert info == {"kind": "base"} and not loaded.training and _same_weights(model, loaded)
+    assert load_model(out, verbose=False)[1] == {"kind": "chat"}  # the export of a chat model
+    with pytest.raises(ConfigError, match="is a Hugging Face model, not a gptkit run"):
+        load_config(export_script.ExportConfig, [f"--ckpt={out}", "--out=elsewhere"])
+    assert [name for name, _ in asked] == ["gpt2", "openai-community/gpt2-medium", "gpt2"]
     assert "config.json" in asked[0][1] and "model.safetensors" in asked[0][1]  # weights only, no other formats
 
     def offline(name, **kwargs):

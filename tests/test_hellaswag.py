@@ -246,3 +246,7 @@ def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
     # The in-process figures agree with the script's.
     direct = evaluate_hellaswag(model, data, CPU, limit=21)
     assert {k: round(v, 4) for k, v in direct.items()} == one
+    # A Hugging Face folder of the same model (as --ckpt=gpt2 would download) scores the same.
+    from gptkit.hf import export_hf
+    export_hf(model, str(tmp_path / "hf"))
+    assert _run_eval([f"--ckpt={tmp_path / 'hf'}"] + args[1:], 1) == one

@@ -348,3 +348,18 @@ def test_one_shot_mistakes_are_one_error_line(ckpts):
     too_long = run_sample([f"--ckpt={chat_dir}", "--prompt=Hi.", "--system=" + "word " * 200, *FLAGS])
     assert too_long.returncode == 2 and "Traceback" not in too_long.stderr, too_long.stderr
     assert "error: this message and the system prompt take" in too_long.stderr
+
+
+def test_a_hugging_face_folder_answers_like_its_checkpoint(ckpts, tmp_path):
+    # an exported model (or any GPT-2 folder, or a hub name such as gpt2) loads in sample.py directly
+    from gptkit.hf import export_hf
+    model, chat_dir, base_dir = ckpts
+    for chat in (True, False):
+        folder = str(tmp_path / ("chat" if chat else "base"))
+        export_hf(model, folder, chat=chat)
+        prompt = "--prompt=Name a river." if chat else "--prompt=Once upon a time"
+        exported = run_sample([f"--ckpt={folder}", prompt, *FLAGS])
+        original = run_sample([f"--ckpt={chat_dir if chat else base_dir}", prompt, *FLAGS])
+        assert exported.returncode == 0, exported.stderr
+        assert exported.stdout == original.stdout and exported.stdout.strip()
+        assert ("mode chat" if chat else "mode complete") in exported.stderr
