@@ -212,7 +212,7 @@ def stable_fraction(*parts):
 
 def prepare(cfg):
     """Read, clean, mix, split, write. Returns the summary dict (also printed and kept in meta.json)."""
-    from gptkit.sft import write_meta, write_sft_split
+    from gptkit.sft import write_sft
     from gptkit.system import print0
     from gptkit.tokenizer import get_tokenizer
 
@@ -279,14 +279,10 @@ def prepare(cfg):
                                 f"{json.dumps(summary, default=int, indent=1)}")
     if cfg.val_fraction > 0 and not val:
         raise InstructDataError(f"val_fraction={cfg.val_fraction} left no conversation for val: raise it")
-    os.makedirs(cfg.data_dir, exist_ok=True)
-    splits = {}
-    for split, conversations in (("train", train), ("val", val)):
-        n_conv, n_tokens = write_sft_split(cfg.data_dir, split, conversations)
-        splits[split] = {"conversations": n_conv, "tokens": n_tokens}
     summary = {spec: dict(stats) for spec, stats in summary.items()}
-    write_meta(cfg.data_dir, {"block_size": cfg.block_size, "splits": splits, "sources": summary,
-                              "system": cfg.system})
+    # all files as one set: a run killed over a prepared folder leaves its old data, never a mix
+    splits = write_sft(cfg.data_dir, {"train": train, "val": val},
+                       {"block_size": cfg.block_size, "sources": summary, "system": cfg.system})
     for spec, stats in summary.items():
         print0(f"{spec}:")
         for key, value in stats.items():

@@ -92,6 +92,28 @@ def atomic_write(path, write_fn):
     _fsync_dir(directory)
 
 
+def atomic_write_files(directory, files, marker):
+    """Write files that only make sense together (name -> write_fn(file)), marker among them: the file
+    whose presence tells readers the folder is complete (meta.json, config.json). A kill or a full disk
+    at any moment leaves the old set whole, or the folder without its marker (refused, with a message),
+    never old and new files mixed. Every file is first written in full under NAME.new, the long part,
+    while the old set stays usable; then the marker goes, the others are renamed into place, and the
+    marker comes back last."""
+    os.makedirs(directory, exist_ok=True)
+    for name, write_fn in files.items():
+        atomic_write(os.path.join(directory, f"{name}.new"), write_fn)
+    marker_path = os.path.join(directory, marker)
+    if os.path.exists(marker_path):
+        os.remove(marker_path)
+        _fsync_dir(directory)  # the marker is gone on disk before any file of the old set is replaced
+    for name in files:
+        if name != marker:
+            os.replace(os.path.join(directory, f"{name}.new"), os.path.join(directory, name))
+    _fsync_dir(directory)  # ... and every new file is in place before the marker returns
+    os.replace(f"{marker_path}.new", marker_path)
+    _fsync_dir(directory)
+
+
 def save_checkpoint(out_dir, state, summary=None):
     """Write state to <out_dir>/ckpt.pt atomically, and a JSON summary beside it."""
     path = os.path.join(out_dir, CKPT_NAME)

@@ -7,8 +7,10 @@ On disk, per split (train, val) in <data_dir>:
     {split}_mask.bin      uint8, 1 where the token is an assistant token or the <|end|> closing one
     {split}_offsets.npy   int64, n_conversations + 1 entries: conversation i is ids[offsets[i]:offsets[i+1]]
     meta.json             format version, tokenizer, block_size, counts per split, the prepare summary
-Every file is written atomically (temporary file, fsync, rename) and meta.json last; the reader
-checks the files against the counts in meta.json, so a half-written folder is refused, not misread.
+A run writes every file in full under a temporary name first, then removes meta.json, renames the
+files into place and writes meta.json last: killed mid-way, the folder keeps the data of the run before,
+or (in the moment of the renames) has no meta.json and is refused. The reader also checks the files
+against the counts in meta.json, so a damaged folder is refused, not misread.
 
 The loader packs whole conversations into rows of block_size + 1 tokens and yields
 x = row[:-1], y = row[1:], with y = -1 where the target is not an assistant token (or is padding):
@@ -24,7 +26,7 @@ import os
 import numpy as np
 import torch
 
-from gptkit.checkpoint import atomic_write
+from gptkit.checkpoint import atomic_write_files
 from gptkit.configurator import UserError
 from gptkit.data import check_loader_args
 from gptkit.tokenizer import EOT, MIN_VOCAB_SIZE
@@ -40,8 +42,8 @@ class SFTDataError(UserError, RuntimeError):
 
 # ----------------------------------------------------------------------------- writing
 
-def write_sft_split(data_dir, split, conversations):
-    """conversations: list of (ids, mask) -> the three files of the split. Returns (n_conversations, n_tokens)."""
+def _split_files(split, conversations):
+    """conversations: list of (ids, mask) -> ({file name: write_fn}, n_conversations, n_tokens) of the split."""
     lengths = np.array([len(ids) for ids, _ in conversations], dtype=np.int64)
     offsets = np.zeros(len(conversations) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -53,17 +55,25 @@ def write_sft_split(data_dir, split, conversations):
             raise AssertionError(f"conversation {i}: {len(conv_ids)} ids but {len(conv_mask)} mask entries")
         ids[offsets[i]:offsets[i + 1]] = conv_ids
         mask[offsets[i]:offsets[i + 1]] = conv_mask
-    atomic_write(os.path.join(data_dir, f"{split}_ids.bin"), lambda f: f.write(ids.tobytes()))
-    atomic_write(os.path.join(data_dir, f"{split}_mask.bin"), lambda f: f.write(mask.tobytes()))
-    atomic_write(os.path.join(data_dir, f"{split}_offsets.npy"), lambda f: np.save(f, offsets))
-    return len(conversations), n_tokens
+    files = {f"{split}_ids.bin": lambda f: f.write(ids.tobytes()),
+             f"{split}_mask.bin": lambda f: f.write(mask.tobytes()),
+             f"{split}_offsets.npy": lambda f: np.save(f, offsets)}
+    return files, len(conversations), n_tokens
 
 
-def write_meta(data_dir, meta):
-    """meta.json last: the reader trusts the other files only when their sizes match it."""
-    meta = {"format": "gptkit-sft", "version": FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, **meta}
-    atomic_write(os.path.join(data_dir, META_NAME),
-                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
+def write_sft(data_dir, splits, meta):
+    """splits: {split: list of (ids, mask)} -> every split's files and meta.json, replacing a folder
+    prepared before as one set: killed at any moment, the folder holds the old data whole, or no
+    meta.json (refused: prepare again), never files of two runs. Returns {split: {conversations, tokens}}."""
+    files, counts = {}, {}
+    for split, conversations in splits.items():
+        split_files, n_conv, n_tokens = _split_files(split, conversations)
+        files.update(split_files)
+        counts[split] = {"conversations": n_conv, "tokens": n_tokens}
+    meta = {"format": "gptkit-sft", "version": FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, "splits": counts, **meta}
+    files[META_NAME] = lambda f: f.write(json.dumps(meta, indent=2).encode())
+    atomic_write_files(data_dir, files, marker=META_NAME)
+    return counts
 
 
 # ----------------------------------------------------------------------------- reading
@@ -71,8 +81,9 @@ def write_meta(data_dir, meta):
 def read_meta(data_dir):
     path = os.path.join(data_dir, META_NAME)
     if not os.path.exists(path):
-        raise SFTDataError(f"no SFT data in {data_dir} ({META_NAME} is missing): run "
-                           f"python prepare_instruct.py config/dolly.py --data_dir={data_dir} first")
+        raise SFTDataError(f"no SFT data in {data_dir} ({META_NAME} is missing: not prepared yet, or a prepare "
+                           f"run was stopped while replacing the files): run python prepare_instruct.py "
+                           f"config/dolly.py --data_dir={data_dir} (with your sources)")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -185,6 +186,63 @@ def test_split_is_stable_and_written_atomically(tmp_path):
         read_sft_split(dir_a, "val")
 
 
+class Killed(BaseException):
+    """A kill: the run stops on the spot (atomic_write's cleanup still runs, as a kill leaves a temporary file)."""
+
+
+def test_rerun_killed_at_any_moment_leaves_old_data_or_refuses_never_a_mix(tmp_path, monkeypatch):
+    # Prepare a folder, then prepare it again from the same conversations in reverse order, killed
+    # before each file rename of the new run in turn. Every file keeps its size, so a folder mixing
+    # files of the two runs passes the size checks: the loader would cut conversations at the old
+    # offsets and put loss on user tokens. Each kill must leave the old data, the new data, or a
+    # folder that is refused, never a mix; and the old data must stay usable until the new files
+    # are all written.
+    records = [chat(f"Question {i}?" + " and more" * (i % 7), f"Answer {i}." + " yes" * (i % 5)) for i in range(60)]
+    old_source = write_jsonl(tmp_path / "old.jsonl", records)
+    new_source = write_jsonl(tmp_path / "new.jsonl", records[::-1])
+
+    def read_all(data_dir):
+        try:
+            return {split: conversations(data_dir, split) for split in ("train", "val")}
+        except SFTDataError as e:
+            assert "prepare_instruct.py" in str(e)  # says what to do
+            return "refused"
+
+    _, data_dir = run_prepare(tmp_path, old_source, val_fraction=0.2)
+    old = read_all(data_dir)
+    new = read_all(run_prepare(tmp_path / "reference", new_source, val_fraction=0.2)[1])
+    assert old != new and old["val"]
+
+    real_replace, outcomes = os.replace, []
+    for kill_at in range(1, 100):
+        renames = []
+
+        def replace(src, dst):
+            renames.append(dst)
+            if len(renames) == kill_at:
+                raise Killed
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            run_prepare(tmp_path, new_source, val_fraction=0.2)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        got = read_all(data_dir)
+        outcome = "old" if got == old else "new" if got == new else got
+        assert outcome in ("old", "new", "refused"), f"killed before rename {kill_at}: a mix of the two runs"
+        outcomes.append(outcome)
+        if finished:
+            break
+        run_prepare(tmp_path, old_source, val_fraction=0.2)  # back to the old data for the next kill
+    assert outcomes[-1] == "new"
+    # the six data files of the new run are written while the old data is still in use
+    assert outcomes[:6] == ["old"] * 6, outcomes
+    assert "old" not in outcomes[outcomes.index("new"):]
+
+
 def test_config_mistakes_are_reported(tmp_path):
     with pytest.raises(ConfigError, match="overlong='cut': use drop or truncate"):
         load_config(InstructConfig, ["--overlong=cut"])
@@ -287,13 +345,12 @@ def test_val_batches_fixed_and_full(instruct_dir):
 def test_val_set_is_each_conversation_once_for_any_number_of_processes(tmp_path):
     # 7 val rows: 2 processes x 2 rows per batch need 8. The val loss must not change with the
     # process count or the batch size: no row counted twice, filler rows carry no targets
-    from gptkit.sft import write_meta, write_sft_split
+    from gptkit.sft import write_sft
     tokenizer = get_tokenizer()
     chats = [tokenizer.render_conversation([{"role": "user", "content": f"Say {n}."},
                                             {"role": "assistant", "content": "ok " * (40 + n)}]) for n in range(7)]
     data_dir = str(tmp_path)
-    n, tokens = write_sft_split(data_dir, "val", chats)
-    write_meta(data_dir, {"splits": {"val": {"conversations": n, "tokens": tokens}}})
+    write_sft(data_dir, {"val": chats}, {})
 
     def val_rows(world_size, batch_size, eval_tokens=10**6):
         per_rank = [sft_val_batches(data_dir, batch_size, 64, eval_tokens, rank=r, world_size=world_size)
