@@ -349,19 +349,17 @@ def gpt2_vocab_and_merges():
     return vocab, merges
 
 
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+def _json_writer(obj, indent=2):
+    """write_fn for atomic_write_files: obj as UTF-8 JSON."""
+    return lambda f: f.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def write_tokenizer(out_dir, chat=False, model_max_length=1024):
-    """GPT-2's tokenizer files plus our control tokens, for AutoTokenizer.from_pretrained(out_dir)."""
+def tokenizer_files(chat=False, model_max_length=1024):
+    """GPT-2's tokenizer files plus our control tokens, for AutoTokenizer.from_pretrained(out_dir)
+    -> {file name: write_fn}."""
     vocab, merges = gpt2_vocab_and_merges()
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    files = {"vocab.json": _json_writer(vocab, indent=None),
+             "merges.txt": lambda f: f.write(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))}
     # Control tokens are matched whole, before BPE, and never stripped or normalised, so the text
     # between two of them is encoded on its own, exactly as our renderer does.
     added = {"<|endoftext|>": EOT, **SPECIAL_TOKENS}
@@ -386,11 +384,12 @@ def write_tokenizer(out_dir, chat=False, model_max_length=1024):
     }
     if chat:
         tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"), {
+    files["tokenizer_config.json"] = _json_writer(tokenizer_config)
+    files["special_tokens_map.json"] = _json_writer({
         "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "additional_special_tokens": chat_tokens})
-    _write_json(os.path.join(out_dir, "added_tokens.json"), SPECIAL_TOKENS)
+    files["added_tokens.json"] = _json_writer(SPECIAL_TOKENS)
+    return files
 
 
 # ----------------------------------------------------------------------------- export
@@ -402,13 +401,15 @@ EXPORT_FILES = ["added_tokens.json", "config.json", "generation_config.json", "m
 
 def export_hf(model, out_dir, chat=False):
     """Write out_dir for transformers: config.json, model.safetensors, generation_config.json and
-    the tokenizer files (with the chat template when chat). Returns the list of files written."""
-    from safetensors.torch import save_file
+    the tokenizer files (with the chat template when chat). Returns the list of files written.
+    An export over an earlier one replaces it as one set, config.json last: killed or out of disk
+    mid-way, the folder holds the earlier export whole, or no config.json (refused), never a mix."""
+    import safetensors.torch
+    from gptkit.checkpoint import atomic_write_files
     cfg = model.config
     if cfg.vocab_size < MIN_VOCAB_SIZE:
         raise HFError(f"the model has {cfg.vocab_size} token embeddings; the exported tokenizer needs "
                       f"{MIN_VOCAB_SIZE}")
-    os.makedirs(out_dir, exist_ok=True)
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -434,12 +435,18 @@ def export_hf(model, out_dir, chat=False):
         "gptkit_bias": cfg.bias,  # False: the biases below are zeros; import drops them again
         "gptkit_kind": "chat" if chat else "base",
     }
-    _write_json(os.path.join(out_dir, "config.json"), hf_config)
-    save_file(to_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(out_dir, "generation_config.json"), {
-        "bos_token_id": EOT,
-        "eos_token_id": [END, EOT] if chat else EOT,  # a chat reply stops at <|end|>
-        "pad_token_id": EOT,
-    })
-    write_tokenizer(out_dir, chat=chat, model_max_length=cfg.block_size)
+    files = {
+        "config.json": _json_writer(hf_config),
+        # the weights as bytes (safetensors writes files only by name): one more copy in memory, briefly
+        "model.safetensors": lambda f: f.write(safetensors.torch.save(to_hf_state_dict(model),
+                                                                      metadata={"format": "pt"})),
+        "generation_config.json": _json_writer({
+            "bos_token_id": EOT,
+            "eos_token_id": [END, EOT] if chat else EOT,  # a chat reply stops at <|end|>
+            "pad_token_id": EOT,
+        }),
+        **tokenizer_files(chat=chat, model_max_length=cfg.block_size),
+    }
+    assert sorted(files) == EXPORT_FILES, f"export writes {sorted(files)}, EXPORT_FILES says {EXPORT_FILES}"
+    atomic_write_files(out_dir, files, marker="config.json")  # is_hf_folder and transformers look for it
     return EXPORT_FILES

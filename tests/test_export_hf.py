@@ -353,3 +353,66 @@ def test_imported_gpt2_never_prefers_the_padded_slots(tmp_path):
     # each padded row scores the mean of the real logits, so it is no likelier than an average token
     # (exp of a mean <= mean of exps): all 47 together get at most 47 / 50257 of the probability
     assert probs[..., 50257:].sum(-1).max().item() <= 47 / 50257 + 1e-6
+
+
+class Killed(BaseException):
+    """A kill: the export stops on the spot."""
+
+
+def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny_export, tmp_path, monkeypatch):
+    # Export a model, then export another one (other width, base kind) into the same folder, killed
+    # while it writes the weights and before each file rename in turn. sample.py and train.py
+    # --init_from read the folder: each kill must leave the earlier export whole, the new one, or a
+    # folder they refuse, never the new config.json with the old weights or the reverse.
+    import safetensors.torch
+    from gptkit.checkpoint import load_model
+    from gptkit.configurator import UserError
+    old_model, _ = tiny_export
+    torch.manual_seed(1)
+    new_model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, bias=False), verbose=False)
+    folder = str(tmp_path / "hf")
+
+    def read():
+        try:
+            model, ckpt = load_model(folder, verbose=False)
+        except UserError:
+            return "refused"
+        for name, reference, kind in (("old", old_model, "chat"), ("new", new_model, "base")):
+            if ckpt["kind"] == kind and _same_weights(model, reference):
+                return name
+        return "mix"
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    export_hf(old_model, folder, chat=True)
+    for writer in ("save", "save_file"):  # killed (or out of disk) while writing the weights
+        monkeypatch.setattr(safetensors.torch, writer, kill)
+    with pytest.raises(Killed):
+        export_hf(new_model, folder, chat=False)
+    monkeypatch.undo()
+    assert read() == "old"
+
+    real_replace, outcomes = os.replace, []
+    for kill_at in range(1, 100):
+        export_hf(old_model, folder, chat=True)
+        renames = []
+
+        def replace(src, dst):
+            renames.append(dst)
+            if len(renames) == kill_at:
+                raise Killed
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            export_hf(new_model, folder, chat=False)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        outcomes.append(read())
+        assert outcomes[-1] in ("old", "new", "refused"), f"killed before rename {kill_at}: {outcomes}"
+        if finished:
+            break
+    assert outcomes[-1] == "new" and "old" not in outcomes[outcomes.index("new"):]
