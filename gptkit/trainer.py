@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gptkit.configurator import BaseConfig, ConfigError, UserError, config_dict, print_config
-from gptkit.checkpoint import restore_training_state, save_training_state, truncate_log
+from gptkit.checkpoint import atomic_write, restore_training_state, save_training_state, truncate_log
 from gptkit.system import MetricsLogger, device_peak_flops, print0
 
 
@@ -390,8 +390,9 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
 
     if rt.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config_dict(cfg), f, indent=2)
+        # a resume writes it again: a full disk or a kill here keeps the old one whole
+        atomic_write(os.path.join(cfg.out_dir, "config.json"),
+                     lambda f: f.write(json.dumps(config_dict(cfg), indent=2).encode("utf-8")))
         print_config(cfg)
         if ckpt is not None:
             truncate_log(cfg.out_dir, step)

@@ -405,6 +405,30 @@ def test_a_new_run_never_overwrites_a_run_folder(full_run, data_dir):
         init_model(tiny_cfg(f"--init_from={out}", f"--out_dir={out}"), cpu_runtime())
 
 
+def test_full_disk_when_a_resume_rewrites_config_json_keeps_the_old_one(full_run, tmp_path):
+    # A resume writes the run's config.json again. The file-size limit makes every write past 256
+    # bytes fail (EFBIG) as a full disk would: the run stops, and config.json must still be the
+    # whole record of the run, not a file cut at 256 bytes.
+    import resource
+    import shutil
+    out, args = full_run
+    run = str(tmp_path / "run")
+    shutil.copytree(out, run)
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    assert len(before) > 256
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + args + [
+        f"--out_dir={run}", "--init_from=resume", "--max_steps=13"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "config.json").read_bytes() == before
+
+
 def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
     from gptkit.checkpoint import truncate_log
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)]
