@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -390,6 +391,9 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
 
     if rt.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        for name in os.listdir(cfg.out_dir):  # left by a save a kill cut short; a checkpoint's can be gigabytes
+            if re.fullmatch(r"(ckpt\.pt|ckpt\.json|config\.json|log\.jsonl)\.tmp\d+", name):
+                os.remove(os.path.join(cfg.out_dir, name))
         # a resume writes it again: a full disk or a kill here keeps the old one whole
         atomic_write(os.path.join(cfg.out_dir, "config.json"),
                      lambda f: f.write(json.dumps(config_dict(cfg), indent=2).encode("utf-8")))

@@ -429,6 +429,20 @@ def test_full_disk_when_a_resume_rewrites_config_json_keeps_the_old_one(full_run
     assert (tmp_path / "run" / "config.json").read_bytes() == before
 
 
+def test_resume_removes_temporary_files_of_a_save_cut_short(full_run, tmp_path):
+    # a kill during a save leaves ckpt.pt.tmpPID behind (as big as a checkpoint, gigabytes for the
+    # large recipes): each such kill would leave one more, until the disk is full
+    import shutil
+    out, args = full_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    for name in ("ckpt.pt.tmp4242", "ckpt.json.tmp4242", "notes.tmp4242"):
+        (run / name).write_bytes(b"left by a killed save")
+    run_train(*args, f"--out_dir={run}", "--init_from=resume", "--max_steps=13")
+    assert not (run / "ckpt.pt.tmp4242").exists() and not (run / "ckpt.json.tmp4242").exists()
+    assert (run / "notes.tmp4242").exists()  # a user's file is left alone
+
+
 def test_resume_drops_log_records_after_the_checkpoint(tmp_path):
     from gptkit.checkpoint import truncate_log
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)]
