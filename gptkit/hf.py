@@ -242,9 +242,17 @@ def hf_kind(name_or_path):
 
 
 def is_hf_folder(path):
-    """True for a folder that looks like a Hugging Face checkpoint (config.json, no gptkit ckpt.pt)."""
-    return (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
-            and not os.path.exists(os.path.join(path, "ckpt.pt")))
+    """True for a folder that looks like a Hugging Face checkpoint: a model's config.json (it names a
+    model_type; the config.json of a gptkit run that has not saved yet holds its settings) and no
+    gptkit ckpt.pt."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path) or os.path.exists(os.path.join(path, "ckpt.pt")):
+        return False
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return True  # a damaged model folder: load_hf_gpt2 names the file and the fix
 
 
 def load_hf_gpt2(name_or_path, verbose=True, **overrides):

@@ -416,3 +416,15 @@ def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny
         if finished:
             break
     assert outcomes[-1] == "new" and "old" not in outcomes[outcomes.index("new"):]
+
+
+def test_a_run_folder_before_its_first_save_is_not_a_hugging_face_folder(tmp_path, tiny_export):
+    # a run killed before its first checkpoint holds only its settings in config.json
+    from gptkit.checkpoint import ckpt_arg_problems
+    (tmp_path / "config.json").write_text(json.dumps({"out_dir": str(tmp_path), "n_layer": 2}))
+    assert not is_hf_folder(str(tmp_path))
+    assert "has not saved yet" in ckpt_arg_problems(str(tmp_path))[0]
+    _, out = tiny_export
+    assert is_hf_folder(out)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_la')  # damaged: load_hf_gpt2 names it
+    assert is_hf_folder(str(tmp_path))
