@@ -263,3 +263,22 @@ def test_max_new_tokens_beyond_the_context(model):
     full = list(generate(model, PROMPT, 10 * block, temperature=0))
     assert full == list(generate(model, PROMPT, 10 * block, temperature=0, use_cache=False))
 
+
+def test_unused_vocabulary_slots_are_never_sampled():
+    """Ids 50261..50303 pad the vocabulary to 50304: no text, no training. A model that prefers one
+    (here forced by a hook) gets its best real token instead: an unused id would print nothing."""
+    from gptkit.tokenizer import MIN_VOCAB_SIZE
+    model = lively_model()
+    free = list(generate(model, PROMPT, 20, temperature=0))
+
+    def pad_wins(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., MIN_VOCAB_SIZE:] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(pad_wins)
+    assert list(generate(model, PROMPT, 20, temperature=0)) == free
+    assert list(generate(model, PROMPT, 20, temperature=0, use_cache=False)) == free
+    sampled = generate_samples(model, PROMPT, 4, 20, temperature=2.0, top_k=0, top_p=1.0,
+                               generator=make_generator(model, 0))
+    assert all(token < MIN_VOCAB_SIZE for s in sampled for token in s)
