@@ -192,6 +192,10 @@ def main(cfg):
     from gptkit.checkpoint import load_model
     from gptkit.system import setup_runtime
 
+    if hasattr(sys.stdout, "reconfigure"):
+        # a stdout that cannot encode every character (a Windows pipe or file is cp1252) shows '?'
+        # for the others rather than ending the chat with UnicodeEncodeError at the first emoji
+        sys.stdout.reconfigure(errors="replace")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
     info(f"device: {rt.device}; dtype: {rt.dtype}; torch {torch.__version__}")
     model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)

@@ -482,3 +482,17 @@ def test_streamed_multibyte_characters_are_never_split(ckpts, monkeypatch):
     assert screen.getvalue() == MULTIBYTE + "\n"
     assert not any("\ufffd" in w for w in writes) and len([w for w in writes if w]) > 5  # streamed, never garbled
 
+
+def test_a_terminal_without_utf8_gets_a_character_it_can_show(ckpts, monkeypatch):
+    """stdout in cp1252 (a Windows pipe or file) cannot hold an emoji: the answer goes on with '?'
+    rather than the chat dying on UnicodeEncodeError."""
+    import io
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: iter(get_tokenizer().encode(MULTIBYTE)))
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
+    sys.stdout.flush()
+    assert raw.getvalue().decode("cp1252") == MULTIBYTE.encode("cp1252", errors="replace").decode("cp1252") + "\n"
+    assert raw.getvalue().decode("cp1252").endswith(" café\n")  # what cp1252 has is kept
+
