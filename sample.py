@@ -21,6 +21,7 @@ output as is. Ctrl-C there exits with code 130, as it does while loading. The sa
 same text.
 """
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -246,3 +247,7 @@ if __name__ == "__main__":
         run_main(main, configure(SampleConfig))  # a bad checkpoint: one `error:` line, exit code 2
     except KeyboardInterrupt:  # Ctrl-C while loading or in one-shot mode: no traceback
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as other tools do
+        # stdout to /dev/null, or Python's flush at exit fails on the closed pipe a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

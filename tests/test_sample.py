@@ -496,3 +496,14 @@ def test_a_terminal_without_utf8_gets_a_character_it_can_show(ckpts, monkeypatch
     assert raw.getvalue().decode("cp1252") == MULTIBYTE.encode("cp1252", errors="replace").decode("cp1252") + "\n"
     assert raw.getvalue().decode("cp1252").endswith(" café\n")  # what cp1252 has is kept
 
+
+def test_a_closed_pipe_ends_quietly(ckpts):
+    """`python sample.py --prompt=... | head -c 10`: the reader leaves early; no traceback."""
+    _, chat_dir, _ = ckpts
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--ckpt={chat_dir}", "--prompt=Hi", "--device=cpu",
+                             "--max_new_tokens=40"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first token
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
