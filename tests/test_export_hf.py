@@ -353,3 +353,21 @@ def test_imported_gpt2_never_prefers_the_padded_slots(tmp_path):
     # each padded row scores the mean of the real logits, so it is no likelier than an average token
     # (exp of a mean <= mean of exps): all 47 together get at most 47 / 50257 of the probability
     assert probs[..., 50257:].sum(-1).max().item() <= 47 / 50257 + 1e-6
+
+
+def test_transformers_generate_never_samples_the_unused_slots(tiny_export):
+    """As in sample.py, transformers' generate on an export never picks ids 50261..50303, the padding
+    slots without text (generation_config.json suppresses them)."""
+    from gptkit.tokenizer import MIN_VOCAB_SIZE
+    model, chat_dir = tiny_export
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(chat_dir, dtype=torch.float32).eval()
+
+    def pad_wins(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., MIN_VOCAB_SIZE:] = 1e4
+        return logits
+
+    hf_model.lm_head.register_forward_hook(pad_wins)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([[EOT, 15496]]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert len(out[0, 2:]) == 5 and all(token < MIN_VOCAB_SIZE for token in out[0, 2:].tolist())
