@@ -17,9 +17,11 @@ stays, and room is kept for max_new_tokens of answer).
 
 With --prompt or a piped stdin only the answer goes to stdout (then a newline; with --num_samples,
 each under a '----- sample i/n -----' line); everything else goes to stderr, so scripts can use the
-output as is. The same seed gives the same text.
+output as is. Ctrl-C there exits with code 130, as it does while loading. The same seed gives the
+same text.
 """
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -112,25 +114,28 @@ def stream(model, ids, cfg, stop_tokens, generator, autocast, tokenizer):
         return answer, True
 
 
-def respond(model, ids, cfg, stop_tokens, generator, autocast, tokenizer):
-    """One or several answers to the prompt ids, printed to stdout -> the first answer's text."""
+def respond(model, ids, cfg, stop_tokens, generator, autocast, tokenizer, interactive=True):
+    """One or several answers to the prompt ids, printed to stdout -> (the first answer's text, True if
+    Ctrl-C stopped it). interactive: mark a stopped answer on the screen; otherwise (one-shot) stdout
+    gets only the answer and the caller says it was stopped."""
     if cfg.num_samples == 1:
         answer, interrupted = stream(model, ids, cfg, stop_tokens, generator, autocast, tokenizer)
-        sys.stdout.write(" [stopped]\n" if interrupted else "\n")
+        sys.stdout.write(" [stopped]\n" if interrupted and interactive else "\n")
         sys.stdout.flush()
-        return tokenizer.decode(answer)
+        return tokenizer.decode(answer), interrupted
     # several answers: one batch, printed when done (streaming them side by side would be unreadable)
     try:
         samples = generate_samples(model, ids, cfg.num_samples, cfg.max_new_tokens, stop_tokens=stop_tokens,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                    repetition_penalty=cfg.repetition_penalty, generator=generator, autocast=autocast)
     except KeyboardInterrupt:
-        print("[stopped]", flush=True)
-        return ""  # nothing was shown, so the history records an empty answer
+        if interactive:
+            print("[stopped]", flush=True)
+        return "", True  # nothing was shown, so the history records an empty answer
     texts = [tokenizer.decode(s) for s in samples]
     for i, text in enumerate(texts):
         print(f"----- sample {i + 1}/{len(texts)} -----\n{text}", flush=True)
-    return texts[0]
+    return texts[0], False
 
 
 def chat_loop(model, cfg, generator, autocast, tokenizer):
@@ -165,7 +170,7 @@ def chat_loop(model, cfg, generator, autocast, tokenizer):
         except ValueError as e:
             print(f"({e})", flush=True)
             continue
-        answer = respond(model, ids, cfg, (END, EOT), generator, autocast, tokenizer)
+        answer, _ = respond(model, ids, cfg, (END, EOT), generator, autocast, tokenizer)
         messages = messages + [{"role": "assistant", "content": answer}]  # a stopped answer stays as shown
 
 
@@ -188,6 +193,10 @@ def main(cfg):
     from gptkit.checkpoint import load_model
     from gptkit.system import setup_runtime
 
+    if hasattr(sys.stdout, "reconfigure"):
+        # a stdout that cannot encode every character (a Windows pipe or file is cp1252) shows '?'
+        # for the others rather than ending the chat with UnicodeEncodeError at the first emoji
+        sys.stdout.reconfigure(errors="replace")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
     info(f"device: {rt.device}; dtype: {rt.dtype}; torch {torch.__version__}")
     model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)
@@ -217,10 +226,15 @@ def main(cfg):
                 ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
             except ValueError as e:
                 raise UserError(str(e)) from e
-            respond(model, ids, cfg, (END, EOT), generator, rt.autocast, tokenizer)
+            stop_tokens = (END, EOT)
         else:
             ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)
-            respond(model, ids, cfg, (EOT,), generator, rt.autocast, tokenizer)
+            stop_tokens = (EOT,)
+        _, interrupted = respond(model, ids, cfg, stop_tokens, generator, rt.autocast, tokenizer, interactive=False)
+        if interrupted:
+            # exit code 130 as for any Ctrl-C: a script must not take a cut answer for a whole one
+            info("stopped by Ctrl-C")
+            raise KeyboardInterrupt
         return
     if mode == "chat":
         chat_loop(model, cfg, generator, rt.autocast, tokenizer)
@@ -233,3 +247,7 @@ if __name__ == "__main__":
         run_main(main, configure(SampleConfig))  # a bad checkpoint: one `error:` line, exit code 2
     except KeyboardInterrupt:  # Ctrl-C while loading or in one-shot mode: no traceback
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly, as other tools do
+        # stdout to /dev/null, or Python's flush at exit fails on the closed pipe a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

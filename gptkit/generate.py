@@ -12,7 +12,9 @@ sequence fills the context, with or without the KV cache. (Sliding the window in
 possible without a cache, but then the two paths would disagree on long answers, and a chat that
 runs out of room is better served by dropping old turns, which sample.py does.)
 
-Stop tokens end generation and are not yielded: the caller gets the answer only.
+Stop tokens end generation and are not yielded: the caller gets the answer only. The unused
+vocabulary slots (ids 50261..50303, padding up to 50304) are never sampled: they have no text and
+were never trained, so a sampled one would print nothing and steer the rest of the answer.
 
 Each forward call runs under torch.no_grad() and, on CUDA, bf16 autocast (fp16 where the GPU has
 no bf16). The grad mode and autocast are entered around each model call, not across a `yield`, so
@@ -23,6 +25,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from gptkit.tokenizer import MIN_VOCAB_SIZE
 
 
 def make_generator(model_or_device, seed):
@@ -159,7 +163,9 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
                 logits, _ = model(idx, kv_cache=cache, last_only=True)  # (B, 1, V)
         finally:
             model.train(was_training)
-        return logits[:, -1, :]  # (B, V)
+        logits = logits[:, -1, :]  # (B, V)
+        logits[:, MIN_VOCAB_SIZE:] = float("-inf")  # the padding slots: no text, never a target
+        return logits
 
     logits = last_logits(seq)  # prefill: the whole prompt in one call
     for step in range(steps):

@@ -452,6 +452,8 @@ def export_hf(model, out_dir, chat=False):
             "bos_token_id": EOT,
             "eos_token_id": [END, EOT] if chat else EOT,  # a chat reply stops at <|end|>
             "pad_token_id": EOT,
+            # the padding slots have no text: never generated, as in gptkit.generate
+            "suppress_tokens": list(range(MIN_VOCAB_SIZE, cfg.vocab_size)),
         }),
         **tokenizer_files(chat=chat, model_max_length=cfg.block_size),
     }

@@ -428,3 +428,21 @@ def test_a_run_folder_before_its_first_save_is_not_a_hugging_face_folder(tmp_pat
     assert is_hf_folder(out)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_la')  # damaged: load_hf_gpt2 names it
     assert is_hf_folder(str(tmp_path))
+
+
+def test_transformers_generate_never_samples_the_unused_slots(tiny_export):
+    """As in sample.py, transformers' generate on an export never picks ids 50261..50303, the padding
+    slots without text (generation_config.json suppresses them)."""
+    from gptkit.tokenizer import MIN_VOCAB_SIZE
+    model, chat_dir = tiny_export
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(chat_dir, dtype=torch.float32).eval()
+
+    def pad_wins(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., MIN_VOCAB_SIZE:] = 1e4
+        return logits
+
+    hf_model.lm_head.register_forward_hook(pad_wins)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([[EOT, 15496]]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert len(out[0, 2:]) == 5 and all(token < MIN_VOCAB_SIZE for token in out[0, 2:].tolist())

@@ -188,3 +188,97 @@ def test_sampling_settings_refuse_nan():
     assert check_sampling_args(0.8, 50, 0.9, 1.1) == []
     assert any(p.startswith("temperature=nan") for p in check_sampling_args(nan, 50, 0.9, 1.1))
     assert any(p.startswith("repetition_penalty=nan") for p in check_sampling_args(0.8, 50, 0.9, nan))
+
+
+# ---------------------------------------------------------------------------------------------- settings and edges
+
+def reference_repetition_penalty(logits, previous_ids, penalty):
+    """The CTRL rule written as a plain loop over each row's distinct previous tokens."""
+    out = logits.clone()
+    for row in range(logits.size(0)):
+        for token in set(previous_ids[row].tolist()):
+            value = logits[row, token].item()
+            out[row, token] = value / penalty if value > 0 else value * penalty
+    return out
+
+
+@pytest.mark.parametrize("penalty", [0.5, 0.9, 1.3, 2.0])
+def test_repetition_penalty_matches_a_plain_reference(penalty):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 300, generator=gen) * 4
+    logits[0, 7] = 0.0  # a zero logit stays zero either way
+    previous = torch.randint(0, 300, (3, 40), generator=gen)
+    previous[0, 0] = 7
+    expected = reference_repetition_penalty(logits, previous, penalty)
+    # the same rule; a last-bit difference between Python's float and torch's fp32 division is allowed
+    assert torch.allclose(apply_repetition_penalty(logits, previous, penalty), expected, rtol=1e-6, atol=0)
+    seen = previous[1].unique()
+    if penalty > 1:  # every seen token loses ground, whatever its sign
+        assert (expected[1, seen] <= logits[1, seen]).all()
+    else:  # below 1 the rule favours seen tokens
+        assert (expected[1, seen] >= logits[1, seen]).all()
+
+
+def test_greedy_ignores_top_k_and_top_p_but_not_the_penalty(model):
+    greedy = list(generate(model, PROMPT, 30, temperature=0))
+    for top_k, top_p in [(1, 1.0), (5, 0.01), (0, 0.5), (10 ** 9, 1.0)]:
+        assert list(generate(model, PROMPT, 30, temperature=0, top_k=top_k, top_p=top_p)) == greedy
+    # the penalty still applies at temperature 0: greedy over penalised logits, as a plain loop does it
+    seq, expected = list(PROMPT), []
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(torch.tensor([seq]))
+            penalised = reference_repetition_penalty(logits[:, -1], torch.tensor([seq]), 1.5)
+            expected.append(int(penalised.argmax()))
+            seq.append(expected[-1])
+    penalised_run = list(generate(model, PROMPT, 30, temperature=0, top_k=3, top_p=0.2, repetition_penalty=1.5))
+    assert penalised_run == expected and penalised_run != greedy
+
+
+def test_top_k_beyond_the_vocabulary_and_top_p_one_change_nothing(model):
+    kwargs = dict(temperature=1.0)
+    plain = list(generate(model, PROMPT, 30, top_k=0, top_p=1.0, generator=make_generator(model, 3), **kwargs))
+    huge_k = list(generate(model, PROMPT, 30, top_k=10 ** 6, top_p=1.0, generator=make_generator(model, 3), **kwargs))
+    assert plain == huge_k and len(set(plain)) > 10
+    # a tiny top_p keeps only the most likely token: sampling becomes greedy
+    tiny_p = list(generate(model, PROMPT, 30, top_p=1e-6, generator=make_generator(model, 3), **kwargs))
+    assert tiny_p == list(generate(model, PROMPT, 30, temperature=0))
+
+
+def test_samples_with_the_cache_equal_samples_without(model):
+    kwargs = dict(temperature=1.0, top_k=200, top_p=0.95, repetition_penalty=1.2)
+    cached = generate_samples(model, PROMPT, 3, 40, generator=make_generator(model, 9), **kwargs)
+    uncached = generate_samples(model, PROMPT, 3, 40, generator=make_generator(model, 9), use_cache=False, **kwargs)
+    assert cached == uncached
+    assert len({tuple(s) for s in cached}) == 3 and all(len(s) == 40 for s in cached)
+
+
+def test_max_new_tokens_beyond_the_context(model):
+    block = model.config.block_size
+    # prompt + answer fill the context exactly, with or without the cache, one sample or several
+    assert len(list(generate(model, PROMPT, 10 * block, temperature=0))) == block - len(PROMPT)
+    assert len(list(generate(model, PROMPT, 10 * block, temperature=0, use_cache=False))) == block - len(PROMPT)
+    samples = generate_samples(model, PROMPT, 2, 10 * block, temperature=1.0, generator=make_generator(model, 1))
+    assert [len(s) for s in samples] == [block - len(PROMPT)] * 2
+    full = list(generate(model, PROMPT, 10 * block, temperature=0))
+    assert full == list(generate(model, PROMPT, 10 * block, temperature=0, use_cache=False))
+
+
+def test_unused_vocabulary_slots_are_never_sampled():
+    """Ids 50261..50303 pad the vocabulary to 50304: no text, no training. A model that prefers one
+    (here forced by a hook) gets its best real token instead: an unused id would print nothing."""
+    from gptkit.tokenizer import MIN_VOCAB_SIZE
+    model = lively_model()
+    free = list(generate(model, PROMPT, 20, temperature=0))
+
+    def pad_wins(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., MIN_VOCAB_SIZE:] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(pad_wins)
+    assert list(generate(model, PROMPT, 20, temperature=0)) == free
+    assert list(generate(model, PROMPT, 20, temperature=0, use_cache=False)) == free
+    sampled = generate_samples(model, PROMPT, 4, 20, temperature=2.0, top_k=0, top_p=1.0,
+                               generator=make_generator(model, 0))
+    assert all(token < MIN_VOCAB_SIZE for s in sampled for token in s)

@@ -250,3 +250,36 @@ def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
     from gptkit.hf import export_hf
     export_hf(model, str(tmp_path / "hf"))
     assert _run_eval([f"--ckpt={tmp_path / 'hf'}"] + args[1:], 1) == one
+
+
+def test_compiled_evaluation_scores_the_same(tmp_path, tiny_config, monkeypatch, capsys):
+    """eval_hellaswag.py --compile=True on CPU (inductor; about 15 s to compile here): the model is
+    compiled and scores what the eager model scores."""
+    torch.manual_seed(2)
+    model = GPT(tiny_config, verbose=False)
+    save_checkpoint(str(tmp_path / "run"), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                             "config": {}, "kind": "base", "step": 5})
+    rng = random.Random(4)
+    items = [{"ctx": _random_text(rng, 10), "endings": [_random_text(rng, rng.randint(2, 9)) for _ in range(4)],
+              "label": rng.randint(0, 3)} for _ in range(11)]  # batches of 5, 5 and 1 item: three shapes
+    data = _write_jsonl(tmp_path / "items.jsonl", items)
+    compiled = []
+    real_compile = torch.compile
+
+    def spy_compile(module, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(module, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", f"--ckpt={tmp_path / 'run'}", f"--data={data}",
+                                      "--device=cpu", "--batch_size=5", "--compile=True"])
+    try:
+        hellaswag_script().main()
+    finally:
+        torch._dynamo.reset()  # leave no compiled code behind for other tests
+    assert compiled == [{"dynamic": True}]
+    out = capsys.readouterr().out
+    eager = evaluate_hellaswag(model, data, CPU)
+    assert f"HellaSwag: {eager['count']} items" in out
+    for name in ("acc", "acc_norm", "acc_per_token"):
+        assert re.search(rf"^  {name} +{eager[name]:.4f}", out, re.M), (name, eager, out)

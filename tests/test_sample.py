@@ -363,3 +363,147 @@ def test_a_hugging_face_folder_answers_like_its_checkpoint(ckpts, tmp_path):
         assert exported.returncode == 0, exported.stderr
         assert exported.stdout == original.stdout and exported.stdout.strip()
         assert ("mode chat" if chat else "mode complete") in exported.stderr
+
+
+# ---------------------------------------------------------------------------------------------- long chats, Ctrl-C, output
+
+def test_a_chat_longer_than_the_context(ckpts, monkeypatch, capsys):
+    """Eight turns through the real sampler on a model with a 64-token context: old turns go, the
+    system prompt stays, every prompt plus its answer fits, and each answer is what the model gives
+    on that prompt alone (nothing is carried over from an earlier turn's KV cache)."""
+    model = ckpts[0]
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS[:2], "--max_new_tokens=1000",
+                                            "--system=Be brief."])
+    calls = []
+
+    def spy_generate(model, ids, *args, **kwargs):
+        answer = list(generate(model, ids, *args, **kwargs))
+        calls.append((list(ids), answer))
+        yield from answer
+
+    questions = [f"question {i} about rivers" for i in range(8)]
+    remaining = list(questions)
+
+    def fake_input(prompt):
+        if not remaining:
+            raise EOFError
+        return remaining.pop(0)
+
+    monkeypatch.setattr(sample, "generate", spy_generate)
+    monkeypatch.setattr("builtins.input", fake_input)
+    sample.chat_loop(model, cfg, None, None, get_tokenizer())
+    tok, block = get_tokenizer(), model.config.block_size
+    assert len(calls) == 8
+    for i, (ids, answer) in enumerate(calls):
+        assert ids[:2] == [EOT, SYSTEM] and ids[-1] == ASSISTANT
+        assert tok.encode(questions[i]) == ids[-2 - len(tok.encode(questions[i])):-2]  # the new question is in
+        assert len(ids) + len(answer) <= block
+        assert len(ids) <= block - block // 2  # at most half the context kept for the answer (1000 asked)
+        assert answer == greedy_text_ids(model, ids)
+    assert tok.encode(questions[0]) not in [calls[-1][0][j:j + 4] for j in range(len(calls[-1][0]))]
+    assert "[stopped]" not in capsys.readouterr().out
+
+
+def greedy_text_ids(model, ids):
+    return list(generate(model, ids, 10_000, temperature=0, stop_tokens=(END, EOT)))
+
+
+def interrupt_after(tokens):
+    def fake_generate(*args, **kwargs):
+        yield from tokens
+        raise KeyboardInterrupt
+    return fake_generate
+
+
+def test_ctrl_c_in_a_one_shot_answer_exits_130(ckpts, monkeypatch, capsys):
+    """--prompt or a pipe: Ctrl-C ends the process with 130 (what a shell expects of Ctrl-C), and
+    stdout holds only what was answered: a script must not take a cut answer for a whole one."""
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    monkeypatch.setattr(sample, "generate", interrupt_after([40]))  # "I", then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):  # sample.py's __main__ turns it into exit code 130
+        sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
+    captured = capsys.readouterr()
+    assert captured.out == "I\n" and "stopped" in captured.err
+    # several samples are printed at the end: nothing was shown
+    monkeypatch.setattr(sample, "generate_samples", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi", "--num_samples=2"]))
+    captured = capsys.readouterr()
+    assert captured.out == "" and "stopped" in captured.err
+
+
+def test_ctrl_c_in_one_of_several_answers_keeps_the_chat(ckpts, monkeypatch, capsys):
+    asked = []
+
+    def fake_samples(model, ids, num_samples, *args, **kwargs):
+        asked.append(ids)
+        if len(asked) == 1:
+            raise KeyboardInterrupt
+        return [[40]] * num_samples
+
+    inputs = iter(["first", "second"])
+
+    def fake_input(prompt):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise KeyboardInterrupt  # then Ctrl-C at the prompt: the chat ends
+    monkeypatch.setattr(sample, "generate_samples", fake_samples)
+    monkeypatch.setattr("builtins.input", fake_input)
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--num_samples=2"])
+    sample.chat_loop(ckpts[0], cfg, None, None, get_tokenizer())
+    out = capsys.readouterr().out
+    assert "[stopped]" in out and "----- sample 2/2 -----\nI\n" in out
+    assert asked == [render("first"), render("first", "", "second")]  # nothing was shown: an empty answer
+
+
+MULTIBYTE = "😀 日本語の文章 👨‍👩‍👧 café"
+
+
+def test_streamed_multibyte_characters_are_never_split(ckpts, monkeypatch):
+    """Emoji and CJK characters whose bytes span several tokens: each write is whole characters,
+    and the screen shows exactly the text."""
+    import io
+    tok = get_tokenizer()
+    ids = tok.encode(MULTIBYTE)
+    assert any(len(tok.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # split characters
+    writes = []
+
+    class Screen(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: iter(ids))
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    screen = Screen()
+    monkeypatch.setattr("sys.stdout", screen)
+    sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
+    assert screen.getvalue() == MULTIBYTE + "\n"
+    assert not any("\ufffd" in w for w in writes) and len([w for w in writes if w]) > 5  # streamed, never garbled
+
+
+def test_a_terminal_without_utf8_gets_a_character_it_can_show(ckpts, monkeypatch):
+    """stdout in cp1252 (a Windows pipe or file) cannot hold an emoji: the answer goes on with '?'
+    rather than the chat dying on UnicodeEncodeError."""
+    import io
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: iter(get_tokenizer().encode(MULTIBYTE)))
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
+    sys.stdout.flush()
+    assert raw.getvalue().decode("cp1252") == MULTIBYTE.encode("cp1252", errors="replace").decode("cp1252") + "\n"
+    assert raw.getvalue().decode("cp1252").endswith(" café\n")  # what cp1252 has is kept
+
+
+def test_a_closed_pipe_ends_quietly(ckpts):
+    """`python sample.py --prompt=... | head -c 10`: the reader leaves early; no traceback."""
+    _, chat_dir, _ = ckpts
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--ckpt={chat_dir}", "--prompt=Hi", "--device=cpu",
+                             "--max_new_tokens=40"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first token
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr, stderr

@@ -482,3 +482,85 @@ def test_metrics_logger_writes_jsonl_and_wandb(tmp_path, monkeypatch):
         logger.close()
     assert calls[3][1]["resume"] == "allow" and calls[4:] == [("log", {"loss": 2.0}, 4), ("finish",)]
     assert [r["step"] for r in read_log(str(tmp_path))] == [3, 4]
+
+
+class FixedLoader:
+    """The same (x, y) batch every time; enough of a loader for the loop and its checkpoint."""
+
+    def __init__(self, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, 50257, (4, 64), generator=gen)
+        self.y = torch.randint(0, 50257, (4, 64), generator=gen)
+
+    def next_batch(self):
+        return self.x, self.y
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_activation_checkpointing_flag_reaches_the_model(tiny_config, tmp_path, monkeypatch):
+    """--activation_checkpointing=True makes the loop recompute every block in the backward pass
+    (and only in training: evaluation is not checkpointed), with the same losses as without."""
+    import torch.utils.checkpoint
+    from model import GPT
+    from gptkit.trainer import train
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    calls = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(function)
+        return real_checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    records = {}
+    for flag in (False, True):
+        calls.clear()
+        torch.manual_seed(0)
+        model = GPT(tiny_config, verbose=False)
+        out = str(tmp_path / f"ac_{flag}")
+        cfg = tiny_cfg(f"--out_dir={out}", "--max_steps=2", "--eval_interval=2", f"--activation_checkpointing={flag}")
+        loader = FixedLoader()
+        train(cfg, cpu_runtime(), model, loader, lambda: [loader.next_batch()])
+        assert model.activation_checkpointing is flag
+        # 2 steps x 1 micro-batch x 2 blocks when on; the two evals run unchecked
+        assert len(calls) == (2 * 2 if flag else 0)
+        assert all(isinstance(function, type(model.transformer.h[0])) for function in calls)
+        records[flag] = read_log(out)
+    assert losses(records[True]) == losses(records[False]) and len(losses(records[True])) == 2
+    assert losses(records[True], "val_loss") == losses(records[False], "val_loss")
+
+
+def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
+    """The first Ctrl-C asks for the step to finish and a checkpoint; a second one stops the run at
+    once: the step is not finished and nothing is saved."""
+    out = str(tmp_path / "stopped")
+    # 64 micro-batches per step: a step lasts seconds, long enough to press Ctrl-C twice inside one
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + [
+        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=1000", "--total_batch_tokens=16384",
+        "--eval_interval=1000", "--ckpt_interval=1000", "--log_interval=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:  # step 1 is logged: step 2 has just begun
+            if os.path.exists(log):
+                with open(log, encoding="utf-8") as f:
+                    if any('"loss"' in line for line in f):
+                        break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, "a run stopped at once must not report success"
+    assert "SIGINT received" in stdout and "KeyboardInterrupt" in stderr
+    assert not os.path.exists(os.path.join(out, "ckpt.pt")), "the second Ctrl-C should not wait for a save"
+    assert max(losses(read_log(out))) == 1  # step 2 never finished
