@@ -120,4 +120,5 @@ def main():
 
 if __name__ == "__main__":
     from gptkit.system import run_main
-    run_main(main)  # a bad setting, dataset or checkpoint: one `error:` line, exit code 2
+    # a bad setting, dataset or checkpoint: one `error:` line, exit code 2; a second Ctrl-C stops at once
+    run_main(main, on_interrupt="stopped at once, without saving: the last checkpoint (if any) is intact; --init_from=resume goes on from it")

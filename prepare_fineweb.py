@@ -392,8 +392,6 @@ def check_finished(data_dir, state):
 if __name__ == "__main__":
     cfg = configure(PrepareConfig)
     print_config(cfg)
-    try:
-        # a bad source or data folder: one `error:` line, exit code 2
-        run_main(prepare, cfg, [arg for arg in sys.argv[1:] if arg.endswith(".py") and not arg.startswith("--")])
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: the shards written so far are kept; run the same command again to go on")
+    # a bad source or data folder: one `error:` line, exit code 2
+    run_main(prepare, cfg, [arg for arg in sys.argv[1:] if arg.endswith(".py") and not arg.startswith("--")],
+             on_interrupt="the shards written so far are kept; run the same command again to go on")

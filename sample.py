@@ -86,8 +86,10 @@ def chat_prompt_ids(tokenizer, system, messages, max_new_tokens, block_size):
             break
         messages = messages[2:]  # the oldest user message and its answer
     if len(ids) >= block_size:
-        raise ValueError(f"this message and the system prompt take {len(ids)} tokens, more than the model's "
-                         f"context of {block_size}: write a shorter one (or /system to shorten the system prompt)")
+        what, shorter = (("this message and the system prompt take", " (or /system to shorten the system prompt)")
+                         if system else ("this message takes", ""))
+        raise ValueError(f"{what} {len(ids)} tokens, more than the model's context of {block_size}: "
+                         f"write a shorter one{shorter}")
     return ids, messages
 
 

@@ -172,14 +172,20 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
     return rt
 
 
-def run_main(main, *args):
+def run_main(main, *args, on_interrupt=""):
     """Run a script's main(*args). A UserError (a bad setting, file or checkpoint; its message says what
     to do) or a full disk ends the process with one `error:` line and exit code 2, not a traceback that
     buries the message. Under torchrun every rank meets the same setting problem, so rank 0 says it;
-    a full disk is said by the rank that met it (rank 0 writes checkpoints and logs)."""
+    a full disk is said by the rank that met it (rank 0 writes checkpoints and logs). Ctrl-C that
+    reaches here ends it with one `interrupted` line (and on_interrupt: what is kept) and exit code 130."""
     said_by_any_rank = False
     try:
         return main(*args)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ninterrupted{': ' + on_interrupt if on_interrupt else ''}", file=sys.stderr, flush=True)
+        cleanup_distributed(finished=False)
+        sys.exit(130)
     except UserError as e:
         message = str(e)
     except OSError as e:

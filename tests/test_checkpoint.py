@@ -159,3 +159,15 @@ def test_full_disk_during_save_keeps_previous_and_says_what_to_do(tmp_path, tiny
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
     with pytest.raises(PermissionError):
         run_main(main)
+
+
+def test_ctrl_c_is_one_line_that_says_what_is_kept(capsys):
+    from gptkit.system import run_main
+
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main, on_interrupt="the shards written so far are kept")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "\ninterrupted: the shards written so far are kept\n"

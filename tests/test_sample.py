@@ -347,7 +347,10 @@ def test_one_shot_mistakes_are_one_error_line(ckpts):
     # the test model's context is 64 tokens: a long system prompt leaves no room for the message
     too_long = run_sample([f"--ckpt={chat_dir}", "--prompt=Hi.", "--system=" + "word " * 200, *FLAGS])
     assert too_long.returncode == 2 and "Traceback" not in too_long.stderr, too_long.stderr
-    assert "error: this message and the system prompt take" in too_long.stderr
+    assert "error: this message and the system prompt take" in too_long.stderr and "/system" in too_long.stderr
+    # without a system prompt the message alone is named
+    alone = run_sample([f"--ckpt={chat_dir}", "--prompt=" + "word " * 200, *FLAGS])
+    assert alone.returncode == 2 and "error: this message takes" in alone.stderr and "/system" not in alone.stderr
 
 
 def test_a_hugging_face_folder_answers_like_its_checkpoint(ckpts, tmp_path):
