@@ -39,6 +39,7 @@ def mfu(flops_per_token, tokens_per_sec, peak_flops):
 
 @dataclass
 class BenchConfig(TrainConfig):
+    # the benchmark (the model and batch settings above apply too)
     steps: int = 10           # timed optimizer steps (the median is reported)
     warmup: int = 3           # untimed steps first (torch.compile, autotuning)
     mode: str = "train"       # train | decode | tokenize

@@ -44,6 +44,7 @@ class FinetuneConfig(TrainConfig):
     eval_tokens: int = 262144             # val conversations scored at each eval (all of them when fewer)
     ckpt_interval: int = 100
     data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
+    # the answers to a few fixed prompts, printed before and after finetuning
     system: str = ""                      # system prompt of the before/after answers (as prepare_instruct/sample)
     answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
 

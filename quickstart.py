@@ -40,15 +40,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts and config/ liv
 class QuickstartConfig(BaseConfig):
     device: str = "cpu"                             # the tiny model is CPU-sized; cuda works too
     source: str = "HuggingFaceFW/fineweb-edu"       # hub dataset, or a local folder/file of parquet, jsonl or txt
-    subset: str = "sample-10BT"
+    subset: str = "sample-10BT"                     # hub config of source (ignored for local files)
     max_tokens: int = 3_000_000                     # about 3,000 FineWeb-Edu documents
     instruct: str = "databricks/databricks-dolly-15k"  # hub name, or a local Alpaca/Dolly/chat JSON(L) file
     pretrain_steps: int = 60                        # 8,192 tokens each (config/tiny_cpu.py)
-    finetune_steps: int = 24
+    finetune_steps: int = 24                        # 8,192 tokens each (config/tiny_chat.py)
     eval_tokens: int = 16384                        # val tokens per evaluation (at the start, middle and end)
     prompt: str = "What is the capital of France?"  # the question asked at the end
-    data_dir: str = "data/quickstart"
-    out_dir: str = "out/quickstart"
+    data_dir: str = "data/quickstart"               # prepared data goes to its pretrain/ and instruct/
+    out_dir: str = "out/quickstart"                 # the runs go to its base/ and chat/ (replaced each time)
 
     def validate(self):
         problems = super().validate()

@@ -17,10 +17,14 @@ True/False/true/false for bools.
 import dataclasses
 import difflib
 import importlib
+import inspect
+import io
 import json
 import math
 import os
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -49,9 +53,10 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class BaseConfig:
-    device: str = "auto"   # auto picks cuda > mps > cpu
-    dtype: str = "auto"    # auto: bfloat16 where the GPU supports it, float16 + grad scaler on older GPUs, float32 on CPU
-    seed: int = 1337
+    # where and how it runs
+    device: str = "auto"   # auto picks cuda > mps > cpu; or cpu, cuda, cuda:N, mps
+    dtype: str = "auto"    # auto: bfloat16 on GPUs that have it, float16 on older GPUs (with a grad scaler) and MPS, float32 on CPU
+    seed: int = 1337       # random seed (0 to 2**31-1): the same seed and settings give the same run
     compile: bool = False  # torch.compile: faster steps on GPU after a minute of compiling
 
     def validate(self):
@@ -226,15 +231,73 @@ def load_config(cls, args):
     return cfg
 
 
+def _field_docs(cls):
+    """-> ({field: its trailing comment}, {field: the comment line heading its group}), read from the
+    source of cls and its bases, so that --help says what the dataclass comments say."""
+    descriptions, sections = {}, {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment on a field it overrides wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue  # defined where no source is (an interactive session)
+        # fields before any heading comment are headed by the file that defines them (sample.py:)
+        section, line_field = os.path.basename(inspect.getsourcefile(klass)), {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            row, col = tok.start
+            if tok.type == tokenize.NAME and col == 4 and row not in line_field and tok.string != "def":
+                line_field[row] = tok.string  # a field's name starts its line in the class body
+                if tok.string not in sections:
+                    sections[tok.string] = section
+            elif tok.type == tokenize.NAME and col == 4 and tok.string == "def":
+                break  # methods follow the fields
+            elif tok.type == tokenize.COMMENT:
+                text = tok.string.lstrip("#").strip()
+                if row in line_field:
+                    descriptions[line_field[row]] = text
+                elif col == 4:
+                    section = text
+    return descriptions, sections
+
+
+def _default_text(value):
+    if isinstance(value, str):
+        return value if value and value == value.strip() else repr(value)  # '' and ' x ' show their quotes
+    return repr(value)
+
+
+def help_text(cls, script):
+    """The --help of a script: usage, then each key with its default, type and description."""
+    hints = typing.get_type_hints(cls)
+    descriptions, sections = _field_docs(cls)
+    lines = [f"usage: python {script} [config/FILE.py ...] [--key=value ...]",
+             "",
+             "Config files (plain Python assignments) and --key=value flags apply left to right: a later one",
+             "overrides an earlier one. Bools take True/False/true/false/1/0; ints take 1e3 or 1_000.",
+             ""]
+    entries = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        entries.append((f.name, f"--{f.name}={_default_text(default)}", _type_name(hints[f.name])))
+    width = min(max(len(flag) for _, flag, _ in entries), 40)
+    section = None
+    for name, flag, type_name in entries:
+        if sections.get(name) and sections[name] != section:
+            section = sections[name]
+            lines.append(f"{section}:")
+        if len(flag) > width:  # a long default: its description goes on the next line
+            lines.append(f"  {flag}")
+            flag = ""
+        lines.append(f"  {flag:<{width}}  ({type_name}) {descriptions.get(name, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def configure(cls, args=None):
     """For scripts: parse sys.argv; on a mistake print it and exit with status 2, no traceback."""
     args = sys.argv[1:] if args is None else args
     if any(a in ("-h", "--help") for a in args):
-        print(f"usage: python {sys.argv[0]} [config/FILE.py ...] [--key=value ...]\n\nkeys and defaults:")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            print(f"  --{f.name}={default!r}  ({_type_name(hints[f.name])})")
+        print(help_text(cls, os.path.basename(sys.argv[0])))
         sys.exit(0)
     try:
         return load_config(cls, args)

@@ -132,3 +132,38 @@ def test_script_config_error_is_said_once_under_torchrun(rank, says):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert ("did you mean 'out_dir'" in proc.stderr) == says, proc.stderr
+
+
+SCRIPT_CLASSES = [("prepare_fineweb", "PrepareConfig"), ("prepare_instruct", "InstructConfig"),
+                  ("train", "TrainConfig"), ("finetune", "FinetuneConfig"), ("sample", "SampleConfig"),
+                  ("eval_hellaswag", "EvalConfig"), ("export_hf", "ExportConfig"), ("bench", "BenchConfig"),
+                  ("plot_log", "PlotConfig"), ("quickstart", "QuickstartConfig")]
+
+
+def test_help_says_each_keys_default_type_and_description():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "sample.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "usage: python sample.py [config/FILE.py ...] [--key=value ...]"
+    line = next(line for line in lines if line.strip().startswith("--temperature="))
+    assert line.split() [:2] == ["--temperature=0.8", "(float)"]
+    assert line.endswith("0 is greedy; lower is safer, higher more varied")  # the field's comment in sample.py
+    assert any(line.split()[:2] == ["--ckpt=''", "(str)"] for line in lines)  # an empty default stays visible
+    assert "where and how it runs:" in lines and "sample.py:" in lines  # the groups of keys
+
+
+@pytest.mark.parametrize("module, name", SCRIPT_CLASSES)
+def test_help_describes_every_key(module, name):
+    # every key a script owns says what it does; TrainConfig's own fields are described in gptkit/trainer.py
+    import importlib
+    from gptkit.configurator import _field_docs, help_text
+    cls = getattr(importlib.import_module(module), name)
+    descriptions, _ = _field_docs(cls)
+    text = help_text(cls, f"{module}.py")
+    trainer_keys = {f.name for f in dataclasses.fields(TrainConfig)} if issubclass(cls, TrainConfig) else set()
+    own = [f.name for f in dataclasses.fields(cls) if f.name not in trainer_keys]
+    for key in own:
+        assert descriptions.get(key), f"{module}.py: --{key} has no description (a comment on its field)"
+        assert f"--{key}=" in text and descriptions[key] in text
