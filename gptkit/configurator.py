@@ -66,6 +66,8 @@ class BaseConfig:
             problems.append(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if not 0 <= self.seed < 2**31:  # numpy takes [0, 2**32) and each rank seeds with seed + rank
+            problems.append(f"seed={self.seed}: use a whole number from 0 to {2**31 - 1}")
         return problems
 
 

@@ -167,3 +167,11 @@ def test_help_describes_every_key(module, name):
     for key in own:
         assert descriptions.get(key), f"{module}.py: --{key} has no description (a comment on its field)"
         assert f"--{key}=" in text and descriptions[key] in text
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_numpy_cannot_take_is_refused(seed):
+    # numpy takes seeds in [0, 2**32) and each rank seeds with seed + rank; outside, the run died in a traceback
+    with pytest.raises(ConfigError, match=f"seed={seed}: use a whole number from 0 to 2147483647"):
+        load_config(TrainConfig, [f"--seed={seed}"])
+    assert load_config(TrainConfig, ["--seed=0"]).seed == 0
