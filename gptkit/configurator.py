@@ -8,7 +8,8 @@ namespace of its own; later files and flags override earlier ones. A config file
 keys for the other gptkit scripts (one recipe file serves prepare, train and finetune), but a key
 no script knows is an error, and so is any unknown --flag. Values are checked against the field's
 type: ints are accepted for floats, a whole float such as 1e3 for an int, and
-True/False/true/false for bools.
+True/False/true/false (or 1/0) for bools. A config file may import and define helpers:
+modules, functions and _underscored names are not settings.
 
     cfg = configure(TrainConfig)          # in a script: errors print and exit with status 2
     cfg = load_config(TrainConfig, args)  # in tests: errors raise ConfigError
@@ -110,7 +111,7 @@ def _coerce(key, value, tp):
             return value
         if isinstance(value, str) and value in ("True", "true", "1", "False", "false", "0"):
             return value in ("True", "true", "1")
-        raise ConfigError(f"{key}={value!r}: expected a bool (True/False/true/false)")
+        raise ConfigError(f"{key}={value!r}: expected a bool (True/False/true/false/1/0)")
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected an int")
@@ -174,8 +175,10 @@ def _read_config_file(path):
                 line = tb.tb_lineno
             tb = tb.tb_next
         raise ConfigError(f"error in config file {path}, line {line}: {type(e).__name__}: {e}")
+    # Settings are the plain values: not the modules, functions and classes a file imports or defines
+    # (no setting is callable), nor _helper names.
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+            if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)}
 
 
 def _other_scripts_keys(own_cls):
@@ -193,6 +196,8 @@ def _other_scripts_keys(own_cls):
 def _unknown_key_error(key, known, where):
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
+    if where.startswith("config file"):
+        hint += f" (a helper variable of the file is not a setting: name it _{key})"
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
 
@@ -202,6 +207,7 @@ def load_config(cls, args):
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {}
     other_keys = None
+    bare_flag = None  # the last --flag given without '=', to explain a value that follows it
     for arg in args:
         if arg.startswith("--"):
             key, sep, raw = arg[2:].partition("=")
@@ -209,20 +215,29 @@ def load_config(cls, args):
             if not sep:
                 if key in fields and hints[key] is bool:
                     raw = "True"  # a bare --flag switches a bool on
+                    bare_flag = key
                 else:
                     raise ConfigError(f"flag {arg} needs a value: --{key}=VALUE")
             if key not in fields:
                 raise _unknown_key_error(key, fields, "the command line")
             values[key] = _coerce(key, raw, hints[key])
+            if sep:
+                bare_flag = None
         elif arg.endswith(".py"):
+            bare_flag = None
             for key, value in _read_config_file(arg).items():
                 if key in fields:
-                    values[key] = _coerce(key, value, hints[key])
+                    try:
+                        values[key] = _coerce(key, value, hints[key])
+                    except ConfigError as e:
+                        raise ConfigError(f"{e} (in config file {arg})")
                     continue
                 if other_keys is None:
                     other_keys = _other_scripts_keys(cls)
                 if key not in other_keys:
                     raise _unknown_key_error(key, fields | other_keys, f"config file {arg}")
+        elif bare_flag:
+            raise ConfigError(f"cannot understand argument {arg!r} after --{bare_flag}: write --{bare_flag}={arg}")
         else:
             raise ConfigError(f"cannot understand argument {arg!r}: give config files (config/NAME.py) "
                               f"and flags (--key=value)")

@@ -175,3 +175,34 @@ def test_seed_numpy_cannot_take_is_refused(seed):
     with pytest.raises(ConfigError, match=f"seed={seed}: use a whole number from 0 to 2147483647"):
         load_config(TrainConfig, [f"--seed={seed}"])
     assert load_config(TrainConfig, ["--seed=0"]).seed == 0
+
+
+def test_config_file_may_import_names_and_keep_helpers(tmp_path):
+    path = tmp_path / "helpers.py"
+    path.write_text("from math import sqrt\nfrom os.path import join\n_width = 64\nn_embd = int(sqrt(_width ** 2))\n"
+                    "n_head = 4\nout_dir = join('out', 'x')\n")
+    cfg = load_config(TrainConfig, [str(path)])
+    assert cfg.n_embd == 64 and cfg.out_dir == os.path.join("out", "x")
+
+
+def test_config_file_helper_variable_is_told_to_start_with_underscore(tmp_path):
+    path = tmp_path / "helper.py"
+    path.write_text("rows = 8\nmicro_batch_size = rows\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'rows' in config file .*helper\.py.*"
+                                          r"name it _rows"):
+        load_config(TrainConfig, [str(path)])
+
+
+def test_wrong_type_in_config_file_names_the_file(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("n_layer = 4,\n")  # a stray comma makes a tuple
+    with pytest.raises(ConfigError, match=r"n_layer=\(4,\): expected an int.*in config file .*typo\.py"):
+        load_config(TrainConfig, [str(path)])
+
+
+def test_flag_and_value_as_two_arguments_says_how_to_write_it():
+    with pytest.raises(ConfigError, match=r"--max_steps needs a value: --max_steps=VALUE"):
+        load_config(TrainConfig, ["--max_steps", "10"])
+    # a bool flag alone means True, so the value that follows it was taken for a stray argument
+    with pytest.raises(ConfigError, match=r"'False' after --compile: write --compile=False"):
+        load_config(TrainConfig, ["--compile", "False"])
