@@ -298,9 +298,10 @@ class GPT(nn.Module):
         return [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 per weight for the
-        matmuls plus 12*L*C*T for the attention scores and weighted sum. Position embeddings do
-        no matmul work, so they are left out."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 per parameter plus
+        12*L*C*T for the attention scores and weighted sum. Position embeddings do no matmul work,
+        so they are left out; norm gains and biases are counted though they do none either (as in
+        PaLM's 6N: 0.01% of the total at 124M)."""
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 

@@ -236,3 +236,23 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_plain():
     for a, b in zip(grads_a, grads_b):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_flops_per_token_matches_counted_flops(bias):
+    # Count every matmul of a forward + backward (the math attention kernel decomposes into bmm that
+    # the counter sees). The estimate is 6N + 12*L*C*T with N holding the norm gains and biases too
+    # (PaLM's 6N), which do no matmul: the count differs by exactly 6 per such parameter.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    L, C, T, V = 2, 64, 32, 50304
+    model = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=C, block_size=T, vocab_size=V, bias=bias), verbose=False)
+    x = torch.randint(0, 50257, (2, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(x, x)
+        loss.backward()
+    counted = counter.get_total_flops() / x.numel()
+    by_hand = 6 * (L * 12 * C * C + V * C) + L * 12 * C * T  # qkv, proj, 2 MLP; lm_head; attention scores and sum
+    assert counted == by_hand
+    vector_params = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    assert model.flops_per_token() == by_hand + 6 * vector_params
