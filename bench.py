@@ -25,10 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from gptkit.configurator import ConfigError, configure
+from gptkit.configurator import ConfigError, config_dict, configure
 from gptkit.system import device_peak_flops, print0, setup_runtime
 from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, train_step
 from model import GPT, GPTConfig, CausalSelfAttention
+
+def significant(x, digits=3):
+    """x rounded to a few significant digits: a small input's figures stay readable, never 0.0."""
+    return float(f"{x:.{digits}g}")
+
 
 def mfu(flops_per_token, tokens_per_sec, peak_flops):
     """Model FLOPs utilisation: the share of the device's peak the model's useful arithmetic reaches."""
@@ -40,14 +45,14 @@ def mfu(flops_per_token, tokens_per_sec, peak_flops):
 @dataclass
 class BenchConfig(TrainConfig):
     # the benchmark (the model and batch settings above apply too)
-    steps: int = 10           # timed optimizer steps (the median is reported)
+    steps: int = 10           # timed repeats, the median is reported: optimizer steps (train), whole generations (decode)
     warmup: int = 3           # untimed steps first (torch.compile, autotuning)
     mode: str = "train"       # train | decode | tokenize
     text: str = ""            # tokenize: a folder of .txt (and .zip of .txt) files to tokenize
     num_proc: int = 0         # tokenize: processes (0: all cores)
     attention: str = "auto"   # auto | flash | cudnn | efficient | math: force one SDPA kernel, to compare
     pad_heads: bool = True    # pad head sizes that are not a multiple of 8 (712M: 54 -> 56) for the fused kernels
-    json: bool = False        # print one JSON line instead of a table
+    json: bool = False        # print one JSON line instead of a table, with every setting under "config"
     coordinate_descent_tuning: bool = False  # inductor tunes its generated kernels' launch parameters (slower compile)
 
     def validate(self):
@@ -178,14 +183,16 @@ def bench_decode(cfg, rt):
     prompt = torch.randint(0, 50257, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
-              else rt.device_type, "torch": torch.__version__, "params": model.num_params(),
+              else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),
               "prompt_tokens": len(prompt), "new_tokens": new_tokens}
     for use_cache in (True, False):
         times = []
         for i in range(cfg.warmup + cfg.steps):
             rt.synchronize()
             t0 = time.perf_counter()
-            n = sum(1 for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache))
+            # under the runtime's autocast, as sample.py generates (not generate's own default)
+            n = sum(1 for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
+                                        autocast=rt.autocast))
             rt.synchronize()
             if i >= cfg.warmup:
                 times.append(time.perf_counter() - t0)
@@ -241,11 +248,11 @@ def bench_tokenize(cfg):
     t0 = time.perf_counter()
     n_ours = sum(len(a) for a in tokenize_documents(documents, num_proc))
     ours_s = time.perf_counter() - t0
-    return {"mode": "tokenize", "documents": len(documents), "megabytes": round(megabytes, 1),
-            "tokens": n_ours, "plain_tiktoken_mb_per_s": round(megabytes / plain_s, 2),
+    return {"mode": "tokenize", "documents": len(documents), "megabytes": significant(megabytes),
+            "tokens": n_ours, "plain_tiktoken_mb_per_s": significant(megabytes / plain_s),
             "plain_tiktoken_tokens_per_s": round(n_plain / plain_s),
-            "num_proc": num_proc, "mb_per_s": round(megabytes / ours_s, 2), "tokens_per_s": round(n_ours / ours_s),
-            "mb_per_s_per_proc": round(megabytes / ours_s / num_proc, 2), "cpu_count": os.cpu_count()}
+            "num_proc": num_proc, "mb_per_s": significant(megabytes / ours_s), "tokens_per_s": round(n_ours / ours_s),
+            "mb_per_s_per_proc": significant(megabytes / ours_s / num_proc), "cpu_count": os.cpu_count()}
 
 
 def main():
@@ -256,12 +263,13 @@ def main():
         rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json)
         result = bench_train(cfg, rt) if cfg.mode == "train" else bench_decode(cfg, rt)
     if cfg.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "config": config_dict(cfg)}))
         return
+    width = max(len(key) for key in result)
     for key, value in result.items():
         if key == "mfu":
             value = f"{value * 100:.1f}%" if value is not None else "n/a (device not in the peak table)"
-        print0(f"{key:>24}: {value}")
+        print0(f"{key:>{width}}: {value}")
 
 
 if __name__ == "__main__":

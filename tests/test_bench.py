@@ -1,9 +1,11 @@
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import BenchConfig, attention_kernels, bench_decode, bench_tokenize, device_peak_flops, mfu
 from gptkit.configurator import ConfigError, load_config
@@ -43,6 +45,10 @@ def test_bench_runs_on_cpu_and_prints_json():
     assert result["tokens_per_sec"] > 0 and result["mfu"] is None  # a CPU is not in the peak table
     assert result["dtype"] == "float32"
     assert "aten::_scaled_dot_product" in result["attention_kernels"]  # measured on the CPU too
+    # every setting rides along, so that a row of results says how it was made
+    assert result["config"] == {**result["config"], "n_layer": 2, "n_embd": 32, "total_batch_tokens": 128,
+                                "optimizer": "adamw", "seed": 1337, "warmup": 1, "json": True}
+    assert set(result["config"]) == {f.name for f in dataclasses.fields(BenchConfig)}
 
 
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch_size=2",
@@ -83,3 +89,27 @@ def test_attention_kernels_names_what_ran_on_the_cpu():
     forced = attention_kernels(model, rt, load_config(BenchConfig, TINY + ["--attention=math"]))
     assert "aten::_scaled_dot_product" in default and "aten::_scaled_dot_product" in forced
     assert default != forced and "math" in forced  # a forced kernel is what gets reported
+
+
+def test_decode_runs_in_the_configured_dtype(monkeypatch):
+    # sample.py generates under the runtime's autocast; the benchmark must measure the same thing
+    seen = []
+    forward = GPT.forward
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(GPT, "forward", spy)
+    cfg = load_config(BenchConfig, TINY + ["--mode=decode", "--steps=1", "--warmup=0", "--dtype=bfloat16"])
+    result = bench_decode(cfg, setup_runtime("cpu", "bfloat16", cfg.seed, verbose=False))
+    assert result["dtype"] == "bfloat16" and set(seen) == {torch.bfloat16}
+
+
+def test_tokenize_figures_of_a_small_input_are_not_rounded_to_zero(tmp_path):
+    (tmp_path / "a.txt").write_text("A few words of text.\n\nAnd a second paragraph.\n")
+    result = bench_tokenize(load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp_path}", "--num_proc=1"]))
+    assert result["tokens"] > 0
+    for key in ("megabytes", "mb_per_s", "plain_tiktoken_mb_per_s", "mb_per_s_per_proc"):
+        assert result[key] > 0, (key, result)
+    from bench import read_documents
+    assert result["megabytes"] == pytest.approx(sum(len(d.encode()) for d in read_documents(str(tmp_path))) / 1e6,
+                                                rel=1e-2)
