@@ -1,6 +1,7 @@
 """
 Plot a run's train/val loss and learning rate from its <out_dir>/log.jsonl, as a PNG.
-Works on a finished run and on one still running (a half-written last line is skipped).
+Works on a finished run and on one still running (a half-written last line is skipped); steps
+skipped for a non-finite loss are marked with red lines.
 
     python plot_log.py --out_dir=out/fineweb_124m              # writes out/fineweb_124m/loss.png
     python plot_log.py config/fineweb_124m.py                   # the same, out_dir from the recipe
@@ -82,11 +83,17 @@ def plot_log(out_dir, out=""):
         out = out.rstrip(".") + ".png"  # what savefig writes anyway; said here, the path returned is the real one
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1])
     steps, loss = series(records, "loss")
-    ax_loss.plot(steps, loss, label="train loss", linewidth=1)
+    if loss:  # an eval-only log has none: no empty curve in the legend
+        ax_loss.plot(steps, loss, label="train loss", linewidth=1)
     steps, val_loss = series(records, "val_loss")
-    ax_loss.plot(steps, val_loss, "o-", label="val loss", markersize=3)
     if val_loss:
+        ax_loss.plot(steps, val_loss, "o-", label="val loss", markersize=3)
         ax_loss.set_title(f"{os.path.basename(os.path.normpath(out_dir))}: best val loss {min(val_loss):.4f}")
+    # steps whose loss was not finite were skipped (no update): a gap in the curve, so say where
+    skipped = [r["step"] for r in records if r.get("skipped_step")]
+    for i, step in enumerate(skipped):
+        ax_loss.axvline(step, color="tab:red", alpha=0.4, linewidth=0.8,
+                        label=f"skipped steps ({len(skipped)})" if i == 0 else None)
     ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()

@@ -61,3 +61,27 @@ def test_out_dir_from_a_recipe():
     # python plot_log.py config/dolly.py: the recipe's other keys belong to other scripts
     for recipe in ("dolly", "tiny_cpu"):
         assert load_config(PlotConfig, [os.path.join(ROOT, "config", f"{recipe}.py")]).out_dir == f"out/{recipe}"
+
+
+def legend_of_saved_figure(monkeypatch, out_dir):
+    """Plot out_dir's log and return the labels of the loss panel's legend."""
+    from matplotlib.figure import Figure
+    saved = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), savefig(self, *a, **k))[1])
+    plot_log(str(out_dir))
+    return [text.get_text() for text in saved[0].axes[0].get_legend().get_texts()]
+
+
+def test_a_log_with_val_loss_only_shows_no_empty_train_curve(tmp_path, monkeypatch):
+    # an eval-only log (train loss not logged yet): the legend named a train loss that was not drawn
+    write_log(tmp_path, [{"step": 0, "val_loss": 10.8}, {"step": 50, "val_loss": 9.1}])
+    assert legend_of_saved_figure(monkeypatch, tmp_path) == ["val loss"]
+
+
+def test_skipped_steps_are_marked(tmp_path, monkeypatch):
+    # the trainer logs {"step": s, "skipped_step": true} for a step whose loss was not finite
+    write_log(tmp_path, RECORDS + [{"step": 11, "skipped_step": True, "bad_steps_in_row": 1},
+                                   {"step": 12, "skipped_step": True, "bad_steps_in_row": 2},
+                                   {"step": 15, "loss": 7.9, "lr": 1e-3}])
+    assert legend_of_saved_figure(monkeypatch, tmp_path) == ["train loss", "val loss", "skipped steps (2)"]
