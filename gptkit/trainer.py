@@ -33,48 +33,51 @@ class TrainConfig(BaseConfig):
     out_dir: str = "out/fineweb_124m"   # checkpoints, log.jsonl, config.json land here
     init_from: str = "scratch"          # scratch | resume | path of a gptkit checkpoint or a Hugging Face GPT-2 folder | gpt2* hub name
     # model (ignored when starting from a checkpoint, except dropout)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304
-    bias: bool = False
-    dropout: float = 0.0
+    n_layer: int = 12                   # transformer blocks
+    n_head: int = 12                    # attention heads per block (n_embd / n_head is the head size)
+    n_embd: int = 768                   # width of the residual stream
+    block_size: int = 1024              # context length in tokens
+    vocab_size: int = 50304             # GPT-2's 50257 padded to a multiple of 64; the chat tokens live there
+    bias: bool = False                  # biases in linear layers and LayerNorms (GPT-2 has them)
+    dropout: float = 0.0                # 0 for pretraining on much data; try 0.1 when finetuning on little
     # batch: tokens per optimizer step; accumulation = total_batch_tokens / (micro_batch_size * block_size * world_size)
     total_batch_tokens: int = 524288    # 2**19, about 0.5M tokens per step, as GPT-3 small
     micro_batch_size: int = 16          # sequences per forward pass per GPU: the memory knob
     max_steps: int = 19073              # 19073 * 2**19 = 10B tokens, one epoch of FineWeb-Edu sample-10BT
     # optimizer
     optimizer: str = "adamw"            # adamw | muon (Muon on hidden matrices, AdamW on the rest)
-    learning_rate: float = 6e-4
+    learning_rate: float = 6e-4         # peak AdamW learning rate, reached after warmup_steps
     min_lr: float = 6e-5                # end of the decay
-    warmup_steps: int = 700
+    warmup_steps: int = 700             # linear warmup from learning_rate / warmup_steps
     lr_schedule: str = "cosine"         # cosine | wsd (warmup, stable, then linear decay over decay_fraction)
     decay_fraction: float = 0.2         # wsd: share of the steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1           # on 2-D weights only (not biases or LayerNorms)
+    beta1: float = 0.9                  # AdamW momentum
+    beta2: float = 0.95                 # AdamW second-moment decay (0.95: steadier for LLMs than 0.999)
     muon_learning_rate: float = 0.02    # Muon's own scale: its updates are orthogonalised, not Adam-sized
     grad_clip: float = 1.0              # clip the global gradient norm; 0 disables
-    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
+    activation_checkpointing: bool = False  # recompute blocks in backward: much less memory, up to 1/3 more compute
     max_bad_steps: int = 5              # stop after this many non-finite losses in a row
     data_mode: str = "random"           # random windows across all shards, or sequential
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
+    eval_interval: int = 250            # steps between val losses (and samples); also at the end
     eval_tokens: int = 10485760         # fixed val budget (modded-nanogpt uses 10M tokens)
-    log_interval: int = 10
-    ckpt_interval: int = 1000
+    log_interval: int = 10              # steps between log lines; the only regular wait for the GPU
+    ckpt_interval: int = 1000           # steps between checkpoints; also at the end and on SIGTERM/Ctrl-C
     hellaswag_interval: int = 0         # 0: off
     hellaswag_data: str = ""            # HellaSwag JSONL; empty downloads the official val file
     hellaswag_limit: int = 0            # 0: all items
     sample_tokens: int = 48             # length of the samples printed at each eval; 0: none
-    wandb_log: bool = False
-    wandb_project: str = "gptkit"
-    wandb_run_name: str = ""
+    wandb_log: bool = False             # also log to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project: str = "gptkit"       # the wandb project the run goes to
+    wandb_run_name: str = ""            # empty: wandb picks a name
     stop_step: int = 0                  # save and exit after this step though max_steps is further (job time limits); 0: off
 
     def validate(self):
         problems = super().validate()
+        for key in ("data_dir", "out_dir"):
+            if not getattr(self, key).strip():
+                problems.append(f"{key} is empty: give a folder, such as --{key}={getattr(TrainConfig, key)}")
         if self.optimizer not in ("adamw", "muon"):
             problems.append(f"optimizer={self.optimizer!r}: use adamw or muon")
         if self.lr_schedule not in ("cosine", "wsd"):

@@ -52,6 +52,8 @@ def test_wrong_type_names_key_and_type():
     ("--grad_clip=-1", "grad_clip=-1.0 must be 0"),
     ("--beta2=1", r"beta2=1.0 must be in \[0, 1\)"),
     ("--n_head=0", "n_layer, n_head and n_embd must be positive"),
+    ("--out_dir=", "out_dir is empty: give a folder, such as --out_dir=out/fineweb_124m"),
+    ("--data_dir= ", "data_dir is empty"),
 ])
 def test_training_settings_that_cannot_train_are_refused(flag, says):
     with pytest.raises(ConfigError, match=says):
