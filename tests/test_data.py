@@ -176,3 +176,103 @@ def test_val_set_is_the_same_for_any_number_of_processes(data_dir):
         for r in range(world_size):
             for _, y in val_batches(data_dir, 4, T, eval_tokens=5 * 4 * T, rank=r, world_size=world_size):
                 assert ((y == -1).all(dim=1) | (y != -1).all(dim=1)).all()  # whole windows or none
+
+
+def window_starts(sizes, start=0, block_size=T):
+    """The token windows (T+1 tokens at stride T) that shards of these sizes hold, by first token."""
+    windows = []
+    for size in sizes:
+        windows += [start + k * block_size for k in range(max(size - 1, 0) // block_size)]
+        start += size
+    return windows
+
+
+def global_stream(loaders, steps):
+    """Run every rank's loader for `steps` batches -> window starts in global order: row i of rank r's
+    batch s is global row (s * B + i) * world_size + r, as every rank draws B rows per step."""
+    world_size, B = len(loaders), loaders[0].batch_size
+    stream = {}
+    for s in range(steps):
+        for r, loader in enumerate(loaders):
+            for i, start in enumerate(loader.next_batch()[0][:, 0].tolist()):
+                stream[(s * B + i) * world_size + r] = start
+    return [stream[g] for g in sorted(stream)]
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_every_window_once_per_epoch(tmp_path, mode, world_size):
+    # a shard shorter than one window, and a window count that no step size divides: the epochs wrap mid-batch
+    sizes = [300, 10, 50, 800]
+    make_shards(tmp_path, "train", sizes)
+    windows = window_starts(sizes)
+    n = len(windows)
+    assert n == 70
+    loaders = [PretrainLoader(tmp_path, "train", 4, T, rank=r, world_size=world_size, seed=3, mode=mode)
+               for r in range(world_size)]
+    stream = global_stream(loaders, -(-3 * n // (4 * world_size)))
+    epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == windows  # each window once: none twice, none left out
+    if mode == "sequential":
+        assert epochs[0] == windows
+    else:
+        assert epochs[0] != windows and epochs[1] != epochs[0]  # shuffled, and again each epoch
+    # the stream is the same for any number of processes and batch size: one process, one row at a time
+    alone = PretrainLoader(tmp_path, "train", 1, T, seed=3, mode=mode)
+    assert stream == [int(alone.next_batch()[0][0, 0]) for _ in range(len(stream))]
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_exact_resume_after_an_epoch_wrap(data_dir, mode):
+    a = PretrainLoader(data_dir, "train", 64, T, seed=7, mode=mode)  # 717 windows: epoch 1 starts in batch 12
+    for _ in range(13):
+        a.next_batch()
+    state = a.state_dict()
+    rest = [a.next_batch() for _ in range(3)]
+    b = PretrainLoader(data_dir, "train", 64, T, seed=7, mode=mode)
+    b.load_state_dict(state)
+    assert b.exact_resume
+    for (x1, y1), (x2, y2) in zip(rest, [b.next_batch() for _ in range(3)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_resume_with_other_batch_size_and_process_count_goes_on_at_the_same_window(data_dir, mode):
+    n = len(window_starts([3000, 500, 8000]))
+    reference = PretrainLoader(data_dir, "train", 1, T, seed=7, mode=mode)
+    reference = [int(reference.next_batch()[0][0, 0]) for _ in range(2 * n)]
+    a = PretrainLoader(data_dir, "train", 5, T, seed=7, mode=mode)
+    for _ in range(150):  # 750 rows: into the second epoch
+        a.next_batch()
+    state = a.state_dict()
+    for batch_size, world_size in [(4, 1), (3, 2), (7, 3)]:
+        loaders = [PretrainLoader(data_dir, "train", batch_size, T, rank=r, world_size=world_size, seed=7, mode=mode)
+                   for r in range(world_size)]
+        for loader in loaders:
+            loader.load_state_dict(state)
+        stream = global_stream(loaders, 20)
+        # neither a window again nor one left out, and still the second epoch (not a restart)
+        assert stream == reference[750:750 + len(stream)], (batch_size, world_size)
+
+
+def test_resume_from_a_state_saved_as_a_batch_count(data_dir):
+    # loader states of earlier versions count batches; a run resumed from one goes on at the same row
+    old = {"mode": "sequential", "seed": 7, "batches": 150, "batch_size": 5, "block_size": T, "world_size": 1,
+           "total_tokens": 11500}
+    loader = PretrainLoader(data_dir, "train", 4, T, seed=7, mode="sequential")
+    loader.load_state_dict(old)
+    windows = window_starts([3000, 500, 8000])
+    assert loader.next_batch()[0][:, 0].tolist() == windows[750 - len(windows):750 - len(windows) + 4]
+
+
+def test_resume_with_another_block_size_keeps_the_epoch(data_dir):
+    a = PretrainLoader(data_dir, "train", 5, T, mode="sequential")
+    for _ in range(150):  # 750 rows of 717: 4% into the second epoch
+        a.next_batch()
+    b = PretrainLoader(data_dir, "train", 5, 2 * T, mode="sequential")
+    b.load_state_dict(a.state_dict())
+    assert not b.exact_resume
+    windows = window_starts([3000, 500, 8000], block_size=2 * T)
+    assert len(windows) == 357
+    assert b.next_batch()[0][0, 0] == windows[33 * 357 // 717]  # the same share of the second epoch
