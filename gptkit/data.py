@@ -129,7 +129,8 @@ def read_prepare_state(data_dir):
 
 
 def list_shards(data_dir, split):
-    """Sorted paths of <data_dir>/<split>_NNNNNN.bin; an error naming the prepare command if none.
+    """Sorted paths of <data_dir>/<split>_NNNNNN.bin (or llm.c's names, such as fineweb_<split>_NNNNNN.bin);
+    an error naming the prepare command if none.
     In a folder prepare_fineweb.py made, also checks the preparation finished and no shard is missing."""
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: use train or val")
@@ -141,9 +142,10 @@ def list_shards(data_dir, split):
     if state is not None and not state.get("done"):
         raise ShardError(f"the preparation of {data_dir} is unfinished (it was stopped): run the same "
                          "prepare_fineweb.py command again, and it goes on where it stopped")
-    pattern = re.compile(rf"{split}_\d{{6}}\.bin$")
-    paths = sorted(p for p in glob.glob(os.path.join(glob.escape(data_dir), f"{split}_*.bin"))
-                   if pattern.search(os.path.basename(p)))
+    # ours are train_000000.bin; llm.c and modded-nanogpt write fineweb_train_000001.bin and tiny_shakespeare_train.bin
+    pattern = re.compile(rf"(.*_)?{split}(_\d+)?\.bin")
+    paths = sorted(p for p in glob.glob(os.path.join(glob.escape(data_dir), "*.bin"))
+                   if pattern.fullmatch(os.path.basename(p)))
     if state is not None:
         expected = [shard_path(data_dir, split, i) for i in range(state[split]["shards"])]
         missing = sorted(set(expected) - set(paths))
@@ -155,7 +157,8 @@ def list_shards(data_dir, split):
                              "prepare it again from more data")
         paths = expected
     if not paths:
-        raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards: prepare the data first with "
+        raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards (nor llm.c's *_{split}_NNNNNN.bin): "
+                         f"prepare the data first with "
                          f"`{PREPARE_HINT}` (its data_dir must match), or point data_dir at prepared shards")
     return paths
 

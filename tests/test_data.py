@@ -49,6 +49,29 @@ def test_llmc_shard_loads_as_is(tmp_path):
     assert np.array_equal(x[0].numpy(), tokens[:T]) and np.array_equal(y[0].numpy(), tokens[1:T + 1])
 
 
+@pytest.mark.parametrize("names", [
+    ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"],  # llm.c, modded-nanogpt
+    ["edu_fineweb_val_000000.bin", "edu_fineweb_train_000001.bin", "edu_fineweb_train_000002.bin"],
+    ["tiny_shakespeare_val.bin", "tiny_shakespeare_train.bin"],  # llm.c's small datasets: one shard per split
+])
+def test_llmc_folders_load_under_their_own_file_names(tmp_path, names):
+    rng = np.random.default_rng(0)
+    shards = {}
+    for name in names:
+        tokens = rng.integers(0, 50257, size=1000).astype(np.uint16)
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = [20240520, 1, tokens.size]
+        (tmp_path / name).write_bytes(header.tobytes() + tokens.tobytes())
+        shards[name] = tokens
+    (tmp_path / "train_notes.txt.bin.bak").write_text("not a shard")
+    train = [n for n in names if "_train" in n]
+    assert list_shards(tmp_path, "train") == [str(tmp_path / n) for n in train]
+    x, _ = PretrainLoader(tmp_path, "train", 4, T, mode="sequential").next_batch()
+    assert np.array_equal(x[0].numpy(), shards[train[0]][:T])
+    (x, _), = val_batches(tmp_path, 4, T, eval_tokens=4 * T)
+    assert np.array_equal(x[0].numpy(), shards[names[0]][:T])
+
+
 def corrupt(path, slot=None, value=None, truncate=0, token=None):
     data = bytearray(path.read_bytes())
     if slot is not None:
