@@ -391,26 +391,21 @@ class PretrainLoader:
 
 def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
     """A fixed list of (x, y): the first eval_tokens of the val split in non-overlapping windows,
-    batch i going to rank i % world_size. The same on every call, so val losses compare across
-    evals and runs. Every rank gets the same number of batches (for the all-reduce): a rank a batch
-    short gets one without targets (y = -1), which adds nothing to the loss, so the windows scored
-    are the same for any number of processes. When the val split is smaller than eval_tokens, all
-    of it is used."""
-    shards = _ShardSet(data_dir, "val", block_size)
-    available = int(shards.cum_rows[-1]) // batch_size
-    wanted = max(eval_tokens // (batch_size * block_size), 1)
-    n_batches = min(wanted, available)
-    if n_batches == 0:
-        raise ShardError(f"the val split in {data_dir} has {int(shards.n_tokens.sum())} tokens, too few for one "
-                         f"batch of {batch_size}x{block_size}: raise val_tokens in `{PREPARE_HINT}`, or lower "
-                         f"micro_batch_size or block_size")
-    per_rank = -(-n_batches // world_size)
+    batch i going to rank i % world_size. The same windows on every call and for any batch size or
+    number of processes, so val losses compare across evals and runs. When the val split is smaller
+    than eval_tokens, all of it is used. Every rank gets the same number of full batches (for the
+    all-reduce): rows past the last window are <|endoftext|> without targets (y = -1), which add
+    nothing to the loss."""
+    shards = _ShardSet(data_dir, "val", block_size)  # refuses a split without one window
+    n_rows = min(max(eval_tokens // block_size, 1), int(shards.cum_rows[-1]))
+    rows_per_step = batch_size * world_size
+    n_batches = -(-n_rows // rows_per_step) * world_size
     batches = []
-    for i in range(rank, per_rank * world_size, world_size):
-        if i < n_batches:
-            rows = np.arange(i * batch_size, (i + 1) * batch_size)
-            batches.append(_to_device(shards.gather(*shards.row_position(rows)), device))
-        else:
-            x = torch.full((batch_size, block_size), EOT, dtype=torch.int64, device=device)
-            batches.append((x, torch.full_like(x, -1)))
+    for i in range(rank, n_batches, world_size):
+        rows = np.arange(i * batch_size, min((i + 1) * batch_size, n_rows))
+        x = torch.full((batch_size, block_size), EOT, dtype=torch.int64)
+        y = torch.full_like(x, -1)
+        if len(rows):
+            x[:len(rows)], y[:len(rows)] = _to_device(shards.gather(*shards.row_position(rows)), "cpu")
+        batches.append((x.to(device), y.to(device)))
     return batches

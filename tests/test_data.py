@@ -177,10 +177,38 @@ def test_val_batches_fixed_and_split_between_ranks(data_dir):
     windows = [set(torch.cat([x[:, 0] for x, y in r if (y != -1).any()]).tolist()) for r in ranks]
     assert sorted(set.union(*windows)) == starts  # the 10 batches between them, none twice
     assert not (windows[0] & windows[1]) and not (windows[1] & windows[2]) and not (windows[0] & windows[2])
-    # asking for more than there is uses all of it, still in whole batches
-    assert len(val_batches(data_dir, 4, T, eval_tokens=10**9)) == (124 + 62) // 4  # windows per shard: 1999//16, 999//16
-    with pytest.raises(ShardError, match="val"):
-        val_batches(data_dir, 64, 512, eval_tokens=10**6)
+
+
+def scored_windows(batches):
+    """First tokens of the val windows that carry targets (rows of padding have none)."""
+    return [int(x[0]) for xb, yb in batches for x, y in zip(xb, yb) if (y != -1).any()]
+
+
+def test_val_split_smaller_than_eval_tokens_is_used_whole(data_dir):
+    val = window_starts([2000, 1000], start=11500)
+    assert len(val) == 124 + 62
+    # more asked for than there is: every window, though 186 is no multiple of the batch size
+    assert scored_windows(val_batches(data_dir, 4, T, eval_tokens=10**9)) == val
+    for world_size in (2, 3):
+        ranks = [val_batches(data_dir, 4, T, eval_tokens=10**9, rank=r, world_size=world_size) for r in range(world_size)]
+        assert len({len(r) for r in ranks}) == 1  # the same count on every rank, for the all-reduce
+        assert sorted(w for r in ranks for w in scored_windows(r)) == val
+    # a val split smaller than one batch: its 4 windows of 512 in one batch, the other rows without targets
+    (x, y), = val_batches(data_dir, 64, 512, eval_tokens=10**6)
+    assert x.shape == (64, 512) and scored_windows([(x, y)]) == [11500, 12012, 12524, 13500]
+    tiny = data_dir / "tiny"
+    tiny.mkdir()
+    make_shards(tiny, "val", [16])
+    with pytest.raises(ShardError, match="val"):  # not one window: prepare more val data
+        val_batches(tiny, 4, T, eval_tokens=10**6)
+
+
+def test_val_set_is_the_same_for_any_batch_size(data_dir):
+    # eval_tokens of 10 batches of 4: as many windows whatever the micro-batch, so val losses compare across runs
+    windows = scored_windows(val_batches(data_dir, 4, T, eval_tokens=10 * 4 * T))
+    assert windows == window_starts([2000, 1000], start=11500)[:40]
+    for batch_size in (3, 7, 64):
+        assert scored_windows(val_batches(data_dir, batch_size, T, eval_tokens=10 * 4 * T)) == windows
 
 
 def test_val_set_is_the_same_for_any_number_of_processes(data_dir):
