@@ -168,9 +168,10 @@ def text_pieces(text, size=TXT_PIECE_CHARS):
     pieces, start = [], 0
     while len(text) - start > size:
         longest = start + 4 * size
-        cut = text.find("\n\n", start + size) + 2
+        # searched up to `longest` only: a search to the end of the text would make a huge file quadratic
+        cut = text.find("\n\n", start + size, longest) + 2
         if not start + size < cut <= longest:
-            cut = text.find("\n", start + size) + 1
+            cut = text.find("\n", start + size, longest) + 1
             if not start + size < cut <= longest:
                 cut = longest
         pieces.append(text[start:cut])
