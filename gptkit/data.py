@@ -165,9 +165,14 @@ def list_shards(data_dir, split):
 
 # Documents -> tokens: used by prepare_fineweb.py, timed by bench.py.
 
+def normalize_line_ends(text):
+    """CRLF and lone CR -> LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def normalize_text(text):
     """CRLF and lone CR -> LF, a leading byte-order mark dropped; "" for a document with no text."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = normalize_line_ends(text)
     if text.startswith("\ufeff"):
         text = text[1:]
     return text if text.strip() else ""
