@@ -416,8 +416,10 @@ def prepare(cfg, recipes=()):
            f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), in {elapsed:.0f}s")
     for split, writer in (("train", train), ("val", val)):
         if not writer.tokens:  # train.py would refuse the folder: say so now, not at the start of training
+            more = (f"raise max_tokens (max_tokens={cfg.max_tokens} stopped it)"
+                    if cfg.max_tokens and train.tokens + val.tokens >= cfg.max_tokens else "prepare more documents")
             raise UserError(f"no document went to {split} ({train.docs + val.docs:,} documents in all), "
-                             f"and training needs both splits: delete {cfg.data_dir} and prepare more documents")
+                             f"and training needs both splits: delete {cfg.data_dir} and {more}")
     # with the same recipe: without it train.py would start its 124M defaults on this data
     print0(f"next: python train.py {shlex.join(list(recipes) + [f'--data_dir={cfg.data_dir}'])}")
     return state

@@ -233,6 +233,9 @@ def test_max_tokens_stops_early(tmp_path):
     total = state["train"]["tokens"] + state["val"]["tokens"]
     assert 30000 <= total < 30000 + 10000, total
     assert 2000 <= state["val"]["tokens"] < 2000 + 6000
+    # max_tokens below one document: one document cannot fill both splits, and the fix is a larger max_tokens
+    with pytest.raises(UserError, match=r"raise max_tokens \(max_tokens=10 stopped it\)"):
+        run_prepare(tmp_path / "fw.jsonl", tmp_path / "tiny", val_tokens=2000, max_tokens=10, num_proc=1)
 
 
 def test_bad_sources_give_clear_messages(tmp_path):
