@@ -7,9 +7,10 @@ FineWeb-Edu (or local parquet/jsonl/txt) -> GPT-2 token shards with a document-l
 
 The hub dataset is read with `datasets` in streaming mode, so nothing is downloaded whole first.
 `source` may instead be a local .parquet / .jsonl / .txt file or a folder of them (one kind per
-folder), read through the same streaming code path. Records need a `text` column; an `id` column,
-when present, decides the split. A .txt file is one text, cut at paragraph breaks into documents of
-about 16K characters, so that a folder of a few books still gets a val split of about val_tokens.
+folder), parquet and jsonl through the same streaming code path. Records need a `text` column; an
+`id` column, when present, decides the split. A .txt file is one text, read in blocks (any size fits
+in memory) and cut at paragraph breaks into documents of about 16K characters, so that a folder of a
+few books still gets a val split of about val_tokens.
 
 Each document is normalised (CRLF and lone CR -> LF, BOM dropped; empty documents skipped) and
 preceded by <|endoftext|>. Documents picked by a stable hash go to val until it holds val_tokens, at
@@ -22,6 +23,7 @@ an uninterrupted run writes. On finished data it does nothing. Progress lives in
 <data_dir>/prepare_state.bin (first line: JSON you can read with `head -1`).
 """
 
+import codecs
 import json
 import os
 import re
@@ -34,7 +36,7 @@ import numpy as np
 
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
 from gptkit.checkpoint import atomic_write
-from gptkit.data import (PREPARE_STATE, ShardError, list_shards, make_pool, normalize_text, read_header,
+from gptkit.data import (PREPARE_STATE, ShardError, list_shards, make_pool, normalize_line_ends, read_header,
                          resolve_num_proc, shard_path, tokenize_stream, write_shard)
 from gptkit.system import print0, run_main
 from gptkit.tokenizer import EOT, get_tokenizer
@@ -99,12 +101,18 @@ def local_files(source):
 
 
 def open_records(cfg):
-    """-> iterator of (id or None, text), in the source's order, through datasets' streaming mode."""
-    from datasets import load_dataset
+    """-> iterator of (id or None, text), in the source's order: .txt files read here in blocks, the
+    rest through datasets' streaming mode."""
     if is_local(cfg.source):
         builder, files = local_files(cfg.source)
-        extra = {"sample_by": "document"} if builder == "text" else {}  # one record per .txt file
-        ds = load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        if builder == "text":
+            for path in files:
+                for piece in txt_pieces(path):
+                    yield None, piece
+            return
+    from datasets import load_dataset
+    if is_local(cfg.source):
+        ds = load_dataset(builder, data_files=files, split="train", streaming=True)
     else:
         builder, files = None, []
         try:
@@ -120,11 +128,9 @@ def open_records(cfg):
                 raise UserError(f"record {number} of {cfg.source} has no 'text' string (fields: "
                                  f"{ {k: type(v).__name__ for k, v in record.items()} }); give a source whose "
                                  "documents are strings in a 'text' column")
-            if builder == "text":
-                for piece in text_pieces(normalize_text(text or "")):
-                    yield None, piece
-            else:
-                yield record.get("id"), text or ""
+            yield record.get("id"), text or ""
+    except UserError:
+        raise
     except Exception as e:  # datasets names neither the file nor the fix: find them
         found = unreadable_file(builder, files) if builder else None
         where, why = found or (cfg.source, f"{type(e).__name__}: {str(e)[:300]}")
@@ -140,11 +146,9 @@ def unreadable_file(builder, files):
         try:
             if builder == "parquet":
                 pq.ParquetFile(path).read(columns=["text"])
-            elif builder == "text" or path.endswith(".json"):
+            elif path.endswith(".json"):
                 with open(path, "rb") as f:
-                    data = f.read().decode("utf-8")
-                if builder == "json":
-                    json.loads(data)
+                    json.loads(f.read().decode("utf-8"))
             else:
                 with open(path, encoding="utf-8") as f:
                     for number, line in enumerate(f, 1):
@@ -161,23 +165,62 @@ def unreadable_file(builder, files):
     return None
 
 
+def cut_after(text, start, size):
+    """Where the piece of text that begins at start ends: after the first paragraph break past
+    start + size, else after a line end, else at start + 4 x size. Looks at text[start:start + 4 x size]
+    only, so cutting a huge text takes linear time and a text read in blocks is cut as the whole."""
+    longest = start + 4 * size
+    cut = text.find("\n\n", start + size, longest) + 2
+    if not start + size < cut <= longest:
+        cut = text.find("\n", start + size, longest) + 1
+        if not start + size < cut <= longest:
+            cut = longest
+    return cut
+
+
 def text_pieces(text, size=TXT_PIECE_CHARS):
-    """A long text (a book) -> consecutive pieces of at least `size` characters that join back into it,
-    each cut after a paragraph break, else after a line end, else at 4 x size. A whole book as one
-    document would land in train or in val entirely."""
+    """A long text (a book) -> consecutive pieces of at least `size` characters that join back into it
+    (cut_after says where). A whole book as one document would land in train or in val entirely."""
     pieces, start = [], 0
     while len(text) - start > size:
-        longest = start + 4 * size
-        cut = text.find("\n\n", start + size) + 2
-        if not start + size < cut <= longest:
-            cut = text.find("\n", start + size) + 1
-            if not start + size < cut <= longest:
-                cut = longest
+        cut = cut_after(text, start, size)
         pieces.append(text[start:cut])
         start = cut
     if start < len(text):
         pieces.append(text[start:])
     return pieces
+
+
+def txt_pieces(path, size=TXT_PIECE_CHARS, block=1 << 20):
+    """A .txt file -> the text_pieces of its normalised text (a file of nothing but white space: none),
+    read in blocks of `block` bytes, so that a file of any size needs a few MB of memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    buffer, held, offset, at_start, any_text = "", "", 0, True, False
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            try:
+                text = held + decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise UserError(f"reading {path} failed: it is not UTF-8 text (near byte {offset + e.start}); "
+                                "convert it, for example with iconv -f cp1252 -t utf-8, then run the same command "
+                                "again: it goes on from the last shard written") from e
+            if at_start and text:  # the first character decoded (a BOM is 3 bytes: maybe not in the first block)
+                text, at_start = text.removeprefix("\ufeff"), False
+            offset += len(data)
+            held = "\r" if data and text.endswith("\r") else ""  # maybe the first half of a CRLF
+            buffer += normalize_line_ends(text[:len(text) - len(held)])
+            any_text = any_text or bool(buffer.strip())
+            start = 0
+            while len(buffer) - start >= 4 * size:  # enough text to cut where the whole file is cut
+                cut = cut_after(buffer, start, size)
+                yield buffer[start:cut]
+                start = cut
+            buffer = buffer[start:]
+            if not data:
+                break
+    if any_text:
+        yield from text_pieces(buffer, size)
 
 
 def estimate_source_tokens(cfg):
@@ -373,8 +416,10 @@ def prepare(cfg, recipes=()):
            f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), in {elapsed:.0f}s")
     for split, writer in (("train", train), ("val", val)):
         if not writer.tokens:  # train.py would refuse the folder: say so now, not at the start of training
+            more = (f"raise max_tokens (max_tokens={cfg.max_tokens} stopped it)"
+                    if cfg.max_tokens and train.tokens + val.tokens >= cfg.max_tokens else "prepare more documents")
             raise UserError(f"no document went to {split} ({train.docs + val.docs:,} documents in all), "
-                             f"and training needs both splits: delete {cfg.data_dir} and prepare more documents")
+                             f"and training needs both splits: delete {cfg.data_dir} and {more}")
     # with the same recipe: without it train.py would start its 124M defaults on this data
     print0(f"next: python train.py {shlex.join(list(recipes) + [f'--data_dir={cfg.data_dir}'])}")
     return state

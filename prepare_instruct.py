@@ -13,8 +13,8 @@ A source is a hub dataset name or a local .json (a list of records, or one recor
     messages  messages: [{role: system|user|assistant, content}, ...]
 Mixing: "NAME*W" weights a source: W=2 repeats each of its conversations twice in train, W=0.5
 keeps a fixed half of them (chosen by a seeded hash); val gets each kept conversation once.
-Exact duplicates are removed (the first copy wins), conversations that do not fit a row of
-block_size+1 tokens are dropped or truncated (overlong=...), and train/val is decided per
+Exact duplicates are removed (the first copy that its source's weight keeps wins), conversations
+that do not fit a row of block_size+1 tokens are dropped or truncated (overlong=...), and train/val is decided per
 conversation by a stable hash of its text, so it never changes between runs. Bad records (a missing
 field, an empty response, invalid UTF-8, a line that is not JSON) are skipped and counted, or stop
 the run with the file and record index (on_bad_record=error). A file that cannot be read as a whole
@@ -243,10 +243,6 @@ def prepare(cfg):
                 stats[f"bad: {e}"] += 1
                 continue
             key = json.dumps(messages, ensure_ascii=False)
-            if key in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(key)
             if len(ids) > cfg.block_size + 1:
                 if cfg.overlong == "drop":
                     stats["overlong dropped"] += 1
@@ -261,9 +257,13 @@ def prepare(cfg):
         whole, share = int(weight), weight - int(weight)
         for key, ids, mask in kept:
             copies = whole + (stable_fraction(str(cfg.seed), key) < share)
-            if copies == 0:
+            if copies == 0:  # left out before the duplicate check: its copy in another source stays
                 stats["left out by weight"] += 1
                 continue
+            if key in seen:
+                stats["duplicates"] += 1
+                continue
+            seen.add(key)
             stats["kept"] += 1
             if stable_fraction(key) < cfg.val_fraction:  # unseeded: the split never moves
                 val.append((ids, mask))

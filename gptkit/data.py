@@ -129,7 +129,8 @@ def read_prepare_state(data_dir):
 
 
 def list_shards(data_dir, split):
-    """Sorted paths of <data_dir>/<split>_NNNNNN.bin; an error naming the prepare command if none.
+    """Sorted paths of <data_dir>/<split>_NNNNNN.bin (or llm.c's names, such as fineweb_<split>_NNNNNN.bin);
+    an error naming the prepare command if none.
     In a folder prepare_fineweb.py made, also checks the preparation finished and no shard is missing."""
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: use train or val")
@@ -141,9 +142,10 @@ def list_shards(data_dir, split):
     if state is not None and not state.get("done"):
         raise ShardError(f"the preparation of {data_dir} is unfinished (it was stopped): run the same "
                          "prepare_fineweb.py command again, and it goes on where it stopped")
-    pattern = re.compile(rf"{split}_\d{{6}}\.bin$")
-    paths = sorted(p for p in glob.glob(os.path.join(glob.escape(data_dir), f"{split}_*.bin"))
-                   if pattern.search(os.path.basename(p)))
+    # ours are train_000000.bin; llm.c and modded-nanogpt write fineweb_train_000001.bin and tiny_shakespeare_train.bin
+    pattern = re.compile(rf"(.*_)?{split}(_\d+)?\.bin")
+    paths = sorted(p for p in glob.glob(os.path.join(glob.escape(data_dir), "*.bin"))
+                   if pattern.fullmatch(os.path.basename(p)))
     if state is not None:
         expected = [shard_path(data_dir, split, i) for i in range(state[split]["shards"])]
         missing = sorted(set(expected) - set(paths))
@@ -155,16 +157,22 @@ def list_shards(data_dir, split):
                              "prepare it again from more data")
         paths = expected
     if not paths:
-        raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards: prepare the data first with "
+        raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards (nor llm.c's *_{split}_NNNNNN.bin): "
+                         f"prepare the data first with "
                          f"`{PREPARE_HINT}` (its data_dir must match), or point data_dir at prepared shards")
     return paths
 
 
 # Documents -> tokens: used by prepare_fineweb.py, timed by bench.py.
 
+def normalize_line_ends(text):
+    """CRLF and lone CR -> LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def normalize_text(text):
     """CRLF and lone CR -> LF, a leading byte-order mark dropped; "" for a document with no text."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = normalize_line_ends(text)
     if text.startswith("\ufeff"):
         text = text[1:]
     return text if text.strip() else ""
@@ -267,16 +275,14 @@ def _to_device(rows, device):
 
 
 class _ShardSet:
-    """The shards of one split: paths, token counts, and where each window of T+1 tokens may start."""
+    """The shards of one split: paths, token counts, and the windows of T+1 tokens they hold."""
 
     def __init__(self, data_dir, split, block_size):
         self.paths = list_shards(data_dir, split)
         self.n_tokens = np.array([int(read_header(p)[2]) for p in self.paths], dtype=np.int64)
         self.block_size = block_size
-        # a window is T+1 tokens inside one shard (inputs plus the next-token target)
-        self.starts = np.maximum(self.n_tokens - block_size, 0)       # random mode: any start
-        self.rows = np.maximum(self.n_tokens - 1, 0) // block_size    # sequential: starts at k*T
-        self.cum_starts = np.cumsum(self.starts)
+        # a window is T+1 tokens inside one shard (inputs plus the next-token target), starting at k*T
+        self.rows = np.maximum(self.n_tokens - 1, 0) // block_size
         self.cum_rows = np.cumsum(self.rows)
         if self.cum_rows[-1] == 0:
             raise ShardError(f"the {split} shards in {data_dir} hold {int(self.n_tokens.sum())} tokens in all, "
@@ -284,16 +290,10 @@ class _ShardSet:
                              f"(`{PREPARE_HINT}`) or lower block_size")
 
     def row_position(self, rows):
-        """Global sequential row indices -> (shard indices, token offsets)."""
+        """Window indices (0 = the first window of the first shard) -> (shard indices, token offsets)."""
         shard = np.searchsorted(self.cum_rows, rows, side="right")
         first = self.cum_rows[shard] - self.rows[shard]
         return shard, (rows - first) * self.block_size
-
-    def random_position(self, draws):
-        """Uniform integers in [0, total starts) -> (shard indices, token offsets)."""
-        shard = np.searchsorted(self.cum_starts, draws, side="right")
-        first = self.cum_starts[shard] - self.starts[shard]
-        return shard, draws - first
 
     def gather(self, shard, offset):
         """Read windows of T+1 tokens -> (B, T+1) uint16. Memmaps are opened here and dropped on
@@ -324,15 +324,16 @@ def check_loader_args(mode, rank, world_size):
 
 
 class PretrainLoader:
-    """Batches of (x, y) from a split's shards.
+    """Batches of (x, y) from a split's shards, in epochs: every window of T+1 tokens (stride T) is
+    served once per epoch, none twice, none left out.
 
-    mode="random": each row is a window starting anywhere in any shard, uniform over all tokens,
-        so one long document never fills a stretch of training. Batch k of rank r comes from a
-        numpy Generator seeded with (seed, r, k): deterministic, different on every rank, and the
-        whole state is the counter k.
-    mode="sequential": the windows tile the shards in order (stride block_size); rank r takes every
-        world_size-th window, so ranks never share one; wraps around at the end.
-    The state is the same on every rank, so rank 0's saved state resumes all of them.
+    mode="random": each epoch takes the windows in a new shuffled order (seeded with (seed, epoch)),
+        so one long document never fills a stretch of training.
+    mode="sequential": the windows in shard order, every epoch the same.
+    The epoch's order is one global stream of rows: a step takes the next batch_size*world_size of
+    them and rank r gets every world_size-th, so ranks never share a window. The state is the
+    position (epoch, row) in that stream, the same on every rank: rank 0's saved state resumes all of
+    them, and a resume with another batch size or process count goes on at the very same window.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
@@ -342,68 +343,74 @@ class PretrainLoader:
         self.data_dir, self.split, self.mode, self.device = data_dir, split, mode, device
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.batches = 0  # batches drawn so far: the whole position in the stream
+        self.windows = int(self.shards.cum_rows[-1])  # rows per epoch
+        self.epoch, self.row = 0, 0  # the next global row: row `row` of epoch `epoch`
+        self._order_epoch, self._order = None, None
         self.exact_resume = True
 
     @property
     def total_tokens(self):
         return int(self.shards.n_tokens.sum())
 
+    def _epoch_order(self, epoch):
+        """Row k of an epoch -> window index. Random mode keeps one permutation (4 bytes a window:
+        40 MB for 10B tokens at T=1024), made again only when the epoch changes."""
+        if self._order_epoch != epoch:
+            order = np.arange(self.windows, dtype=np.int32 if self.windows < 2**31 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            self._order_epoch, self._order = epoch, order
+        return self._order
+
     def next_batch(self):
-        B, k = self.batch_size, self.batches
+        B, W, n = self.batch_size, self.world_size, self.windows
+        rows = self.row + np.arange(B) * W + self.rank  # this rank's rows; they may run into later epochs
+        epochs, rows = self.epoch + rows // n, rows % n
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, self.rank, k])
-            draws = rng.integers(0, int(self.shards.cum_starts[-1]), size=B)
-            shard, offset = self.shards.random_position(draws)
-        else:
-            rows = ((k * B + np.arange(B)) * self.world_size + self.rank) % int(self.shards.cum_rows[-1])
-            shard, offset = self.shards.row_position(rows)
-        self.batches += 1
-        return _to_device(self.shards.gather(shard, offset), self.device)
+            for epoch in np.unique(epochs).tolist():
+                here = epochs == epoch
+                rows[here] = self._epoch_order(epoch)[rows[here]]
+        self.epoch, self.row = self.epoch + (self.row + B * W) // n, (self.row + B * W) % n
+        return _to_device(self.shards.gather(*self.shards.row_position(rows)), self.device)
+
+    def _identity(self):
+        return {"mode": self.mode, "seed": self.seed, "block_size": self.block_size, "total_tokens": self.total_tokens}
 
     def state_dict(self):
         # plain ints and strings only: it is saved inside a weights_only checkpoint
-        return {"mode": self.mode, "seed": self.seed, "batches": self.batches, "batch_size": self.batch_size,
-                "block_size": self.block_size, "world_size": self.world_size, "total_tokens": self.total_tokens}
+        return {"epoch": self.epoch, "row": self.row, "windows": self.windows, "world_size": self.world_size,
+                "batch_size": self.batch_size, **self._identity()}
 
     def load_state_dict(self, state):
-        """Continue where state left off; the same data stream when batch size, block size, world
-        size, seed and shards are unchanged. Otherwise sequential mode keeps its place in the data
-        and random mode keeps its counter (a different but equally random stream)."""
-        same = all(state.get(key) == getattr(self, key)
-                   for key in ("mode", "seed", "batch_size", "block_size", "world_size", "total_tokens"))
-        if same or self.mode == "random" or state.get("mode") != "sequential":
-            self.batches = int(state["batches"])
-        else:
-            rows_done = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
-            if state.get("block_size") != self.block_size:
-                rows_done = rows_done * int(state["block_size"]) // self.block_size
-            self.batches = rows_done // (self.batch_size * self.world_size)
-        self.exact_resume = same  # the caller may tell the user when the stream changed
+        """Continue at the saved position. The very same batches follow when mode, seed, block size and
+        data are unchanged (any batch size or process count); otherwise the run goes on at the same
+        share of the same epoch, and exact_resume is False."""
+        self.exact_resume = all(state.get(key) == value for key, value in self._identity().items())
+        if "epoch" in state:
+            epoch, row, windows = int(state["epoch"]), int(state["row"]), int(state["windows"])
+        else:  # saved by an earlier version: a count of batches, each batch_size rows per process
+            windows = int(sum(max(int(n) - 1, 0) // int(state["block_size"]) for n in self.shards.n_tokens))
+            epoch, row = divmod(int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"]), windows)
+            self.exact_resume = self.exact_resume and state.get("mode") == "sequential"  # random drew otherwise
+        self.epoch, self.row = epoch, row * self.windows // windows if windows != self.windows else row
 
 
 def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
     """A fixed list of (x, y): the first eval_tokens of the val split in non-overlapping windows,
-    batch i going to rank i % world_size. The same on every call, so val losses compare across
-    evals and runs. Every rank gets the same number of batches (for the all-reduce): a rank a batch
-    short gets one without targets (y = -1), which adds nothing to the loss, so the windows scored
-    are the same for any number of processes. When the val split is smaller than eval_tokens, all
-    of it is used."""
-    shards = _ShardSet(data_dir, "val", block_size)
-    available = int(shards.cum_rows[-1]) // batch_size
-    wanted = max(eval_tokens // (batch_size * block_size), 1)
-    n_batches = min(wanted, available)
-    if n_batches == 0:
-        raise ShardError(f"the val split in {data_dir} has {int(shards.n_tokens.sum())} tokens, too few for one "
-                         f"batch of {batch_size}x{block_size}: raise val_tokens in `{PREPARE_HINT}`, or lower "
-                         f"micro_batch_size or block_size")
-    per_rank = -(-n_batches // world_size)
+    batch i going to rank i % world_size. The same windows on every call and for any batch size or
+    number of processes, so val losses compare across evals and runs. When the val split is smaller
+    than eval_tokens, all of it is used. Every rank gets the same number of full batches (for the
+    all-reduce): rows past the last window are <|endoftext|> without targets (y = -1), which add
+    nothing to the loss."""
+    shards = _ShardSet(data_dir, "val", block_size)  # refuses a split without one window
+    n_rows = min(max(eval_tokens // block_size, 1), int(shards.cum_rows[-1]))
+    rows_per_step = batch_size * world_size
+    n_batches = -(-n_rows // rows_per_step) * world_size
     batches = []
-    for i in range(rank, per_rank * world_size, world_size):
-        if i < n_batches:
-            rows = np.arange(i * batch_size, (i + 1) * batch_size)
-            batches.append(_to_device(shards.gather(*shards.row_position(rows)), device))
-        else:
-            x = torch.full((batch_size, block_size), EOT, dtype=torch.int64, device=device)
-            batches.append((x, torch.full_like(x, -1)))
+    for i in range(rank, n_batches, world_size):
+        rows = np.arange(i * batch_size, min((i + 1) * batch_size, n_rows))
+        x = torch.full((batch_size, block_size), EOT, dtype=torch.int64)
+        y = torch.full_like(x, -1)
+        if len(rows):
+            x[:len(rows)], y[:len(rows)] = _to_device(shards.gather(*shards.row_position(rows)), "cpu")
+        batches.append((x.to(device), y.to(device)))
     return batches

@@ -166,6 +166,21 @@ def test_weights_repeat_and_subsample_deterministically(tmp_path):
     assert again["splits"] == summary["splits"]
 
 
+def test_a_conversation_left_out_by_weight_does_not_remove_its_copy_in_another_source(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(f"Question {i}?", f"Answer {i}.") for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [chat(f"Question {i}?", f"Answer {i}.") for i in range(20, 60)])
+    expected = sorted(map(str, conversations(run_prepare(tmp_path / "b_alone", b)[1])))
+    for sources in ([f"{a}*0", b], [b, f"{a}*0"]):  # a source switched off, listed first or last
+        summary, data_dir = run_prepare(tmp_path / "off", *sources)
+        assert sorted(map(str, conversations(data_dir))) == expected
+    for sources in ([f"{a}*0.5", b], [b, f"{a}*0.5"]):
+        # b keeps all 40 of its conversations, a adds those of its first 20 that its weight keeps
+        summary, data_dir = run_prepare(tmp_path / "half", *sources)
+        assert set(map(str, conversations(data_dir))) >= set(expected)
+        kept = [summary["sources"][str(spec)]["kept"] for spec in sources]
+        assert summary["splits"]["train"]["conversations"] == sum(kept) < 60
+
+
 def test_split_is_stable_and_written_atomically(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [chat(f"Question {i}?", f"Answer {i}.") for i in range(200)])
     a, dir_a = run_prepare(tmp_path / "a", path, val_fraction=0.1)

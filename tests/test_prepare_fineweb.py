@@ -1,5 +1,6 @@
 """prepare_fineweb.py end to end on small FineWeb-shaped local files (parquet, jsonl, txt folder)."""
 
+import itertools
 import json
 import os
 import shlex
@@ -164,6 +165,51 @@ def test_text_pieces_cut_at_paragraphs_then_lines():
     assert text_pieces("short", size=100) == ["short"] and text_pieces("", size=100) == []
 
 
+def test_text_pieces_of_a_huge_file_take_linear_time():
+    # each cut looks only as far as the longest piece: a search to the end of the text for every piece
+    # made a 16 MB file without paragraph breaks take about 10 s, and a 1 GB one hours
+    for text in ("a line of text\n" * 1_000_000, "words " * 2_700_000):
+        started = time.perf_counter()
+        pieces = text_pieces(text)
+        assert time.perf_counter() - started < 2.0
+        assert "".join(pieces) == text and len(pieces) >= len(text) // (4 * TXT_PIECE_CHARS)
+
+
+def test_a_huge_txt_file_is_read_in_blocks(tmp_path):
+    import tracemalloc
+    from prepare_fineweb import open_records
+    folder = tmp_path / "big"
+    folder.mkdir()
+    paragraph = "A paragraph of a book that is far too large to read into memory in one piece.\n\n"
+    with open(folder / "huge.txt", "w", encoding="utf-8") as f:
+        for _ in range(40):
+            f.write(paragraph * 12_500)  # 1 MB a time, 40 MB in all
+    records = open_records(load_config(PrepareConfig, [f"--source={folder}"]))
+    tracemalloc.start()
+    try:
+        first = [text for _, text in itertools.islice(records, 3)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        records.close()
+    assert first == text_pieces(paragraph * 1000)[:3]
+    assert peak < 16e6, f"reading the start of a 40 MB .txt file took {peak / 1e6:.0f} MB"
+
+
+def test_txt_blocks_cut_as_the_whole_file(tmp_path):
+    # line ends, a byte-order mark and multi-byte characters that fall across the block boundaries
+    from prepare_fineweb import txt_pieces
+    text = "\ufeff" + "".join(f"line {i} caf\u00e9 \u2603\r\n" + ("\r" if i % 7 == 0 else "") + ("\r\n" if i % 5 == 0 else "")
+                             for i in range(3000))
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    expected = text_pieces(normalize_text(text), size=500)
+    for block in (1, 7, 1000, 10**6):
+        assert list(txt_pieces(path, size=500, block=block)) == expected, block
+    path.write_bytes(b" \r\n\t\n")
+    assert list(txt_pieces(path, size=500, block=3)) == []  # nothing but white space: no document
+
+
 def test_a_few_books_still_get_a_val_split(tmp_path):
     folder = tmp_path / "books"
     folder.mkdir()
@@ -187,6 +233,9 @@ def test_max_tokens_stops_early(tmp_path):
     total = state["train"]["tokens"] + state["val"]["tokens"]
     assert 30000 <= total < 30000 + 10000, total
     assert 2000 <= state["val"]["tokens"] < 2000 + 6000
+    # max_tokens below one document: one document cannot fill both splits, and the fix is a larger max_tokens
+    with pytest.raises(UserError, match=r"raise max_tokens \(max_tokens=10 stopped it\)"):
+        run_prepare(tmp_path / "fw.jsonl", tmp_path / "tiny", val_tokens=2000, max_tokens=10, num_proc=1)
 
 
 def test_bad_sources_give_clear_messages(tmp_path):
