@@ -58,7 +58,7 @@ class TrainConfig(BaseConfig):
     grad_clip: float = 1.0              # clip the global gradient norm; 0 disables
     activation_checkpointing: bool = False  # recompute blocks in backward: much less memory, up to 1/3 more compute
     max_bad_steps: int = 5              # stop after this many non-finite losses in a row
-    data_mode: str = "random"           # random windows across all shards, or sequential
+    data_mode: str = "random"           # random: every window once per epoch, shuffled anew; sequential: shard order
     # evaluation, logging, checkpoints
     eval_interval: int = 250            # steps between val losses (and samples); also at the end
     eval_tokens: int = 10485760         # fixed val budget (modded-nanogpt uses 10M tokens)
