@@ -197,6 +197,9 @@ def to_messages(record, schema, system):
             raise BadRecord("empty response")
         user = f"{instruction}\n\n{extra}" if extra else instruction
         out = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    # an empty system message is no system prompt: rendered, it would train <|system|><|end|>, a
+    # prompt that finetune.py and sample.py never write for an empty system prompt
+    out = [m for m in out if m["role"] != "system" or m["content"]]
     if system and out[0]["role"] != "system":
         out = [{"role": "system", "content": system}] + out
     return out
