@@ -11,7 +11,8 @@ tokens and the <|end|> closing each answer, weighted by token count across the w
     python sample.py --ckpt=out/dolly                          # then chat with it
 
 Before and after training it prints the model's greedy answers to a few fixed prompts, so the
-change is visible. The checkpoint is marked kind="chat", so sample.py opens it in chat mode.
+change is visible. The checkpoint is marked kind="chat", so sample.py opens it in chat mode, and keeps the data's system
+prompt (config "system"), which sample.py starts its chats with.
 """
 
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ class FinetuneConfig(TrainConfig):
     eval_tokens: int = 262144             # val conversations scored at each eval (all of them when fewer)
     ckpt_interval: int = 100
     data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
+    # the system prompt chats with the model start with: kept in the checkpoint, sample.py's default
+    system: str = "auto"                  # auto: the one prepare_instruct.py gave the data ("" for none)
     # the answers to a few fixed prompts, printed before and after finetuning
-    system: str = ""                      # system prompt of the before/after answers (as prepare_instruct/sample)
     answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
 
     def validate(self):
@@ -92,6 +94,8 @@ def main():
     if not meta.get("splits", {}).get("val", {}).get("conversations"):
         raise SFTDataError(f"{cfg.data_dir} has no val conversations (prepared with val_fraction=0?), and "
                            "finetuning evaluates on them: run prepare_instruct.py again with val_fraction=0.05")
+    if cfg.system == "auto":  # the model is trained on this prompt: chat with it the same way
+        cfg.system = meta.get("system", "")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     model, ckpt = init_model(cfg, rt)
     if cfg.block_size > model.config.block_size:

@@ -10,8 +10,9 @@ completion for a pretrained one. Tokens are printed as they are generated.
     python sample.py --ckpt=out/dolly --mode=complete --device=cpu      # force a mode or a device
     python sample.py --ckpt=gpt2 --prompt="Once upon a time"            # OpenAI's GPT-2 (or an exported folder)
 
-In the chat: /reset clears the conversation, /system TEXT sets the system prompt (/system alone
-clears it), /quit or Ctrl-D leaves. Ctrl-C stops the answer being written; at the prompt it quits.
+A finetuned model's chat starts with the system prompt of its finetuning data, as it was trained
+(--system=TEXT for another, --system= for none). In the chat: /reset clears the conversation,
+/system TEXT sets the system prompt (/system alone clears it), /quit or Ctrl-D leaves. Ctrl-C stops the answer being written; at the prompt it quits.
 When the conversation outgrows the model's context, its oldest turns are dropped (the system prompt
 stays, and room is kept for max_new_tokens of answer).
 
@@ -23,7 +24,7 @@ same text.
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
@@ -39,7 +40,7 @@ class SampleConfig(BaseConfig):
     ckpt: str = ""                  # a run directory (out/dolly) or checkpoint file, or a Hugging Face GPT-2
     prompt: str = ""                # answer this once and exit; empty: chat, or read a piped stdin
     mode: str = "auto"              # auto: chat for a finetuned ("chat") checkpoint, complete for a base one
-    system: str = ""                # system prompt of the chat
+    system: str = "auto"            # system prompt of the chat; auto: the one the model was finetuned with ("" for none)
     max_new_tokens: int = 256       # longest answer, in tokens
     temperature: float = 0.8        # 0 is greedy; lower is safer, higher more varied
     top_k: int = 50                 # sample among the k most likely tokens only; 0: all
@@ -67,6 +68,14 @@ def resolve_mode(mode, kind):
     if mode in ("", "auto"):
         return "chat" if kind == "chat" else "complete"
     return mode
+
+
+def start_system(system, ckpt):
+    """The system prompt a chat starts with: --system as given, or with auto the one of the model's
+    finetuning data (a checkpoint keeps it in its config), so the model is asked as it was trained."""
+    if system != "auto":
+        return system
+    return (ckpt.get("config") or {}).get("system", "") if ckpt.get("kind") == "chat" else ""
 
 
 def answer_room(max_new_tokens, block_size):
@@ -214,6 +223,9 @@ def main(cfg):
         info("compile=True is ignored by sample.py: it decodes eagerly")
     tokenizer = get_tokenizer()
     generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
+    cfg = replace(cfg, system=start_system(cfg.system, ckpt))
+    if mode == "chat" and cfg.system:
+        info(f"system prompt: {cfg.system!r} (--system=TEXT for another, --system= for none)")
 
     prompt = cfg.prompt
     if not prompt and not sys.stdin.isatty():

@@ -110,7 +110,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
         "--eval_interval=8", "--eval_tokens=1024", *tiny)
 
     run("prepare_instruct.py", f"--sources={shared_data('instruct', 'instruction-data.json')}",
-        f"--data_dir={tmp_path / 'sft'}", "--block_size=64", "--val_fraction=0.05")
+        f"--data_dir={tmp_path / 'sft'}", "--block_size=64", "--val_fraction=0.05", "--system=Be brief.")
     out = tmp_path / "chat"
     result = run("finetune.py", f"--data_dir={tmp_path / 'sft'}", f"--out_dir={out}", f"--init_from={tmp_path / 'base'}",
                  "--max_steps=20", "--learning_rate=3e-3", "--min_lr=3e-4", "--dropout=0.1", "--eval_interval=10",
@@ -124,6 +124,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "chat" and ckpt["step"] == 20
     assert ckpt["model_config"]["dropout"] == 0.1  # raised for finetuning; the pretrained model had 0
+    assert ckpt["config"]["system"] == "Be brief."  # the data's: sample.py starts chats with it
     assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
     result = run("sample.py", f"--ckpt={out}", "--prompt=Name a fruit.", "--max_new_tokens=4", "--device=cpu")
     assert "chat" in result.stderr

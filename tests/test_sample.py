@@ -109,7 +109,7 @@ def test_mode_and_config_checks():
 
 def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys):
     model = ckpts[0]
-    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS])  # not loaded: the model is given
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--system="])  # the model is given
     calls = []
 
     def fake_generate(model, ids, *args, **kwargs):
@@ -143,7 +143,8 @@ def typed_session(monkeypatch, ckpt_dir, lines, mode="chat", flags=()):
     """Run the interactive loop on typed lines, then Ctrl-D; every answer is "I".
     -> ([(prompt ids, stop tokens) of each answer], the lines it never read)."""
     model = lively_model()
-    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpt_dir}", *FLAGS, *flags])  # not loaded: the model is given
+    # not loaded: the model is given, so --system is as main() resolves it (none, unless flags say)
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpt_dir}", *FLAGS, "--system=", *flags])
     asked = []
 
     def fake_generate(*args, **kwargs):
@@ -224,6 +225,28 @@ def test_one_shot_prompt_with_a_system_prompt(ckpts, monkeypatch, capsys):
     sample.main(load_config(sample.SampleConfig, flags))
     assert asked == [render("Name a river.", system="Be brief.")] * 2
     assert capsys.readouterr().out == "I\n" * 2
+
+
+def test_a_chat_starts_with_the_system_prompt_it_was_finetuned_with(ckpts, monkeypatch, capsys):
+    """A finetuned checkpoint records the system prompt of its data: sample.py prompts with it unless
+    --system says otherwise, so the model is asked in the format it was trained on."""
+    asked = []
+
+    def fake_generate(*args, **kwargs):
+        asked.append(inspect.signature(generate).bind(*args, **kwargs).arguments["ids"])
+        yield 40  # "I"
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    trained = {"kind": "chat", "config": {"system": "Be brief."}}
+    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), trained))
+    flags = [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Name a river."]
+    sample.main(load_config(sample.SampleConfig, flags))
+    sample.main(load_config(sample.SampleConfig, flags + ["--system=Be kind."]))
+    sample.main(load_config(sample.SampleConfig, flags + ["--system="]))  # none
+    trained["config"] = {}  # finetuned before checkpoints recorded it, or a base model's config
+    sample.main(load_config(sample.SampleConfig, flags))
+    assert asked == [render("Name a river.", system="Be brief."), render("Name a river.", system="Be kind."),
+                     render("Name a river."), render("Name a river.")]
 
 
 def test_stop_tokens_of_each_mode(ckpts, monkeypatch, capsys):
@@ -453,7 +476,7 @@ def test_ctrl_c_in_one_of_several_answers_keeps_the_chat(ckpts, monkeypatch, cap
             raise KeyboardInterrupt  # then Ctrl-C at the prompt: the chat ends
     monkeypatch.setattr(sample, "generate_samples", fake_samples)
     monkeypatch.setattr("builtins.input", fake_input)
-    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--num_samples=2"])
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--num_samples=2", "--system="])
     sample.chat_loop(ckpts[0], cfg, None, None, get_tokenizer())
     out = capsys.readouterr().out
     assert "[stopped]" in out and "----- sample 2/2 -----\nI\n" in out
