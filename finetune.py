@@ -10,23 +10,16 @@ tokens and the <|end|> closing each answer, weighted by token count across the w
     python finetune.py config/tiny_chat.py                     # on a CPU, after config/tiny_cpu.py (see its header)
     python sample.py --ckpt=out/dolly                          # then chat with it
 
-Before and after training it prints the model's greedy answers to a few fixed prompts, so the
-change is visible. The checkpoint is marked kind="chat", so sample.py opens it in chat mode, and keeps the data's system
-prompt (config "system"), which sample.py starts its chats with.
+Before and after training it prints the model's greedy answers to the first few val questions
+(held out from training, asked with the data's system prompt), each with the answer the data
+gives, so the change is visible. The checkpoint is marked kind="chat", so sample.py opens it in
+chat mode, and keeps the data's system prompt (config "system"), which sample.py starts chats with.
 """
 
 from dataclasses import dataclass
 
 from gptkit.configurator import ConfigError, configure
 from gptkit.trainer import TrainConfig
-
-PROMPTS = [  # a fixed set, answered before and after finetuning
-    "What is the capital of France?",
-    "Give three tips for staying healthy.",
-    "Write a short poem about the sea.",
-    "Explain what a computer does in one sentence.",
-]
-
 
 @dataclass
 class FinetuneConfig(TrainConfig):
@@ -47,7 +40,8 @@ class FinetuneConfig(TrainConfig):
     data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
     # the system prompt chats with the model start with: kept in the checkpoint, sample.py's default
     system: str = "auto"                  # auto: the one prepare_instruct.py gave the data ("" for none)
-    # the answers to a few fixed prompts, printed before and after finetuning
+    # answers to the first val questions, printed before and after finetuning
+    questions: int = 4                    # how many val questions are asked
     answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
 
     def validate(self):
@@ -57,35 +51,36 @@ class FinetuneConfig(TrainConfig):
                             "(--init_from=out/fineweb_124m), a .pt file, a Hugging Face GPT-2 folder, or resume")
         if self.answer_tokens < 0:
             problems.append(f"answer_tokens={self.answer_tokens} must be 0 or more")
+        if self.questions < 0:
+            problems.append(f"questions={self.questions} must be 0 or more")
         return problems
 
 
-def prompt_ids(system):
-    from gptkit.tokenizer import get_tokenizer
-    tokenizer = get_tokenizer()
-    head = [{"role": "system", "content": system}] if system else []
-    return [tokenizer.render_prompt(head + [{"role": "user", "content": p}]) for p in PROMPTS]
-
-
-def print_answers(model, rt, prompts, max_new_tokens, title):
-    """Greedy answers (deterministic, so before and after compare) to the fixed prompts."""
+def print_answers(model, rt, questions, max_new_tokens, title):
+    """Greedy answers (deterministic, so before and after compare) to held-out val questions, each
+    with the answer its data gives: a question the model trained on would show what it memorised."""
     from gptkit.generate import generate  # lazily: only this step needs it
     from gptkit.system import print0
-    from gptkit.tokenizer import END, EOT, get_tokenizer
-    if not rt.master or max_new_tokens == 0:
+    from gptkit.tokenizer import END, EOT, USER, get_tokenizer
+    if not rt.master or max_new_tokens == 0 or not questions:
         return
     tokenizer = get_tokenizer()
     was_training = model.training
     model.eval()
     print0(f"--- {title}")
-    for question, ids in zip(PROMPTS, prompts):
+    for ids, reference in questions:
+        # the text of the last user turn (the prompt ends in its <|end|> and <|assistant|>)
+        last_user = len(ids) - 1 - ids[::-1].index(USER) if USER in ids else len(ids) - 2
+        question = tokenizer.decode(ids[last_user + 1:-2])
         answer = generate(model, ids, max_new_tokens, temperature=0.0, stop_tokens=(END, EOT), autocast=rt.autocast)
-        print0(f"Q: {question}\nA: {tokenizer.decode(list(answer)).strip()}")
+        cut = "..." if len(reference) > max_new_tokens else ""
+        print0(f"Q: {question}\nA: {tokenizer.decode(list(answer)).strip()}\n"
+               f"(data: {tokenizer.decode(reference[:max_new_tokens]).strip()}{cut})")
     model.train(was_training)
 
 
 def main():
-    from gptkit.sft import SFTDataError, SFTLoader, read_meta, sft_val_batches
+    from gptkit.sft import SFTDataError, SFTLoader, read_meta, sft_val_batches, val_questions
     from gptkit.system import cleanup_distributed, print0, setup_runtime
     from gptkit.trainer import init_model, train
 
@@ -113,11 +108,11 @@ def main():
     print0(f"{meta['splits']['train']['conversations']:,} train conversations in "
            f"{train_loader.rows_per_epoch():,} packed rows of {cfg.block_size}: {steps_per_epoch:.1f} steps per "
            f"epoch, so max_steps={cfg.max_steps} is {cfg.max_steps / steps_per_epoch:.1f} epochs")
-    prompts = prompt_ids(cfg.system)
-    print_answers(model, rt, prompts, cfg.answer_tokens, "answers before finetuning")
+    questions = val_questions(cfg.data_dir, cfg.questions, cfg.block_size)
+    print_answers(model, rt, questions, cfg.answer_tokens, "answers before finetuning")
     result = train(cfg, rt, model, train_loader, get_val_batches, kind="chat", ckpt=ckpt,
-                   sample_prompts=prompts if cfg.sample_tokens else [])
-    print_answers(model, rt, prompts, cfg.answer_tokens, "answers after finetuning")
+                   sample_prompts=[ids for ids, _ in questions] if cfg.sample_tokens else [])
+    print_answers(model, rt, questions, cfg.answer_tokens, "answers after finetuning")
     print0(f"done: step {result['step']}, best val loss {result['best_val_loss']:.4f}; "
            f"chat with it: python sample.py --ckpt={cfg.out_dir}")
     cleanup_distributed()

@@ -29,7 +29,7 @@ import torch
 from gptkit.checkpoint import atomic_write_files
 from gptkit.configurator import UserError
 from gptkit.data import check_loader_args
-from gptkit.tokenizer import EOT, MIN_VOCAB_SIZE
+from gptkit.tokenizer import END, EOT, MIN_VOCAB_SIZE
 
 FORMAT_VERSION = 1
 TOKENIZER_NAME = "gpt2+chat"  # GPT-2 BPE plus <|system|> <|user|> <|assistant|> <|end|> at 50257..50260
@@ -244,6 +244,27 @@ class SFTLoader:
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
         if self.row >= len(self._epoch_rows(self.epoch)):  # other packing: start the next epoch
             self.epoch, self.row = self.epoch + 1, 0
+
+
+def val_questions(data_dir, n, block_size):
+    """The first n val conversations up to their first answer -> [(prompt ids, reference answer ids)].
+    The prompt ends in <|assistant|> and holds the data's system prompt, if any: finetune.py asks
+    these before and after training, questions the model never trains on, in the format it trains on.
+    Prompts that leave no room for an answer in block_size are passed over."""
+    ids, mask, offsets = read_sft_split(data_dir, "val")
+    questions = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if len(questions) == n:
+            break
+        conv_ids, learned = ids[a:b].tolist(), mask[a:b] == 1
+        start = int(np.argmax(learned))  # the first answer token (prepare keeps only conversations with one)
+        stop = start + int(np.argmin(learned[start:])) if not learned[start:].all() else len(conv_ids)
+        answer = conv_ids[start:stop]
+        if answer and answer[-1] == END:
+            answer = answer[:-1]
+        if start < block_size:
+            questions.append((conv_ids[:start], answer))
+    return questions
 
 
 def sft_val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):

@@ -117,7 +117,13 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
                  "--eval_tokens=2048", "--answer_tokens=6", *tiny)
     stdout = result.stdout
     assert "answers before finetuning" in stdout and "answers after finetuning" in stdout
-    assert stdout.count("Q: What is the capital of France?") == 2
+    # the questions asked before and after are held-out val questions: an answer to a train
+    # question would show what the model memorised, not what it learned
+    questions = {split: first_questions(tmp_path / "sft", split) for split in ("train", "val")}
+    for question in questions["val"][:4]:
+        assert stdout.count(f"Q: {question}\n") == 2, question
+    asked = [line for line in stdout.splitlines() if line.startswith("Q: ")]
+    assert len(asked) == 8 and not any(f"Q: {q}\n" in stdout for q in set(questions["train"]) - set(questions["val"]))
     val_losses = [r["val_loss"] for r in map(json.loads, open(out / "log.jsonl")) if "val_loss" in r]
     assert len(val_losses) == 3 and val_losses[-1] < val_losses[0] - 0.5, val_losses
 
@@ -128,6 +134,19 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
     result = run("sample.py", f"--ckpt={out}", "--prompt=Name a fruit.", "--max_new_tokens=4", "--device=cpu")
     assert "chat" in result.stderr
+
+
+def first_questions(data_dir, split):
+    """The text of each conversation's first user turn, in file order."""
+    from gptkit.sft import read_sft_split
+    from gptkit.tokenizer import END, USER, get_tokenizer
+    ids, _, offsets = read_sft_split(str(data_dir), split)
+    questions = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        conv = ids[a:b].tolist()
+        start = conv.index(USER) + 1
+        questions.append(get_tokenizer().decode(conv[start:conv.index(END, start)]))
+    return questions
 
 
 @pytest.fixture(scope="module")
