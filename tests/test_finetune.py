@@ -206,3 +206,26 @@ def test_stopped_finetune_resumes_exactly(finetuned):
         assert by_step(resumed, key) == by_step(single, key), key
     assert sorted(by_step(resumed, "loss")) == [1, 2, 3]
     assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
+
+
+def test_finetune_from_a_hugging_face_folder_trains_the_chat_tokens(tmp_path):
+    """GPT-2 has no rows for the chat tokens: they start at the mean embedding and must learn."""
+    transformers = pytest.importorskip("transformers")
+    from gptkit.hf import load_hf_gpt2
+    from gptkit.tokenizer import SPECIAL_TOKENS
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(str(tmp_path / "hf"))
+    run("prepare_instruct.py", f"--sources={shared_data('instruct', 'instruction-data.json')}",
+        f"--data_dir={tmp_path / 'sft'}", "--block_size=64", "--val_fraction=0.05", "--system=Be brief.")
+    out = tmp_path / "chat"
+    run("finetune.py", f"--data_dir={tmp_path / 'sft'}", f"--out_dir={out}", f"--init_from={tmp_path / 'hf'}",
+        "--device=cpu", "--block_size=64", "--micro_batch_size=4", "--total_batch_tokens=256", "--max_steps=2",
+        "--warmup_steps=1", "--learning_rate=1e-3", "--eval_interval=2", "--eval_tokens=256", "--answer_tokens=0",
+        "--sample_tokens=0")
+    before = load_hf_gpt2(str(tmp_path / "hf"), verbose=False).transformer.wte.weight.detach()
+    after = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]["transformer.wte.weight"]
+    mean = before[:50257].mean(0)
+    for token in SPECIAL_TOKENS.values():
+        torch.testing.assert_close(before[token], mean)
+        assert (after[token] - before[token]).abs().max() > 1e-4, token
