@@ -12,7 +12,8 @@ completion for a pretrained one. Tokens are printed as they are generated.
 
 A finetuned model's chat starts with the system prompt of its finetuning data, as it was trained
 (--system=TEXT for another, --system= for none). In the chat: /reset clears the conversation,
-/system TEXT sets the system prompt (/system alone clears it), /quit or Ctrl-D leaves. Ctrl-C stops the answer being written; at the prompt it quits.
+/system TEXT sets the system prompt (/system alone clears it), /quit or Ctrl-D leaves. Ctrl-C
+stops the answer being written; at the prompt it quits.
 When the conversation outgrows the model's context, its oldest turns are dropped (the system prompt
 stays, and room is kept for max_new_tokens of answer).
 
