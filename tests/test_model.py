@@ -94,6 +94,18 @@ def test_context_limit(tiny_config):
         model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
 
 
+def test_a_full_kv_cache_says_so(tiny_config):
+    model = GPT(tiny_config, verbose=False).eval()
+    cache = model.new_kv_cache(batch_size=1, max_len=10)  # shorter than the model's context
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match=r"KV cache holds 10 positions.*max_len"):
+            model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
+        assert cache.pos == 8  # nothing written: the cache is still usable
+        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
+    assert cache.pos == 10
+
+
 @pytest.mark.parametrize("n_layer,n_head,n_embd,expected", [
     (12, 12, 768, 124_373_760),
     (32, 24, 1296, 711_577_872),
