@@ -263,6 +263,11 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
                              f"of {self.config.block_size}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            # caught here, before any layer writes into it, so the cache stays usable
+            raise ValueError(f"the KV cache holds {kv_cache.max_len} positions and {start} are used: {T} more "
+                             "do not fit; make the cache with new_kv_cache(batch_size, max_len=...) long enough "
+                             "for the prompt and every token to generate")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:

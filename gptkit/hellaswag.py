@@ -15,8 +15,9 @@ the context as the start of a document, as it did in training. Three ways to pic
     acc_per_token  mean log-prob per token (build-nanogpt)
 Chat checkpoints are scored the same way, on plain text without chat tokens.
 The text is scored as the file gives it, ctx then ending, as build-nanogpt does; lm-evaluation-
-harness also puts the activity label in front and strips WikiHow's [header]/[title] markers, so
-its acc_norm on the same model differs a little.
+harness also puts the activity label in front and strips WikiHow's [header]/[title] markers, and
+neither starts with <|endoftext|>, so their figures for the same model differ a little from ours.
+Their names differ too: build-nanogpt's "acc_norm" is the per-token rule, our acc_per_token.
 """
 
 import json

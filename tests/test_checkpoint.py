@@ -171,3 +171,26 @@ def test_ctrl_c_is_one_line_that_says_what_is_kept(capsys):
         run_main(main, on_interrupt="the shards written so far are kept")
     assert stop.value.code == 130
     assert capsys.readouterr().err == "\ninterrupted: the shards written so far are kept\n"
+
+
+def test_tied_embeddings_stay_one_tensor_through_save_resume_and_export(tmp_path, tiny_config):
+    from gptkit.hf import export_hf, load_hf_gpt2
+    model = GPT(tiny_config, verbose=False)
+    save_checkpoint(str(tmp_path / "run"), _state(model))
+    stored = load_checkpoint(str(tmp_path / "run"))["model"]
+    # one copy on disk: both names point at the same storage
+    assert stored["lm_head.weight"].data_ptr() == stored["transformer.wte.weight"].data_ptr()
+    export_hf(model, str(tmp_path / "hf"))
+    loaded = [load_model(str(tmp_path / "run"), verbose=False)[0],  # sample, eval, export, and resume's build_model
+              load_hf_gpt2(str(tmp_path / "hf"), verbose=False)]
+    for other in loaded:
+        assert other.lm_head.weight is other.transformer.wte.weight
+        assert sum(p.numel() for p in other.parameters()) == model.num_params()
+        torch.testing.assert_close(other.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+        # a training step moves the one tensor: input and output embeddings stay equal
+        other.train()
+        idx = torch.randint(0, 50257, (2, 16))
+        other(idx, idx)[1].backward()
+        torch.optim.SGD(other.parameters(), lr=1.0).step()
+        assert other.lm_head.weight is other.transformer.wte.weight
+        assert not torch.equal(other.lm_head.weight, model.lm_head.weight)

@@ -283,3 +283,110 @@ def test_compiled_evaluation_scores_the_same(tmp_path, tiny_config, monkeypatch,
     assert f"HellaSwag: {eager['count']} items" in out
     for name in ("acc", "acc_norm", "acc_per_token"):
         assert re.search(rf"^  {name} +{eager[name]:.4f}", out, re.M), (name, eager, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate_hellaswag against a plain scorer written from the documented rules, on real items
+
+REAL_ITEMS = 200
+REAL_BLOCK = 96  # shorter than a quarter of the rows (up to 150 tokens): left truncation is scored too
+
+
+@torch.no_grad()
+def _reference_scores(model, item, tokenizer):
+    """One row at a time, no batching or padding. The ending's tokens are split off as
+    lm-evaluation-harness does it: encode(ctx + " " + ending), minus the tokens of encode(ctx).
+    -> per ending (row ids, summed log-prob of the ending's tokens, their count)."""
+    ctx_ids = tokenizer.encode(item["ctx"])
+    scored = []
+    for ending in item["endings"]:
+        whole = tokenizer.encode(item["ctx"] + " " + ending)
+        assert whole[:len(ctx_ids)] == ctx_ids, "the context's tokens change when an ending follows"
+        n = len(whole) - len(ctx_ids)
+        ids = ([EOT] + whole)[-(REAL_BLOCK + 1):]  # the model reads ids[:-1], predicts ids[1:]
+        logits, _ = model(torch.tensor([ids[:-1]]))
+        logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+        total = sum(logprobs[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
+        scored.append((tuple(ids), total, n))
+    return scored
+
+
+def _reference_pick(item, scored, rule):
+    """Index of the chosen ending; also the gap to the runner-up (a near-tie may round either way)."""
+    if rule == "acc":
+        values = [total for _, total, _ in scored]
+    elif rule == "acc_norm":  # lm-evaluation-harness: log-prob / len(ending) in characters
+        values = [total / len(ending) for (_, total, _), ending in zip(scored, item["endings"])]
+    else:  # acc_per_token, build-nanogpt: mean log-prob of the ending's tokens
+        values = [total / n for _, total, n in scored]
+    best = max(range(NUM), key=lambda i: values[i])
+    runner_up = max(v for i, v in enumerate(values) if i != best)
+    return best, values[best] - runner_up
+
+
+NUM = hellaswag.NUM_ENDINGS
+RULES = ("acc", "acc_norm", "acc_per_token")
+
+
+@pytest.fixture(scope="module")
+def real_items_and_reference():
+    items = load_items(shared_data("hellaswag", "hellaswag_val_derived.jsonl"), limit=REAL_ITEMS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=REAL_BLOCK), verbose=False)
+    with torch.no_grad():  # larger weights than GPT-2's init: scores that depend on the text, clear winners
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    model.eval()
+    tokenizer = get_tokenizer()
+    reference = []
+    for item in items:
+        scored = _reference_scores(model, item, tokenizer)
+        picks = {rule: _reference_pick(item, scored, rule) for rule in RULES}
+        if min(gap for _, gap in picks.values()) > 1e-3:  # leave out near-ties (float32 vs float64)
+            reference.append((item, scored, {rule: pick for rule, (pick, _) in picks.items()}))
+    assert len(reference) > 0.9 * len(items)
+    return model, reference
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_scores_match_a_plain_reference_on_real_items(real_items_and_reference, batch_size, tmp_path, monkeypatch):
+    model, reference = real_items_and_reference
+    rows_seen = {}
+    real_score_rows = hellaswag.score_rows
+
+    def spy(model, rows, rt):
+        sums, counts = real_score_rows(model, rows, rt)
+        for (ids, _), total, count in zip(rows, sums.tolist(), counts.tolist()):
+            rows_seen[tuple(ids)] = (total, count)
+        return sums, counts
+
+    monkeypatch.setattr(hellaswag, "score_rows", spy)
+    # Label each item with the reference's acc_norm choice: acc_norm must then be 1.0 item by item,
+    # and acc and acc_per_token agree with it exactly where the reference's rules do.
+    items = [dict(item, label=picks["acc_norm"]) for item, _, picks in reference]
+    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "real.jsonl", items), CPU, batch_size=batch_size)
+    expected = {rule: sum(picks[rule] == picks["acc_norm"] for _, _, picks in reference) / len(reference)
+                for rule in RULES}
+    assert results == dict(expected, count=len(reference))
+    assert results["acc_norm"] == 1.0 and results["acc"] < 1.0 and results["acc_per_token"] < 1.0
+    # Row by row: the same tokens (the EOT, the context, the split before the ending), the same
+    # scored count and summed log-prob, whatever the batch and its padding.
+    for item, scored, _ in reference:
+        for ids, total, n in scored:
+            assert ids in rows_seen, (item["ctx"], "row tokenized differently")
+            seen_total, seen_n = rows_seen[ids]
+            assert seen_n == n
+            assert seen_total == pytest.approx(total, abs=2e-4)
+
+
+def test_rows_split_context_and_ending_as_lm_evaluation_harness():
+    """Every item of the real val file: the scored tokens are the ending's tokens of the whole text
+    encoded at once (how lm-evaluation-harness splits a context from its continuation), so encoding
+    the context and " " + ending apart changes nothing at the boundary."""
+    tokenizer = get_tokenizer()
+    for item in load_items(shared_data("hellaswag", "hellaswag_val_derived.jsonl")):
+        n_ctx = len(tokenizer.encode(item["ctx"]))
+        for (ids, n_scored), ending in zip(render_item(item, 1024, tokenizer), item["endings"]):
+            whole = tokenizer.encode(item["ctx"] + " " + ending)
+            assert ids == [EOT] + whole and n_scored == len(whole) - n_ctx, (item["ctx"], ending)

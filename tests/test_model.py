@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 import model as model_module
 from model import GPT, ChunkedCrossEntropy, GPTConfig
 from torch.nn import functional as F
+
+from conftest import ROOT
 
 
 def test_shapes_and_initial_loss(tiny_config):
@@ -89,6 +92,18 @@ def test_context_limit(tiny_config):
     model = GPT(tiny_config)
     with pytest.raises(ValueError, match="context"):
         model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+
+
+def test_a_full_kv_cache_says_so(tiny_config):
+    model = GPT(tiny_config, verbose=False).eval()
+    cache = model.new_kv_cache(batch_size=1, max_len=10)  # shorter than the model's context
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match=r"KV cache holds 10 positions.*max_len"):
+            model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
+        assert cache.pos == 8  # nothing written: the cache is still usable
+        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
+    assert cache.pos == 10
 
 
 @pytest.mark.parametrize("n_layer,n_head,n_embd,expected", [
@@ -256,3 +271,85 @@ def test_flops_per_token_matches_counted_flops(bias):
     assert counted == by_hand
     vector_params = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     assert model.flops_per_token() == by_hand + 6 * vector_params
+
+
+def test_init_follows_the_gpt2_table():
+    L = 8  # residual scale 0.02 / sqrt(16) = 0.005: far from 0.02, so a wrong branch shows
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=128, block_size=64, bias=True), verbose=False)
+    assert model.lm_head.weight is model.transformer.wte.weight  # one tensor, initialised once
+    residual = 0.02 / math.sqrt(2 * L)
+    for name, p in model.named_parameters():
+        if ".ln_" in name or name.startswith("transformer.ln_f"):
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:
+            std = residual if name.endswith("c_proj.weight") else 0.02
+            assert abs(p.std().item() - std) < 0.05 * std, (name, p.std().item(), std)
+            assert abs(p.mean().item()) < 0.1 * std, name
+
+
+def test_dropout_only_in_training(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(tiny_config, dropout=0.5), verbose=False)
+    plain = GPT(tiny_config, verbose=False)
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(idx)[0], plain.eval()(idx)[0], rtol=0, atol=0)
+        model.train()
+        assert not torch.allclose(model(idx)[0], plain(idx)[0])
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16])
+def test_kv_cache_under_bf16_autocast_matches_full_forward(tiny_config, cache_dtype):
+    # generate() keeps the cache in the autocast dtype (bf16); None: the weights' dtype (fp32)
+    torch.manual_seed(0)
+    model = GPT(tiny_config, verbose=False).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx)
+        cache = model.new_kv_cache(batch_size=2, dtype=cache_dtype)
+        prefill, _ = model(idx[:, :12], kv_cache=cache)
+        steps = [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(12, 20)]
+        chunk, _ = model(idx[:, 20:], kv_cache=cache)
+    cached = torch.cat([prefill] + steps + [chunk], dim=1)
+    assert cached.dtype == full.dtype == torch.bfloat16
+    # the same attention; bf16 rounds the other way here and there (about 1 unit in the last place)
+    torch.testing.assert_close(cached.float(), full.float(), rtol=0, atol=8e-3)
+    assert torch.equal(cached.argmax(-1), full.argmax(-1))
+
+
+def test_head_size_54_on_cpu_is_plain_causal_attention():
+    # the 712M's head size: on CPU pad_heads changes nothing and the fused kernel computes the textbook formula
+    torch.manual_seed(0)
+    attn = GPT(GPTConfig(n_layer=1, n_head=3, n_embd=162, block_size=64), verbose=False).transformer.h[0].attn
+    assert attn.pad_heads
+    x = torch.randn(2, 40, 162)
+    B, T, C = x.shape
+    hs = 54
+    with torch.no_grad():
+        y = attn(x)
+        q, k, v = (t.view(B, T, 3, hs).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        expected = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,millions", [("fineweb_124m", 124), ("fineweb_712m", 712)])
+def test_shipped_configs_have_the_sizes_they_are_named_after(name, millions):
+    from gptkit.configurator import load_config
+    from gptkit.trainer import TrainConfig
+    cfg = load_config(TrainConfig, [os.path.join(ROOT, "config", f"{name}.py")])
+    config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_embd=cfg.n_embd, bias=cfg.bias)
+    with torch.device("meta"):
+        model = GPT(config, verbose=False)
+    assert round(model.num_params() / 1e6) == millions
+    L, C, T, V = cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size
+    assert model.num_params() == V * C + T * C + L * (12 * C * C + 2 * C) + C  # embeddings, blocks, ln_f
+    # PaLM: 6 per parameter but the position embeddings, 12*L*C*T for attention
+    assert model.flops_per_token() == 6 * (model.num_params() - T * C) + 12 * L * C * T
