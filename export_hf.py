@@ -7,7 +7,8 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
 GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added. A
 checkpoint of kind "chat" (written by finetune.py) also gets a chat template that renders exactly
-the ids gptkit's own renderer does. Runs on the CPU, offline; transformers is not needed to export.
+the ids gptkit's own renderer does, and puts the system prompt the model was finetuned with first
+in a chat that brings none. Runs on the CPU, offline; transformers is not needed to export.
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained("hf/dolly")
@@ -53,7 +54,8 @@ def main():
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
     model, ckpt = load_model(cfg.ckpt, device="cpu")
     chat = ckpt.get("kind") == "chat"
-    files = export_hf(model, cfg.out, chat=chat)
+    system = (ckpt.get("config") or {}).get("system", "") if chat else ""  # finetune.py keeps the data's
+    files = export_hf(model, cfg.out, chat=chat, system=system)
     print0(f"wrote a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}")
     if chat:
         print0("note: transformers' tokenizer turns control-token text a person types (such as <|user|>) into "

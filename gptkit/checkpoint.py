@@ -177,10 +177,11 @@ def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
 def load_model(path, device="cpu", verbose=True, **overrides):
     """-> (model in eval mode on device, checkpoint dict), for sample, eval and export. path: a run
     directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2, gpt2-xl, ...:
-    to compare with OpenAI's models, or use an export), whose dict holds only its "kind"."""
-    from gptkit.hf import hf_kind, is_hf_folder, is_hub_name, load_hf_gpt2
+    to compare with OpenAI's models, or use an export), whose dict holds only its "kind" (and a chat
+    export's system prompt under "config")."""
+    from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
     if is_hf_folder(path) or is_hub_name(path):
-        model, ckpt = load_hf_gpt2(path, verbose=verbose, **overrides), {"kind": hf_kind(path)}
+        model, ckpt = load_hf_gpt2(path, verbose=verbose, **overrides), hf_run_info(path)
     else:
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, resolve_path(path), verbose=verbose, **overrides)

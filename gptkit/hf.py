@@ -43,6 +43,10 @@ BIASES = ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp
 # with add_generation_prompt, render_prompt). One line, so no stray whitespace reaches the text.
 CHAT_TEMPLATE = (
     "{{- '<|endoftext|>' -}}"
+    # DEFAULT_SYSTEM: the system prompt the model was finetuned with, for chats that bring none
+    "{%- if DEFAULT_SYSTEM and (messages | length == 0 or messages[0]['role'] != 'system') -%}"
+    "{{- '<|system|>' + DEFAULT_SYSTEM + '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('message role must be system, user or assistant, not ' + message['role']) -}}"
@@ -233,12 +237,14 @@ def is_hub_name(name):
     return name.startswith(HUB_PREFIXES) and not os.path.exists(name)
 
 
-def hf_kind(name_or_path):
-    """"chat" for a folder exported from a gptkit chat model, else "base" (any other GPT-2)."""
+def hf_run_info(name_or_path):
+    """What a checkpoint dict would tell about a Hugging Face model: {"kind": "chat", "config":
+    {"system": ...}} for a folder exported from a gptkit chat model, else {"kind": "base"}."""
     config_path = os.path.join(name_or_path, "config.json")
-    if not os.path.isfile(config_path):
-        return "base"
-    return "chat" if _read_json(config_path).get("gptkit_kind") == "chat" else "base"
+    hf_config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    if hf_config.get("gptkit_kind") != "chat":
+        return {"kind": "base"}
+    return {"kind": "chat", "config": {"system": hf_config.get("gptkit_system", "")}}
 
 
 def is_hf_folder(path):
@@ -362,7 +368,7 @@ def _json_writer(obj, indent=2):
     return lambda f: f.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def tokenizer_files(chat=False, model_max_length=1024):
+def tokenizer_files(chat=False, model_max_length=1024, system=""):
     """GPT-2's tokenizer files plus our control tokens, for AutoTokenizer.from_pretrained(out_dir)
     -> {file name: write_fn}."""
     vocab, merges = gpt2_vocab_and_merges()
@@ -391,7 +397,10 @@ def tokenizer_files(chat=False, model_max_length=1024):
         "extra_special_tokens": chat_tokens,
     }
     if chat:
-        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+        # a Jinja string literal: json.dumps escapes quotes, backslashes and newlines the way Jinja
+        # reads them, and ensure_ascii=False leaves other characters for Jinja to take as they are
+        default = "{%- set DEFAULT_SYSTEM = " + json.dumps(system, ensure_ascii=False) + " -%}"
+        tokenizer_config["chat_template"] = default + CHAT_TEMPLATE
     files["tokenizer_config.json"] = _json_writer(tokenizer_config)
     files["special_tokens_map.json"] = _json_writer({
         "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>",
@@ -407,9 +416,11 @@ EXPORT_FILES = ["added_tokens.json", "config.json", "generation_config.json", "m
                 "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
 
 
-def export_hf(model, out_dir, chat=False):
+def export_hf(model, out_dir, chat=False, system=""):
     """Write out_dir for transformers: config.json, model.safetensors, generation_config.json and
-    the tokenizer files (with the chat template when chat). Returns the list of files written.
+    the tokenizer files (with the chat template when chat; system: the system prompt the model was
+    finetuned with, which the template puts first when a chat brings none). Returns the list of
+    files written.
     An export over an earlier one replaces it as one set, config.json last: killed or out of disk
     mid-way, the folder holds the earlier export whole, or no config.json (refused), never a mix."""
     import safetensors.torch
@@ -442,6 +453,7 @@ def export_hf(model, out_dir, chat=False):
         "torch_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
         "gptkit_bias": cfg.bias,  # False: the biases below are zeros; import drops them again
         "gptkit_kind": "chat" if chat else "base",
+        "gptkit_system": system if chat else "",  # sample.py --ckpt=<this folder> starts chats with it
     }
     files = {
         "config.json": _json_writer(hf_config),
@@ -455,7 +467,7 @@ def export_hf(model, out_dir, chat=False):
             # the padding slots have no text: never generated, as in gptkit.generate
             "suppress_tokens": list(range(MIN_VOCAB_SIZE, cfg.vocab_size)),
         }),
-        **tokenizer_files(chat=chat, model_max_length=cfg.block_size),
+        **tokenizer_files(chat=chat, model_max_length=cfg.block_size, system=system if chat else ""),
     }
     assert sorted(files) == EXPORT_FILES, f"export writes {sorted(files)}, EXPORT_FILES says {EXPORT_FILES}"
     atomic_write_files(out_dir, files, marker="config.json")  # is_hf_folder and transformers look for it

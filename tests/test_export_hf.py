@@ -280,12 +280,13 @@ def test_export_script_end_to_end(tmp_path, tiny_export):
     model, _ = tiny_export
     ckpt_dir, out = tmp_path / "run", tmp_path / "hf"
     save_checkpoint(str(ckpt_dir), {"model": model.state_dict(), "model_config": model.config.to_dict(),
-                                    "config": {}, "kind": "chat", "step": 10})
+                                    "config": {"system": "Be brief."}, "kind": "chat", "step": 10})
     result = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={ckpt_dir}", f"--out={out}"],
                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote a chat model" in result.stdout and "AutoModelForCausalLM.from_pretrained" in result.stdout
     assert "chat_template" in json.load(open(out / "tokenizer_config.json"))
+    assert json.load(open(out / "config.json"))["gptkit_system"] == "Be brief."  # finetune.py's, carried over
     assert _same_weights(model, load_hf_gpt2(str(out), verbose=False))
     result = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={tmp_path / 'missing'}"],
                             cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
@@ -318,7 +319,7 @@ def test_hub_names_download_then_load(tiny_export, monkeypatch):
     assert load_config(eval_hellaswag.EvalConfig, ["--ckpt=gpt2"]).ckpt == "gpt2"
     loaded, info = load_model("gpt2", verbose=False)
     assert info == {"kind": "base"} and not loaded.training and _same_weights(model, loaded)
-    assert load_model(out, verbose=False)[1] == {"kind": "chat"}  # the export of a chat model
+    assert load_model(out, verbose=False)[1] == {"kind": "chat", "config": {"system": ""}}  # a chat export
     with pytest.raises(ConfigError, match="is a Hugging Face model, not a gptkit run"):
         load_config(export_script.ExportConfig, [f"--ckpt={out}", "--out=elsewhere"])
     assert [name for name, _ in asked] == ["gpt2", "openai-community/gpt2-medium", "gpt2"]
@@ -446,3 +447,21 @@ def test_transformers_generate_never_samples_the_unused_slots(tiny_export):
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([[EOT, 15496]]), max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert len(out[0, 2:]) == 5 and all(token < MIN_VOCAB_SIZE for token in out[0, 2:].tolist())
+
+
+def test_a_chat_export_starts_chats_with_its_training_system_prompt(tiny_export, tmp_path):
+    # finetune.py trains every conversation with the data's system prompt: transformers' chat template
+    # and sample.py --ckpt=<export> must put it first too when a chat brings none
+    from gptkit.checkpoint import load_model
+    model, _ = tiny_export
+    system = 'Answer "briefly".\nUse \\ and {{ braces }} and {% tags %}: caf\u00e9 \u65e5\u672c \U0001f600'
+    folder = str(tmp_path / "hf")
+    export_hf(model, folder, chat=True, system=system)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = get_tokenizer()
+    chat = CONVERSATION[1:3]  # user, assistant: no system message
+    rendered = _ids(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
+    assert rendered == ours.render_prompt([{"role": "system", "content": system}] + chat)
+    # a chat that brings its own system message keeps it, alone
+    assert _ids(hf_tok.apply_chat_template(CONVERSATION, tokenize=True)) == ours.render_conversation(CONVERSATION)[0]
+    assert load_model(folder, verbose=False)[1] == {"kind": "chat", "config": {"system": system}}
