@@ -47,15 +47,14 @@ class ExportConfig(BaseConfig):
 
 def main():
     cfg = configure(ExportConfig)
-    from gptkit.checkpoint import load_model
+    from gptkit.checkpoint import load_model, trained_system_prompt
     from gptkit.hf import export_hf
     from gptkit.system import print0, setup_runtime
 
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
     model, ckpt = load_model(cfg.ckpt, device="cpu")
     chat = ckpt.get("kind") == "chat"
-    system = (ckpt.get("config") or {}).get("system", "") if chat else ""  # finetune.py keeps the data's
-    files = export_hf(model, cfg.out, chat=chat, system=system)
+    files = export_hf(model, cfg.out, chat=chat, system=trained_system_prompt(ckpt))
     print0(f"wrote a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}")
     if chat:
         print0("note: transformers' tokenizer turns control-token text a person types (such as <|user|>) into "

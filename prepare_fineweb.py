@@ -30,12 +30,12 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
-from gptkit.checkpoint import atomic_write
+from gptkit.checkpoint import atomic_write, remove_temporaries
 from gptkit.data import (PREPARE_STATE, ShardError, list_shards, make_pool, normalize_line_ends, read_header,
                          resolve_num_proc, shard_path, tokenize_stream, write_shard)
 from gptkit.system import print0, run_main
@@ -320,10 +320,7 @@ def prepare(cfg, recipes=()):
     state_path = os.path.join(cfg.data_dir, PREPARE_STATE)
     settings = {k: getattr(cfg, k) for k in ("source", "subset", "shard_tokens", "val_tokens", "max_tokens")}
     os.makedirs(cfg.data_dir, exist_ok=True)
-    temporary = re.compile(rf"((train|val)_\d{{6}}\.bin|{re.escape(PREPARE_STATE)})\.tmp\d+")  # atomic_write's names
-    for name in os.listdir(cfg.data_dir):  # temporary files of a killed run
-        if temporary.fullmatch(name):
-            os.remove(os.path.join(cfg.data_dir, name))
+    remove_temporaries(cfg.data_dir, rf"(train|val)_\d{{6}}\.bin|{re.escape(PREPARE_STATE)}")  # of a killed run
     if os.path.exists(state_path):
         state, train_partial, val_partial = load_state(state_path)
         if state["settings"] != settings:

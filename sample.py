@@ -71,14 +71,6 @@ def resolve_mode(mode, kind):
     return mode
 
 
-def start_system(system, ckpt):
-    """The system prompt a chat starts with: --system as given, or with auto the one of the model's
-    finetuning data (a checkpoint keeps it in its config), so the model is asked as it was trained."""
-    if system != "auto":
-        return system
-    return (ckpt.get("config") or {}).get("system", "") if ckpt.get("kind") == "chat" else ""
-
-
 def answer_room(max_new_tokens, block_size):
     # never reserve more than half the context for the answer, so some history always fits
     return min(max_new_tokens, block_size // 2)
@@ -202,7 +194,7 @@ def complete_loop(model, cfg, generator, autocast, tokenizer):
 
 def main(cfg):
     import torch
-    from gptkit.checkpoint import load_model
+    from gptkit.checkpoint import load_model, trained_system_prompt
     from gptkit.system import setup_runtime
 
     if hasattr(sys.stdout, "reconfigure"):
@@ -224,7 +216,8 @@ def main(cfg):
         info("compile=True is ignored by sample.py: it decodes eagerly")
     tokenizer = get_tokenizer()
     generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
-    cfg = replace(cfg, system=start_system(cfg.system, ckpt))
+    if cfg.system == "auto":  # ask the model as it was trained
+        cfg = replace(cfg, system=trained_system_prompt(ckpt))
     if mode == "chat" and cfg.system:
         info(f"system prompt: {cfg.system!r} (--system=TEXT for another, --system= for none)")
 

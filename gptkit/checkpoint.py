@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import re
 
 import numpy as np
 import torch
@@ -90,6 +91,15 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def remove_temporaries(directory, names):
+    """Delete the temporary files atomic_write leaves in directory when a kill cuts it short
+    (<name>.tmp<pid>), for the names matching the regex `names`: never another program's files."""
+    pattern = re.compile(rf"({names})\.tmp\d+")
+    for name in os.listdir(directory):
+        if pattern.fullmatch(name):
+            os.remove(os.path.join(directory, name))
 
 
 def atomic_write_files(directory, files, marker):
@@ -188,6 +198,12 @@ def load_model(path, device="cpu", verbose=True, **overrides):
     model.to(device)
     model.eval()
     return model, ckpt
+
+
+def trained_system_prompt(ckpt):
+    """The system prompt a chat model was finetuned with (finetune.py keeps the data's in the run
+    config; a chat export's comes back the same way), "" for any other model."""
+    return (ckpt.get("config") or {}).get("system", "") if ckpt.get("kind") == "chat" else ""
 
 
 def rng_state():

@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from gptkit.configurator import BaseConfig, ConfigError, UserError, config_dict, print_config
-from gptkit.checkpoint import atomic_write, restore_training_state, save_training_state, truncate_log
+from gptkit.checkpoint import (atomic_write, remove_temporaries, restore_training_state, save_training_state,
+                               truncate_log)
 from gptkit.system import MetricsLogger, device_peak_flops, print0
 
 
@@ -394,9 +394,8 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
 
     if rt.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        for name in os.listdir(cfg.out_dir):  # left by a save a kill cut short; a checkpoint's can be gigabytes
-            if re.fullmatch(r"(ckpt\.pt|ckpt\.json|config\.json|log\.jsonl)\.tmp\d+", name):
-                os.remove(os.path.join(cfg.out_dir, name))
+        # left by a save a kill cut short: a checkpoint's can be gigabytes
+        remove_temporaries(cfg.out_dir, r"ckpt\.pt|ckpt\.json|config\.json|log\.jsonl")
         # a resume writes it again: a full disk or a kill here keeps the old one whole
         atomic_write(os.path.join(cfg.out_dir, "config.json"),
                      lambda f: f.write(json.dumps(config_dict(cfg), indent=2).encode("utf-8")))

@@ -27,3 +27,34 @@ def shared_data(*parts):
 def tiny_config():
     from model import GPTConfig
     return GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50304, bias=False, dropout=0.0)
+
+
+class Killed(BaseException):
+    """A kill: the code under test stops on the spot (its cleanup still runs, as a kill leaves temporary files)."""
+
+
+def kill_before_each_rename(monkeypatch, run, read, reset):
+    """reset() then run(), killed before its 1st os.replace, then before its 2nd, ... until a run gets
+    through -> [read() after each attempt]; the last is after the run that finished."""
+    real_replace, outcomes = os.replace, []
+    for kill_at in range(1, 100):
+        reset()
+        renames = []
+
+        def replace(src, dst):
+            renames.append(dst)
+            if len(renames) == kill_at:
+                raise Killed
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            run()
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        outcomes.append(read())
+        if finished:
+            return outcomes
+    raise AssertionError("the run never finished")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gptkit.data import (HEADER_INTS, MAGIC, VERSION, PretrainLoader, ShardError, list_shards, load_shard,
-                         read_header, val_batches, write_shard)
+                         val_batches, write_shard)
 
 T = 16
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, shared_data
+from conftest import ROOT, Killed, kill_before_each_rename, shared_data
 from gptkit.checkpoint import save_checkpoint
 from gptkit.hf import HFError, export_hf, gpt2_vocab_and_merges, is_hf_folder, load_hf_gpt2
 from gptkit.tokenizer import END, EOT, SPECIAL_TOKENS, get_tokenizer
@@ -356,10 +356,6 @@ def test_imported_gpt2_never_prefers_the_padded_slots(tmp_path):
     assert probs[..., 50257:].sum(-1).max().item() <= 47 / 50257 + 1e-6
 
 
-class Killed(BaseException):
-    """A kill: the export stops on the spot."""
-
-
 def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny_export, tmp_path, monkeypatch):
     # Export a model, then export another one (other width, base kind) into the same folder, killed
     # while it writes the weights and before each file rename in turn. sample.py and train.py
@@ -394,28 +390,9 @@ def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny
     monkeypatch.undo()
     assert read() == "old"
 
-    real_replace, outcomes = os.replace, []
-    for kill_at in range(1, 100):
-        export_hf(old_model, folder, chat=True)
-        renames = []
-
-        def replace(src, dst):
-            renames.append(dst)
-            if len(renames) == kill_at:
-                raise Killed
-            real_replace(src, dst)
-
-        monkeypatch.setattr(os, "replace", replace)
-        try:
-            export_hf(new_model, folder, chat=False)
-            finished = True
-        except Killed:
-            finished = False
-        monkeypatch.setattr(os, "replace", real_replace)
-        outcomes.append(read())
-        assert outcomes[-1] in ("old", "new", "refused"), f"killed before rename {kill_at}: {outcomes}"
-        if finished:
-            break
+    outcomes = kill_before_each_rename(monkeypatch, lambda: export_hf(new_model, folder, chat=False), read,
+                                       reset=lambda: export_hf(old_model, folder, chat=True))
+    assert all(outcome in ("old", "new", "refused") for outcome in outcomes), outcomes
     assert outcomes[-1] == "new" and "old" not in outcomes[outcomes.index("new"):]
 
 

@@ -229,15 +229,20 @@ def _run_eval(args, nproc):
     return figures
 
 
-def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
+def _run_and_items(tmp_path, config, seed, n_items):
+    """A random model saved as a run in tmp_path/run, and a JSONL of n_items random items -> (model, path)."""
     torch.manual_seed(2)
-    model = GPT(tiny_config, verbose=False)
+    model = GPT(config, verbose=False)
     save_checkpoint(str(tmp_path / "run"), {"model": model.state_dict(), "model_config": model.config.to_dict(),
                                              "config": {}, "kind": "base", "step": 5})
-    rng = random.Random(3)
+    rng = random.Random(seed)
     items = [{"ctx": _random_text(rng, 10), "endings": [_random_text(rng, rng.randint(2, 9)) for _ in range(4)],
-              "label": rng.randint(0, 3)} for _ in range(23)]  # odd: the ranks get 12 and 11 items
-    data = _write_jsonl(tmp_path / "items.jsonl", items)
+              "label": rng.randint(0, 3)} for _ in range(n_items)]
+    return model, _write_jsonl(tmp_path / "items.jsonl", items)
+
+
+def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
+    model, data = _run_and_items(tmp_path, tiny_config, seed=3, n_items=23)  # odd: the ranks get 12 and 11 items
     args = [f"--ckpt={tmp_path / 'run'}", f"--data={data}", "--device=cpu", "--batch_size=5", "--limit=21"]
     one = _run_eval(args, 1)
     two = _run_eval(args, 2)
@@ -255,14 +260,7 @@ def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
 def test_compiled_evaluation_scores_the_same(tmp_path, tiny_config, monkeypatch, capsys):
     """eval_hellaswag.py --compile=True on CPU (inductor; about 15 s to compile here): the model is
     compiled and scores what the eager model scores."""
-    torch.manual_seed(2)
-    model = GPT(tiny_config, verbose=False)
-    save_checkpoint(str(tmp_path / "run"), {"model": model.state_dict(), "model_config": model.config.to_dict(),
-                                             "config": {}, "kind": "base", "step": 5})
-    rng = random.Random(4)
-    items = [{"ctx": _random_text(rng, 10), "endings": [_random_text(rng, rng.randint(2, 9)) for _ in range(4)],
-              "label": rng.randint(0, 3)} for _ in range(11)]  # batches of 5, 5 and 1 item: three shapes
-    data = _write_jsonl(tmp_path / "items.jsonl", items)
+    model, data = _run_and_items(tmp_path, tiny_config, seed=4, n_items=11)  # batches of 5, 5, 1: three shapes
     compiled = []
     real_compile = torch.compile
 

@@ -2,16 +2,15 @@
 
 import collections
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import shared_data
+from conftest import kill_before_each_rename, shared_data
 from gptkit.configurator import ConfigError, load_config
 from gptkit.sft import SFTDataError, SFTLoader, read_sft_split, sft_val_batches
-from gptkit.tokenizer import ASSISTANT, END, EOT, SPECIAL_TOKENS, USER, get_tokenizer
+from gptkit.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer
 from prepare_instruct import InstructConfig, InstructDataError, prepare
 
 
@@ -216,10 +215,6 @@ def test_split_is_stable_and_written_atomically(tmp_path):
         read_sft_split(dir_a, "val")
 
 
-class Killed(BaseException):
-    """A kill: the run stops on the spot (atomic_write's cleanup still runs, as a kill leaves a temporary file)."""
-
-
 def test_rerun_killed_at_any_moment_leaves_old_data_or_refuses_never_a_mix(tmp_path, monkeypatch):
     # Prepare a folder, then prepare it again from the same conversations in reverse order, killed
     # before each file rename of the new run in turn. Every file keeps its size, so a folder mixing
@@ -243,30 +238,14 @@ def test_rerun_killed_at_any_moment_leaves_old_data_or_refuses_never_a_mix(tmp_p
     new = read_all(run_prepare(tmp_path / "reference", new_source, val_fraction=0.2)[1])
     assert old != new and old["val"]
 
-    real_replace, outcomes = os.replace, []
-    for kill_at in range(1, 100):
-        renames = []
-
-        def replace(src, dst):
-            renames.append(dst)
-            if len(renames) == kill_at:
-                raise Killed
-            real_replace(src, dst)
-
-        monkeypatch.setattr(os, "replace", replace)
-        try:
-            run_prepare(tmp_path, new_source, val_fraction=0.2)
-            finished = True
-        except Killed:
-            finished = False
-        monkeypatch.setattr(os, "replace", real_replace)
+    def which():
         got = read_all(data_dir)
-        outcome = "old" if got == old else "new" if got == new else got
-        assert outcome in ("old", "new", "refused"), f"killed before rename {kill_at}: a mix of the two runs"
-        outcomes.append(outcome)
-        if finished:
-            break
-        run_prepare(tmp_path, old_source, val_fraction=0.2)  # back to the old data for the next kill
+        return "old" if got == old else "new" if got == new else got
+
+    outcomes = kill_before_each_rename(monkeypatch, lambda: run_prepare(tmp_path, new_source, val_fraction=0.2),
+                                       which, reset=lambda: run_prepare(tmp_path, old_source, val_fraction=0.2))
+    # never a mix of the two runs
+    assert all(outcome in ("old", "new", "refused") for outcome in outcomes), outcomes
     assert outcomes[-1] == "new"
     # the six data files of the new run are written while the old data is still in use
     assert outcomes[:6] == ["old"] * 6, outcomes
