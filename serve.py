@@ -95,13 +95,16 @@ def build_app(cfg, engine, card):
     async def server_error(request, e):  # a bug answers 500 in the API's shape; the traceback stays in the log
         return fail(500, f"internal error ({type(e).__name__}): see the server's log", "server_error")
 
-    async def read_request(request):
-        """The request's JSON object, after the key and size checks."""
+    def check_key(request):
         if cfg.api_key:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
                 raise RequestError("missing or wrong API key: send the header `Authorization: Bearer <key>`",
                                    status=401, kind="authentication_error")
+
+    async def read_request(request):
+        """The request's JSON object, after the key and size checks."""
+        check_key(request)
         raw = b""
         async for chunk in request.stream():  # read in pieces, so a huge body is refused before it is held
             raw += chunk
@@ -184,8 +187,8 @@ def build_app(cfg, engine, card):
                    settings["top_k"], settings["top_p"], settings["stop"], settings["seed"], settings["n"])
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        await read_request(request)
+    def models(request: Request):
+        check_key(request)
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -223,8 +226,12 @@ def main(cfg):
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print("warning: listening beyond this machine without --api_key: anyone who can reach it can use it",
               file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C: end the answers first, so their streams close cleanly
+            engine.close()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2))
     try:
         server.run()
     except SystemExit:  # uvicorn's way of saying it could not listen (it logged why)

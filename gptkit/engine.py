@@ -103,7 +103,7 @@ class Engine:
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
         self.jobs = queue.Queue()
         self.stats = {"completed": 0, "cancelled": 0, "tokens_generated": 0}
-        self.busy = False
+        self.busy, self.stopping = False, False
         self.worker = threading.Thread(target=self._work, name="generate", daemon=True)
         self.worker.start()
 
@@ -117,7 +117,17 @@ class Engine:
         return {"busy": self.busy, "queued": self.jobs.qsize(), **self.stats}
 
     def close(self):
-        self.jobs.put(None)  # the worker ends after the job in hand (whose client has gone at shutdown)
+        """Shutting down: the answer in progress stops at its next token, queued ones are never
+        started, and their clients' streams end now (rather than be cut off by the server)."""
+        self.stopping = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.send("done")
+        self.jobs.put(None)  # the worker ends after the job in hand
 
     def _work(self):
         while (job := self.jobs.get()) is not None:
@@ -137,6 +147,8 @@ class Engine:
 
     def _answer(self, job, index):
         """One answer, streamed to the job as text events -> False if the job was cancelled."""
+        if job.cancelled or self.stopping:  # its client left while it waited in line
+            return False
         seed = job.seed if job.seed is not None else random.randrange(2**31)
         generator = make_generator(self.model, seed + index)  # n answers with one seed differ
         decoder, stops = StreamDecoder(self.tokenizer), StopStrings(job.stop)
@@ -144,7 +156,7 @@ class Engine:
         count, finish = 0, None
         for token in generate(self.model, job.ids, job.max_tokens, job.temperature, job.top_k, job.top_p,
                               stop_tokens=job.stop_tokens, generator=generator, autocast=self.autocast):
-            if job.cancelled:
+            if job.cancelled or self.stopping:
                 return False
             count += 1
             self.stats["tokens_generated"] += 1
@@ -154,7 +166,7 @@ class Engine:
             if hit:
                 finish = "stop"
                 break
-        if job.cancelled:
+        if job.cancelled or self.stopping:
             return False
         if finish is None:
             text, hit = stops.feed(decoder.flush())
