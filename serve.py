@@ -11,10 +11,10 @@ Endpoints: / (the chat page), /v1/chat/completions and /v1/completions (streamed
 "stream": true, as server-sent events ending in `data: [DONE]`), /v1/models, /health.
 
 The chat is rendered, fitted to the context and sampled by the code sample.py uses (gptkit/chat.py,
-gptkit/generate.py), so the same prompt, seed and settings give the same answer in both. Requests
-are answered one at a time in arrival order by a worker thread (gptkit/engine.py): the others wait
-in line, and each answer is the one it would be alone. A client that disconnects stops its answer.
-Ctrl-C stops the server (answers in progress get 2 seconds to finish).
+gptkit/generate.py): at temperature 0 both give the same answer to the same chat. Requests are
+answered one at a time in arrival order by a worker thread (gptkit/engine.py): the others wait in
+line, and each answer is the one it would be alone. A client that disconnects stops its answer.
+Ctrl-C ends the answers in progress (a stream then closes without `data: [DONE]`) and stops.
 """
 
 import hmac
@@ -27,9 +27,9 @@ from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.engine import Engine, Job
 from gptkit.generate import check_sampling_args
-from gptkit.openai_api import (RequestError, chat_choice, chat_delta, chat_messages, completion_choice,
-                               completion_prompt, envelope, error_body, new_id, parse_json, sampling_fields, sse,
-                               usage)
+from gptkit.openai_api import (CHUNK_OBJECT, ID_PREFIX, OBJECT, RequestError, chat_delta, chat_messages,
+                               chunk_choice, completion_prompt, envelope, error_body, new_id, parse_json,
+                               sampling_fields, sse, usage, whole_choice)
 from gptkit.system import run_main
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptkit", "chat_page.html")
@@ -77,7 +77,8 @@ def build_app(cfg, engine, card):
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # no pages that load scripts from a CDN
     tokenizer, block_size = engine.tokenizer, engine.model.config.block_size
-    defaults = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens}
+    defaults = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                "max_tokens": cfg.max_new_tokens}
     limits = {"max_tokens": cfg.max_tokens_limit, "n": cfg.max_n}
 
     def fail(status, message, kind="invalid_request_error", param=None):
@@ -89,7 +90,8 @@ def build_app(cfg, engine, card):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e):  # 404 and 405 in the same shape as the API's other errors
-        return fail(e.status_code, f"{request.method} {request.url.path}: {e.detail}", "not_found_error")
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return fail(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
 
     @app.exception_handler(Exception)
     async def server_error(request, e):  # a bug answers 500 in the API's shape; the traceback stays in the log
@@ -113,38 +115,13 @@ def build_app(cfg, engine, card):
         return parse_json(raw)
 
     async def answer(request, job, kind, prompt_tokens, settings):
-        """Run the job; stream it as server-sent events, or answer with one JSON object."""
+        """Queue the job; answer with server-sent events as it goes, or with one JSON object at the end."""
         engine.submit(job)
-        id_, obj = new_id("chatcmpl" if kind == "chat" else "cmpl"), "chat.completion" if kind == "chat" else "text_completion"
-
-        def piece(index, text=None, finish=None):
-            if kind == "chat":
-                return chat_delta(index, {} if text is None else {"content": text}, finish)
-            return completion_choice(index, text or "", finish)
-
+        id_ = new_id(ID_PREFIX[kind])
         if settings["stream"]:
-            async def events():
-                completion_tokens = 0
-                if kind == "chat":
-                    for index in range(job.n):  # the first chunk of each answer names the role
-                        yield sse(envelope(id_, obj + ".chunk", card["id"], [chat_delta(index, {"role": "assistant", "content": ""})]))
-                async for event in job.events():
-                    if event[0] == "error":
-                        yield sse(error_body(event[1], "server_error"))
-                        return
-                    if event[0] == "text":
-                        chunk = [piece(event[1], event[2])]
-                    else:
-                        completion_tokens += event[3]
-                        chunk = [piece(event[1], None, event[2])]
-                    yield sse(envelope(id_, obj + ".chunk" if kind == "chat" else obj, card["id"], chunk))
-                if settings["include_usage"]:
-                    yield sse(envelope(id_, obj + ".chunk" if kind == "chat" else obj, card["id"], [],
-                                       usage=usage(prompt_tokens, completion_tokens)))
-                yield sse("[DONE]")
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(stream(job, kind, id_, prompt_tokens, settings["include_usage"]),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
         texts, finishes, completion_tokens = [""] * job.n, [None] * job.n, 0
         async for event in job.events(disconnected=request.is_disconnected):
             if event[0] == "error":
@@ -154,9 +131,33 @@ def build_app(cfg, engine, card):
             else:
                 finishes[event[1]] = event[2]
                 completion_tokens += event[3]
-        choose = chat_choice if kind == "chat" else completion_choice
-        choices = [choose(i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
-        return envelope(id_, obj, card["id"], choices, usage=usage(prompt_tokens, completion_tokens))
+        if None in finishes:  # cut short: the client left (nobody reads this) or the server is stopping
+            return fail(503, "the server stopped before the answer was complete", "server_error")
+        choices = [whole_choice(kind, i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
+        return envelope(id_, OBJECT[kind], card["id"], choices, usage=usage(prompt_tokens, completion_tokens))
+
+    async def stream(job, kind, id_, prompt_tokens, include_usage):
+        """The job's text as it comes, as chunks; [DONE] only after every answer has ended."""
+        def chunk(choices, **extra):
+            return sse(envelope(id_, CHUNK_OBJECT[kind], card["id"], choices, **extra))
+
+        if kind == "chat":  # the first chunk of each answer names its role
+            yield chunk([chat_delta(i, {"role": "assistant", "content": ""}) for i in range(job.n)])
+        completion_tokens, ended = 0, 0
+        async for event in job.events():
+            if event[0] == "error":
+                yield sse(error_body(event[1], "server_error"))
+                return
+            if event[0] == "text":
+                yield chunk([chunk_choice(kind, event[1], event[2])])
+            else:
+                completion_tokens, ended = completion_tokens + event[3], ended + 1
+                yield chunk([chunk_choice(kind, event[1], None, event[2])])
+        if ended < job.n:
+            return  # the server is stopping: no [DONE], so the client knows the answer was cut
+        if include_usage:
+            yield chunk([], usage=usage(prompt_tokens, completion_tokens))
+        yield sse("[DONE]")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -226,12 +227,14 @@ def main(cfg):
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print("warning: listening beyond this machine without --api_key: anyone who can reach it can use it",
               file=sys.stderr, flush=True)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # Ctrl-C: end the answers first, so their streams close cleanly
             engine.close()
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2))
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                   timeout_graceful_shutdown=2))
     try:
         server.run()
     except SystemExit:  # uvicorn's way of saying it could not listen (it logged why)

@@ -132,8 +132,9 @@ def envelope(id_, obj, model, choices, **extra):
     return {"id": id_, "object": obj, "created": int(time.time()), "model": model, "choices": choices, **extra}
 
 
-def chat_choice(index, text, finish_reason):
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+ID_PREFIX = {"chat": "chatcmpl", "complete": "cmpl"}
+OBJECT = {"chat": "chat.completion", "complete": "text_completion"}
+CHUNK_OBJECT = {"chat": "chat.completion.chunk", "complete": "text_completion"}
 
 
 def chat_delta(index, delta, finish_reason=None):
@@ -142,6 +143,20 @@ def chat_delta(index, delta, finish_reason=None):
 
 def completion_choice(index, text, finish_reason=None):
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def whole_choice(kind, index, text, finish_reason):
+    """Answer `index` of a response that is not streamed."""
+    if kind == "chat":
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    return completion_choice(index, text, finish_reason)
+
+
+def chunk_choice(kind, index, text=None, finish_reason=None):
+    """A streamed piece of answer `index`: some text, or (text None) its end and why it ended."""
+    if kind == "chat":
+        return chat_delta(index, {} if text is None else {"content": text}, finish_reason)
+    return completion_choice(index, text or "", finish_reason)
 
 
 def sse(data):
