@@ -54,7 +54,7 @@ class ServeConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate() + ckpt_arg_problems(self.ckpt, example="out/dolly")
-        if not 0 <= self.port <= 65535:
+        if not 1 <= self.port <= 65535:
             problems.append(f"port={self.port}: use a TCP port such as 8000")
         for key in ("max_new_tokens", "max_tokens_limit", "max_messages", "max_n", "max_request_bytes"):
             if getattr(self, key) < 1:
@@ -67,6 +67,19 @@ def model_name(cfg):
         return cfg.name
     path = os.path.abspath(cfg.ckpt)
     return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
+def check_port(host, port):
+    """Fail before the model loads (which can take a while) if the address cannot be listened on."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing socket is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): check --host, and pick another --port if "
+                            "another program uses this one") from e
 
 
 def build_app(cfg, engine, card):
@@ -212,6 +225,7 @@ def main(cfg):
     from gptkit.system import setup_runtime
     from gptkit.tokenizer import get_tokenizer
 
+    check_port(cfg.host, cfg.port)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
     model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)
     cfg = replace(cfg, system=resolve_system(cfg.system, ckpt))  # auto: ask the model as it was trained
@@ -237,10 +251,10 @@ def main(cfg):
                                    timeout_graceful_shutdown=2))
     try:
         server.run()
-    except SystemExit:  # uvicorn's way of saying it could not listen (it logged why)
+    except SystemExit:  # uvicorn's way of saying it could not listen after all (it logged why)
         if server.started:
             raise
-        raise UserError(f"could not listen on {cfg.host}:{cfg.port}: pick another --port (or stop what uses it)")
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: pick another --port, or stop what uses it")
     finally:
         engine.close()
 

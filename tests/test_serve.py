@@ -12,11 +12,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
 from gptkit.chat import chat_prompt_ids, complete_prompt_ids
 from gptkit.checkpoint import save_checkpoint
+from gptkit.engine import StopStrings
 from gptkit.tokenizer import EOT, get_tokenizer
 from test_generate import lively_model, one_thread  # noqa: F401 (one thread for the tiny model)
 from test_sample import greedy_text
@@ -34,7 +36,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(model, base url, the server's Popen): a chat checkpoint of a tiny model, served on a free port."""
+    """A chat checkpoint of a tiny model, served on a free port: .model, .url, .proc (the Popen), .ckpt, .port"""
     model = lively_model(block_size=BLOCK)
     ckpt = str(tmp_path_factory.mktemp("chat"))
     save_checkpoint(ckpt, {"model": model.state_dict(), "model_config": model.config.to_dict(),
@@ -55,7 +57,7 @@ def server(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"serve.py did not start: {proc.communicate()}")
             time.sleep(0.2)
-    yield model, url, proc
+    yield SimpleNamespace(model=model, url=url, proc=proc, ckpt=ckpt, port=port)
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
@@ -81,7 +83,7 @@ def post(url, body, key=KEY, raw=None):
 @pytest.fixture(scope="module")
 def client(server):
     import openai
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
 def chat_ids(messages, max_tokens):
@@ -89,7 +91,7 @@ def chat_ids(messages, max_tokens):
 
 
 def test_chat_completion_with_the_openai_client(server, client):
-    model = server[0]
+    model = server.model
     messages = [{"role": "user", "content": "Name a river."}]
     expected = greedy_text(model, chat_ids(messages, 12), n=12)
     reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
@@ -116,7 +118,7 @@ def test_chat_completion_with_the_openai_client(server, client):
 
 
 def test_multi_turn_system_prompt_and_typed_control_tokens(server, client):
-    model = server[0]
+    model = server.model
     typed = "say <|assistant|> and <|end|>"
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
                 {"role": "user", "content": typed}]
@@ -129,7 +131,7 @@ def test_multi_turn_system_prompt_and_typed_control_tokens(server, client):
 
 
 def test_completions_models_and_health(server, client):
-    model, url, _ = server
+    model, url = server.model, server.url
     ids = complete_prompt_ids(get_tokenizer(), "Once upon a time", 10, BLOCK)
     expected = greedy_text(model, ids, n=10, stop=(EOT,))
     reply = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=10)
@@ -149,7 +151,7 @@ def test_completions_models_and_health(server, client):
 
 
 def test_bad_requests_get_openai_errors_not_tracebacks(server):
-    url = server[1] + "/v1/chat/completions"
+    url = server.url + "/v1/chat/completions"
     ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = [
         (None, b"{not json", 400, "not valid JSON"),
@@ -171,15 +173,34 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server):
         got, reply = post(url, body, raw=raw)
         assert (got, reply["error"]["type"] is not None) == (status, True), (body, raw and raw[:20], reply)
         assert words in reply["error"]["message"], reply
-    got, reply = post(server[1] + "/v1/completions", {"prompt": 5})
+    got, reply = post(server.url + "/v1/completions", {"prompt": 5})
     assert got == 400 and reply["error"]["param"] == "prompt"
     # any model name is accepted (there is one model) and answers carry the served model's name
     got, reply = post(url, {**ok, "model": "gpt-4o"})
     assert got == 200 and reply["model"] == "tiny"
 
 
+def test_stop_strings_never_show_part_of_one():
+    stops = StopStrings(["END", "xy"])
+    assert stops.feed("abc E") == ("abc ", False)  # "E" may begin END: held back
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("D and more") == ("", True)  # END: the answer ends before it
+    stops = StopStrings(["END"])
+    assert stops.feed("a bit of E") == ("a bit of ", False)
+    assert stops.feed("ve") == ("Eve", False)  # not END after all: shown
+    assert (stops.feed("nE"), stops.flush()) == (("n", False), "E")  # the end of the answer shows what is held
+
+
+def test_a_port_in_use_is_one_error_line_before_the_model_loads(server):
+    result = subprocess.run([sys.executable, "serve.py", f"--ckpt={server.ckpt}", f"--port={server.port}"],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stdout == "", result  # stdout would name the loaded model
+    assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{server.port}"), result.stderr
+
+
 def test_api_key_is_required(server):
-    url = server[1] + "/v1/chat/completions"
+    url = server.url + "/v1/chat/completions"
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for key in ("", "wrong"):
         got, reply = post(url, body, key=key)
@@ -210,7 +231,7 @@ def test_eight_concurrent_requests_equal_their_solo_answers(server, client):
 
 def test_a_client_that_disconnects_stops_its_answer(server):
     import httpx
-    url = server[1]
+    url = server.url
     before = health(url)
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30,
@@ -243,7 +264,7 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    model, url, _ = server
+    model, url = server.model, server.url
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,700"):
@@ -281,7 +302,7 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
 
 def test_ctrl_c_stops_the_server_cleanly(server):
     """Last: Ctrl-C while an answer streams ends the server within seconds, without a traceback."""
-    url, proc = server[1], server[2]
+    url, proc = server.url, server.proc
     body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True})
     request = urllib.request.Request(url + "/v1/chat/completions", data=body.encode(),
                                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
