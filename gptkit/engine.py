@@ -80,15 +80,21 @@ class Job:
             self.cancel()
 
     async def events(self, disconnected=None):
-        """The job's events until it is done. disconnected: an async callable polled while waiting,
-        True cancels the job. Leaving early (the client went away) cancels it too."""
+        """The job's events until it is done. disconnected: an async callable, asked twice a second
+        (text or not), True cancels the job. Leaving early (the client went away) cancels it too."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(self._queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if disconnected is not None and await disconnected():
+                    event = None
+                if disconnected is not None and loop.time() - checked >= 0.5:
+                    checked = loop.time()
+                    if await disconnected():
                         return
+                if event is None:
                     continue
                 if event[0] == "done":
                     return

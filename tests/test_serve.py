@@ -229,21 +229,31 @@ def test_eight_concurrent_requests_equal_their_solo_answers(server, client):
     assert together == solo and len(set(solo)) > 1
 
 
-def test_a_client_that_disconnects_stops_its_answer(server):
-    import httpx
-    url = server.url
-    before = health(url)
-    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-        lines = r.iter_lines()
-        got = [line for line, _ in zip(lines, range(4)) if line.startswith("data:")]
-    assert len(got) >= 2  # it was streaming when the client left
+def wait_idle(url):
     deadline = time.time() + 30
     while (now := health(url))["busy"] and time.time() < deadline:
         time.sleep(0.1)
+    return now
+
+
+def test_a_client_that_disconnects_stops_its_answer(server):
+    import httpx
+    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+    before = health(url)
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30, headers=auth) as r:
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(4)) if line.startswith("data:")]
+    assert len(got) >= 2  # it was streaming when the client left
+    now = wait_idle(url)
     assert now["cancelled"] == before["cancelled"] + 1
     assert now["tokens_generated"] - before["tokens_generated"] < 500  # far from the 1000 asked for
+
+    # a client waiting for a whole (not streamed) answer gives up after a second
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1, headers=auth)
+    after = wait_idle(url)
+    assert after["cancelled"] == now["cancelled"] + 1 and after["completed"] == now["completed"]
 
 
 def find_browser():
