@@ -32,6 +32,7 @@ from gptkit.openai_api import (CHUNK_OBJECT, ID_PREFIX, OBJECT, RequestError, ch
                                sampling_fields, sse, usage, whole_choice)
 from gptkit.system import run_main
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptkit", "chat_page.html")
 
 
@@ -88,7 +89,13 @@ def build_app(cfg, engine, card):
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # no pages that load scripts from a CDN
+    if cfg.host in LOOPBACK:
+        # a web page the user visits may point its own host name at 127.0.0.1 (DNS rebinding) to read
+        # this server's answers; requests that name another host are refused
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
     tokenizer, block_size = engine.tokenizer, engine.model.config.block_size
     defaults = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
                 "max_tokens": cfg.max_new_tokens}
@@ -238,7 +245,7 @@ def main(cfg):
           f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}", flush=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving at http://{host}:{cfg.port} (chat page at /, OpenAI API at /v1; Ctrl-C stops)", flush=True)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+    if cfg.host not in LOOPBACK and not cfg.api_key:
         print("warning: listening beyond this machine without --api_key: anyone who can reach it can use it",
               file=sys.stderr, flush=True)
 

@@ -206,6 +206,11 @@ def test_api_key_is_required(server):
         got, reply = post(url, body, key=key)
         assert got == 401 and reply["error"]["type"] == "authentication_error"
     assert post(url, body)[0] == 200
+    # a host name other than this machine's (a web page's DNS rebinding) is refused
+    request = urllib.request.Request(server.url + "/health", headers={"Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400
 
 
 def test_eight_concurrent_requests_equal_their_solo_answers(server, client):
