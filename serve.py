@@ -27,9 +27,8 @@ from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.engine import Engine, Job
 from gptkit.generate import check_sampling_args
-from gptkit.openai_api import (CHUNK_OBJECT, ID_PREFIX, OBJECT, RequestError, chat_delta, chat_messages,
-                               chunk_choice, completion_prompt, envelope, error_body, new_id, parse_json,
-                               sampling_fields, sse, usage, whole_choice)
+from gptkit.openai_api import (ID_PREFIX, RequestError, chat_messages, completion_prompt, error_body, new_id,
+                               parse_json, sampling_fields, stream_chunks, whole_response)
 from gptkit.system import run_main
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -44,10 +43,10 @@ class ServeConfig(BaseConfig):
     api_key: str = ""               # when set, /v1/* requires the header `Authorization: Bearer <api_key>`
     name: str = ""                  # the model's name in the API and on the page; empty: the run directory's name
     system: str = "auto"            # system prompt of chats that bring none; auto: the one the model was finetuned with
-    temperature: float = 0.8        # defaults for requests that leave these out (as sample.py)
-    top_k: int = 50                 # ...
-    top_p: float = 0.95             # ...
-    max_new_tokens: int = 256       # ... answer length when a request gives no max_tokens
+    temperature: float = 0.8        # for requests that give none (as sample.py); 0 is greedy
+    top_k: int = 50                 # for requests that give none: sample among the k most likely tokens; 0: all
+    top_p: float = 0.95             # for requests that give none: nucleus sampling; 1: off
+    max_new_tokens: int = 256       # answer length for requests that give no max_tokens
     max_tokens_limit: int = 2048    # a request asking more max_tokens gets a 400 (the context caps answers anyway)
     max_messages: int = 200         # a chat request with more messages gets a 400
     max_n: int = 4                  # most answers one request may ask for (n), made one after the other
@@ -139,45 +138,10 @@ def build_app(cfg, engine, card):
         engine.submit(job)
         id_ = new_id(ID_PREFIX[kind])
         if settings["stream"]:
-            return StreamingResponse(stream(job, kind, id_, prompt_tokens, settings["include_usage"]),
-                                     media_type="text/event-stream",
+            chunks = stream_chunks(job, kind, id_, card["id"], prompt_tokens, settings["include_usage"])
+            return StreamingResponse(chunks, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, finishes, completion_tokens = [""] * job.n, [None] * job.n, 0
-        async for event in job.events(disconnected=request.is_disconnected):
-            if event[0] == "error":
-                return fail(500, event[1], "server_error")
-            if event[0] == "text":
-                texts[event[1]] += event[2]
-            else:
-                finishes[event[1]] = event[2]
-                completion_tokens += event[3]
-        if None in finishes:  # cut short: the client left (nobody reads this) or the server is stopping
-            return fail(503, "the server stopped before the answer was complete", "server_error")
-        choices = [whole_choice(kind, i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
-        return envelope(id_, OBJECT[kind], card["id"], choices, usage=usage(prompt_tokens, completion_tokens))
-
-    async def stream(job, kind, id_, prompt_tokens, include_usage):
-        """The job's text as it comes, as chunks; [DONE] only after every answer has ended."""
-        def chunk(choices, **extra):
-            return sse(envelope(id_, CHUNK_OBJECT[kind], card["id"], choices, **extra))
-
-        if kind == "chat":  # the first chunk of each answer names its role
-            yield chunk([chat_delta(i, {"role": "assistant", "content": ""}) for i in range(job.n)])
-        completion_tokens, ended = 0, 0
-        async for event in job.events():
-            if event[0] == "error":
-                yield sse(error_body(event[1], "server_error"))
-                return
-            if event[0] == "text":
-                yield chunk([chunk_choice(kind, event[1], event[2])])
-            else:
-                completion_tokens, ended = completion_tokens + event[3], ended + 1
-                yield chunk([chunk_choice(kind, event[1], None, event[2])])
-        if ended < job.n:
-            return  # the server is stopping: no [DONE], so the client knows the answer was cut
-        if include_usage:
-            yield chunk([], usage=usage(prompt_tokens, completion_tokens))
-        yield sse("[DONE]")
+        return await whole_response(job, kind, id_, card["id"], prompt_tokens, request.is_disconnected)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -239,6 +203,8 @@ def main(cfg):
     card = {"id": model_name(cfg), "object": "model", "created": int(time.time()), "owned_by": "gptkit",
             "kind": ckpt.get("kind", "base"), "parameters": model.num_params(),
             "context_length": model.config.block_size, "system_prompt": cfg.system}
+    if cfg.compile:
+        print("compile=True is ignored by serve.py: it decodes eagerly, as sample.py does", file=sys.stderr)
     engine = Engine(model, get_tokenizer(), autocast=rt.autocast)
     app = build_app(cfg, engine, card)
     print(f"{card['id']}: {card['kind']} model, {card['parameters']:,} parameters, context {card['context_length']}; "

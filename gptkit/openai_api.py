@@ -1,6 +1,7 @@
 """
-The OpenAI wire format, as serve.py speaks it: checking a request's JSON and building the
-responses and stream chunks of /v1/chat/completions and /v1/completions.
+The OpenAI wire format, as serve.py speaks it: checking a request's JSON, and turning an engine
+job's events (gptkit/engine.py) into the responses and stream chunks of /v1/chat/completions and
+/v1/completions.
 
 A request that is not what the API expects (bad JSON, a wrong type, a value out of range, too many
 messages) raises RequestError, which the server turns into OpenAI's error body with status 400:
@@ -162,3 +163,45 @@ def chunk_choice(kind, index, text=None, finish_reason=None):
 def sse(data):
     """One server-sent event: a JSON object, or the closing [DONE]."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def whole_response(job, kind, id_, model, prompt_tokens, disconnected):
+    """A queued engine job's answers, once all are made, as the response body (a dict)."""
+    texts, finishes, completion_tokens = [""] * job.n, [None] * job.n, 0
+    async for event in job.events(disconnected):
+        if event[0] == "error":
+            raise RequestError(event[1], status=500, kind="server_error")
+        if event[0] == "text":
+            texts[event[1]] += event[2]
+        else:
+            finishes[event[1]] = event[2]
+            completion_tokens += event[3]
+    if None in finishes:  # cut short: the client left (nobody reads this) or the server is stopping
+        raise RequestError("the server stopped before the answer was complete", status=503, kind="server_error")
+    choices = [whole_choice(kind, i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
+    return envelope(id_, OBJECT[kind], model, choices, usage=usage(prompt_tokens, completion_tokens))
+
+
+async def stream_chunks(job, kind, id_, model, prompt_tokens, include_usage):
+    """A queued engine job's text as it comes, as server-sent events; [DONE] only after every answer
+    has ended (a stream cut by the server's shutdown has none, so the client can tell)."""
+    def chunk(choices, **extra):
+        return sse(envelope(id_, CHUNK_OBJECT[kind], model, choices, **extra))
+
+    if kind == "chat":  # the first chunk of each answer names its role
+        yield chunk([chat_delta(i, {"role": "assistant", "content": ""}) for i in range(job.n)])
+    completion_tokens, ended = 0, 0
+    async for event in job.events():
+        if event[0] == "error":
+            yield sse(error_body(event[1], "server_error"))
+            return
+        if event[0] == "text":
+            yield chunk([chunk_choice(kind, event[1], event[2])])
+        else:
+            completion_tokens, ended = completion_tokens + event[3], ended + 1
+            yield chunk([chunk_choice(kind, event[1], None, event[2])])
+    if ended < job.n:
+        return
+    if include_usage:
+        yield chunk([], usage=usage(prompt_tokens, completion_tokens))
+    yield sse("[DONE]")
