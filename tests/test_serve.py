@@ -309,6 +309,17 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
         assert len({n for n in browser.execute_script("return window.seen") if n > 0}) > 3  # it streamed in
         assert browser.find_element(By.ID, "send").is_enabled()
         browser.save_screenshot(str(tmp_path / "serve.png"))
+
+        # a long second answer, stopped by the button once it has begun: the server stops it too
+        cancelled = health(url)["cancelled"]
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("1000")
+        browser.find_element(By.ID, "input").send_keys("Go on." + Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
+                   and b.find_elements(By.CSS_SELECTOR, ".assistant")[1].get_attribute("textContent"))
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda b: any(n.text == "(stopped)" for n in b.find_elements(By.CSS_SELECTOR, ".note")))
+        assert wait_idle(url)["cancelled"] == cancelled + 1
         browser.find_element(By.ID, "new").click()
         assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
