@@ -27,11 +27,12 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
+from gptkit.chat import chat_prompt_ids, complete_prompt_ids, resolve_system, stop_tokens_of
 from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
 from gptkit.system import run_main
-from gptkit.tokenizer import END, EOT, StreamDecoder, get_tokenizer
+from gptkit.tokenizer import StreamDecoder, get_tokenizer
 
 HELP = "commands: /reset (clear the conversation), /system TEXT (set the system prompt), /quit or Ctrl-D (leave); Ctrl-C stops an answer"
 
@@ -69,37 +70,6 @@ def resolve_mode(mode, kind):
     if mode in ("", "auto"):
         return "chat" if kind == "chat" else "complete"
     return mode
-
-
-def answer_room(max_new_tokens, block_size):
-    # never reserve more than half the context for the answer, so some history always fits
-    return min(max_new_tokens, block_size // 2)
-
-
-def chat_prompt_ids(tokenizer, system, messages, max_new_tokens, block_size):
-    """The ids asking for the next answer, and the messages they hold: the oldest user/assistant
-    pairs are dropped until the prompt plus the answer's room fits the context. Message text goes
-    through tokenizer.encode, so a typed "<|assistant|>" stays text."""
-    head = [{"role": "system", "content": system}] if system else []
-    room = answer_room(max_new_tokens, block_size)
-    while True:
-        ids = tokenizer.render_prompt(head + messages)
-        if len(ids) + room <= block_size or len(messages) <= 1:
-            break
-        messages = messages[2:]  # the oldest user message and its answer
-    if len(ids) >= block_size:
-        what, shorter = (("this message and the system prompt take", " (or /system to shorten the system prompt)")
-                         if system else ("this message takes", ""))
-        raise ValueError(f"{what} {len(ids)} tokens, more than the model's context of {block_size}: "
-                         f"write a shorter one{shorter}")
-    return ids, messages
-
-
-def complete_prompt_ids(tokenizer, text, max_new_tokens, block_size):
-    """<|endoftext|> (start of a document) + the text; a text too long keeps its last tokens."""
-    ids = [EOT] + tokenizer.encode(text)
-    keep = block_size - answer_room(max_new_tokens, block_size)
-    return ids[-keep:]
 
 
 def stream(model, ids, cfg, stop_tokens, generator, autocast, tokenizer):
@@ -174,7 +144,7 @@ def chat_loop(model, cfg, generator, autocast, tokenizer):
         except ValueError as e:
             print(f"({e})", flush=True)
             continue
-        answer, _ = respond(model, ids, cfg, (END, EOT), generator, autocast, tokenizer)
+        answer, _ = respond(model, ids, cfg, stop_tokens_of(tokenizer, "chat"), generator, autocast, tokenizer)
         messages = messages + [{"role": "assistant", "content": answer}]  # a stopped answer stays as shown
 
 
@@ -189,12 +159,12 @@ def complete_loop(model, cfg, generator, autocast, tokenizer):
         if text.strip() in ("/quit", "/exit"):
             return
         ids = complete_prompt_ids(tokenizer, text, cfg.max_new_tokens, model.config.block_size)
-        respond(model, ids, cfg, (EOT,), generator, autocast, tokenizer)
+        respond(model, ids, cfg, stop_tokens_of(tokenizer, "complete"), generator, autocast, tokenizer)
 
 
 def main(cfg):
     import torch
-    from gptkit.checkpoint import load_model, trained_system_prompt
+    from gptkit.checkpoint import load_model
     from gptkit.system import setup_runtime
 
     if hasattr(sys.stdout, "reconfigure"):
@@ -216,8 +186,7 @@ def main(cfg):
         info("compile=True is ignored by sample.py: it decodes eagerly")
     tokenizer = get_tokenizer()
     generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
-    if cfg.system == "auto":  # ask the model as it was trained
-        cfg = replace(cfg, system=trained_system_prompt(ckpt))
+    cfg = replace(cfg, system=resolve_system(cfg.system, ckpt))  # auto: ask the model as it was trained
     if mode == "chat" and cfg.system:
         info(f"system prompt: {cfg.system!r} (--system=TEXT for another, --system= for none)")
 
@@ -234,11 +203,10 @@ def main(cfg):
                 ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
             except ValueError as e:
                 raise UserError(str(e)) from e
-            stop_tokens = (END, EOT)
         else:
             ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)
-            stop_tokens = (EOT,)
-        _, interrupted = respond(model, ids, cfg, stop_tokens, generator, rt.autocast, tokenizer, interactive=False)
+        _, interrupted = respond(model, ids, cfg, stop_tokens_of(tokenizer, mode), generator, rt.autocast, tokenizer,
+                                 interactive=False)
         if interrupted:
             # exit code 130 as for any Ctrl-C: a script must not take a cut answer for a whole one
             info("stopped by Ctrl-C")

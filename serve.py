@@ -1,0 +1,236 @@
+"""
+Serve a model over HTTP: a chat page for the browser, and the OpenAI API that curl, the official
+`openai` client libraries and most chat front-ends speak.
+
+    python serve.py --ckpt=out/dolly                            # http://127.0.0.1:8000: open it in a browser
+    python serve.py --ckpt=out/dolly --port=8080 --device=cpu
+    python serve.py --ckpt=out/dolly --host=0.0.0.0 --api_key=SECRET   # reachable from other machines: set a key
+    python serve.py --ckpt=out/fineweb_124m                     # a base model: /v1/completions continues text
+
+Endpoints: / (the chat page), /v1/chat/completions and /v1/completions (streamed with
+"stream": true, as server-sent events ending in `data: [DONE]`), /v1/models, /health.
+
+The chat is rendered, fitted to the context and sampled by the code sample.py uses (gptkit/chat.py,
+gptkit/generate.py): at temperature 0 both give the same answer to the same chat. Requests are
+answered one at a time in arrival order by a worker thread (gptkit/engine.py): the others wait in
+line, and each answer is the one it would be alone. A client that disconnects stops its answer.
+Ctrl-C ends the answers in progress (a stream then closes without `data: [DONE]`) and stops.
+"""
+
+import hmac
+import os
+import sys
+from dataclasses import dataclass, replace
+
+from gptkit.chat import chat_prompt_ids, complete_prompt_ids, resolve_system, stop_tokens_of
+from gptkit.checkpoint import ckpt_arg_problems
+from gptkit.configurator import BaseConfig, UserError, configure
+from gptkit.engine import Engine, Job
+from gptkit.generate import check_sampling_args
+from gptkit.openai_api import (ID_PREFIX, RequestError, chat_messages, completion_prompt, error_body, new_id,
+                               parse_json, sampling_fields, stream_chunks, whole_response)
+from gptkit.system import run_main
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptkit", "chat_page.html")
+
+
+@dataclass
+class ServeConfig(BaseConfig):
+    ckpt: str = ""                  # a run directory (out/dolly) or checkpoint file, or a Hugging Face GPT-2
+    host: str = "127.0.0.1"         # this machine only; 0.0.0.0 listens on every network (then set api_key)
+    port: int = 8000                # TCP port
+    api_key: str = ""               # when set, /v1/* requires the header `Authorization: Bearer <api_key>`
+    name: str = ""                  # the model's name in the API and on the page; empty: the run directory's name
+    system: str = "auto"            # system prompt of chats that bring none; auto: the one the model was finetuned with
+    temperature: float = 0.8        # for requests that give none (as sample.py); 0 is greedy
+    top_k: int = 50                 # for requests that give none: sample among the k most likely tokens; 0: all
+    top_p: float = 0.95             # for requests that give none: nucleus sampling; 1: off
+    max_new_tokens: int = 256       # answer length for requests that give no max_tokens
+    max_tokens_limit: int = 2048    # a request asking more max_tokens gets a 400 (the context caps answers anyway)
+    max_messages: int = 200         # a chat request with more messages gets a 400
+    max_n: int = 4                  # most answers one request may ask for (n), made one after the other
+    max_request_bytes: int = 1_000_000  # a larger request body gets a 413
+
+    def validate(self):
+        problems = super().validate() + ckpt_arg_problems(self.ckpt, example="out/dolly")
+        if not 1 <= self.port <= 65535:
+            problems.append(f"port={self.port}: use a TCP port such as 8000")
+        for key in ("max_new_tokens", "max_tokens_limit", "max_messages", "max_n", "max_request_bytes"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)}: use 1 or more")
+        return problems + check_sampling_args(self.temperature, self.top_k, self.top_p, 1.0)
+
+
+def model_name(cfg):
+    if cfg.name:
+        return cfg.name
+    path = os.path.abspath(cfg.ckpt)
+    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
+def check_port(host, port):
+    """Fail before the model loads (which can take a while) if the address cannot be listened on."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing socket is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): check --host, and pick another --port if "
+                            "another program uses this one") from e
+
+
+def build_app(cfg, engine, card):
+    """The FastAPI app. card: what /v1/models says about the model (id, parameters, context, ...)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # no pages that load scripts from a CDN
+    if cfg.host in LOOPBACK:
+        # a web page the user visits may point its own host name at 127.0.0.1 (DNS rebinding) to read
+        # this server's answers; requests that name another host are refused
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+    tokenizer, block_size = engine.tokenizer, engine.model.config.block_size
+    defaults = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                "max_tokens": cfg.max_new_tokens}
+    limits = {"max_tokens": cfg.max_tokens_limit, "n": cfg.max_n}
+
+    def fail(status, message, kind="invalid_request_error", param=None):
+        return JSONResponse(error_body(message, kind, param), status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e):
+        return fail(e.status, str(e), e.kind, e.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # 404 and 405 in the same shape as the API's other errors
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return fail(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):  # a bug answers 500 in the API's shape; the traceback stays in the log
+        return fail(500, f"internal error ({type(e).__name__}): see the server's log", "server_error")
+
+    def check_key(request):
+        if cfg.api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+                raise RequestError("missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                                   status=401, kind="authentication_error")
+
+    async def read_request(request):
+        """The request's JSON object, after the key and size checks."""
+        check_key(request)
+        raw = b""
+        async for chunk in request.stream():  # read in pieces, so a huge body is refused before it is held
+            raw += chunk
+            if len(raw) > cfg.max_request_bytes:
+                raise RequestError(f"the request body is larger than {cfg.max_request_bytes} bytes", status=413)
+        return parse_json(raw)
+
+    async def answer(request, job, kind, prompt_tokens, settings):
+        """Queue the job; answer with server-sent events as it goes, or with one JSON object at the end."""
+        engine.submit(job)
+        id_ = new_id(ID_PREFIX[kind])
+        if settings["stream"]:
+            chunks = stream_chunks(job, kind, id_, card["id"], prompt_tokens, settings["include_usage"])
+            return StreamingResponse(chunks, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await whole_response(job, kind, id_, card["id"], prompt_tokens, request.is_disconnected)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_request(request)
+        messages = chat_messages(body, cfg.max_messages)
+        settings = sampling_fields(body, defaults, limits)
+        system = cfg.system  # the server's, unless the chat brings its own ("" in it: none)
+        if messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        if not messages:
+            raise RequestError("messages holds only a system message: add a user message", param="messages")
+        try:
+            ids, _ = chat_prompt_ids(tokenizer, system, messages, settings["max_tokens"], block_size)
+        except ValueError as e:
+            raise RequestError(f"{e} (the messages are too long for this model)", param="messages",
+                               kind="context_length_exceeded") from e
+        return await answer(request, job_for(ids, settings, "chat"), "chat", len(ids), settings)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_request(request)
+        prompt, settings = completion_prompt(body), sampling_fields(body, defaults, limits)
+        ids = complete_prompt_ids(tokenizer, prompt, settings["max_tokens"], block_size)  # too long: keeps its end
+        return await answer(request, job_for(ids, settings, "complete"), "complete", len(ids), settings)
+
+    def job_for(ids, settings, mode):
+        return Job(ids, settings["max_tokens"], stop_tokens_of(tokenizer, mode), settings["temperature"],
+                   settings["top_k"], settings["top_p"], settings["stop"], settings["seed"], settings["n"])
+
+    @app.get("/v1/models")
+    def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": card["id"], **engine.health()}
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    return app
+
+
+def main(cfg):
+    import time
+
+    import torch
+    import uvicorn
+    from gptkit.checkpoint import load_model
+    from gptkit.system import setup_runtime
+    from gptkit.tokenizer import get_tokenizer
+
+    check_port(cfg.host, cfg.port)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
+    model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)
+    cfg = replace(cfg, system=resolve_system(cfg.system, ckpt))  # auto: ask the model as it was trained
+    card = {"id": model_name(cfg), "object": "model", "created": int(time.time()), "owned_by": "gptkit",
+            "kind": ckpt.get("kind", "base"), "parameters": model.num_params(),
+            "context_length": model.config.block_size, "system_prompt": cfg.system}
+    if cfg.compile:
+        print("compile=True is ignored by serve.py: it decodes eagerly, as sample.py does", file=sys.stderr)
+    engine = Engine(model, get_tokenizer(), autocast=rt.autocast)
+    app = build_app(cfg, engine, card)
+    print(f"{card['id']}: {card['kind']} model, {card['parameters']:,} parameters, context {card['context_length']}; "
+          f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}", flush=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    print(f"serving at http://{host}:{cfg.port} (chat page at /, OpenAI API at /v1; Ctrl-C stops)", flush=True)
+    if cfg.host not in LOOPBACK and not cfg.api_key:
+        print("warning: listening beyond this machine without --api_key: anyone who can reach it can use it",
+              file=sys.stderr, flush=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C: end the answers first, so their streams close cleanly
+            engine.close()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                   timeout_graceful_shutdown=2))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way of saying it could not listen after all (it logged why)
+        if server.started:
+            raise
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: pick another --port, or stop what uses it")
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    run_main(main, configure(ServeConfig))
