@@ -81,8 +81,7 @@ def hold_folder(folder):
                 info = _read_info(path)
             raise FolderBusyError(
                 f"{folder} is in use by {_describe(info)}. Two writers would corrupt it: wait for that "
-                f"process to finish (or stop it), or use another folder. A process that died released it: "
-                f"{LOCK_NAME} is then taken over by itself.")
+                "process to finish (or stop it), or use another folder.")
         try:  # the holder before us may have removed the file between our open and our lock: then retry
             if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
                 break
