@@ -31,9 +31,11 @@ import time
 from dataclasses import dataclass
 
 from gptkit.configurator import BaseConfig, configure
+from gptkit.tokenizer import get_tokenizer
 from prepare_fineweb import is_local
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts and config/ live next to this file
+SAMPLES = {"source": "samples/pretrain/", "instruct": "samples/instruct/instruction-data-300.json"}  # offline data
 
 
 @dataclass
@@ -92,8 +94,37 @@ def replace_run(run_dir):
         shutil.rmtree(run_dir)
 
 
+def hub_unreachable():
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE set, or no answer in a few seconds),
+    or "" when it can."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                                      method="HEAD"), timeout=5)
+        return ""
+    except Exception as e:  # an HTTP error status is an answer: only a silent hub counts as unreachable
+        return "" if hasattr(e, "code") else f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
+def use_samples_offline(cfg):
+    """Without the hub, the hub datasets of the defaults become the samples shipped in samples/ (README
+    there: public-domain books and 300 instruction records); the steps stay the same. Says so in one line."""
+    defaults = [key for key in ("source", "instruct") if getattr(cfg, key) == getattr(QuickstartConfig, key)]
+    why = hub_unreachable() if defaults else ""
+    if why:
+        for key in defaults:
+            setattr(cfg, key, repo_file(SAMPLES[key]))
+        print(f"note: the Hugging Face hub cannot be reached ({why}); using the samples shipped with gptkit: "
+              + ", ".join(f"--{key}={getattr(cfg, key)}" for key in defaults), flush=True)
+    # GPT-2's tokenizer files: tiktoken's download, or gptkit's copies (get_tokenizer says which, once)
+    get_tokenizer()
+
+
 def main():
     cfg = configure(QuickstartConfig)
+    use_samples_offline(cfg)
     pretrain_data = os.path.join(cfg.data_dir, "pretrain")
     instruct_data = os.path.join(cfg.data_dir, "instruct")
     base_run = os.path.join(cfg.out_dir, "base")
