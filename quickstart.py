@@ -5,6 +5,7 @@ instruction data, and ask it one question. Each step is one of the scripts a ful
 the same commands.
 
     python quickstart.py                                        # FineWeb-Edu and Dolly-15k from the hub
+    python quickstart.py --pretrain_steps=2 --finetune_steps=1 --eval_tokens=4096 --max_tokens=200000   # a smoke test
     python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json   # offline
     python quickstart.py --device=cuda                          # the same on a GPU, faster
 
@@ -16,6 +17,11 @@ What it runs (from the recipes config/tiny_cpu.py and config/tiny_chat.py):
     5. sample.py            -> one answer, printed
 Afterwards: `python sample.py --ckpt=out/quickstart/chat` chats with the model, and
 `python plot_log.py --out_dir=out/quickstart/base` plots its loss.
+
+Without the internet: when the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE=1), it says so
+in one line and uses the samples shipped in samples/ (public-domain books, 300 instruction records)
+for the hub defaults; when tiktoken cannot download GPT-2's BPE files, the tokenizer uses the copies
+in samples/gpt2 (one line too). The steps are the same. A dataset you name is never replaced.
 
 It runs from any folder: data/quickstart, out/quickstart and the paths you give are relative to the
 folder you run it from, and the commands it prints work when pasted there. Run again, it reuses

@@ -135,7 +135,8 @@ def init_model(cfg, rt):
 
     init_from: scratch (a new model from cfg's n_layer, n_head, ...), resume (<out_dir>/ckpt.pt with
     its optimizer, data position and RNG), the path of a gptkit checkpoint (its weights, fresh
-    training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2."""
+    training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2.
+    First it makes this process out_dir's one writer (rank 0; gptkit/lock.py): a second run on it stops there."""
     from model import GPT, GPTConfig
     from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint, saved_step
     from gptkit.hf import is_hf_folder, is_hub_name, load_hf_gpt2
