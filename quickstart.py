@@ -5,7 +5,7 @@ instruction data, and ask it one question. Each step is one of the scripts a ful
 the same commands.
 
     python quickstart.py                                        # FineWeb-Edu and Dolly-15k from the hub
-    python quickstart.py --pretrain_steps=2 --finetune_steps=1 --eval_tokens=4096 --max_tokens=200000   # a smoke test
+    python quickstart.py --pretrain_steps=1 --finetune_steps=1 --eval_tokens=2048 --max_tokens=100000   # a smoke test
     python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json   # offline
     python quickstart.py --device=cuda                          # the same on a GPU, faster
 
@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 
 from gptkit.configurator import BaseConfig, configure
+from gptkit.lock import hold_folder, release_folder
+from gptkit.system import run_main
 from gptkit.tokenizer import get_tokenizer
 from prepare_fineweb import is_local
 
@@ -96,8 +98,10 @@ def evals(steps, cfg):
 def replace_run(run_dir):
     """train.py and finetune.py never start a new run over an old one: quickstart removes its own."""
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        hold_folder(run_dir)  # never under a run still going there (another quickstart): that one is named
         print(f"replacing the earlier quickstart run in {run_dir}/")
         shutil.rmtree(run_dir)
+        release_folder(run_dir)
 
 
 def hub_unreachable():
@@ -160,4 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a folder in use, a full disk: one `error:` line
