@@ -43,7 +43,7 @@ HELP = "commands: /reset (clear the conversation), /system TEXT (set the system 
 @dataclass
 class SampleConfig(BaseConfig):
     ckpt: str = ""                  # a run directory (out/dolly) or checkpoint file, or a Hugging Face GPT-2
-    prompt: str = ""                # answer this once and exit; empty: chat, or all of a piped stdin as one prompt (every line)
+    prompt: str = ""                # answer this once and exit; empty: chat, or all of a piped stdin as one prompt
     mode: str = "auto"              # auto: chat for a finetuned ("chat") checkpoint, complete for a base one
     system: str = "auto"            # system prompt of the chat; auto: the one the model was finetuned with ("" for none)
     max_new_tokens: int = 256       # longest answer, in tokens

@@ -93,14 +93,16 @@ def read_header(path):
     except OSError as e:
         raise ShardError(f"cannot read shard {path}: {e.strerror}")
     if len(head) < HEADER_BYTES:
-        raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: {redo_advice(path)}")
+        raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: "
+                         f"{redo_advice(path)}")
     header = np.frombuffer(head, dtype=np.int32)
     if header[0] != MAGIC:
         raise ShardError(f"shard {path} has magic number {header[0]}, expected {MAGIC}: it is not a "
                          f"token shard of this format (llm.c layout); {redo_advice(path)}")
     if header[1] != VERSION:
         raise ShardError(f"shard {path} has version {header[1]}, expected {VERSION} (uint16 GPT-2 tokens; "
-                         f"version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); {redo_advice(path)}")
+                         "version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); "
+                         f"{redo_advice(path)}")
     n_tokens = int(header[2])
     expected = HEADER_BYTES + 2 * n_tokens
     if n_tokens < 0 or size != expected:
@@ -173,11 +175,13 @@ def list_shards(data_dir, split):
         # shards another process wrote into the folder (or a mix of two preparations) do not add up
         tokens = sum(int(read_header(path)[2]) for path in paths)
         if tokens != state[split]["tokens"]:
-            raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the {state[split]['tokens']:,} "
-                             f"its preparation recorded: they were changed since; {redo_advice(paths[0])}")
+            raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the "
+                             f"{state[split]['tokens']:,} its preparation recorded: they were changed since; "
+                             f"{redo_advice(paths[0])}")
     if not paths:
         raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards (nor llm.c's *_{split}_NNNNNN.bin): "
-                         f"prepare the data first with `{prepare_hint(data_dir)}`, or point data_dir at prepared shards")
+                         f"prepare the data first with `{prepare_hint(data_dir)}`, or point data_dir at prepared "
+                         "shards")
     return paths
 
 
@@ -206,7 +210,8 @@ def split_hash(record_id, text):
 
 def tokenize_records(records):
     """[(id, raw text)] -> [(split hash, uint16 tokens)]: <|endoftext|> then the normalised text's ids;
-    an empty document gives an empty array, a text of None (a record without one) a hash of None too. Runs in the worker processes."""
+    an empty document gives an empty array, a text of None (a record without one) a hash of None too.
+    Runs in the worker processes."""
     tok = get_tokenizer()
     out = []
     for record_id, text in records:

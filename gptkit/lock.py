@@ -1,7 +1,7 @@
 """
 One writer per folder: a run's out_dir, a prepared data folder, an export folder.
 
-    hold_folder("out/fineweb_124m")   # FolderBusyError (one `error:` line) naming the holder when another process has it
+    hold_folder("out/fineweb_124m")   # FolderBusyError (one `error:` line) naming another process that has it
 
 Two processes writing one folder at once corrupt it without a word (a log with fused lines, a
 checkpoint that is whichever saved last, shards of two preparations mixed). So each script that
