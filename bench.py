@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -185,7 +186,11 @@ def bench_decode(cfg, rt):
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
               else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),
               "prompt_tokens": len(prompt), "new_tokens": new_tokens}
+    from tqdm import tqdm
+    # without the cache a long generation takes minutes on a CPU: show that it moves (stderr, so --json stays clean)
+    bar = tqdm(total=2 * (cfg.warmup + cfg.steps), unit="generation", desc="decode", file=sys.stderr)
     for use_cache in (True, False):
+        bar.set_postfix_str("with KV cache" if use_cache else "without KV cache")
         times = []
         for i in range(cfg.warmup + cfg.steps):
             rt.synchronize()
@@ -196,8 +201,10 @@ def bench_decode(cfg, rt):
             rt.synchronize()
             if i >= cfg.warmup:
                 times.append(time.perf_counter() - t0)
+            bar.update(1)
         key = "kv_cache" if use_cache else "no_cache"
         result[f"{key}_tokens_per_sec"] = round(n / statistics.median(times), 1)
+    bar.close()
     return result
 
 

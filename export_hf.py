@@ -49,8 +49,10 @@ def main():
     cfg = configure(ExportConfig)
     from gptkit.checkpoint import load_model, trained_system_prompt
     from gptkit.hf import export_hf
+    from gptkit.lock import hold_folder
     from gptkit.system import print0, setup_runtime
 
+    hold_folder(cfg.out)  # one writer: two exports at once would mix their files
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
     model, ckpt = load_model(cfg.ckpt, device="cpu")
     chat = ckpt.get("kind") == "chat"

@@ -14,6 +14,8 @@ Before and after training it prints the model's greedy answers to the first few 
 (held out from training, asked with the data's system prompt), each with the answer the data
 gives, so the change is visible. The checkpoint is marked kind="chat", so sample.py opens it in
 chat mode, and keeps the data's system prompt (config "system"), which sample.py starts chats with.
+
+SIGTERM or Ctrl-C save a checkpoint and exit with status 143 (SIGTERM) or 130 (Ctrl-C), as train.py.
 """
 
 from dataclasses import dataclass
@@ -81,7 +83,7 @@ def print_answers(model, rt, questions, max_new_tokens, title):
 
 def main():
     from gptkit.sft import SFTDataError, SFTLoader, read_meta, sft_val_batches, val_questions
-    from gptkit.system import cleanup_distributed, print0, setup_runtime
+    from gptkit.system import cleanup_distributed, exit_if_stopped, print0, setup_runtime
     from gptkit.trainer import init_model, train
 
     cfg = configure(FinetuneConfig)
@@ -112,6 +114,7 @@ def main():
     print_answers(model, rt, questions, cfg.answer_tokens, "answers before finetuning")
     result = train(cfg, rt, model, train_loader, get_val_batches, kind="chat", ckpt=ckpt,
                    sample_prompts=[ids for ids, _ in questions] if cfg.sample_tokens else [])
+    exit_if_stopped(result)  # 143 after SIGTERM: a scheduler requeues the run
     print_answers(model, rt, questions, cfg.answer_tokens, "answers after finetuning")
     print0(f"done: step {result['step']}, best val loss {result['best_val_loss']:.4f}; "
            f"chat with it: python sample.py --ckpt={cfg.out_dir}")

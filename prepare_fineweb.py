@@ -36,8 +36,9 @@ import numpy as np
 
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
 from gptkit.checkpoint import atomic_write, remove_temporaries
-from gptkit.data import (PREPARE_STATE, ShardError, list_shards, make_pool, normalize_line_ends, read_header,
+from gptkit.data import (PREPARE_STATE, list_shards, make_pool, normalize_line_ends, read_header,
                          resolve_num_proc, shard_path, tokenize_stream, write_shard)
+from gptkit.lock import hold_folder, release_folder
 from gptkit.system import print0, run_main
 from gptkit.tokenizer import EOT, get_tokenizer
 
@@ -46,6 +47,7 @@ HUB_SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT":
 BYTES_PER_TOKEN = 4.0  # GPT-2 BPE on English prose: 3.3 (old English) to 4.7 (web text); only for estimates
 VAL_OVERSAMPLE = 2.0   # see choose_val_split
 VAL_MAX_SHARE = 0.1    # val never takes more than this share of the (estimated) source
+MAX_NO_TEXT_SHARE = 0.01  # more records than this without a 'text' field: the source is not what it seems
 TXT_PIECE_CHARS = 16_000  # .txt files are cut into documents of about this size (about 4K tokens)
 
 
@@ -128,7 +130,7 @@ def open_records(cfg):
                 raise UserError(f"record {number} of {cfg.source} has no 'text' string (fields: "
                                  f"{ {k: type(v).__name__ for k, v in record.items()} }); give a source whose "
                                  "documents are strings in a 'text' column")
-            yield record.get("id"), text or ""
+            yield record.get("id"), text  # None: this record has no text (other records gave the column)
     except UserError:
         raise
     except Exception as e:  # datasets names neither the file nor the fix: find them
@@ -319,7 +321,7 @@ def prepare(cfg, recipes=()):
     """Write the shards of cfg -> the progress state. recipes: the config files given, for the hint at the end."""
     state_path = os.path.join(cfg.data_dir, PREPARE_STATE)
     settings = {k: getattr(cfg, k) for k in ("source", "subset", "shard_tokens", "val_tokens", "max_tokens")}
-    os.makedirs(cfg.data_dir, exist_ok=True)
+    hold_folder(cfg.data_dir)  # one writer: two preparations at once would mix their shards
     remove_temporaries(cfg.data_dir, rf"(train|val)_\d{{6}}\.bin|{re.escape(PREPARE_STATE)}")  # of a killed run
     if os.path.exists(state_path):
         state, train_partial, val_partial = load_state(state_path)
@@ -327,9 +329,11 @@ def prepare(cfg, recipes=()):
             raise UserError(f"{cfg.data_dir} holds a preparation with other settings {state['settings']}; "
                              f"use another data_dir, or delete {cfg.data_dir} to start over")
         if state["done"]:
-            check_finished(cfg.data_dir, state)
+            for split in ("train", "val"):
+                list_shards(cfg.data_dir, split)  # every shard still there, each the size prepared
             print0(f"{cfg.data_dir} is already complete: {state['train']['shards']} train and "
                    f"{state['val']['shards']} val shards; nothing to do")
+            release_folder(cfg.data_dir)
             return state
         print0(f"resuming after {state['records']:,} documents ({state['train']['tokens'] + state['val']['tokens']:,} tokens)")
     else:
@@ -374,6 +378,8 @@ def prepare(cfg, recipes=()):
         """Add one document to its split -> True when it is the last one max_tokens allows."""
         nonlocal records_done
         records_done += 1  # counted when placed: a resumed run skips exactly the placed documents
+        if split_hash is None:
+            count_without_text()
         if not len(tokens):
             return False  # an empty document
         tokens_after = train.tokens + val.tokens + len(tokens)
@@ -385,6 +391,16 @@ def prepare(cfg, recipes=()):
             checkpoint()  # a shard was written: record the position that goes with it
         bar.update(len(tokens))
         return last
+
+    def count_without_text():
+        """A record without text (datasets gives None where a record lacks the column others have): counted,
+        reported at the end, and past MAX_NO_TEXT_SHARE of the records an error, as the source is not what
+        it seems."""
+        state["records_without_text"] = without = state.get("records_without_text", 0) + 1
+        if without > 10 and without > MAX_NO_TEXT_SHARE * records_done:
+            raise UserError(f"{without:,} of the first {records_done:,} records of {cfg.source} have no 'text' (more "
+                            f"than {MAX_NO_TEXT_SHARE:.0%}): check that its documents are in a 'text' field; fix "
+                            f"the source, delete {cfg.data_dir} and prepare again")
 
     # documents are placed one behind the reader, so the last one of the stream is known as the last
     pending = None
@@ -409,6 +425,8 @@ def prepare(cfg, recipes=()):
     state["done"] = True
     checkpoint()
     elapsed = time.time() - start
+    if state.get("records_without_text"):
+        print0(f"note: {state['records_without_text']:,} records of {cfg.source} had no 'text' and were skipped")
     print0(f"done: train {train.tokens:,} tokens in {train.docs:,} documents ({train.shards} shards), "
            f"val {val.tokens:,} tokens in {val.docs:,} documents ({val.shards} shards), in {elapsed:.0f}s")
     for split, writer in (("train", train), ("val", val)):
@@ -419,16 +437,8 @@ def prepare(cfg, recipes=()):
                              f"and training needs both splits: delete {cfg.data_dir} and {more}")
     # with the same recipe: without it train.py would start its 124M defaults on this data
     print0(f"next: python train.py {shlex.join(list(recipes) + [f'--data_dir={cfg.data_dir}'])}")
+    release_folder(cfg.data_dir)  # (on an error it is released when the process ends)
     return state
-
-
-def check_finished(data_dir, state):
-    """A finished folder still holds every shard its progress lists, each the right size."""
-    for split in ("train", "val"):
-        tokens = sum(int(read_header(path)[2]) for path in list_shards(data_dir, split))
-        if tokens != state[split]["tokens"]:
-            raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the "
-                             f"{state[split]['tokens']:,} prepared; delete {data_dir} and prepare it again")
 
 
 if __name__ == "__main__":

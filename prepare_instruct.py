@@ -79,6 +79,10 @@ def parse_source(spec):
     """'name' or 'name*weight' -> (name, weight)."""
     name, star, weight = spec.rpartition("*")
     if not star:
+        name = spec
+    if not name:
+        raise ValueError(f"source {spec!r} has no name: give a hub dataset name or a local file, as in data.jsonl*2")
+    if not star:
         return spec, 1.0
     try:
         weight = float(weight)
@@ -215,10 +219,12 @@ def stable_fraction(*parts):
 
 def prepare(cfg):
     """Read, clean, mix, split, write. Returns the summary dict (also printed and kept in meta.json)."""
+    from gptkit.lock import hold_folder, release_folder
     from gptkit.sft import write_sft
     from gptkit.system import print0
     from gptkit.tokenizer import get_tokenizer
 
+    hold_folder(cfg.data_dir)  # one writer: two preparations at once would mix their files
     tokenizer = get_tokenizer()
     seen = set()  # conversation keys, for exact duplicates across all sources
     train, val, summary = [], [], {}
@@ -295,6 +301,7 @@ def prepare(cfg):
     if not val:
         print0("note: no val split (val_fraction=0): finetune.py evaluates on one, so it cannot use this data")
     print0(f"wrote {cfg.data_dir}")
+    release_folder(cfg.data_dir)  # (on an error it is released when the process ends)
     return {"sources": summary, "splits": splits}
 
 

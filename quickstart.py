@@ -5,6 +5,7 @@ instruction data, and ask it one question. Each step is one of the scripts a ful
 the same commands.
 
     python quickstart.py                                        # FineWeb-Edu and Dolly-15k from the hub
+    python quickstart.py --pretrain_steps=1 --finetune_steps=1 --eval_tokens=2048 --max_tokens=100000   # a smoke test
     python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json   # offline
     python quickstart.py --device=cuda                          # the same on a GPU, faster
 
@@ -16,6 +17,11 @@ What it runs (from the recipes config/tiny_cpu.py and config/tiny_chat.py):
     5. sample.py            -> one answer, printed
 Afterwards: `python sample.py --ckpt=out/quickstart/chat` chats with the model, and
 `python plot_log.py --out_dir=out/quickstart/base` plots its loss.
+
+Without the internet: when the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE=1), it says so
+in one line and uses the samples shipped in samples/ (public-domain books, 300 instruction records)
+for the hub defaults; when tiktoken cannot download GPT-2's BPE files, the tokenizer uses the copies
+in samples/gpt2 (one line too). The steps are the same. A dataset you name is never replaced.
 
 It runs from any folder: data/quickstart, out/quickstart and the paths you give are relative to the
 folder you run it from, and the commands it prints work when pasted there. Run again, it reuses
@@ -31,9 +37,13 @@ import time
 from dataclasses import dataclass
 
 from gptkit.configurator import BaseConfig, configure
+from gptkit.lock import hold_folder, release_folder
+from gptkit.system import run_main
+from gptkit.tokenizer import get_tokenizer
 from prepare_fineweb import is_local
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts and config/ live next to this file
+SAMPLES = {"source": "samples/pretrain/", "instruct": "samples/instruct/instruction-data-300.json"}  # offline data
 
 
 @dataclass
@@ -88,12 +98,43 @@ def evals(steps, cfg):
 def replace_run(run_dir):
     """train.py and finetune.py never start a new run over an old one: quickstart removes its own."""
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        hold_folder(run_dir)  # never under a run still going there (another quickstart): that one is named
         print(f"replacing the earlier quickstart run in {run_dir}/")
         shutil.rmtree(run_dir)
+        release_folder(run_dir)
+
+
+def hub_unreachable():
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE set, or no answer in a few seconds),
+    or "" when it can."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                                      method="HEAD"), timeout=5)
+        return ""
+    except Exception as e:  # an HTTP error status is an answer: only a silent hub counts as unreachable
+        return "" if hasattr(e, "code") else f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
+def use_samples_offline(cfg):
+    """Without the hub, the hub datasets of the defaults become the samples shipped in samples/ (README
+    there: public-domain books and 300 instruction records); the steps stay the same. Says so in one line."""
+    defaults = [key for key in ("source", "instruct") if getattr(cfg, key) == getattr(QuickstartConfig, key)]
+    why = hub_unreachable() if defaults else ""
+    if why:
+        for key in defaults:
+            setattr(cfg, key, repo_file(SAMPLES[key]))
+        print(f"note: the Hugging Face hub cannot be reached ({why}); using the samples shipped with gptkit: "
+              + ", ".join(f"--{key}={getattr(cfg, key)}" for key in defaults), flush=True)
+    # GPT-2's tokenizer files: tiktoken's download, or gptkit's copies (get_tokenizer says which, once)
+    get_tokenizer()
 
 
 def main():
     cfg = configure(QuickstartConfig)
+    use_samples_offline(cfg)
     pretrain_data = os.path.join(cfg.data_dir, "pretrain")
     instruct_data = os.path.join(cfg.data_dir, "instruct")
     base_run = os.path.join(cfg.out_dir, "base")
@@ -123,4 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a folder in use, a full disk: one `error:` line

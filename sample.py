@@ -6,6 +6,7 @@ completion for a pretrained one. Tokens are printed as they are generated.
     python sample.py --ckpt=out/fineweb_124m                            # type text, the model continues it
     python sample.py --ckpt=out/dolly --prompt="Name three rivers."     # answer once and exit
     echo "Name three rivers." | python sample.py --ckpt=out/dolly       # the same, prompt read from a pipe
+    python sample.py --ckpt=out/dolly < question.txt                    # the whole file is one prompt
     python sample.py --ckpt=out/fineweb_124m --prompt="Once upon a time" --num_samples=3 --temperature=0.9
     python sample.py --ckpt=out/dolly --mode=complete --device=cpu      # force a mode or a device
     python sample.py --ckpt=gpt2 --prompt="Once upon a time"            # OpenAI's GPT-2 (or an exported folder)
@@ -17,6 +18,9 @@ stops the answer being written; at the prompt it quits.
 When the conversation outgrows the model's context, its oldest turns are dropped (the system prompt
 stays, and room is kept for max_new_tokens of answer).
 
+Piped input is one prompt, however many lines it has (a question with a pasted text, a document
+to continue), answered once; for one answer per line, run sample.py once per line (for example
+`while read -r q; do python sample.py --ckpt=out/dolly --prompt="$q"; done < questions.txt`).
 With --prompt or a piped stdin only the answer goes to stdout (then a newline; with --num_samples,
 each under a '----- sample i/n -----' line); everything else goes to stderr, so scripts can use the
 output as is. Ctrl-C there exits with code 130, as it does while loading. The same seed gives the
@@ -40,7 +44,7 @@ HELP = "commands: /reset (clear the conversation), /system TEXT (set the system 
 @dataclass
 class SampleConfig(BaseConfig):
     ckpt: str = ""                  # a run directory (out/dolly) or checkpoint file, or a Hugging Face GPT-2
-    prompt: str = ""                # answer this once and exit; empty: chat, or read a piped stdin
+    prompt: str = ""                # answer this once and exit; empty: chat, or all of a piped stdin as one prompt
     mode: str = "auto"              # auto: chat for a finetuned ("chat") checkpoint, complete for a base one
     system: str = "auto"            # system prompt of the chat; auto: the one the model was finetuned with ("" for none)
     max_new_tokens: int = 256       # longest answer, in tokens

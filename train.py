@@ -19,14 +19,17 @@ Two machines with 8 GPUs each (run on both; node_rank 0 on the machine at master
 Plot the losses of a run, finished or running:
     python plot_log.py --out_dir=out/fineweb_124m
 
-SIGTERM or Ctrl-C finish the current step, save a checkpoint and exit; resume with --init_from=resume.
+SIGTERM or Ctrl-C finish the current step, save a checkpoint and exit with status 143 (SIGTERM) or 130
+(Ctrl-C), not 0, so a job scheduler can tell the run stopped early and requeue it; resume with
+--init_from=resume. A bad setting, data folder or checkpoint, a full disk, or out_dir in use by
+another run: one `error:` line, status 2.
 Logs go to <out_dir>/log.jsonl (and wandb with --wandb_log=True; WANDB_MODE=offline works).
 """
 
 import os
 
 from gptkit.configurator import ConfigError, configure
-from gptkit.system import cleanup_distributed, print0, run_main, setup_runtime
+from gptkit.system import cleanup_distributed, exit_if_stopped, print0, run_main, setup_runtime
 from gptkit.trainer import TrainConfig, grad_accum_steps, init_model, train
 
 
@@ -48,8 +51,8 @@ def check_config(cfg, rt):
     if cfg.hellaswag_interval > 0 and cfg.hellaswag_data and not os.path.exists(cfg.hellaswag_data):
         problems.append(f"hellaswag_data={cfg.hellaswag_data} does not exist: give a HellaSwag JSONL file, or leave "
                         "it empty to download the official val file")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    if problems:  # a missing data_dir is one problem, not one per split
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
 
 
 def main():
@@ -67,6 +70,7 @@ def main():
                            rank=rt.rank, world_size=rt.world_size, device=rt.device)
 
     summary = train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=ckpt)
+    exit_if_stopped(summary)  # 143 after SIGTERM: a scheduler requeues the run
     print0(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, checkpoint in {cfg.out_dir}")
     cleanup_distributed()
 

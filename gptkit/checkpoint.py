@@ -14,6 +14,7 @@ The training loop writes and reads the whole state with save_training_state / re
 """
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -86,9 +87,14 @@ def atomic_write(path, write_fn):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save's zip writer turns a full disk into RuntimeError("unexpected pos ..."), the OSError only
+        # in its context: raise the OSError, naming the file, so the user reads "the disk is full"
+        full = e.__context__ if isinstance(e, RuntimeError) else e
+        if isinstance(full, OSError) and full.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(full.errno, full.strerror, path) from e
         raise
     _fsync_dir(directory)
 

@@ -307,6 +307,8 @@ def help_text(cls, script):
             lines.append(f"  {flag}")
             flag = ""
         lines.append(f"  {flag:<{width}}  ({type_name}) {descriptions.get(name, '')}".rstrip())
+    if getattr(cls, "help_epilog", ""):  # a ClassVar of the config: what the keys do not say (exit statuses)
+        lines += ["", textwrap.fill(cls.help_epilog, 100)]
     return "\n".join(lines)
 
 

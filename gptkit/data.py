@@ -18,13 +18,16 @@ The header follows llm.c, so shards made by llm.c or modded-nanogpt tooling load
 """
 
 import collections
+import ctypes
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import shlex
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -38,7 +41,6 @@ HEADER_BYTES = HEADER_INTS * 4
 MAGIC = 20240520
 VERSION = 1
 GPT2_VOCAB = 50257  # ids at or above this are chat tokens or padding: never in pretraining text
-PREPARE_HINT = "python prepare_fineweb.py config/fineweb_124m.py --data_dir=..."
 PREPARE_STATE = "prepare_state.bin"  # prepare_fineweb.py's progress, beside the shards it writes
 
 
@@ -63,15 +65,27 @@ def write_shard(path, tokens, n_docs=0):
     atomic_write(path, lambda f: f.writelines([header.tobytes(), tokens.astype(np.uint16, copy=False).tobytes()]))
 
 
+def prepare_hint(data_dir):
+    """The prepare_fineweb.py command that makes data_dir: with the settings its preparation recorded,
+    or, for a folder prepared some other way (or not yet), a generic one."""
+    try:
+        settings = (read_prepare_state(data_dir) or {}).get("settings")
+    except ShardError:
+        settings = None
+    if not settings:
+        return f"python prepare_fineweb.py --source=YOUR_TEXTS --data_dir={data_dir}"
+    return "python prepare_fineweb.py " + shlex.join(
+        [f"--{key}={value}" for key, value in settings.items()] + [f"--data_dir={data_dir}"])
+
+
 def redo_advice(path):
     """What to do about a bad shard: a single shard cannot be rebuilt, its whole folder is prepared again."""
-    return (f"prepare the data again: delete (or move) {os.path.dirname(path) or '.'} and run `{PREPARE_HINT}` "
-            "with the same settings")
+    data_dir = os.path.dirname(path) or "."
+    return f"prepare the data again: delete (or move) {data_dir} and run `{prepare_hint(data_dir)}`"
 
 
 def read_header(path):
     """Check a shard's header and size (cheap: reads 1 KB) -> its header as an int32 array."""
-    redo = redo_advice(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -79,22 +93,24 @@ def read_header(path):
     except OSError as e:
         raise ShardError(f"cannot read shard {path}: {e.strerror}")
     if len(head) < HEADER_BYTES:
-        raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: {redo}")
+        raise ShardError(f"shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header: "
+                         f"{redo_advice(path)}")
     header = np.frombuffer(head, dtype=np.int32)
     if header[0] != MAGIC:
         raise ShardError(f"shard {path} has magic number {header[0]}, expected {MAGIC}: it is not a "
-                         f"token shard of this format (llm.c layout); {redo}")
+                         f"token shard of this format (llm.c layout); {redo_advice(path)}")
     if header[1] != VERSION:
         raise ShardError(f"shard {path} has version {header[1]}, expected {VERSION} (uint16 GPT-2 tokens; "
-                         f"version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); {redo}")
+                         "version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); "
+                         f"{redo_advice(path)}")
     n_tokens = int(header[2])
     expected = HEADER_BYTES + 2 * n_tokens
     if n_tokens < 0 or size != expected:
         raise ShardError(f"shard {path} is {size} bytes but its header announces {n_tokens} tokens "
-                         f"({expected} bytes): the file is truncated or corrupt; {redo}")
+                         f"({expected} bytes): the file is truncated or corrupt; {redo_advice(path)}")
     if header[3] not in (0, GPT2_VOCAB):
         raise ShardError(f"shard {path} was written for a vocabulary of {header[3]} tokens, not GPT-2's "
-                         f"{GPT2_VOCAB}; {redo}")
+                         f"{GPT2_VOCAB}; {redo_advice(path)}")
     return header.copy()
 
 
@@ -136,8 +152,8 @@ def list_shards(data_dir, split):
         raise ValueError(f"split={split!r}: use train or val")
     if not os.path.isdir(data_dir):
         what = "is a file, not a folder" if os.path.exists(data_dir) else "does not exist"
-        raise ShardError(f"data_dir {data_dir} {what}: prepare the data first with `{PREPARE_HINT}` "
-                         f"(its data_dir must match), or point data_dir at prepared shards")
+        raise ShardError(f"data_dir {data_dir} {what}: prepare the data first with `{prepare_hint(data_dir)}`, "
+                         "or point data_dir at prepared shards")
     state = read_prepare_state(data_dir)
     if state is not None and not state.get("done"):
         raise ShardError(f"the preparation of {data_dir} is unfinished (it was stopped): run the same "
@@ -156,10 +172,16 @@ def list_shards(data_dir, split):
             raise ShardError(f"{data_dir} was prepared with no {split} documents (the source is too small): "
                              "prepare it again from more data")
         paths = expected
+        # shards another process wrote into the folder (or a mix of two preparations) do not add up
+        tokens = sum(int(read_header(path)[2]) for path in paths)
+        if tokens != state[split]["tokens"]:
+            raise ShardError(f"the {split} shards of {data_dir} hold {tokens:,} tokens, not the "
+                             f"{state[split]['tokens']:,} its preparation recorded: they were changed since; "
+                             f"{redo_advice(paths[0])}")
     if not paths:
         raise ShardError(f"data_dir {data_dir} holds no {split}_NNNNNN.bin shards (nor llm.c's *_{split}_NNNNNN.bin): "
-                         f"prepare the data first with "
-                         f"`{PREPARE_HINT}` (its data_dir must match), or point data_dir at prepared shards")
+                         f"prepare the data first with `{prepare_hint(data_dir)}`, or point data_dir at prepared "
+                         "shards")
     return paths
 
 
@@ -188,10 +210,14 @@ def split_hash(record_id, text):
 
 def tokenize_records(records):
     """[(id, raw text)] -> [(split hash, uint16 tokens)]: <|endoftext|> then the normalised text's ids;
-    an empty document gives an empty array. Runs in the worker processes."""
+    an empty document gives an empty array, a text of None (a record without one) a hash of None too.
+    Runs in the worker processes."""
     tok = get_tokenizer()
     out = []
     for record_id, text in records:
+        if text is None:  # a record without text: counted by the caller, never silently an empty document
+            out.append((None, np.empty(0, dtype=np.uint16)))
+            continue
         text = normalize_text(text)
         if not text:
             out.append((1.0, np.empty(0, dtype=np.uint16)))
@@ -217,8 +243,19 @@ def make_pool(num_proc):
     the children inherit the loaded tokenizer and imports); where fork is missing, spawn."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    # Ctrl-C is the parent's to handle (it terminates the pool): no traceback from every worker
-    return context.Pool(num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    return context.Pool(num_proc, initializer=_init_worker, initargs=(os.getpid(),))
+
+
+def _init_worker(parent_pid):
+    """A tokenizer worker: Ctrl-C is the parent's to handle (it terminates the pool), so no traceback from
+    every worker; and the worker dies with its parent, however the parent dies (kill -9 included), instead
+    of living on and printing BrokenPipeError tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
 
 
 def tokenize_stream(records, num_proc=0, chunk_docs=256, pool=None):
@@ -286,8 +323,8 @@ class _ShardSet:
         self.cum_rows = np.cumsum(self.rows)
         if self.cum_rows[-1] == 0:
             raise ShardError(f"the {split} shards in {data_dir} hold {int(self.n_tokens.sum())} tokens in all, "
-                             f"fewer than block_size+1={block_size + 1} in any one shard: prepare more data "
-                             f"(`{PREPARE_HINT}`) or lower block_size")
+                             f"fewer than block_size+1={block_size + 1} in any one shard: prepare more data than "
+                             f"`{prepare_hint(data_dir)}` gave, or lower block_size")
 
     def row_position(self, rows):
         """Window indices (0 = the first window of the first shard) -> (shard indices, token offsets)."""

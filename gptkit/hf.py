@@ -223,9 +223,12 @@ def _download(name):
     try:
         return snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
                                                        "model.safetensors.index.json", "model-*.safetensors"])
-    except Exception as e:
+    except Exception as e:  # huggingface_hub's messages run to several lines: the first one says what failed
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
         raise HFError(f"{name!r} is not a local folder, and downloading it from the Hugging Face hub failed "
-                      f"({type(e).__name__}: {e}). Give the path of a GPT-2 folder, or connect to the internet") from e
+                      f"({type(e).__name__}: {first_line}). On a machine with internet, `hf download {name} "
+                      f"--local-dir {os.path.basename(name)}` saves it as a folder: copy that here and give its "
+                      "path instead") from e
 
 
 HUB_PREFIXES = ("gpt2", "openai-community/gpt2", "distilgpt2", "distilbert/distilgpt2")

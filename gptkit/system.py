@@ -192,13 +192,29 @@ def run_main(main, *args, on_interrupt=""):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         said_by_any_rank = True
-        message = (f"the disk is full{f' ({e.filename})' if e.filename else ''}: free some space, then run the "
-                   "same command again (a training run: with --init_from=resume). Checkpoints, shards and "
-                   "prepared data are only ever replaced by complete files, so the last good ones are intact.")
+        intact = ("the last checkpoint is intact" if e.filename and os.path.basename(e.filename).startswith("ckpt.")
+                  else "checkpoints, shards and prepared data are only ever replaced by complete files, so the last "
+                  "good ones are intact")
+        message = (f"the disk is full{f' (writing {e.filename})' if e.filename else ''}; {intact}. Free some space, "
+                   "then run the same command again (a training run: with --init_from=resume).")
     if said_by_any_rank or int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     cleanup_distributed(finished=False)
     sys.exit(2)
+
+
+STOPPED_EXIT_HELP = ("SIGTERM or Ctrl-C save a checkpoint and exit with status 128 + the signal's number (143 after "
+                     "SIGTERM, 130 after Ctrl-C), not 0, so a job scheduler sees the run did not finish and can "
+                     "requeue it with --init_from=resume.")
+
+
+def exit_if_stopped(summary):
+    """After train(): a run a signal stopped before max_steps (its checkpoint saved) leaves the process
+    group and exits with status 128 + the signal's number, as a process that signal ended would
+    (STOPPED_EXIT_HELP); a finished run returns."""
+    if summary.get("stopped_by"):
+        cleanup_distributed()
+        sys.exit(128 + summary["stopped_by"])
 
 
 def cleanup_distributed(finished=True):

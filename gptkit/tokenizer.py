@@ -11,6 +11,8 @@ with loss on the assistant's tokens and the <|end|> that closes them.
 """
 
 import codecs
+import os
+import sys
 
 from gptkit.configurator import UserError
 
@@ -28,17 +30,43 @@ MIN_VOCAB_SIZE = max(SPECIAL_TOKENS.values()) + 1  # a model must have at least 
 _cached = None
 
 
+SHIPPED_GPT2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "gpt2")
+
+
 def _load_gpt2():
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
+        return _shipped_gpt2(e)
+
+
+def _shipped_gpt2(error):
+    """GPT-2's BPE from the copies of its two files shipped in samples/gpt2, for a machine that cannot
+    reach tiktoken's download site: the same files, checked against the same hashes, give the same ids.
+    Says so once (GPTKIT_GPT2_NOTED keeps the scripts quickstart.py runs from saying it again)."""
+    import tiktoken
+    try:
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            os.path.join(SHIPPED_GPT2, "vocab.bpe"), os.path.join(SHIPPED_GPT2, "encoder.json"),
+            vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    except Exception as e:
         raise UserError(
             "could not load the GPT-2 tokenizer files: tiktoken downloads them once from "
             "openaipublic.blob.core.windows.net and that failed "
+            f"({type(error).__name__}: {error}), and gptkit's copies in {SHIPPED_GPT2} could not be read "
             f"({type(e).__name__}: {e}). Connect to the internet once, or set TIKTOKEN_CACHE_DIR "
             "to a folder that holds tiktoken's cached gpt2 files (vocab.bpe and encoder.json "
             "under their sha1 names).") from e
+    if not os.environ.get("GPTKIT_GPT2_NOTED"):
+        print(f"note: tiktoken could not fetch GPT-2's tokenizer files ({type(error).__name__}); using gptkit's "
+              f"copies in {os.path.relpath(SHIPPED_GPT2)}", file=sys.stderr, flush=True)
+        os.environ["GPTKIT_GPT2_NOTED"] = "1"
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
 
 class Tokenizer:

@@ -17,17 +17,19 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from gptkit.configurator import BaseConfig, ConfigError, UserError, config_dict, print_config
 from gptkit.checkpoint import (atomic_write, remove_temporaries, restore_training_state, save_training_state,
                                truncate_log)
-from gptkit.system import MetricsLogger, device_peak_flops, print0
+from gptkit.system import STOPPED_EXIT_HELP, MetricsLogger, device_peak_flops, print0
 
 
 @dataclass
 class TrainConfig(BaseConfig):
+    help_epilog: ClassVar[str] = STOPPED_EXIT_HELP  # --help ends with it: how a stopped run exits
     # data and run
     data_dir: str = "data/fineweb_edu"  # prepared shards (prepare_fineweb.py / prepare_instruct.py)
     out_dir: str = "out/fineweb_124m"   # checkpoints, log.jsonl, config.json land here
@@ -133,10 +135,14 @@ def init_model(cfg, rt):
 
     init_from: scratch (a new model from cfg's n_layer, n_head, ...), resume (<out_dir>/ckpt.pt with
     its optimizer, data position and RNG), the path of a gptkit checkpoint (its weights, fresh
-    training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2."""
+    training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2.
+    First it makes this process out_dir's one writer (rank 0; gptkit/lock.py): a second run on it stops there."""
     from model import GPT, GPTConfig
     from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint, saved_step
     from gptkit.hf import is_hf_folder, is_hub_name, load_hf_gpt2
+    from gptkit.lock import hold_folder
+    if rt.master:  # before anything in out_dir is read: a second process on it stops here, naming the first
+        hold_folder(cfg.out_dir)
     source = cfg.init_from
     ckpt = None
     own = os.path.join(cfg.out_dir, CKPT_NAME)
@@ -553,4 +559,5 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
         logger.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-    return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps}
+    return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
+            "stopped_by": int(signals_seen[0]) if signals_seen and step < cfg.max_steps else 0}

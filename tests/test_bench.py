@@ -75,10 +75,12 @@ def test_tokenize_without_any_text_is_an_error(tmp_path):
         bench_tokenize(cfg)
 
 
-def test_decode_fits_the_prompt_to_a_short_context():
+def test_decode_fits_the_prompt_to_a_short_context(capsys):
     cfg = load_config(BenchConfig, TINY + ["--mode=decode", "--steps=1", "--warmup=0", "--json=True"])
     result = bench_decode(cfg, setup_runtime("cpu", "float32", cfg.seed, verbose=False))
     assert result["prompt_tokens"] == 16 and result["new_tokens"] == 16
+    progress = capsys.readouterr()
+    assert "2/2" in progress.err and "without KV cache" in progress.err and not progress.out  # shown, on stderr
     assert result["kv_cache_tokens_per_sec"] > 0 and result["no_cache_tokens_per_sec"] > 0
 
 

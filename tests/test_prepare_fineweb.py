@@ -347,3 +347,88 @@ def test_next_command_keeps_the_recipe(tmp_path):
     line = next(line for line in result.stdout.splitlines() if line.startswith("next: "))
     assert shlex.split(line[len("next: "):]) == ["python", "train.py", "config/tiny_cpu.py",
                                                   f"--data_dir={tmp_path / 'my data'}"]
+
+
+def test_mixed_shards_are_refused_and_hints_name_the_recorded_settings(tmp_path):
+    write_jsonl(tmp_path / "fw.jsonl", fineweb_records())
+    out = tmp_path / "out"
+    run_prepare(tmp_path / "fw.jsonl", out, shard_tokens=5000, val_tokens=2000, num_proc=1)
+    redo = (f"`python prepare_fineweb.py --source={tmp_path / 'fw.jsonl'} --subset=sample-10BT --shard_tokens=5000 "
+            f"--val_tokens=2000 --max_tokens=0 --data_dir={out}`")
+    # a shard another preparation wrote over one of these (the same name, other contents)
+    other = np.full(1234, 11, dtype=np.uint16)
+    other[0] = EOT
+    from gptkit.data import write_shard
+    write_shard(str(out / "train_000001.bin"), other)
+    with pytest.raises(ShardError, match=r"the train shards of .* hold [\d,]+ tokens, not the [\d,]+ its preparation "
+                                         r"recorded") as refused:
+        list_shards(str(out), "train")  # what train.py checks before it trains
+    assert redo in str(refused.value)  # the settings it was made with, not another recipe
+    (out / "train_000000.bin").write_bytes(b"\0" * 2000)
+    with pytest.raises(ShardError, match="magic number") as bad:
+        read_header(str(out / "train_000000.bin"))
+    assert redo in str(bad.value)
+    # a folder prepare_fineweb.py did not make: a generic hint, naming no recipe
+    with pytest.raises(ShardError, match=r"prepare the data first with `python prepare_fineweb.py "
+                                         r"--source=YOUR_TEXTS --data_dir=\S*nothing`"):
+        list_shards(str(tmp_path / "nothing"), "train")
+
+
+def test_records_without_text_are_counted_and_too_many_fail(tmp_path):
+    records = fineweb_records()[:300]
+    for r in records[10:13]:
+        del r["text"]  # three records without text among ones that have it
+    write_jsonl(tmp_path / "some.jsonl", records)
+    state = run_prepare(tmp_path / "some.jsonl", tmp_path / "some", shard_tokens=5000, val_tokens=2000, num_proc=1)
+    assert state["records_without_text"] == 3
+    for r in records[20:60]:
+        r.pop("text", None)  # 40 of 300: past the 1% a source may lack
+    write_jsonl(tmp_path / "many.jsonl", records)
+    with pytest.raises(UserError, match=r"1\d of the first \d+ records of .*many.jsonl have no 'text'"):
+        run_prepare(tmp_path / "many.jsonl", tmp_path / "many", shard_tokens=5000, val_tokens=2000, num_proc=1)
+
+
+def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
+    texts = zip_texts("state_union.zip", 66)  # 8 x 66 speeches: two chunks of 256 that take each worker seconds
+    write_jsonl(tmp_path / "speeches.jsonl", [{"text": t} for _ in range(8) for t in texts])
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), f"--source={tmp_path}/speeches.jsonl",
+                             f"--data_dir={tmp_path / 'out'}", "--num_proc=2"],
+                            cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def cpu_seconds(pid):  # utime + stime of a process, in clock ticks
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def forked(pid):  # a pool worker: a fork of the prepare, with its command line
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{proc.pid}/cmdline", "rb") as g:
+                return f.read() == g.read()
+        except FileNotFoundError:
+            return False
+
+    workers, deadline = set(), time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # until both workers are busy tokenizing
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                workers.update(int(pid) for pid in f.read().split() if forked(int(pid)))
+        if len(workers) == 2 and all(cpu_seconds(pid) > 0.3 for pid in workers):
+            break
+        time.sleep(0.05)
+    assert len(workers) == 2 and proc.poll() is None, "the prepare was not tokenizing on its workers"
+    os.kill(proc.pid, signal.SIGKILL)  # the parent alone: its workers get no signal from us
+    killed_at = time.time()
+    proc.wait()
+
+    def running(pid):  # a dead worker's zombie lingers until it is reaped: that is not running
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    while any(running(pid) for pid in workers) and time.time() < killed_at + 20:
+        time.sleep(0.02)
+    # left alone they would finish their chunks (seconds) and then fail writing to the dead parent
+    assert time.time() - killed_at < 1.0, "the workers outlived their parent"
+    assert "BrokenPipeError" not in proc.stderr.read()

@@ -137,7 +137,7 @@ def test_signal_saves_and_resume_continues(data_dir, tmp_path, signum):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 128 + signum, stderr  # 143 / 130: stopped early, not finished (a scheduler requeues it)
     assert f"{signal.Signals(signum).name} received" in stdout and "Traceback" not in stderr
     with open(os.path.join(out, "ckpt.json")) as f:
         stopped_at = json.load(f)["step"]
@@ -360,7 +360,8 @@ def test_batch_size_must_divide_across_processes():
 def test_missing_data_is_a_clear_error(tmp_path):
     proc = run_train(f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=2",
                      "--total_batch_tokens=256", check=False)
-    assert proc.returncode == 2 and "prepare the data first" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("prepare the data first") == 1  # one problem, said once (not once per split)
 
 
 def test_plot_log_writes_png(full_run, tmp_path):
