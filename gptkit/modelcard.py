@@ -155,8 +155,8 @@ def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), lan
         run = read_run(facts["run_dir"])
         atomic_write(os.path.join(out_dir, LOSS_PLOT), lambda f: draw_runs([run]).savefig(f, format="png", dpi=120))
         written.append(LOSS_PLOT)
-    card = ModelCard.from_template(card_data(facts, repo_id, license, list(datasets), list(language)),
-                                   template_str="---\n{{ card_data }}\n---\n\n" + card_body(facts, repo_id))
+    metadata = card_data(facts, repo_id, license, list(datasets), list(language)).to_yaml()
+    card = ModelCard(f"---\n{metadata}\n---\n\n{card_body(facts, repo_id)}")  # parses it back: a bad card fails here
     atomic_write(os.path.join(out_dir, "README.md"), lambda f: f.write(str(card).encode("utf-8")))
     return written + ["README.md"]
 
