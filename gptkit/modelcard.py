@@ -50,6 +50,7 @@ def run_facts(model, ckpt, run_dir):
         "val_loss": val_loss, "val_step": val_step,
         "hellaswag_acc_norm": hellaswag, "hellaswag_step": hellaswag_step,
         "hellaswag_items": config.get("hellaswag_limit") or None,  # 0: all of the val set
+        "hellaswag_data": config.get("hellaswag_data") or "",  # empty: the official val file
         "system": config.get("system", "") if ckpt.get("kind") == "chat" else "",
         "init_from": config.get("init_from"),
         "data_source": source,
@@ -97,6 +98,8 @@ def _numbers(facts):
         rows.append(("final val loss", f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
     if facts["hellaswag_acc_norm"] is not None:
         items = f"{facts['hellaswag_items']:,} items" if facts["hellaswag_items"] else "the full val set"
+        if facts["hellaswag_data"]:  # a file of the user's: say which, the official one is the default
+            items += f" of `{os.path.basename(facts['hellaswag_data'])}`"
         rows.append(("HellaSwag acc_norm", f"{facts['hellaswag_acc_norm']:.4f} on {items} "
                                            f"(step {facts['hellaswag_step']:,}; chance is 0.25)"))
     if facts["kind"] == "chat" and facts["init_from"]:

@@ -31,8 +31,8 @@ def run_dir(tmp_path_factory, request):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False), verbose=False)
     folder = tmp_path_factory.mktemp("run") / "tiny_chat"
-    config = {"total_batch_tokens": 1024, "hellaswag_limit": 100, "system": "Be brief.",
-              "init_from": "out/tiny_cpu", "data_dir": str(folder / "no-data")}
+    config = {"total_batch_tokens": 1024, "hellaswag_limit": 100, "hellaswag_data": "/data/hs/val.jsonl",
+              "system": "Be brief.", "init_from": "out/tiny_cpu", "data_dir": str(folder / "no-data")}
     save_checkpoint(str(folder), {"model": model.state_dict(), "model_config": model.config.to_dict(),
                                   "config": config, "kind": "chat", "step": 6, "tokens_seen": 6144})
     (folder / "config.json").write_text(json.dumps(config))
@@ -78,7 +78,7 @@ def test_card_numbers_match_the_run_log(exported):
     last_val = [r["val_loss"] for r in LOG if "val_loss" in r][-1]
     assert f"| final val loss | {last_val:.4f} (step 6) |" in text  # the last val loss, not the best
     assert f"| parameters | {model.num_params():,} " in text and "| tokens trained | 6,144 in 6 steps" in text
-    assert "| HellaSwag acc_norm | 0.3000 on 100 items (step 6" in text
+    assert "| HellaSwag acc_norm | 0.3000 on 100 items of `val.jsonl` (step 6" in text
     assert "2 layers, 4 heads, 64 wide, context 64 tokens" in text and "`out/tiny_cpu`" in text
     # the chat format with the trained system prompt, and both ways to use it
     assert "<|assistant|>...<|end|>" in text and "\nBe brief.\n" in text
@@ -142,3 +142,12 @@ def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
     assert "loss.png" not in text and "final val loss" not in text and "HellaSwag" not in text
     assert "hf download me/base --local-dir base" in text and "--init_from=base" in text
     assert "model-index" not in text and "datasets" not in text  # nothing measured, no data named
+    # shards prepare_fineweb.py made from a Hub dataset name it in the metadata; a local folder does not
+    from huggingface_hub import metadata_load
+    for source, datasets in (("HuggingFaceFW/fineweb-edu", ["HuggingFaceFW/fineweb-edu"]), (str(tmp_path), None)):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / "prepare_state.bin").write_bytes(json.dumps({"settings": {"source": source}}).encode()
+                                                               + b"\n")
+        facts = run_facts(model, {"kind": "base", "config": {"data_dir": str(tmp_path / "data")}}, str(tmp_path))
+        write_model_card(str(tmp_path), facts)
+        assert metadata_load(tmp_path / "README.md").get("datasets") == datasets

@@ -129,12 +129,11 @@ def test_runs_of_different_batch_sizes_line_up_by_tokens(tmp_path, monkeypatch):
     hellaswag = [line for line in ax_hellaswag.get_lines() if line.get_label() == "batch_8k"]
     assert len(hellaswag) == 1 and list(hellaswag[0].get_xdata()) == [32768 * k for k in range(1, 6)]
     assert ax_hellaswag.get_xlabel() == "tokens trained"
-    # the script: a comma list of folders, PNG and SVG; a run without HellaSwag gets no such panel
+    # the script's flags: a comma list of folders, PNG and SVG; a run without HellaSwag gets no such panel
     out = tmp_path / "compare.png"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_log.py"), f"--out_dir={big},{small}",
-                           f"--out={out}", "--smoothing=0.5", "--svg"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(PlotConfig, [f"--out_dir={big},{small}", f"--out={out}", "--smoothing=0.5", "--svg"])
+    assert cfg.out_dir == [big, small]
+    assert plot_log(cfg.out_dir, cfg.out, cfg.smoothing, cfg.svg) == [str(out), str(tmp_path / "compare.svg")]
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and b"<svg" in open(tmp_path / "compare.svg", "rb").read(500)
     assert len(draw_runs([read_run(small)]).axes) == 2
 
