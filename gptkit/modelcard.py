@@ -14,7 +14,7 @@ import json
 import os
 
 from gptkit.checkpoint import atomic_write
-from gptkit.configurator import UserError
+from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
 from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, save_figure, series
 
@@ -152,12 +152,22 @@ def card_body(facts, repo_id):
 
 def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), language=("en",)):
     """README.md (and loss.png when the run logged a loss) in out_dir -> the file names written."""
+    import matplotlib.pyplot as plt
     from huggingface_hub import ModelCard
-    written = []
+    written, plot_path = [], os.path.join(out_dir, LOSS_PLOT)
+    run = None
     if facts["has_loss_curve"]:
-        run = read_run(facts["run_dir"])
-        atomic_write(os.path.join(out_dir, LOSS_PLOT), lambda f: draw_runs([run]).savefig(f, format="png", dpi=120))
+        try:
+            run = read_run(facts["run_dir"])
+        except ConfigError:  # a log the plot cannot place on a token axis: the card goes without it
+            facts = {**facts, "has_loss_curve": False}
+    if run is not None:
+        fig = draw_runs([run])
+        atomic_write(plot_path, lambda f: fig.savefig(f, format="png", dpi=120))
+        plt.close(fig)
         written.append(LOSS_PLOT)
+    elif os.path.exists(plot_path):
+        os.remove(plot_path)  # an earlier export's: not this model's curve
     metadata = card_data(facts, repo_id, license, list(datasets), list(language)).to_yaml()
     card = ModelCard(f"---\n{metadata}\n---\n\n{card_body(facts, repo_id)}")  # parses it back: a bad card fails here
     atomic_write(os.path.join(out_dir, "README.md"), lambda f: f.write(str(card).encode("utf-8")))

@@ -137,7 +137,9 @@ def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
     from gptkit.modelcard import run_facts, write_model_card
     _, model = run_dir
     facts = run_facts(model, {"kind": "base", "config": {}, "step": 3, "tokens_seen": 3072}, str(tmp_path))
+    (tmp_path / "loss.png").write_bytes(b"an earlier export's plot")
     assert write_model_card(str(tmp_path), facts, repo_id="me/base") == ["README.md"]
+    assert not (tmp_path / "loss.png").exists()
     text = (tmp_path / "README.md").read_text()
     assert "loss.png" not in text and "final val loss" not in text and "HellaSwag" not in text
     assert "hf download me/base --local-dir base" in text and "--init_from=base" in text
