@@ -125,9 +125,10 @@ def card_body(facts, repo_id):
                      + (f", and puts the system prompt the model was finetuned with first when a chat brings none:"
                         f"\n\n```\n{system}\n```" if system else "."))
         snippet = ("messages = [{\"role\": \"user\", \"content\": \"Name three fruits.\"}]\n"
-                   "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
-                   "out = model.generate(ids, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)\n"
-                   "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))")
+                   "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+                   "                                       return_dict=True)\n"
+                   "out = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)\n"
+                   "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
         gptkit = f"python sample.py --ckpt={where}    # chat in the terminal"
     else:
         snippet = ("ids = tokenizer(\"The meaning of life is\", return_tensors=\"pt\").input_ids\n"

@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory, request):
     """A finished chat run as finetune.py leaves it: ckpt.pt, config.json, log.jsonl."""
     from model import GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False), verbose=False)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, bias=False), verbose=False)
     folder = tmp_path_factory.mktemp("run") / "tiny_chat"
     config = {"total_batch_tokens": 1024, "hellaswag_limit": 100, "hellaswag_data": "/data/hs/val.jsonl",
               "system": "Be brief.", "init_from": "out/tiny_cpu", "data_dir": str(folder / "no-data")}
@@ -79,13 +79,24 @@ def test_card_numbers_match_the_run_log(exported):
     assert f"| final val loss | {last_val:.4f} (step 6) |" in text  # the last val loss, not the best
     assert f"| parameters | {model.num_params():,} " in text and "| tokens trained | 6,144 in 6 steps" in text
     assert "| HellaSwag acc_norm | 0.3000 on 100 items of `val.jsonl` (step 6" in text
-    assert "2 layers, 4 heads, 64 wide, context 64 tokens" in text and "`out/tiny_cpu`" in text
+    assert "2 layers, 4 heads, 64 wide, context 128 tokens" in text and "`out/tiny_cpu`" in text
     # the chat format with the trained system prompt, and both ways to use it
     assert "<|assistant|>...<|end|>" in text and "\nBe brief.\n" in text
     assert "AutoModelForCausalLM.from_pretrained" in text and "apply_chat_template" in text
     assert "python sample.py --ckpt=" in text
     # the loss plot is in the folder, and the card shows it
     assert "](loss.png)" in text and open(out / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cards_transformers_snippet_runs_on_the_export(exported, capsys):
+    pytest.importorskip("transformers")
+    out, _, _ = exported
+    text = (out / "README.md").read_text()
+    snippet = text.split("## Use with transformers\n\n```python\n")[1].split("```")[0]
+    assert "AutoTokenizer.from_pretrained('path/to/this/folder')" in snippet  # no repo named: a folder
+    torch.manual_seed(0)
+    exec(snippet.replace("path/to/this/folder", str(out)).replace("max_new_tokens=100", "max_new_tokens=8"), {})  # loads, templates, generates, decodes: or raises
+    assert capsys.readouterr().out.endswith("\n")  # it printed the answer (a random model's may be empty)
 
 
 def test_push_uploads_the_export_folder_to_the_named_repo(exported, monkeypatch):
