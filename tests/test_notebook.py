@@ -29,7 +29,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     from nbclient import NotebookClient
     monkeypatch.setenv("GPTKIT_NOTEBOOK_TEXT", shared_data("pretrain", "tinyshakespeare", "input.txt"))
     monkeypatch.setenv("GPTKIT_NOTEBOOK_WORK", str(tmp_path))
-    monkeypatch.setenv("GPTKIT_NOTEBOOK_STEPS", "25")  # the notebook's 300 and 60, shorter for CI
+    monkeypatch.setenv("GPTKIT_NOTEBOOK_STEPS", "20")  # the notebook's 300 and 60, shorter for CI
     monkeypatch.setenv("GPTKIT_NOTEBOOK_CHAT_STEPS", "20")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     start, children = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -42,7 +42,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs)
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert "val loss at init" in text and "step 25/25" in text and "before finetuning" in text
+    assert "val loss at init" in text and "step 20/20" in text and "before finetuning" in text
     assert "finetune step 20:" in text and "<|assistant|>[Paris][.][<|end|>]" in text  # loss on the answer only
     assert len(images) >= 2  # the loss plot and the attention picture
     assert os.path.exists(tmp_path / "shards" / "train_000000.bin")  # written where it was told
