@@ -3,12 +3,16 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
 
     python export_hf.py --ckpt=out/dolly --out=hf/dolly            # a chat model: tokenizer with chat template
     python export_hf.py --ckpt=out/fineweb_124m --out=hf/base      # a pretrained model
+    python export_hf.py --ckpt=out/dolly --out=hf/dolly --push_to_hub=your-name/gptkit-dolly   # and upload it
 
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
-GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added. A
+GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added, and
+a model card (README.md with the Hub's metadata, and loss.png) filled from the run's log. A
 checkpoint of kind "chat" (written by finetune.py) also gets a chat template that renders exactly
 the ids gptkit's own renderer does, and puts the system prompt the model was finetuned with first
 in a chat that brings none. Runs on the CPU, offline; transformers is not needed to export.
+--push_to_hub=user/name then uploads the folder (log in first: `hf auth login`, or set HF_TOKEN);
+without a token or network it says so in one line, and the exported folder stays as written.
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained("hf/dolly")
@@ -21,7 +25,7 @@ The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub n
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, configure
@@ -31,6 +35,12 @@ from gptkit.configurator import BaseConfig, configure
 class ExportConfig(BaseConfig):
     ckpt: str = ""  # the run directory (or ckpt.pt file) to export
     out: str = ""   # the folder to write; created if needed
+    # the model card (README.md) and the upload
+    license: str = "mit"  # the weights' license, as a Hub license id (mit, apache-2.0, cc-by-4.0, other, ...)
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids trained on; empty: the one the run's shards came from, if any
+    language: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes of the training text
+    push_to_hub: str = ""  # user/name: upload the folder to that Hub model repo (created if needed); empty: no upload
+    private: bool = False  # a new Hub repo is private
 
     def validate(self):
         problems = super().validate()
@@ -42,14 +52,24 @@ class ExportConfig(BaseConfig):
         elif os.path.exists(os.path.join(self.out, "ckpt.pt")):  # its config.json is the run's own
             problems.append(f"out={self.out!r} holds a gptkit run (ckpt.pt), whose files the export would "
                             "overwrite: give another folder, such as --out=hf/NAME")
+        if self.push_to_hub:
+            from huggingface_hub.utils import validate_repo_id
+            try:
+                validate_repo_id(self.push_to_hub)
+                if self.push_to_hub.count("/") != 1:
+                    raise ValueError("no owner")
+            except ValueError:
+                problems.append(f"push_to_hub={self.push_to_hub!r} is not a Hub repo name: give user/name, "
+                                "such as --push_to_hub=your-name/gptkit-dolly")
         return problems
 
 
 def main():
     cfg = configure(ExportConfig)
-    from gptkit.checkpoint import load_model, trained_system_prompt
+    from gptkit.checkpoint import load_model, resolve_path, trained_system_prompt
     from gptkit.hf import export_hf
     from gptkit.lock import hold_folder
+    from gptkit.modelcard import push_to_hub, run_facts, write_model_card
     from gptkit.system import print0, setup_runtime
 
     hold_folder(cfg.out)  # one writer: two exports at once would mix their files
@@ -57,6 +77,8 @@ def main():
     model, ckpt = load_model(cfg.ckpt, device="cpu")
     chat = ckpt.get("kind") == "chat"
     files = export_hf(model, cfg.out, chat=chat, system=trained_system_prompt(ckpt))
+    facts = run_facts(model, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
+    files = files + write_model_card(cfg.out, facts, cfg.push_to_hub, cfg.license, cfg.datasets, cfg.language)
     print0(f"wrote a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}")
     if chat:
         print0("note: transformers' tokenizer turns control-token text a person types (such as <|user|>) into "
@@ -66,6 +88,8 @@ def main():
            "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
            f"    tokenizer = AutoTokenizer.from_pretrained({cfg.out!r})\n"
            f"    model = AutoModelForCausalLM.from_pretrained({cfg.out!r})")
+    if cfg.push_to_hub:
+        print0(f"uploaded to {push_to_hub(cfg.out, cfg.push_to_hub, cfg.private)}")
 
 
 if __name__ == "__main__":

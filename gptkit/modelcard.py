@@ -1,0 +1,197 @@
+"""
+A Hugging Face Hub model card for an export, filled from the run that made it, and the upload.
+
+    facts = run_facts(model, ckpt, run_dir)        # parameters, tokens, val loss, HellaSwag: from the run's log
+    write_model_card(out_dir, facts, repo_id="me/tiny", license="mit", datasets=[], language=["en"])
+    push_to_hub(out_dir, "me/tiny")                # HfApi.create_repo + upload_folder
+
+The card is the folder's README.md: YAML metadata the Hub reads (license, datasets, language,
+pipeline_tag, tags, and the results as model-index), then the run's numbers, its loss plot
+(loss.png beside it), the chat format and how to use the model from transformers and gptkit.
+"""
+
+import json
+import os
+
+from gptkit.checkpoint import atomic_write
+from gptkit.configurator import ConfigError, UserError
+from gptkit.data import read_prepare_state
+from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, save_figure, series
+
+LOSS_PLOT = "loss.png"
+
+
+class HubError(UserError, RuntimeError):
+    """An upload that could not happen; the export folder itself is complete."""
+
+
+def _last(records, key):
+    steps, values = series(records, key)
+    return (steps[-1], values[-1]) if steps else (None, None)
+
+
+def run_facts(model, ckpt, run_dir):
+    """What the card reports, read from the checkpoint and <run_dir>/log.jsonl (absent: left out)."""
+    config = ckpt.get("config") or {}
+    log_path = os.path.join(run_dir, "log.jsonl")
+    records = read_log(log_path) if os.path.exists(log_path) else []
+    val_step, val_loss = _last(records, "val_loss")
+    hellaswag_step, hellaswag = _last(records, HELLASWAG_KEY)
+    source = None
+    data_dir = config.get("data_dir")
+    if data_dir and os.path.isdir(data_dir):
+        source = ((read_prepare_state(data_dir) or {}).get("settings") or {}).get("source")
+    return {
+        "kind": ckpt.get("kind", "base"),
+        "parameters": model.num_params(),
+        "model_config": model.config.to_dict(),
+        "step": ckpt.get("step"),
+        "tokens_seen": ckpt.get("tokens_seen"),
+        "val_loss": val_loss, "val_step": val_step,
+        "hellaswag_acc_norm": hellaswag, "hellaswag_step": hellaswag_step,
+        "hellaswag_items": config.get("hellaswag_limit") or None,  # 0: all of the val set
+        "hellaswag_data": config.get("hellaswag_data") or "",  # empty: the official val file
+        "system": config.get("system", "") if ckpt.get("kind") == "chat" else "",
+        "init_from": config.get("init_from"),
+        "data_source": source,
+        "run_dir": run_dir,
+        "has_loss_curve": bool(series(records, "loss")[0] or series(records, "val_loss")[0]),
+    }
+
+
+def hub_datasets(facts, datasets):
+    """The card's datasets: those given, else the Hub dataset the run's shards were prepared from."""
+    if datasets:
+        return list(datasets)
+    source = facts["data_source"]
+    # a Hub name is owner/name and no file here; a local folder stays out of the metadata
+    if source and source.count("/") == 1 and not os.path.exists(source) and not source.startswith((".", "~")):
+        return [source]
+    return []
+
+
+def card_data(facts, repo_id, license, datasets, language):
+    """The YAML metadata, as huggingface_hub's ModelCardData."""
+    from huggingface_hub import EvalResult, ModelCardData
+    name = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(facts["run_dir"]))
+    results = []
+    if facts["hellaswag_acc_norm"] is not None:
+        results.append(EvalResult(task_type="text-generation", task_name="Text Generation",
+                                  dataset_type="Rowan/hellaswag", dataset_name="HellaSwag", dataset_split="validation",
+                                  metric_type="acc_norm", metric_value=round(facts["hellaswag_acc_norm"], 4)))
+    tags = ["gptkit", "gpt2", "causal-lm"] + (["chat", "conversational"] if facts["kind"] == "chat" else [])
+    return ModelCardData(license=license, datasets=hub_datasets(facts, datasets) or None, language=language,
+                         library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                         model_name=name, eval_results=results or None)
+
+
+def _numbers(facts):
+    c = facts["model_config"]
+    rows = [("parameters", f"{facts['parameters']:,} (tied input/output embeddings)"),
+            ("architecture", f"GPT-2: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, "
+                             f"context {c['block_size']} tokens, vocabulary {c['vocab_size']}"),
+            ("kind", "chat model (finetuned with finetune.py)" if facts["kind"] == "chat" else "base model (pretrained)")]
+    if facts["tokens_seen"] is not None:
+        rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {facts['step']:,} steps"
+                                       + (" (this finetune)" if facts["kind"] == "chat" else "")))
+    if facts["val_loss"] is not None:
+        rows.append(("final val loss", f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
+    if facts["hellaswag_acc_norm"] is not None:
+        items = f"{facts['hellaswag_items']:,} items" if facts["hellaswag_items"] else "the full val set"
+        if facts["hellaswag_data"]:  # a file of the user's: say which, the official one is the default
+            items += f" of `{os.path.basename(facts['hellaswag_data'])}`"
+        rows.append(("HellaSwag acc_norm", f"{facts['hellaswag_acc_norm']:.4f} on {items} "
+                                           f"(step {facts['hellaswag_step']:,}; chance is 0.25)"))
+    if facts["kind"] == "chat" and facts["init_from"]:
+        rows.append(("finetuned from", f"`{facts['init_from']}`"))
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def card_body(facts, repo_id):
+    """The Markdown under the metadata."""
+    where = repo_id or "path/to/this/folder"
+    name = repo_id or os.path.basename(os.path.normpath(facts["run_dir"]))
+    chat = facts["kind"] == "chat"
+    parts = [f"# {name}",
+             f"A GPT-2-style language model trained from scratch with gptkit. Numbers from the training run:",
+             _numbers(facts)]
+    if facts["has_loss_curve"]:
+        parts.append(f"![train and val loss against tokens trained]({LOSS_PLOT})")
+    if chat:
+        system = facts["system"]
+        parts.append("## Chat format\n\nSpecial tokens `<|system|> <|user|> <|assistant|> <|end|>`; a conversation is\n"
+                     "`<|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>`, and the model's\n"
+                     "turn ends with `<|end|>`. The tokenizer's chat template renders exactly this"
+                     + (f", and puts the system prompt the model was finetuned with first when a chat brings none:"
+                        f"\n\n```\n{system}\n```" if system else "."))
+        snippet = ("messages = [{\"role\": \"user\", \"content\": \"Name three fruits.\"}]\n"
+                   "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+                   "                                       return_dict=True)\n"
+                   "out = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)\n"
+                   "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
+        gptkit = f"python sample.py --ckpt={where}    # chat in the terminal"
+    else:
+        snippet = ("ids = tokenizer(\"The meaning of life is\", return_tensors=\"pt\").input_ids\n"
+                   "out = model.generate(ids, max_new_tokens=50, do_sample=True, temperature=0.8, top_k=50)\n"
+                   "print(tokenizer.decode(out[0]))")
+        gptkit = f"python sample.py --ckpt={where} --prompt=\"The meaning of life is\""
+    parts.append("## Use with transformers\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({where!r})\n"
+                 f"model = AutoModelForCausalLM.from_pretrained({where!r})\n{snippet}\n```")
+    if chat:
+        parts.append("transformers' tokenizer turns control-token text inside a message (someone typing `<|user|>`)\n"
+                     "into the control token; remove such strings from untrusted input before `apply_chat_template`.")
+    local = repo_id.split("/")[-1] if repo_id else where  # gptkit's scripts read a local folder
+    parts.append("## Use with gptkit\n\n```bash\n"
+                 + (f"hf download {repo_id} --local-dir {local}\n" if repo_id else "")
+                 + gptkit.replace(where, local) + "\n"
+                 + (f"python eval_hellaswag.py --ckpt={local}" if chat else
+                    f"python finetune.py config/dolly.py --init_from={local}   # into a chat model")
+                 + "\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), language=("en",)):
+    """README.md (and loss.png when the run logged a loss) in out_dir -> the file names written."""
+    import matplotlib.pyplot as plt
+    from huggingface_hub import ModelCard
+    written, plot_path = [], os.path.join(out_dir, LOSS_PLOT)
+    run = None
+    if facts["has_loss_curve"]:
+        try:
+            run = read_run(facts["run_dir"])
+        except ConfigError:  # a log the plot cannot place on a token axis: the card goes without it
+            facts = {**facts, "has_loss_curve": False}
+    if run is not None:
+        fig = draw_runs([run])
+        atomic_write(plot_path, lambda f: fig.savefig(f, format="png", dpi=120))
+        plt.close(fig)
+        written.append(LOSS_PLOT)
+    elif os.path.exists(plot_path):
+        os.remove(plot_path)  # an earlier export's: not this model's curve
+    metadata = card_data(facts, repo_id, license, list(datasets), list(language)).to_yaml()
+    card = ModelCard(f"---\n{metadata}\n---\n\n{card_body(facts, repo_id)}")  # parses it back: a bad card fails here
+    atomic_write(os.path.join(out_dir, "README.md"), lambda f: f.write(str(card).encode("utf-8")))
+    return written + ["README.md"]
+
+
+def push_to_hub(folder, repo_id, private=False):
+    """Upload folder to the Hub model repo repo_id (created if needed) -> its URL. No token, no network
+    or a refusal: HubError, one line that says what to do; the folder is untouched either way."""
+    import huggingface_hub
+    again = (f"the export in {folder} is complete; upload it later with: "
+             f"hf upload {repo_id} {folder} .")
+    if not huggingface_hub.get_token():
+        raise HubError(f"no Hugging Face token, so nothing was uploaded: log in with `hf auth login` "
+                       f"(or set HF_TOKEN to a write token from https://huggingface.co/settings/tokens); {again}")
+    api = huggingface_hub.HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # the export's own .gptkit.lock (held while export_hf.py runs) is no part of the model
+        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                          commit_message="Upload a gptkit export", ignore_patterns=[".gptkit.lock"])
+    except Exception as e:  # network down, token refused, name taken: all said the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"could not upload to https://huggingface.co/{repo_id} ({type(e).__name__}: {reason}): "
+                       f"check the network and that your token may write there; {again}") from e
+    return f"https://huggingface.co/{repo_id}"
