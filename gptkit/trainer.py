@@ -88,14 +88,10 @@ class TrainConfig(BaseConfig):
             problems.append(f"lr_schedule={self.lr_schedule!r}: use cosine or wsd")
         if self.data_mode not in ("random", "sequential"):
             problems.append(f"data_mode={self.data_mode!r}: use random or sequential")
-        tokens_per_micro_batch = self.micro_batch_size * self.block_size
         if self.micro_batch_size < 1 or self.block_size < 1:
             problems.append("micro_batch_size and block_size must be positive")
-        elif self.total_batch_tokens % tokens_per_micro_batch:
-            problems.append(f"total_batch_tokens={self.total_batch_tokens} is not a multiple of "
-                            f"micro_batch_size*block_size={tokens_per_micro_batch}")
-        elif self.total_batch_tokens < 1:
-            problems.append(f"total_batch_tokens={self.total_batch_tokens} must be positive (524288 is usual)")
+        else:
+            problems += self.batch_problems()
         if self.n_head < 1 or self.n_layer < 1 or self.n_embd < 1:
             problems.append("n_layer, n_head and n_embd must be positive")
         elif self.n_embd % self.n_head:
@@ -123,6 +119,16 @@ class TrainConfig(BaseConfig):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} must be at least 1")
         return problems
+
+    def batch_problems(self):
+        """The step's size against the micro-batch (dpo.py counts pairs, not tokens, and has its own)."""
+        tokens_per_micro_batch = self.micro_batch_size * self.block_size
+        if self.total_batch_tokens % tokens_per_micro_batch:
+            return [f"total_batch_tokens={self.total_batch_tokens} is not a multiple of "
+                    f"micro_batch_size*block_size={tokens_per_micro_batch}"]
+        if self.total_batch_tokens < 1:
+            return [f"total_batch_tokens={self.total_batch_tokens} must be positive (524288 is usual)"]
+        return []
 
 
 class NonFiniteLossError(UserError, RuntimeError):
