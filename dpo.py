@@ -2,7 +2,7 @@
 Preference tuning with DPO: start from a chat model (finetune.py's) and move it toward the preferred
 answer of each pair, against the frozen starting model as the reference. The same loop as train.py
 and finetune.py (gptkit/trainer.py); the batch source is a PairLoader and the loss a DPOLoss
-(gptkit/dpo.py, which holds the formulas).
+(gptkit/preference.py, which holds the formulas).
 
     python prepare_instruct.py config/dpo.py                   # once: UltraFeedback pairs -> data/dpo
     python dpo.py config/dpo.py                                # out/dolly -> out/dpo, one GPU
@@ -67,7 +67,7 @@ class DPOConfig(FinetuneConfig):
 
 
 def main():
-    from gptkit.dpo import DPOLoss, PairLoader, load_or_compute_reference, read_pairs, starting_kind, val_pair_batches
+    from gptkit.preference import DPOLoss, PairLoader, load_or_compute_reference, read_pairs, starting_kind, val_pair_batches
     from gptkit.sft import read_meta, val_questions
     from gptkit.system import cleanup_distributed, print0, setup_runtime
     from gptkit.trainer import init_model, train

@@ -3,9 +3,9 @@
 #   python prepare_instruct.py config/dpo.py
 #   python dpo.py config/dpo.py
 #   python sample.py --ckpt=out/dpo
-# About 61k pairs; the 124M's context of 1024 drops the longest (prepare prints how many).
-# Memory per GPU (README "Preference tuning (DPO)", computed): 124M micro_batch_size = 4 on 12 GB,
-# 16 on 40 GB, 32 on 80 GB; 712M 1 on 12 GB (with activation_checkpointing = True), 8 on 40 GB, 16 on 80 GB.
+# About 61k pairs; overlong = "truncate" cuts the longest to the context of 1024 (prepare prints how many).
+# Memory per GPU (computed, docs/benchmarks.md): 124M micro_batch_size = 4 on 12 GB,
+# 16 on 40 GB, 32 on 80 GB; 712M 1 on 12 GB (optimizer = "muon", activation_checkpointing = True), 4 on 40 GB, 8 on 80 GB.
 sources = ["HuggingFaceH4/ultrafeedback_binarized"]   # or local JSONL: prompt/chosen/rejected, HH-RLHF, ...
 data_dir = "data/dpo"
 val_fraction = 0.02

@@ -1,7 +1,7 @@
 """
 The one training loop, shared by train.py (pretraining), finetune.py (instruction finetuning) and
 dpo.py (preference tuning). They differ only in how the model is built, the batch source and the
-loss they hand to train(): LM_LOSS (next-token cross-entropy) or gptkit/dpo.py's DPOLoss.
+loss they hand to train(): LM_LOSS (next-token cross-entropy) or gptkit/preference.py's DPOLoss.
 
     model, ckpt = init_model(cfg, rt)                  # scratch | resume | checkpoint | Hugging Face GPT-2
     train(cfg, rt, model, train_loader, get_val_batches, loss_fn=LM_LOSS, kind="base", ckpt=ckpt)
@@ -240,7 +240,7 @@ def grad_accum_steps(cfg, world_size):
 
 # ----------------------------------------------------------------------------------------------
 # The loss handed to the loop. Pretraining and SFT share this one; dpo.py hands its own
-# (gptkit/dpo.py: DPOLoss), with the same four methods.
+# (gptkit/preference.py: DPOLoss), with the same four methods.
 
 class LanguageModelLoss:
     """Next-token cross-entropy on every target that is not -1, weighted by token over the whole step.
@@ -283,8 +283,8 @@ def train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=
 
     model is the raw module (its parameters are stepped); forward_model the one that runs the
     forward pass (compiled and/or DDP-wrapped; model itself when None). loss_fn (LanguageModelLoss
-    or dpo's DPOLoss) turns a micro-batch into the sum of its unit losses; the step divides by the
-    units (loss_fn.count: target tokens, or pairs) of all micro-batches of all ranks. For
+    or gptkit.preference.DPOLoss) turns a micro-batch into the sum of its unit losses; the step
+    divides by the units (loss_fn.count: target tokens, or pairs) of all micro-batches of all ranks. For
     pretraining that is the plain mean; for finetuning, where rows hold different numbers of answer
     tokens, it gives every token the same weight. stats: a dict that receives the step's mean of
     each extra figure loss_fn reports (DPO's rewards). loss, grad_norm and finite come back as

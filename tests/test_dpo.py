@@ -1,4 +1,4 @@
-"""dpo.py and gptkit/dpo.py: preference data in the common schemas, the loss against trl's DPOTrainer on
+"""dpo.py and gptkit/preference.py: preference data in the common schemas, the loss against trl's DPOTrainer on
 the same exported model, a tiny model learning a preference rule, exact resume, torchrun, bad input."""
 
 import json
@@ -178,7 +178,7 @@ def test_loss_rewards_and_logps_equal_trls(exported, rule_data, loss_type, rpo_a
     from datasets import Dataset
     from trl import DPOConfig as TrlConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
-    from gptkit.dpo import DPOLoss, pair_rows, read_pairs, sequence_logps
+    from gptkit.preference import DPOLoss, pair_rows, read_pairs, sequence_logps
     from gptkit.tokenizer import EOT
     (policy, hf_policy), (reference, hf_reference) = exported[0]["policy"], exported[0]["reference"]
     beta, pairs = 0.3, [0, 1, 2, 3, 4]
@@ -210,7 +210,7 @@ def test_loss_rewards_and_logps_equal_trls(exported, rule_data, loss_type, rpo_a
 
 
 def test_label_smoothing_is_conservative_dpo():
-    from gptkit.dpo import DPOLoss
+    from gptkit.preference import DPOLoss
     logps, ref, n = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([3, 4])
     z = 0.1 * ((-3.0 + 4.0) - (-5.0 + 4.0))
     plain, _ = DPOLoss(0.1).pair_losses(logps, n, ref)
