@@ -67,7 +67,8 @@ class DPOConfig(FinetuneConfig):
 
 
 def main():
-    from gptkit.preference import DPOLoss, PairLoader, load_or_compute_reference, read_pairs, starting_kind, val_pair_batches
+    from gptkit.preference import (DPOLoss, PairLoader, load_or_compute_reference, read_pairs, starting_kind,
+                                   val_pair_batches)
     from gptkit.sft import read_meta, val_questions
     from gptkit.system import cleanup_distributed, print0, setup_runtime
     from gptkit.trainer import init_model, train

@@ -155,6 +155,10 @@ def starting_kind(init_from):
     return hf_run_info(folder)["kind"] if is_hf_folder(folder) else "base"
 
 
+def _sum_dtype(rt):
+    return torch.float32 if rt.device_type == "mps" else torch.float64  # MPS has no float64
+
+
 def sequence_logps(model, x, y):
     """-> (summed log-prob of each row's targets (y != -1), their count), both (N,). The logits are
     built here (the model's chunked loss gives one mean, not a sum per row), in fp32 for the softmax."""
@@ -170,14 +174,14 @@ def reference_logps(model, data_dir, split, batch_size, rt):
     ids, mask, offsets, n_pairs = read_pairs(data_dir, split)
     was_training = model.training
     model.eval()
-    out = torch.zeros(n_pairs, 2, dtype=torch.float64, device=rt.device)
+    out = torch.zeros(n_pairs, 2, dtype=_sum_dtype(rt), device=rt.device)
     mine = list(range(rt.rank, n_pairs, rt.world_size))
     for i in range(0, len(mine), batch_size):
         pairs = mine[i:i + batch_size]
         x, y = pair_rows(ids, mask, offsets, pairs, rt.device)
         with rt.autocast():
             logps, _ = sequence_logps(model, x, y)
-        out[pairs] = logps.double().view(2, -1).t()
+        out[pairs] = logps.to(out.dtype).view(2, -1).t()
     if rt.ddp:
         import torch.distributed as dist
         dist.all_reduce(out)
@@ -274,11 +278,12 @@ class DPOLoss:
         was_training = model.training
         model.eval()
         names = ["val_loss", *(f"val_{name}" for name in FIGURES)]
-        totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=rt.device)  # + the pair count
+        totals = torch.zeros(len(names) + 1, dtype=_sum_dtype(rt), device=rt.device)  # + the pair count
         for batch in batches:  # a rank may have none (fewer val pairs than processes)
             with rt.autocast():
                 loss_sum, figures = self(model, batch)
-            totals += torch.stack([loss_sum.float(), *(figures[f] for f in FIGURES), self.count(batch).float()]).double()
+            values = [loss_sum.float(), *(figures[f] for f in FIGURES), self.count(batch).float()]
+            totals += torch.stack(values).to(totals.dtype)
         if rt.ddp:
             import torch.distributed as dist
             dist.all_reduce(totals)

@@ -240,15 +240,16 @@ def grad_accum_steps(cfg, world_size):
 
 # ----------------------------------------------------------------------------------------------
 # The loss handed to the loop. Pretraining and SFT share this one; dpo.py hands its own
-# (gptkit/preference.py: DPOLoss), with the same four methods.
+# (gptkit/preference.py: DPOLoss), with the same five methods.
 
 class LanguageModelLoss:
     """Next-token cross-entropy on every target that is not -1, weighted by token over the whole step.
 
-    A loss for the loop has: grad_accum_steps(cfg, world_size) (micro-batches per step and process),
-    batch_summary(cfg, grad_accum, world_size) (the line that says what a step holds), count(batch) (the units a step averages over: here target tokens, for DPO pairs), __call__
-    (forward_model, batch) -> (sum of the batch's unit losses, {name: sum over units} of extra figures
-    to log), and evaluate(model, batches, rt) -> {"val_loss": ..., more figures}."""
+    A loss for the loop has: grad_accum_steps(cfg, world_size) (micro-batches per step and process);
+    batch_summary(cfg, grad_accum, world_size) (the line that says what a step holds); count(batch)
+    (the units a step averages over: target tokens here, pairs for DPO); __call__(forward_model,
+    batch) -> (sum of the batch's unit losses, {name: sum over units} of extra figures to log); and
+    evaluate(model, batches, rt) -> {"val_loss": ..., more figures}."""
 
     def grad_accum_steps(self, cfg, world_size):
         return grad_accum_steps(cfg, world_size)

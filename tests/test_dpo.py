@@ -281,7 +281,9 @@ def test_torchrun_two_processes_match_one(rule_data, full_run):
     for key in ("loss", "grad_norm", "rewards/accuracies", "val_loss", "val_rewards/margins"):
         a, b = losses(one, key), losses(two, key)
         assert sorted(a) == sorted(b) and a, key
-        for step in a:
+        # step 1 scores the starting weights: every reward is 0 up to rounding (which differs with the
+        # padding of each process's batches), so "chosen > rejected" is a coin toss there
+        for step in [s for s in a if key != "rewards/accuracies" or s > 1]:
             assert abs(a[step] - b[step]) < 1e-5, (key, step, a[step], b[step])
 
 
