@@ -379,8 +379,8 @@ def prepare(cfg):
                 key, example = make_example(record, schema, cfg, tokenizer, stats)
             except (BadRecord, ValueError) as e:
                 if cfg.on_bad_record == "error":
-                    line = f" (line {index + 1})" if name.endswith(".jsonl") else ""
-                    raise InstructDataError(f"{name}, record {index}{line}: {e} (set on_bad_record=skip to skip "
+                    line = f"line {index + 1}; " if name.endswith(".jsonl") else ""
+                    raise InstructDataError(f"{name}, record {index}: {e} ({line}set on_bad_record=skip to skip "
                                             "such records)")
                 stats[f"bad: {e}"] += 1
                 continue

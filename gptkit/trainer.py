@@ -572,7 +572,8 @@ def run_eval(model, rt, cfg, loss_fn, val_batches, step, hellaswag_path, prompts
     if rt.master and prompts and step > 0:
         texts = sample_texts(model, rt, prompts, cfg.sample_tokens, cfg.seed)
     logger.log(step, **metrics, **({"samples": "\n---\n".join(texts)} if texts else {}))
-    say(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    shown = {k: v for k, v in metrics.items() if not k.startswith("hellaswag_") or k == "hellaswag_acc_norm"}
+    say(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for text in texts:
         say(f"  sample: {text!r}")
     return metrics

@@ -294,7 +294,7 @@ def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path):
     from prepare_instruct import InstructDataError
     source = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                       {"prompt": "a", "chosen": "b"}])
-    with pytest.raises(InstructDataError, match=r"broken\.jsonl, record 1 \(line 2\): missing field 'rejected'"):
+    with pytest.raises(InstructDataError, match=r"broken\.jsonl, record 1: missing field 'rejected' \(line 2;"):
         prepare_pairs([source], tmp_path / "x", "--on_bad_record=error")
     # a base model to start from: a warning; no val pairs: an error before any work; SFT data: an error
     save_start(tmp_path / "base", kind="base")
