@@ -72,7 +72,7 @@ def rule_data(tmp_path_factory):
 
 # 8 pairs per step; the same settings for the run, its stopped-and-resumed twin and the torchrun twin
 RUN = ["--total_batch_pairs=8", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_steps=1", "--max_steps=8",
-       "--log_interval=1", "--eval_interval=4", "--ckpt_interval=100"]
+       "--log_interval=1", "--eval_interval=8", "--ckpt_interval=100"]
 
 
 @pytest.fixture(scope="module")
@@ -290,28 +290,38 @@ def test_torchrun_two_processes_match_one(rule_data, full_run):
 # ------------------------------------------------------------------------------------------------
 # Bad input
 
-def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path):
+def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path, monkeypatch, capsys):
     from prepare_instruct import InstructDataError
     source = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                       {"prompt": "a", "chosen": "b"}])
     with pytest.raises(InstructDataError, match=r"broken\.jsonl, record 1: missing field 'rejected' \(line 2;"):
         prepare_pairs([source], tmp_path / "x", "--on_bad_record=error")
-    # a base model to start from: a warning; no val pairs: an error before any work; SFT data: an error
+    # in-process (dpo.main raises what run_main prints as one `error:` line): no val pairs and SFT data are
+    # refused before the model loads; a base model to start from gets a warning (then the run is refused
+    # here, as its out_dir holds a run, so no training is needed)
+    import dpo
+    from gptkit.configurator import ConfigError
+    from gptkit.sft import SFTDataError
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["dpo.py", *TINY, *args])
+        dpo.main()
+
     save_start(tmp_path / "base", kind="base")
     no_val = tmp_path / "no_val"
     prepare_pairs([write_jsonl(tmp_path / "p.jsonl", rule_pairs(6))], no_val, "--val_fraction=0")
-    proc = run_dpo(f"--data_dir={no_val}", f"--init_from={tmp_path / 'base'}", f"--out_dir={tmp_path / 'o'}",
-                   check=False)
-    assert proc.returncode == 2 and "error: the val split of" in proc.stderr and "no preference pairs" in proc.stderr
-    # (into a folder that holds a run: refused right after the warning, so no training is needed)
-    proc = run_dpo(f"--data_dir={rule_data / 'data'}", f"--init_from={tmp_path / 'base'}", f"--out_dir={full_run}",
-                   check=False)
-    assert f"warning: {tmp_path / 'base'} is a base model" in proc.stdout and "already holds a run" in proc.stderr
-    assert "warning" not in run_dpo(f"--data_dir={no_val}", f"--init_from={rule_data / 'start'}",
-                                    f"--out_dir={tmp_path / 'o'}", check=False).stdout
+    with pytest.raises(SFTDataError, match="the val split of .* holds no preference pairs"):
+        main(f"--data_dir={no_val}", f"--init_from={tmp_path / 'base'}", f"--out_dir={tmp_path / 'o'}")
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        main(f"--data_dir={rule_data / 'data'}", f"--init_from={tmp_path / 'base'}", f"--out_dir={full_run}")
+    assert f"warning: {tmp_path / 'base'} is a base model" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="already holds a run"):
+        main(f"--data_dir={rule_data / 'data'}", f"--init_from={rule_data / 'start'}", f"--out_dir={full_run}")
+    assert "warning" not in capsys.readouterr().out  # a chat model: no warning
     from prepare_instruct import InstructConfig, prepare
     sft = tmp_path / "sft"
-    prepare(load_config(InstructConfig, [f"--sources={write_jsonl(tmp_path / 'c.jsonl', [{'instruction': 'a', 'output': 'b'}] * 1)}",
-                                         f"--data_dir={sft}", "--val_fraction=0"]))
-    proc = run_dpo(f"--data_dir={sft}", f"--init_from={rule_data / 'start'}", f"--out_dir={tmp_path / 'o3'}", check=False)
-    assert proc.returncode == 2 and "holds instruction data, not preference pairs" in proc.stderr
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"instruction": "a", "output": "b"}])
+    prepare(load_config(InstructConfig, [f"--sources={chats}", f"--data_dir={sft}", "--val_fraction=0"]))
+    with pytest.raises(SFTDataError, match="holds instruction data, not preference pairs"):
+        main(f"--data_dir={sft}", f"--init_from={rule_data / 'start'}", f"--out_dir={tmp_path / 'o3'}")
