@@ -11,13 +11,24 @@ A source is a hub dataset name or a local .json (a list of records, or one recor
     dolly     instruction, context (optional), response       the context goes into the user turn
     alpaca    instruction, input (optional), output           Stanford Alpaca, alpaca-cleaned, ...
     messages  messages: [{role: system|user|assistant, content}, ...]
+Preference pairs (for dpo.py) come in the schemas trl documents, told apart by chosen + rejected:
+    prompt, chosen, rejected as strings, or as message lists (explicit prompt); the prompt's
+        messages may also open chosen and rejected (UltraFeedback binarized, HuggingFaceH4/
+        ultrafeedback_binarized, whose hub split train_prefs is read)
+    chosen, rejected only (implicit prompt): message lists whose shared opening is the prompt, or
+        Anthropic HH-RLHF transcripts "\n\nHuman: ...\n\nAssistant: ..." (parsed into turns)
+    Each pair is written as two conversations (prompt + chosen, prompt + rejected), the loss mask on
+    the answer only; a pair whose answers are the same is dropped and counted. Truncation
+    (overlong=truncate) of a pair longer than block_size+1: the prompt loses its oldest tokens (after
+    <|endoftext|>) until the longer answer fits, but keeps at least half of block_size; then both
+    answers lose their ends. A source's records are all pairs or all conversations, and so is a run.
 Mixing: "NAME*W" weights a source: W=2 repeats each of its conversations twice in train, W=0.5
 keeps a fixed half of them (chosen by a seeded hash); val gets each kept conversation once.
 Exact duplicates are removed (the first copy that its source's weight keeps wins), conversations
 that do not fit a row of block_size+1 tokens are dropped or truncated (overlong=...), and train/val is decided per
 conversation by a stable hash of its text, so it never changes between runs. Bad records (a missing
 field, an empty response, invalid UTF-8, a line that is not JSON) are skipped and counted, or stop
-the run with the file and record index (on_bad_record=error). A file that cannot be read as a whole
+the run with the file and record index (and line, in a .jsonl file) (on_bad_record=error). A file that cannot be read as a whole
 (not JSON, a JSON object instead of a list) always stops the run: skipping it would drop a source.
 """
 
@@ -26,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
@@ -125,16 +137,20 @@ def read_local_records(path):
             yield index, BadRecord(f"line {index + 1} is not valid JSON ({e.msg})")
 
 
+HUB_SPLITS = {"HuggingFaceH4/ultrafeedback_binarized": "train_prefs"}  # hub datasets without a "train" split
+
+
 def read_hub_records(name):
     import datasets  # only here: the GPU machine may lack it
     try:
-        return enumerate(datasets.load_dataset(name, split="train"))
+        return enumerate(datasets.load_dataset(name, split=HUB_SPLITS.get(name, "train")))
     except Exception as e:
         raise InstructDataError(f"source {name!r} is no local file, and loading it from the Hugging Face hub failed "
                                 f"({type(e).__name__}: {e}); check the name or the path") from e
 
 
 SCHEMAS = {  # schema -> (required fields, optional fields)
+    "preference": (("chosen", "rejected"), ("prompt",)),
     "messages": (("messages",), ()),
     "dolly": (("instruction", "response"), ("context",)),
     "alpaca": (("instruction", "output"), ("input",)),
@@ -209,6 +225,95 @@ def to_messages(record, schema, system):
     return out
 
 
+def _message_list(value, key):
+    """A list of {role, content} -> checked messages."""
+    if not isinstance(value, list) or not value:
+        raise BadRecord(f"field {key!r} is neither text nor a list of messages")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRecord(f"a message in {key!r} needs role system, user or assistant")
+        out.append({"role": m["role"], "content": _text(m, "content")})
+    return out
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh(text, key):
+    """An Anthropic HH-RLHF transcript "\n\nHuman: ...\n\nAssistant: ..." -> messages."""
+    parts = HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
+    if len(parts) < 3 or parts[0].strip():
+        raise BadRecord(f"field {key!r} is no Human/Assistant transcript")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def to_pair(record, system):
+    """One preference record -> (prompt messages, chosen answer, rejected answer), or BadRecord."""
+    if not isinstance(record, dict):
+        raise BadRecord("not a JSON object")
+    for key in ("chosen", "rejected"):
+        if record.get(key) is None:
+            raise BadRecord(f"missing field {key!r}")
+    sides = {}
+    for key in ("chosen", "rejected"):
+        value = record[key]
+        if isinstance(value, str):
+            text = _text(record, key)
+            sides[key] = [{"role": "assistant", "content": text}] if "prompt" in record else parse_hh(record[key], key)
+        else:
+            sides[key] = _message_list(value, key)
+    if "prompt" in record:
+        prompt = record["prompt"]
+        prompt = [{"role": "user", "content": _text(record, "prompt")}] if isinstance(prompt, str) else \
+            _message_list(prompt, "prompt")
+        for key, messages in sides.items():  # UltraFeedback repeats the prompt in chosen and rejected
+            if messages[:len(prompt)] == prompt:
+                sides[key] = messages[len(prompt):]
+            sides[key] = prompt + sides[key]
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    shared = 0  # the prompt is the longest shared opening (trl's implicit prompt), cut at a turn
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    prompt = chosen[:shared]
+    if chosen[shared:] != [chosen[-1]] or rejected[shared:] != [rejected[-1]]:
+        raise BadRecord("chosen and rejected must differ only in their last (assistant) message")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise BadRecord("chosen and rejected must end with an assistant message")
+    if not chosen[-1]["content"] or not rejected[-1]["content"]:
+        raise BadRecord("empty response")
+    if not prompt or prompt[-1]["role"] == "assistant" or any(m["role"] == "system" for m in prompt[1:]):
+        raise BadRecord("the prompt must be user (and system) turns ending with a user turn")
+    prompt = [m for m in prompt if m["role"] != "system" or m["content"]]
+    if system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}] + prompt
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def render_pair(tokenizer, prompt, chosen, rejected, block_size, overlong):
+    """-> ([(ids, mask) of prompt + chosen, (ids, mask) of prompt + rejected], note): the mask on the
+    answer only, cut by the rule in the docstring above when overlong=truncate; the pair is None when
+    it is dropped; note (for the summary) says what happened to an overlong pair."""
+    head = tokenizer.render_prompt(prompt)
+    from gptkit.tokenizer import END
+    answers = [tokenizer.encode(text) + [END] for text in (chosen, rejected)]
+    limit = block_size + 1
+    if len(head) + max(map(len, answers)) > limit:
+        if overlong == "drop":
+            return None, "overlong dropped"
+        keep = max(limit - max(map(len, answers)), limit // 2)  # prompt tokens kept, <|endoftext|> included
+        if len(head) > keep:
+            head = head[:1] + head[len(head) - keep + 1:]
+        answers = [a[:limit - len(head)] for a in answers]
+        if answers[0] == answers[1]:
+            return None, "overlong dropped (answers identical after truncating)"
+        note = "overlong truncated"
+    else:
+        note = None
+    return [(head + a, [0] * len(head) + [1] * len(a)) for a in answers], note
+
+
 def stable_fraction(*parts):
     """A number in [0, 1) from the text: the same on every machine and Python version."""
     digest = hashlib.sha1("\x00".join(parts).encode("utf-8")).digest()
@@ -216,6 +321,34 @@ def stable_fraction(*parts):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+
+def make_example(record, schema, cfg, tokenizer, stats):
+    """A record -> (its duplicate key, [(ids, mask)]: one conversation, or a pair's two), or (key, None)
+    when it is dropped and counted in stats; BadRecord / ValueError for a bad record."""
+    if schema == "preference":
+        prompt, chosen, rejected = to_pair(record, cfg.system)
+        key = json.dumps([prompt, chosen, rejected], ensure_ascii=False)
+        if chosen == rejected:
+            stats["identical chosen and rejected dropped"] += 1
+            return key, None
+        example, note = render_pair(tokenizer, prompt, chosen, rejected, cfg.block_size, cfg.overlong)
+        if note:
+            stats[note] += 1
+        return key, example
+    messages = to_messages(record, schema, cfg.system)
+    ids, mask = tokenizer.render_conversation(messages)
+    key = json.dumps(messages, ensure_ascii=False)
+    if len(ids) > cfg.block_size + 1:
+        if cfg.overlong == "drop":
+            stats["overlong dropped"] += 1
+            return key, None
+        ids, mask = ids[:cfg.block_size + 1], mask[:cfg.block_size + 1]
+        if not any(mask):
+            stats["overlong dropped (no answer left after truncating)"] += 1
+            return key, None
+        stats["overlong truncated"] += 1
+    return key, [(ids, mask)]
+
 
 def prepare(cfg):
     """Read, clean, mix, split, write. Returns the summary dict (also printed and kept in meta.json)."""
@@ -227,7 +360,8 @@ def prepare(cfg):
     hold_folder(cfg.data_dir)  # one writer: two preparations at once would mix their files
     tokenizer = get_tokenizer()
     seen = set()  # conversation keys, for exact duplicates across all sources
-    train, val, summary = [], [], {}
+    train, val, summary = [], [], {}  # train, val: (ids, mask) per conversation; a pair is two in a row
+    kinds = {}  # "pairs": whether the sources hold preference pairs (all of them, or none)
     for spec in cfg.sources:
         name, weight = parse_source(spec)
         stats = summary.setdefault(spec, collections.Counter())
@@ -238,33 +372,29 @@ def prepare(cfg):
             raise InstructDataError(f"{name}: {e}") from None
         schema = detect_schema(records, name)
         stats["schema"] = schema
+        if kinds.setdefault("pairs", schema == "preference") != (schema == "preference"):
+            raise InstructDataError(f"{name} holds {'preference pairs' if schema == 'preference' else 'conversations'}"
+                                    ", unlike the sources before it: prepare pairs (for dpo.py) and conversations "
+                                    "(for finetune.py) into separate data_dirs")
         kept = []
         for index, record in records:
             stats["read"] += 1
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                messages = to_messages(record, schema, cfg.system)
-                ids, mask = tokenizer.render_conversation(messages)
+                key, example = make_example(record, schema, cfg, tokenizer, stats)
             except (BadRecord, ValueError) as e:
                 if cfg.on_bad_record == "error":
-                    raise InstructDataError(f"{name}, record {index}: {e} (set on_bad_record=skip to skip such records)")
+                    line = f"line {index + 1}; " if name.endswith(".jsonl") else ""
+                    raise InstructDataError(f"{name}, record {index}: {e} ({line}set on_bad_record=skip to skip "
+                                            "such records)")
                 stats[f"bad: {e}"] += 1
                 continue
-            key = json.dumps(messages, ensure_ascii=False)
-            if len(ids) > cfg.block_size + 1:
-                if cfg.overlong == "drop":
-                    stats["overlong dropped"] += 1
-                    continue
-                ids, mask = ids[:cfg.block_size + 1], mask[:cfg.block_size + 1]
-                if not any(mask):
-                    stats["overlong dropped (no answer left after truncating)"] += 1
-                    continue
-                stats["overlong truncated"] += 1
-            kept.append((key, ids, mask))
+            if example:
+                kept.append((key, example))
         # weight = whole copies + a fixed share (by seeded hash) of one more copy
         whole, share = int(weight), weight - int(weight)
-        for key, ids, mask in kept:
+        for key, example in kept:
             copies = whole + (stable_fraction(str(cfg.seed), key) < share)
             if copies == 0:  # left out before the duplicate check: its copy in another source stays
                 stats["left out by weight"] += 1
@@ -274,15 +404,16 @@ def prepare(cfg):
                 continue
             seen.add(key)
             stats["kept"] += 1
+            tokens = sum(len(ids) for ids, _ in example)
             if stable_fraction(key) < cfg.val_fraction:  # unseeded: the split never moves
-                val.append((ids, mask))
+                val.extend(example)
                 stats["val"] += 1
-                stats["val tokens"] += len(ids)
+                stats["val tokens"] += tokens
             else:
-                train.extend([(ids, mask)] * copies)
+                train.extend(example * copies)
                 stats["train"] += copies
-                stats["train tokens"] += copies * len(ids)
-                stats["train loss tokens"] += copies * sum(mask)
+                stats["train tokens"] += copies * tokens
+                stats["train loss tokens"] += copies * sum(sum(mask) for _, mask in example)
     if not train:
         raise InstructDataError("no training conversations left: check the sources and the summary above "
                                 f"{json.dumps(summary, default=int, indent=1)}")
@@ -291,13 +422,15 @@ def prepare(cfg):
     summary = {spec: dict(stats) for spec, stats in summary.items()}
     # all files as one set: a run killed over a prepared folder leaves its old data, never a mix
     splits = write_sft(cfg.data_dir, {"train": train, "val": val},
-                       {"block_size": cfg.block_size, "sources": summary, "system": cfg.system})
+                       {"block_size": cfg.block_size, "sources": summary, "system": cfg.system,
+                        "pairs": kinds["pairs"]})
     for spec, stats in summary.items():
         print0(f"{spec}:")
         for key, value in stats.items():
             print0(f"  {key}: {value}")
     for split, counts in splits.items():
-        print0(f"{split}: {counts['conversations']} conversations, {counts['tokens']} tokens")
+        what = f"{counts['conversations'] // 2} pairs" if kinds["pairs"] else f"{counts['conversations']} conversations"
+        print0(f"{split}: {what}, {counts['tokens']} tokens")
     if not val:
         print0("note: no val split (val_fraction=0): finetune.py evaluates on one, so it cannot use this data")
     print0(f"wrote {cfg.data_dir}")

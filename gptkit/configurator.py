@@ -36,6 +36,7 @@ SCRIPT_CONFIGS = [
     ("prepare_instruct", "InstructConfig"),
     ("gptkit.trainer", "TrainConfig"),
     ("finetune", "FinetuneConfig"),
+    ("dpo", "DPOConfig"),
     ("sample", "SampleConfig"),
     ("eval_hellaswag", "EvalConfig"),
     ("export_hf", "ExportConfig"),

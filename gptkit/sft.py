@@ -6,7 +6,9 @@ On disk, per split (train, val) in <data_dir>:
     {split}_ids.bin       uint16 token ids of all conversations, one after another
     {split}_mask.bin      uint8, 1 where the token is an assistant token or the <|end|> closing one
     {split}_offsets.npy   int64, n_conversations + 1 entries: conversation i is ids[offsets[i]:offsets[i+1]]
-    meta.json             format version, tokenizer, block_size, counts per split, the prepare summary
+    meta.json             format version, tokenizer, block_size, counts per split, the prepare summary;
+                          "pairs": true for preference data (conversations 2i and 2i+1 are pair i's
+                          chosen and rejected answers, read by gptkit/preference.py)
 A run writes every file in full under a temporary name first, then removes meta.json, renames the
 files into place and writes meta.json last: killed mid-way, the folder keeps the data of the run before,
 or (in the moment of the renames) has no meta.json and is refused. The reader also checks the files

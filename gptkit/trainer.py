@@ -1,9 +1,13 @@
 """
-The one training loop, shared by train.py (pretraining) and finetune.py (instruction finetuning).
-The two differ only in how the model is built and which batch source they hand to train().
+The one training loop, shared by train.py (pretraining), finetune.py (instruction finetuning) and
+dpo.py (preference tuning). They differ only in how the model is built, the batch source and the
+loss they hand to train(): LM_LOSS (next-token cross-entropy) or gptkit/preference.py's DPOLoss.
 
     model, ckpt = init_model(cfg, rt)                  # scratch | resume | checkpoint | Hugging Face GPT-2
-    train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=ckpt)
+    train(cfg, rt, model, train_loader, get_val_batches, loss_fn=LM_LOSS, kind="base", ckpt=ckpt)
+
+train() reads top to bottom: set up (optimizers, resume, run folder), then per step: batches ->
+train_step -> StepLog (log lines, skipped steps) -> run_eval when due -> StopSignals / checkpoint.
 
 The pieces are plain functions, so bench.py can time exactly the step the loop runs:
     optimizers = configure_optimizers(model, cfg, rt.device_type)
@@ -86,14 +90,10 @@ class TrainConfig(BaseConfig):
             problems.append(f"lr_schedule={self.lr_schedule!r}: use cosine or wsd")
         if self.data_mode not in ("random", "sequential"):
             problems.append(f"data_mode={self.data_mode!r}: use random or sequential")
-        tokens_per_micro_batch = self.micro_batch_size * self.block_size
         if self.micro_batch_size < 1 or self.block_size < 1:
             problems.append("micro_batch_size and block_size must be positive")
-        elif self.total_batch_tokens % tokens_per_micro_batch:
-            problems.append(f"total_batch_tokens={self.total_batch_tokens} is not a multiple of "
-                            f"micro_batch_size*block_size={tokens_per_micro_batch}")
-        elif self.total_batch_tokens < 1:
-            problems.append(f"total_batch_tokens={self.total_batch_tokens} must be positive (524288 is usual)")
+        else:
+            problems += self.batch_problems()
         if self.n_head < 1 or self.n_layer < 1 or self.n_embd < 1:
             problems.append("n_layer, n_head and n_embd must be positive")
         elif self.n_embd % self.n_head:
@@ -121,6 +121,16 @@ class TrainConfig(BaseConfig):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} must be at least 1")
         return problems
+
+    def batch_problems(self):
+        """The step's size against the micro-batch (dpo.py counts pairs, not tokens, and has its own)."""
+        tokens_per_micro_batch = self.micro_batch_size * self.block_size
+        if self.total_batch_tokens % tokens_per_micro_batch:
+            return [f"total_batch_tokens={self.total_batch_tokens} is not a multiple of "
+                    f"micro_batch_size*block_size={tokens_per_micro_batch}"]
+        if self.total_batch_tokens < 1:
+            return [f"total_batch_tokens={self.total_batch_tokens} must be positive (524288 is usual)"]
+        return []
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -235,47 +245,90 @@ def grad_accum_steps(cfg, world_size):
 
 
 # ----------------------------------------------------------------------------------------------
+# The loss handed to the loop. Pretraining and SFT share this one; dpo.py hands its own
+# (gptkit/preference.py: DPOLoss), with the same five methods.
+
+class LanguageModelLoss:
+    """Next-token cross-entropy on every target that is not -1, weighted by token over the whole step.
+
+    A loss for the loop has: grad_accum_steps(cfg, world_size) (micro-batches per step and process);
+    batch_summary(cfg, grad_accum, world_size) (the line that says what a step holds); count(batch)
+    (the units a step averages over: target tokens here, pairs for DPO); __call__(forward_model,
+    batch) -> (sum of the batch's unit losses, {name: sum over units} of extra figures to log); and
+    evaluate(model, batches, rt) -> {"val_loss": ..., more figures}."""
+
+    def grad_accum_steps(self, cfg, world_size):
+        return grad_accum_steps(cfg, world_size)
+
+    def count(self, batch):
+        return (batch[1] != -1).sum()
+
+    def __call__(self, forward_model, batch):
+        x, y = batch
+        _, mean_loss = forward_model(x, y)
+        count = (y != -1).sum()
+        # the model averages over this micro-batch's valid targets: turn it back into their sum
+        # (where: a micro-batch without targets has a NaN mean and adds nothing, gradient included)
+        return torch.where(count > 0, mean_loss * count, torch.zeros_like(mean_loss)), {}
+
+    def evaluate(self, model, batches, rt):
+        return {"val_loss": evaluate_loss(model, batches, rt)}
+
+    def batch_summary(self, cfg, grad_accum, world_size):
+        return (f"{cfg.total_batch_tokens:,} tokens per step = {cfg.micro_batch_size} sequences x {cfg.block_size} "
+                f"tokens x {grad_accum} accumulation steps x {world_size} process(es)")
+
+
+LM_LOSS = LanguageModelLoss()
+
+
+# ----------------------------------------------------------------------------------------------
 # One optimizer step
 
-def train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=None):
+def train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model=None, loss_fn=LM_LOSS, stats=None):
     """Forward and backward every micro-batch, then one optimizer step -> (loss, grad_norm, finite).
 
     model is the raw module (its parameters are stepped); forward_model the one that runs the
-    forward pass (compiled and/or DDP-wrapped; model itself when None). The loss is weighted by
-    tokens over the whole step: each micro-batch contributes the sum of its token losses divided by
-    the number of valid targets (y != -1) in all micro-batches of all ranks. For pretraining that is
-    the plain mean; for finetuning, where rows hold different numbers of answer tokens, it gives
-    every token the same weight. loss, grad_norm and finite come back as device tensors: if the loss
-    or the gradient is not finite, the update is skipped and finite is False. With AdamW in bf16 or
-    fp32 the skip happens on the device (fused AdamW's found_inf), so the step never waits for the
-    GPU and the host can queue the next step's work while this one runs; Muon and fp16's grad
-    scaler need the answer on the host (one sync per step)."""
+    forward pass (compiled and/or DDP-wrapped; model itself when None). loss_fn (LanguageModelLoss
+    or gptkit.preference.DPOLoss) turns a micro-batch into the sum of its unit losses; the step
+    divides by the units (loss_fn.count: target tokens, or pairs) of all micro-batches of all ranks. For
+    pretraining that is the plain mean; for finetuning, where rows hold different numbers of answer
+    tokens, it gives every token the same weight. stats: a dict that receives the step's mean of
+    each extra figure loss_fn reports (DPO's rewards). loss, grad_norm and finite come back as
+    device tensors: if the loss or the gradient is not finite, the update is skipped and finite is
+    False. With AdamW in bf16 or fp32 the skip happens on the device (fused AdamW's found_inf), so
+    the step never waits for the GPU and the host can queue the next step's work while this one
+    runs; Muon and fp16's grad scaler need the answer on the host (one sync per step)."""
     import torch.distributed as dist
     forward_model = forward_model if forward_model is not None else model
     is_ddp = isinstance(forward_model, torch.nn.parallel.DistributedDataParallel)
-    counts = [(y != -1).sum() for _, y in micro_batches]
-    global_count = torch.stack(counts).sum().float()
+    global_count = torch.stack([loss_fn.count(batch) for batch in micro_batches]).sum().float()
     if is_ddp:
         dist.all_reduce(global_count)
     global_count = global_count.clamp(min=1.0)
     # DDP averages gradients over ranks; scaling by world_size turns that average into the global sum
     grad_scale = rt.world_size if is_ddp else 1
     step_loss = torch.zeros((), device=global_count.device)
-    for i, (x, y) in enumerate(micro_batches):
+    sums = {}
+    for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # gradients are all-reduced once, in the backward of the last micro-batch
         sync = forward_model.no_sync() if is_ddp and not last else contextlib.nullcontext()
         with sync:
             with rt.autocast():
-                _, mean_loss = forward_model(x, y)
-            # the model averages over this micro-batch's valid targets: turn it back into their sum
-            # (where: a micro-batch without targets has a NaN mean and adds nothing, gradient included)
-            loss_sum = torch.where(counts[i] > 0, mean_loss * counts[i], torch.zeros_like(mean_loss))
+                loss_sum, batch_stats = loss_fn(forward_model, batch)
             loss = loss_sum / global_count
             scaler.scale(loss * grad_scale).backward()
         step_loss += loss.detach()
+        for name, value in batch_stats.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
     if is_ddp:
         dist.all_reduce(step_loss)  # each rank holds its share of the global mean
+    if stats is not None and sums:
+        values = torch.stack(list(sums.values()))
+        if is_ddp:
+            dist.all_reduce(values)
+        stats.update(zip(sums, values / global_count))
     for opt in optimizers:
         scaler.unscale_(opt)  # clip and measure the true gradient, not the fp16-scaled one
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -352,21 +405,204 @@ def sample_texts(model, rt, prompts, max_new_tokens, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# The loop's pieces: each does one job and reads on its own; train() below puts them in order
+
+def hellaswag_file(cfg):
+    """The HellaSwag file, fetched and checked now, not hours into the run; None when it is off."""
+    if cfg.hellaswag_interval <= 0:
+        return None
+    from gptkit.hellaswag import download_val, load_items
+    try:
+        path = cfg.hellaswag_data or download_val()
+        load_items(path, cfg.hellaswag_limit)
+    except (UserError, OSError) as e:
+        raise ConfigError(f"{e} (or turn HellaSwag off: --hellaswag_interval=0)") from e
+    return path
+
+
+def wrap_for_training(model, cfg, rt):
+    """The module that runs training's forward pass (compiled and/or DDP); evaluation and sampling use the raw model."""
+    forward_model = model
+    if cfg.compile:
+        forward_model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        forward_model = DistributedDataParallel(
+            forward_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return forward_model
+
+
+def open_run_dir(cfg, rt, resumed_at):
+    """Rank 0 makes out_dir, writes config.json and, on a resume (resumed_at: the step), drops log lines past it."""
+    if not rt.master:
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    # left by a save a kill cut short: a checkpoint's can be gigabytes
+    remove_temporaries(cfg.out_dir, r"ckpt\.pt|ckpt\.json|config\.json|log\.jsonl")
+    # a resume writes it again: a full disk or a kill here keeps the old one whole
+    atomic_write(os.path.join(cfg.out_dir, "config.json"),
+                 lambda f: f.write(json.dumps(config_dict(cfg), indent=2).encode("utf-8")))
+    print_config(cfg)
+    if resumed_at is not None:
+        truncate_log(cfg.out_dir, resumed_at)
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's time limit, `kill`) or Ctrl-C while training: finish the step, save, exit
+    cleanly. A second Ctrl-C stops at once. Used as `with StopSignals(rt) as signals:`."""
+
+    def __init__(self, rt):
+        self.rt, self.seen, self.previous = rt, [], {}
+        self.group = None
+        if rt.ddp:
+            import torch.distributed as dist
+            # the per-step stop flag is all-reduced between the processes' CPUs (gloo): reading the
+            # result of an all-reduce on the GPU would make every step wait for the GPU
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def _on_signal(self, signum, frame):
+        if self.seen and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.seen.append(signum)
+        print0(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def should_stop(self, step, stop_step):
+        """True on every rank at once when any rank got a signal or step is stop_step."""
+        stop = bool(self.seen) or step == stop_step
+        if self.rt.ddp:  # every rank must leave at the same step, or the others wait in all-reduce forever
+            import torch.distributed as dist
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            stop = bool(flag.item() > 0)
+        return stop
+
+    def reason(self, stop_step):
+        return signal.Signals(self.seen[0]).name if self.seen else f"stop_step={stop_step}"
+
+
+class StepLog:
+    """What the loop learns step by step and reports every log interval: the mean loss (and the loss
+    function's extra figures) over the good steps since the last line, tokens/s, and the steps whose
+    loss or gradient was not finite (skipped; several in a row stop the run).
+
+    A step's `finite` flag lives on the device; reading it waits for the GPU, so the flags are read in
+    one go where the loop needs them anyway (log and checkpoint time). A skipped step changed nothing
+    on the device, so deciding about it a few steps late loses nothing. state() holds the sums of a
+    part-done interval, so the first line after a resume averages the same steps as an uninterrupted run's."""
+
+    def __init__(self, cfg, rt, model, logger, say, saved):
+        self.cfg, self.rt, self.logger, self.say = cfg, rt, logger, say
+        self.bad_in_row, self.skipped_steps = saved.get("bad_in_row", 0), saved.get("skipped_steps", 0)
+        self.unread = []  # (step, finite, loss, grad_norm) not yet read on the host
+        sums = {"loss": saved.get("loss_sum", 0.0), **saved.get("metric_sums", {})}
+        self.sums = {k: torch.tensor(float(v), device=rt.device) for k, v in sums.items()}
+        self.good_steps, self.tokens, self.start = saved.get("good_steps", 0), 0, time.time()
+        self.peak_flops = device_peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device_type == "cuda" else None
+        self.flops_per_token = model.flops_per_token()
+
+    def add(self, step, finite, loss, grad_norm, stats, tokens):
+        self.unread.append((step, finite, loss, grad_norm))
+        for name, value in {"loss": loss, **stats}.items():
+            total = self.sums.setdefault(name, torch.zeros((), device=self.rt.device))
+            total += torch.where(finite, value, 0.0)
+        self.tokens += tokens
+
+    def read_flags(self):
+        """Count the good and skipped steps among the unread; raises NonFiniteLossError after max_bad_steps in a row."""
+        flags = torch.stack([finite for _, finite, _, _ in self.unread]).tolist() if self.unread else []
+        for (at_step, _, loss, grad_norm), ok in zip(self.unread, flags):
+            if ok:
+                self.bad_in_row = 0
+                self.good_steps += 1
+                continue
+            self.bad_in_row += 1
+            self.skipped_steps += 1
+            self.logger.log(at_step, skipped_step=True, bad_steps_in_row=self.bad_in_row)
+            self.say(f"step {at_step}: non-finite loss or gradient (loss {loss.item()}, grad norm "
+                     f"{grad_norm.item()}): update skipped ({self.bad_in_row} in a row)")
+            if self.bad_in_row >= self.cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"loss became non-finite {self.bad_in_row} steps in a row at step {at_step}; lower learning_rate "
+                    f"(now {self.cfg.learning_rate}), raise warmup_steps, or set grad_clip=1.0, then resume. The "
+                    f"last good checkpoint in {self.cfg.out_dir} is intact (not overwritten).")
+        self.unread.clear()
+
+    def write(self, step, tokens_seen, lr, grad_norm):
+        """The log line of this interval (the only regular host sync with AdamW in bf16/fp32); starts the next."""
+        self.rt.synchronize()
+        self.read_flags()
+        tokens_per_sec = self.tokens / max(time.time() - self.start, 1e-9)
+        means = {k: (v / self.good_steps).item() if self.good_steps else float("nan") for k, v in self.sums.items()}
+        metrics = {"loss": means.pop("loss"), **means, "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens_per_sec": tokens_per_sec, "tokens_seen": tokens_seen}
+        if self.peak_flops:
+            metrics["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak_flops * self.rt.world_size)
+        if self.rt.device_type == "cuda":
+            metrics["memory_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 1e9
+        if self.skipped_steps:
+            metrics["skipped_steps"] = self.skipped_steps
+        self.logger.log(step, **metrics)
+        extra = "".join(f" | {k} {v:.4f}" for k, v in means.items())
+        self.say(f"step {step}/{self.cfg.max_steps} | loss {metrics['loss']:.4f}{extra} | lr {lr:.2e} | "
+                 f"grad_norm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s"
+                 + (f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
+                 + (f" | mem {metrics['memory_gb']:.1f} GB" if "memory_gb" in metrics else ""))
+        for total in self.sums.values():
+            total.zero_()
+        self.good_steps, self.tokens, self.start = 0, 0, time.time()
+        return metrics
+
+    def state(self):
+        """Plain numbers for the checkpoint (log_state)."""
+        return {"loss_sum": self.sums["loss"].item(), "good_steps": self.good_steps,
+                "metric_sums": {k: v.item() for k, v in self.sums.items() if k != "loss"},
+                "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
+
+
+def run_eval(model, rt, cfg, loss_fn, val_batches, step, hellaswag_path, prompts, logger, say):
+    """Val figures (loss_fn.evaluate), HellaSwag when due, samples -> logged and printed; returns the val figures."""
+    metrics = loss_fn.evaluate(model, val_batches, rt)
+    if hellaswag_path and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
+        from gptkit.hellaswag import evaluate_hellaswag
+        result = evaluate_hellaswag(model, hellaswag_path, rt, limit=cfg.hellaswag_limit)
+        metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
+    texts = []
+    if rt.master and prompts and step > 0:
+        texts = sample_texts(model, rt, prompts, cfg.sample_tokens, cfg.seed)
+    logger.log(step, **metrics, **({"samples": "\n---\n".join(texts)} if texts else {}))
+    shown = {k: v for k, v in metrics.items() if not k.startswith("hellaswag_") or k == "hellaswag_acc_norm"}
+    say(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    for text in texts:
+        say(f"  sample: {text!r}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
-def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None, sample_prompts=None):
+def train(cfg, rt, model, train_loader, get_val_batches, loss_fn=LM_LOSS, kind="base", ckpt=None, sample_prompts=None):
     """Train model (raw, on rt.device) until cfg.max_steps -> a summary dict.
 
-    train_loader: next_batch() -> (x, y) with y = -1 where no loss is wanted, plus state_dict() and
-    load_state_dict(). get_val_batches(): the fixed list of val (x, y) of this rank, called once at
-    the first eval. kind: "base" or "chat", stored in checkpoints. ckpt: a checkpoint to resume
-    from (init_model's second result). sample_prompts: lists of ids to continue at each eval
-    (default: a few text prompts). Raises NonFiniteLossError after max_bad_steps bad steps in a row."""
+    train_loader: next_batch() -> a micro-batch for loss_fn ((x, y) with y = -1 where no loss is
+    wanted, for LanguageModelLoss), plus state_dict() and load_state_dict(). get_val_batches(): the
+    fixed list of val batches of this rank, called once at the first eval. loss_fn: what a batch
+    costs (LM_LOSS: pretraining and SFT; dpo.py's DPOLoss). kind: "base" or "chat", stored in
+    checkpoints. ckpt: a checkpoint to resume from (init_model's second result). sample_prompts:
+    lists of ids to continue at each eval (default: a few text prompts). Raises NonFiniteLossError
+    after max_bad_steps bad steps in a row."""
     from tqdm import tqdm
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context of "
                           f"{model.config.block_size}: use --block_size={model.config.block_size} or less")
-    grad_accum = grad_accum_steps(cfg, rt.world_size)
+    grad_accum = loss_fn.grad_accum_steps(cfg, rt.world_size)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     optimizers = configure_optimizers(model, cfg, rt.device_type)
@@ -379,185 +615,66 @@ def train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=None,
     if step >= cfg.max_steps:
         print0(f"nothing to do: the run is at step {step} and max_steps={cfg.max_steps}; raise max_steps to go on")
         return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen}
-
-    hellaswag_path = None
-    if cfg.hellaswag_interval > 0:  # fetch and check the file now, not hours into the run
-        from gptkit.hellaswag import download_val, load_items
-        try:
-            hellaswag_path = cfg.hellaswag_data or download_val()
-            load_items(hellaswag_path, cfg.hellaswag_limit)
-        except (UserError, OSError) as e:
-            raise ConfigError(f"{e} (or turn HellaSwag off: --hellaswag_interval=0)") from e
-
-    # the module that runs training's forward pass; evaluation and sampling use the raw model
-    forward_model = model
-    if cfg.compile:
-        forward_model = torch.compile(model)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel
-        forward_model = DistributedDataParallel(
-            forward_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-
-    if rt.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        # left by a save a kill cut short: a checkpoint's can be gigabytes
-        remove_temporaries(cfg.out_dir, r"ckpt\.pt|ckpt\.json|config\.json|log\.jsonl")
-        # a resume writes it again: a full disk or a kill here keeps the old one whole
-        atomic_write(os.path.join(cfg.out_dir, "config.json"),
-                     lambda f: f.write(json.dumps(config_dict(cfg), indent=2).encode("utf-8")))
-        print_config(cfg)
-        if ckpt is not None:
-            truncate_log(cfg.out_dir, step)
+    hellaswag_path = hellaswag_file(cfg)
+    forward_model = wrap_for_training(model, cfg, rt)
+    open_run_dir(cfg, rt, step if ckpt is not None else None)
     logger = MetricsLogger(cfg.out_dir, enabled=rt.master, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
                            wandb_run_name=cfg.wandb_run_name or None, config=config_dict(cfg), resume=ckpt is not None)
-    print0(f"{cfg.total_batch_tokens:,} tokens per step = {cfg.micro_batch_size} sequences x {cfg.block_size} tokens"
-           f" x {grad_accum} accumulation steps x {rt.world_size} process(es)")
-    peak_flops = device_peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device_type == "cuda" else None
-    flops_per_token = model.flops_per_token()
+    print0(f"{loss_fn.batch_summary(cfg, grad_accum, rt.world_size)}")
     val_batches = None
     prompts = sample_prompts if sample_prompts is not None else (default_sample_prompts() if cfg.sample_tokens else [])
-
-    # SIGTERM (a scheduler's time limit, `kill`) or Ctrl-C: finish the step, save, exit cleanly.
-    # A second Ctrl-C stops at once.
-    signals_seen = []
-
-    def on_signal(signum, frame):
-        if signals_seen and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signals_seen.append(signum)
-        print0(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
-
-    def run_eval():
-        nonlocal val_batches, best_val_loss
-        if val_batches is None:
-            val_batches = get_val_batches()
-        metrics = {"val_loss": evaluate_loss(model, val_batches, rt)}
-        best_val_loss = min(best_val_loss, metrics["val_loss"])
-        if cfg.hellaswag_interval > 0 and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
-            from gptkit.hellaswag import evaluate_hellaswag
-            result = evaluate_hellaswag(model, hellaswag_path, rt, limit=cfg.hellaswag_limit)
-            metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
-        texts = []
-        if rt.master and prompts and step > 0:
-            texts = sample_texts(model, rt, prompts, cfg.sample_tokens, cfg.seed)
-            metrics["samples"] = "\n---\n".join(texts)
-        logger.log(step, **metrics)
-        say(f"step {step}: val_loss {metrics['val_loss']:.4f}"
-            + (f" | hellaswag acc_norm {metrics['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in metrics else ""))
-        for text in texts:
-            say(f"  sample: {text!r}")
-
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not rt.master)
 
     def say(line):  # print above the progress bar, on rank 0 only (tqdm.write prints even when disabled)
         if rt.master:
             bar.write(line)
 
-    stop_group = None
-    if rt.ddp:
-        import torch.distributed as dist
-        # the per-step stop flag is all-reduced between the processes' CPUs (gloo): reading the
-        # result of an all-reduce on the GPU would make every step wait for the GPU
-        stop_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    def evaluate():
+        nonlocal val_batches, best_val_loss
+        val_batches = val_batches if val_batches is not None else get_val_batches()
+        metrics = run_eval(model, rt, cfg, loss_fn, val_batches, step, hellaswag_path, prompts, logger, say)
+        best_val_loss = min(best_val_loss, metrics["val_loss"])
 
-    bad_in_row, skipped_steps = log_state.get("bad_in_row", 0), log_state.get("skipped_steps", 0)
-    # Steps whose `finite` flag the host has not read yet: reading it waits for the GPU, so it is read
-    # in one go where the loop needs it anyway (log and checkpoint time). A skipped step changed
-    # nothing on the device, so deciding about it a few steps late loses nothing.
-    unread = []  # (step, finite, loss, grad_norm)
-    # the loss summed over the good steps since the last log line (a resume restores the sum, so the
-    # first line after it averages the same steps as an uninterrupted run's)
-    interval_loss = torch.tensor(float(log_state.get("loss_sum", 0.0)), device=rt.device)
-    interval_good_steps, interval_tokens = log_state.get("good_steps", 0), 0
-
-    def read_finite_flags():
-        nonlocal bad_in_row, skipped_steps, interval_good_steps
-        flags = torch.stack([finite for _, finite, _, _ in unread]).tolist() if unread else []
-        for (at_step, _, loss, grad_norm), ok in zip(unread, flags):
-            if ok:
-                bad_in_row = 0
-                interval_good_steps += 1
-                continue
-            bad_in_row += 1
-            skipped_steps += 1
-            logger.log(at_step, skipped_step=True, bad_steps_in_row=bad_in_row)
-            say(f"step {at_step}: non-finite loss or gradient (loss {loss.item()}, grad norm "
-                f"{grad_norm.item()}): update skipped ({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"loss became non-finite {bad_in_row} steps in a row at step {at_step}; lower learning_rate "
-                    f"(now {cfg.learning_rate}), raise warmup_steps, or set grad_clip=1.0, then resume. The "
-                    f"last good checkpoint in {cfg.out_dir} is intact (not overwritten).")
-        unread.clear()
+    steps = StepLog(cfg, rt, model, logger, say, log_state)
     try:
-        if ckpt is None:
-            run_eval()  # the baseline the val curve starts from
-        interval_start = time.time()
-        while step < cfg.max_steps:
-            # ---- one optimizer step
-            set_lr(optimizers, lr_multiplier(step, cfg))
-            micro_batches = [train_loader.next_batch() for _ in range(grad_accum)]
-            loss, grad_norm, finite = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model)
-            step += 1
-            tokens_seen += cfg.total_batch_tokens
-            interval_tokens += cfg.total_batch_tokens
-            bar.update(1)
-            unread.append((step, finite, loss, grad_norm))
-            interval_loss += torch.where(finite, loss, 0.0)
-
-            # ---- log: the only regular host sync (with AdamW in bf16/fp32)
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                rt.synchronize()
-                read_finite_flags()
-                tokens_per_sec = interval_tokens / max(time.time() - interval_start, 1e-9)
-                mean_loss = (interval_loss / interval_good_steps).item() if interval_good_steps else float("nan")
-                metrics = {"loss": mean_loss,
-                           "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
-                           "tokens_per_sec": tokens_per_sec, "tokens_seen": tokens_seen}
-                if peak_flops:
-                    metrics["mfu"] = flops_per_token * tokens_per_sec / (peak_flops * rt.world_size)
-                if rt.device_type == "cuda":
-                    metrics["memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1e9
-                if skipped_steps:
-                    metrics["skipped_steps"] = skipped_steps
-                logger.log(step, **metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                say(f"step {step}/{cfg.max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                          f"grad_norm {metrics['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s"
-                          + (f" | mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "")
-                          + (f" | mem {metrics['memory_gb']:.1f} GB" if "memory_gb" in metrics else ""))
-                interval_loss.zero_()
-                interval_good_steps, interval_tokens, interval_start = 0, 0, time.time()
-
-            # ---- evaluate, then checkpoint (so the checkpoint holds this eval's best_val_loss)
-            pause = time.time()
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                run_eval()
-            stop = bool(signals_seen) or step == cfg.stop_step
-            if rt.ddp:  # every rank must leave at the same step, or the others wait in all-reduce forever
-                flag = torch.tensor([float(stop)])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-                stop = bool(flag.item() > 0)
-            save_due = step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop
-            if save_due:
-                read_finite_flags()
-            # never during a run of skipped steps: the last checkpoint is the last good state
-            if save_due and (bad_in_row == 0 or stop):
-                log_state = {"loss_sum": interval_loss.item(), "good_steps": interval_good_steps,
-                             "skipped_steps": skipped_steps, "bad_in_row": bad_in_row}
-                save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen,
-                                    best_val_loss, log_state)
-            interval_start += time.time() - pause  # evals and saves stay out of tokens/s
-            if stop and step < cfg.max_steps:
-                why = signal.Signals(signals_seen[0]).name if signals_seen else f"stop_step={cfg.stop_step}"
-                say(f"stopped at step {step} ({why}); checkpoint saved in {cfg.out_dir}; "
-                          "continue with --init_from=resume")
-                break
+        with StopSignals(rt) as signals:
+            if ckpt is None:
+                evaluate()  # the baseline the val curve starts from
+            while step < cfg.max_steps:
+                set_lr(optimizers, lr_multiplier(step, cfg))
+                micro_batches = [train_loader.next_batch() for _ in range(grad_accum)]
+                stats = {}
+                loss, grad_norm, finite = train_step(model, optimizers, micro_batches, cfg, rt, scaler, forward_model,
+                                                     loss_fn=loss_fn, stats=stats)
+                step += 1
+                tokens = sum(batch[0].numel() for batch in micro_batches) * rt.world_size  # padding included
+                tokens_seen += tokens
+                bar.update(1)
+                steps.add(step, finite, loss, grad_norm, stats, tokens)
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    metrics = steps.write(step, tokens_seen, optimizers[0].param_groups[0]["lr"], grad_norm)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                # evaluate, then checkpoint (so the checkpoint holds this eval's best_val_loss)
+                pause = time.time()
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    evaluate()
+                stop = signals.should_stop(step, cfg.stop_step)
+                save_due = step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop
+                if save_due:
+                    steps.read_flags()
+                # never during a run of skipped steps: the last checkpoint is the last good state
+                if save_due and (steps.bad_in_row == 0 or stop):
+                    save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen,
+                                        best_val_loss, steps.state())
+                steps.start += time.time() - pause  # evals and saves stay out of tokens/s
+                if stop and step < cfg.max_steps:
+                    say(f"stopped at step {step} ({signals.reason(cfg.stop_step)}); checkpoint saved in "
+                        f"{cfg.out_dir}; continue with --init_from=resume")
+                    break
     finally:
         bar.close()
         logger.close()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-    return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
-            "stopped_by": int(signals_seen[0]) if signals_seen and step < cfg.max_steps else 0}
+    # stopped by a signal before the end: the script exits 128 + its number, so a scheduler requeues it
+    stopped_by = int(signals.seen[0]) if signals.seen and step < cfg.max_steps else 0
+    return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
+            "skipped_steps": steps.skipped_steps, "stopped_by": stopped_by}
