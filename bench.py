@@ -27,7 +27,8 @@ import torch
 
 from gptkit.configurator import ConfigError, config_dict, configure
 from gptkit.system import device_peak_flops, print0, setup_runtime
-from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, train_step
+from gptkit.trainer import (TrainConfig, configure_optimizers, grad_accum_steps, model_vocab_size, run_tokenizer,
+                            train_step)
 from model import GPT, GPTConfig, CausalSelfAttention
 
 def significant(x, digits=3):
@@ -93,7 +94,7 @@ def attention_kernels(model, rt, cfg):
     the GPU kernels on CUDA, elsewhere the ATen op that SDPA dispatched to (and its backward)."""
     from torch.profiler import ProfilerActivity, profile
     on_cuda = rt.device_type == "cuda"
-    x = torch.randint(0, 50257, (1, cfg.block_size), device=rt.device)
+    x = torch.randint(0, run_tokenizer(cfg).n_vocab, (1, cfg.block_size), device=rt.device)
     activity = ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU
     with sdpa_context(cfg.attention), profile(activities=[activity]) as prof:
         with rt.autocast():
@@ -113,7 +114,7 @@ def attention_kernels(model, rt, cfg):
 
 def bench_train(cfg, rt):
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, bias=cfg.bias, dropout=cfg.dropout),
+                          vocab_size=model_vocab_size(cfg, run_tokenizer(cfg)), bias=cfg.bias, dropout=cfg.dropout),
                 verbose=not cfg.json).to(rt.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     CausalSelfAttention.pad_heads = cfg.pad_heads
@@ -127,7 +128,7 @@ def bench_train(cfg, rt):
     grad_accum = grad_accum_steps(cfg, world_size=1)
     # Synthetic tokens: speed does not depend on the text; a few different batches avoid cache effects.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rows = [torch.randint(0, 50257, (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
+    rows = [torch.randint(0, run_tokenizer(cfg).n_vocab, (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
             for _ in range(min(grad_accum, 4))]
     batches = [(r[:, :-1].contiguous().to(rt.device), r[:, 1:].contiguous().to(rt.device)) for r in rows]
     micro_batches = [batches[i % len(batches)] for i in range(grad_accum)]
@@ -178,9 +179,10 @@ def bench_decode(cfg, rt):
     context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit."""
     from gptkit.generate import generate
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, bias=cfg.bias), verbose=not cfg.json).to(rt.device).eval()
+                          vocab_size=model_vocab_size(cfg, run_tokenizer(cfg)), bias=cfg.bias),
+                verbose=not cfg.json).to(rt.device).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
-    prompt = torch.randint(0, 50257, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prompt = torch.randint(0, run_tokenizer(cfg).n_vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
               else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),

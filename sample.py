@@ -31,7 +31,7 @@ from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
 from gptkit.system import run_main
-from gptkit.tokenizer import END, EOT, StreamDecoder, get_tokenizer
+from gptkit.tokenizer import StreamDecoder, get_tokenizer
 
 HELP = "commands: /reset (clear the conversation), /system TEXT (set the system prompt), /quit or Ctrl-D (leave); Ctrl-C stops an answer"
 
@@ -97,7 +97,7 @@ def chat_prompt_ids(tokenizer, system, messages, max_new_tokens, block_size):
 
 def complete_prompt_ids(tokenizer, text, max_new_tokens, block_size):
     """<|endoftext|> (start of a document) + the text; a text too long keeps its last tokens."""
-    ids = [EOT] + tokenizer.encode(text)
+    ids = [tokenizer.eot] + tokenizer.encode(text)
     keep = block_size - answer_room(max_new_tokens, block_size)
     return ids[-keep:]
 
@@ -174,7 +174,7 @@ def chat_loop(model, cfg, generator, autocast, tokenizer):
         except ValueError as e:
             print(f"({e})", flush=True)
             continue
-        answer, _ = respond(model, ids, cfg, (END, EOT), generator, autocast, tokenizer)
+        answer, _ = respond(model, ids, cfg, (tokenizer.end, tokenizer.eot), generator, autocast, tokenizer)
         messages = messages + [{"role": "assistant", "content": answer}]  # a stopped answer stays as shown
 
 
@@ -189,7 +189,7 @@ def complete_loop(model, cfg, generator, autocast, tokenizer):
         if text.strip() in ("/quit", "/exit"):
             return
         ids = complete_prompt_ids(tokenizer, text, cfg.max_new_tokens, model.config.block_size)
-        respond(model, ids, cfg, (EOT,), generator, autocast, tokenizer)
+        respond(model, ids, cfg, (tokenizer.eot,), generator, autocast, tokenizer)
 
 
 def main(cfg):
@@ -214,7 +214,7 @@ def main(cfg):
         # decoding feeds a new shape at every token (prompt lengths, cache positions): compiling
         # would mostly recompile, so sampling runs eagerly
         info("compile=True is ignored by sample.py: it decodes eagerly")
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer()  # the checkpoint's: load_model made it the process's
     generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
     if cfg.system == "auto":  # ask the model as it was trained
         cfg = replace(cfg, system=trained_system_prompt(ckpt))
@@ -234,10 +234,10 @@ def main(cfg):
                 ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
             except ValueError as e:
                 raise UserError(str(e)) from e
-            stop_tokens = (END, EOT)
+            stop_tokens = (tokenizer.end, tokenizer.eot)
         else:
             ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)
-            stop_tokens = (EOT,)
+            stop_tokens = (tokenizer.eot,)
         _, interrupted = respond(model, ids, cfg, stop_tokens, generator, rt.autocast, tokenizer, interactive=False)
         if interrupted:
             # exit code 130 as for any Ctrl-C: a script must not take a cut answer for a whole one

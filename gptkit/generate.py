@@ -4,7 +4,7 @@ penalty, stop tokens, the context limit. Used by sample.py and by the training l
 
     from gptkit.generate import generate, make_generator
     gen = make_generator(model, seed=1337)                  # same seed, same tokens
-    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[END, EOT], generator=gen):
+    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[tok.end, tok.eot], generator=gen):
         ...                                                  # ints, one at a time, as they are made
 
 The context limit: prompt + answer never pass model.config.block_size. Generation stops when the
@@ -26,7 +26,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from gptkit.tokenizer import MIN_VOCAB_SIZE
+from gptkit.tokenizer import get_tokenizer
 
 
 def make_generator(model_or_device, seed):
@@ -164,9 +164,10 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
         finally:
             model.train(was_training)
         logits = logits[:, -1, :]  # (B, V)
-        logits[:, MIN_VOCAB_SIZE:] = float("-inf")  # the padding slots: no text, never a target
+        logits[:, n_vocab:] = float("-inf")  # the padding slots: no text, never a target
         return logits
 
+    n_vocab = get_tokenizer().n_vocab  # the model's tokenizer (load_model made it the process's)
     logits = last_logits(seq)  # prefill: the whole prompt in one call
     for step in range(steps):
         next_ids = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty,

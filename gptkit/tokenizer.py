@@ -188,6 +188,13 @@ def tokenizer_path(spec):
     return os.path.join(spec, TOKENIZER_FILE) if os.path.isdir(spec) else spec
 
 
+def tokenizer_problems(spec, key="tokenizer"):
+    """The config check of a script's tokenizer key -> a list of problems (empty when usable)."""
+    if spec == "gpt2" or os.path.isfile(tokenizer_path(spec)):
+        return []
+    return [f"{key}={spec!r}: no {tokenizer_path(spec)}; give gpt2 or the folder train_tokenizer.py wrote (--out)"]
+
+
 @functools.lru_cache(maxsize=8)
 def tokenizer_from_string(text, where="checkpoint"):
     """What Tokenizer.to_string() gave (a checkpoint's copy) -> the Tokenizer (cached: building one
