@@ -175,8 +175,8 @@ def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
     model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
     tok = checkpoint_tokenizer(ckpt)
     if model_config.vocab_size < tok.n_vocab:
-        raise CheckpointError(f"{path}: the model has {model_config.vocab_size} token embeddings but its "
-                              f"tokenizer {tok.name} needs {tok.n_vocab} (text tokens plus the chat tokens); "
+        raise CheckpointError(f"{path}: the model has {model_config.vocab_size} token embeddings but the "
+                              f"tokenizer needs {tok.n_vocab} ({tok.name}: text tokens plus the chat tokens); "
                               "this checkpoint was not made for that tokenizer")
     model = GPT(model_config, verbose=verbose)
     try:
