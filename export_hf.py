@@ -5,7 +5,9 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
     python export_hf.py --ckpt=out/fineweb_124m --out=hf/base      # a pretrained model
 
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
-GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added. A
+GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added (a
+model trained with its own tokenizer, see train_tokenizer.py: that tokenizer.json, which the
+checkpoint carries; transformers loads it as it is, with the same ids as gptkit). A
 checkpoint of kind "chat" (written by finetune.py) also gets a chat template that renders exactly
 the ids gptkit's own renderer does, and puts the system prompt the model was finetuned with first
 in a chat that brings none. Runs on the CPU, offline; transformers is not needed to export.

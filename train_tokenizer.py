@@ -3,7 +3,7 @@ Train your own byte-level BPE tokenizer on your text; every gptkit script can th
 --tokenizer=PATH (prepare_*.py record it in the data folder, checkpoints carry it).
 
     python train_tokenizer.py --source=path/to/text_folder --vocab_size=16384 --out=tokenizers/mytext
-    python train_tokenizer.py config/own_text.py            # the same keys from a recipe file
+    python train_tokenizer.py config/own_text.py --source=path/to/text_folder --out=tokenizers/own_text
     python train_tokenizer.py --source=HuggingFaceFW/fineweb-edu --subset=sample-10BT --max_chars=1e9 \\
         --vocab_size=32768 --pattern=gpt4 --out=tokenizers/fineweb32k
     python prepare_fineweb.py --source=path/to/text_folder --tokenizer=tokenizers/mytext --data_dir=data/mytext
@@ -44,8 +44,7 @@ class TokenizerConfig(BaseConfig):
     vocab_size: int = 16384                    # tokens, control tokens included: 261 (bytes + 5 controls) to 65,536
     pattern: str = "gpt2"                      # pre-tokenizer split: gpt2 or gpt4
     max_chars: int = 100_000_000               # read at most this many characters (training + held out)
-    tokenizer: str = ""                        # a recipe's shared key (where the other scripts find it): out defaults to it
-    out: str = ""                              # folder to write tokenizer.json and summary.txt; empty: tokenizer
+    out: str = ""                              # folder to write tokenizer.json and summary.txt (the other scripts' --tokenizer)
 
     def validate(self):
         problems = super().validate()
@@ -57,7 +56,7 @@ class TokenizerConfig(BaseConfig):
             problems.append(f"pattern={self.pattern!r}: use gpt2 or gpt4")
         if self.max_chars < 1:
             problems.append(f"max_chars={self.max_chars}: must be at least 1")
-        if not (self.out or self.tokenizer) or (self.out or self.tokenizer) == "gpt2":
+        if not self.out or self.out == "gpt2":
             problems.append("out is empty: give the folder to write, such as --out=tokenizers/mytext")
         from prepare_fineweb import is_local
         if is_local(self.source) and not os.path.exists(self.source):
@@ -113,7 +112,7 @@ def bytes_per_token(tok, texts):
 
 def main(cfg):
     from gptkit.checkpoint import atomic_write
-    out = cfg.out or cfg.tokenizer
+    out = cfg.out
     train, held = read_corpus(cfg)
     n_chars = sum(len(t) for t in train)
     start = time.time()

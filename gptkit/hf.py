@@ -15,7 +15,9 @@ Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three d
 
 Reading a folder needs only safetensors (or torch for pytorch_model.bin); transformers and
 huggingface_hub are needed only to download a hub name. The tokenizer files are generated from
-tiktoken's GPT-2 ranks, so exporting works offline.
+tiktoken's GPT-2 ranks, so exporting works offline. A model with a trained tokenizer exports that
+tokenizer.json instead (config.json's "gptkit_tokenizer" names its hash; no vocabulary padding to
+50304 then), and importing such a folder gives back the model with its tokenizer.
 
 A caveat of the exported tokenizer: Hugging Face tokenizers turn the text "<|user|>" inside a
 message into the control token (they match added tokens in any text), where gptkit's own scripts
