@@ -1,6 +1,7 @@
 # Your own text with your own tokenizer: a 16K byte-level BPE trained on the text, and a 19M-parameter
-# GPT (7 layers, 384 wide, T=512) whose embedding holds 6M parameters instead of GPT-2's 19M. Sized
-# for a 12 GB card. Any folder (or file) of .txt, .jsonl or .parquet documents will do:
+# GPT (7 layers, 384 wide, T=512) whose embedding holds 6M parameters instead of GPT-2's 19M, meant
+# for a 12 GB card (its memory is not measured yet: `python bench.py config/own_text.py` tells).
+# Any folder (or file) of .txt, .jsonl or .parquet documents will do:
 #   python train_tokenizer.py config/own_text.py --source=path/to/text_folder --out=tokenizers/own_text
 #   python prepare_fineweb.py config/own_text.py --source=path/to/text_folder --tokenizer=tokenizers/own_text
 #   python train.py config/own_text.py

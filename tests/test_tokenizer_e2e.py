@@ -90,6 +90,14 @@ def test_sample_eval_and_export_need_no_flag_and_transformers_agrees(pipeline):
         out = out[:-1]  # the stop token: sample.py does not print it
     assert all(i < tok.n_vocab for i in out)
     assert sampled == tok.decode(out) + "\n"
+    from gptkit.checkpoint import load_model
+    from gptkit.generate import generate
+    try:  # and back: the export loads into gptkit with its tokenizer, and answers the same
+        model, _ = load_model(str(tmp / "hf"), verbose=False)
+        assert get_tokenizer().hash == tok.hash and model.config.vocab_size == 512
+        assert list(generate(model, ids, 12, temperature=0, stop_tokens=(tok.end, tok.eot))) == out
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
 
 
 def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
