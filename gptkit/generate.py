@@ -13,8 +13,9 @@ possible without a cache, but then the two paths would disagree on long answers,
 runs out of room is better served by dropping old turns, which sample.py does.)
 
 Stop tokens end generation and are not yielded: the caller gets the answer only. The unused
-vocabulary slots (ids 50261..50303, padding up to 50304) are never sampled: they have no text and
-were never trained, so a sampled one would print nothing and steer the rest of the answer.
+vocabulary slots (ids from the tokenizer's n_vocab up: GPT-2's 50261..50303) are never sampled:
+they have no text and were never trained, so a sampled one would print nothing and steer the rest
+of the answer.
 
 Each forward call runs under torch.no_grad() and, on CUDA, bf16 autocast (fp16 where the GPU has
 no bf16). The grad mode and autocast are entered around each model call, not across a `yield`, so
