@@ -132,7 +132,7 @@ class Tokenizer:
         else:
             self.enc, ids = _bpe_encoding(text, where)
             self.hash = "bpe-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-            self.name = f"{where} ({self.hash})"
+            self.name = f"{self.hash} from {where}"
         self.eot, self.system, self.user, self.assistant, self.end = (ids[t] for t in CONTROL_TOKENS)
         self.roles = {"system": self.system, "user": self.user, "assistant": self.assistant}
         self.n_vocab = max(ids.values()) + 1 if text == "gpt2" else self.enc.n_vocab

@@ -185,7 +185,7 @@ def init_model(cfg, rt):
         check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(ckpt), path)
         model = build_model(ckpt, path, verbose=rt.master)  # the run's own model config, dropout included
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
-                  if hasattr(cfg, k) and getattr(cfg, k) != v]
+                  if hasattr(cfg, k) and getattr(cfg, k) != v and not (k == "vocab_size" and cfg.vocab_size == 0)]
         if differ:
             print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
     elif os.path.isfile(source) or os.path.isfile(os.path.join(source, CKPT_NAME)):
