@@ -118,3 +118,18 @@ def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
     finally:
         use_tokenizer(load_tokenizer("gpt2"))
     assert get_tokenizer().hash == "gpt2" and not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
+    from bench import BenchConfig, bench_vocab
+    from gptkit.configurator import ConfigError
+    from gptkit.trainer import TrainConfig, model_vocab_size, run_tokenizer
+    tmp, tok = pipeline
+    cfg = load_config(TrainConfig, [f"--data_dir={tmp / 'data'}"])
+    assert run_tokenizer(cfg).hash == tok.hash and model_vocab_size(cfg, tok) == 512
+    assert bench_vocab(load_config(BenchConfig, [f"--data_dir={tmp / 'data'}"])) == (512, 512)
+    assert model_vocab_size(load_config(TrainConfig, ["--vocab_size=1024"]), tok) == 1024
+    with pytest.raises(ConfigError, match="vocab_size=500 is smaller than the 512"):
+        model_vocab_size(load_config(TrainConfig, ["--vocab_size=500"]), tok)
+    with pytest.raises(ConfigError, match=f"tokenizer=gpt2.*prepared with tokenizer {tok.hash}"):
+        run_tokenizer(load_config(TrainConfig, [f"--data_dir={tmp / 'data'}", "--tokenizer=gpt2"]))
