@@ -250,8 +250,13 @@ def hf_run_info(name_or_path):
     if hf_config.get("gptkit_kind") == "chat":
         info = {"kind": "chat", "config": {"system": hf_config.get("gptkit_system", "")}}
     if hf_config.get("gptkit_tokenizer", "gpt2") != "gpt2":
-        with open(os.path.join(name_or_path, TOKENIZER_FILE), encoding="utf-8") as f:
-            info["tokenizer"] = f.read()
+        path = os.path.join(name_or_path, TOKENIZER_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                info["tokenizer"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HFError(f"{path}: cannot read the tokenizer this export was made with ({type(e).__name__}): "
+                          "export the checkpoint again") from e
     return info
 
 
