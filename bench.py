@@ -8,6 +8,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=4   # prepare_fineweb's tokenizer
+    python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=1 --tokenizer=tokenizers/mytext
 
 Each timed step is a full optimizer step (total_batch_tokens tokens with gradient accumulation).
 `warmup` steps run first and are not timed (compilation, allocator warm-up, cuDNN autotuning);
@@ -28,7 +29,7 @@ import torch
 
 from gptkit.configurator import ConfigError, config_dict, configure
 from gptkit.system import device_peak_flops, print0, setup_runtime
-from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, train_step
+from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, run_tokenizer, train_step
 from model import GPT, GPTConfig, CausalSelfAttention
 
 def significant(x, digits=3):
@@ -89,12 +90,20 @@ def sdpa_context(name):
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel(backends[name])
 
 
+def bench_vocab(cfg):
+    """-> (the model's vocabulary, the ids synthetic tokens are drawn below): the recipe's vocab_size,
+    else the tokenizer of its data folder (GPT-2 when there is none yet)."""
+    tok = run_tokenizer(cfg)
+    vocab = cfg.vocab_size or tok.vocab_size
+    return vocab, min(vocab, tok.n_vocab)
+
+
 def attention_kernels(model, rt, cfg):
     """Names of the attention kernels that actually run in a forward+backward (from the profiler):
     the GPU kernels on CUDA, elsewhere the ATen op that SDPA dispatched to (and its backward)."""
     from torch.profiler import ProfilerActivity, profile
     on_cuda = rt.device_type == "cuda"
-    x = torch.randint(0, 50257, (1, cfg.block_size), device=rt.device)
+    x = torch.randint(0, bench_vocab(cfg)[1], (1, cfg.block_size), device=rt.device)
     activity = ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU
     with sdpa_context(cfg.attention), profile(activities=[activity]) as prof:
         with rt.autocast():
@@ -114,7 +123,7 @@ def attention_kernels(model, rt, cfg):
 
 def bench_train(cfg, rt):
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, bias=cfg.bias, dropout=cfg.dropout),
+                          vocab_size=bench_vocab(cfg)[0], bias=cfg.bias, dropout=cfg.dropout),
                 verbose=not cfg.json).to(rt.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     CausalSelfAttention.pad_heads = cfg.pad_heads
@@ -128,7 +137,7 @@ def bench_train(cfg, rt):
     grad_accum = grad_accum_steps(cfg, world_size=1)
     # Synthetic tokens: speed does not depend on the text; a few different batches avoid cache effects.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rows = [torch.randint(0, 50257, (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
+    rows = [torch.randint(0, bench_vocab(cfg)[1], (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
             for _ in range(min(grad_accum, 4))]
     batches = [(r[:, :-1].contiguous().to(rt.device), r[:, 1:].contiguous().to(rt.device)) for r in rows]
     micro_batches = [batches[i % len(batches)] for i in range(grad_accum)]
@@ -179,9 +188,10 @@ def bench_decode(cfg, rt):
     context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit."""
     from gptkit.generate import generate
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, bias=cfg.bias), verbose=not cfg.json).to(rt.device).eval()
+                          vocab_size=bench_vocab(cfg)[0], bias=cfg.bias),
+                verbose=not cfg.json).to(rt.device).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
-    prompt = torch.randint(0, 50257, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prompt = torch.randint(0, bench_vocab(cfg)[1], (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
               else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),
@@ -240,9 +250,12 @@ def read_documents(folder):
 
 
 def bench_tokenize(cfg):
-    """prepare_fineweb's parallel tokenizer against a plain single-process tiktoken loop."""
+    """prepare_fineweb's parallel tokenizer (with --tokenizer=PATH a trained one) against a plain
+    single-process tiktoken GPT-2 loop on the same documents."""
     import tiktoken
     from gptkit.data import resolve_num_proc, tokenize_documents
+    from gptkit.tokenizer import load_tokenizer, use_tokenizer
+    tok = use_tokenizer(load_tokenizer(cfg.tokenizer or "gpt2"))
     documents = read_documents(cfg.text)
     if not documents:  # empty .txt files, or .zip files without any .txt inside
         raise ConfigError(f"text={cfg.text!r}: its .txt and .zip files hold no text to tokenize")
@@ -255,7 +268,7 @@ def bench_tokenize(cfg):
     t0 = time.perf_counter()
     n_ours = sum(len(a) for a in tokenize_documents(documents, num_proc))
     ours_s = time.perf_counter() - t0
-    return {"mode": "tokenize", "documents": len(documents), "megabytes": significant(megabytes),
+    return {"mode": "tokenize", "tokenizer": tok.name, "documents": len(documents), "megabytes": significant(megabytes),
             "tokens": n_ours, "plain_tiktoken_mb_per_s": significant(megabytes / plain_s),
             "plain_tiktoken_tokens_per_s": round(n_plain / plain_s),
             "num_proc": num_proc, "mb_per_s": significant(megabytes / ours_s), "tokens_per_s": round(n_ours / ours_s),

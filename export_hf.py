@@ -6,8 +6,10 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
     python export_hf.py --ckpt=out/dolly --out=hf/dolly --push_to_hub=your-name/gptkit-dolly   # and upload it
 
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
-GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added, and
-a model card (README.md with the Hub's metadata, and loss.png) filled from the run's log. A
+GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added (a
+model trained with its own tokenizer, see train_tokenizer.py: that tokenizer.json, which the
+checkpoint carries; transformers loads it as it is, with the same ids as gptkit), and a model card
+(README.md with the Hub's metadata, and loss.png) filled from the run's log. A
 checkpoint of kind "chat" (written by finetune.py) also gets a chat template that renders exactly
 the ids gptkit's own renderer does, and puts the system prompt the model was finetuned with first
 in a chat that brings none. Runs on the CPU, offline; transformers is not needed to export.

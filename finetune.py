@@ -63,7 +63,7 @@ def print_answers(model, rt, questions, max_new_tokens, title):
     with the answer its data gives: a question the model trained on would show what it memorised."""
     from gptkit.generate import generate  # lazily: only this step needs it
     from gptkit.system import print0
-    from gptkit.tokenizer import END, EOT, USER, get_tokenizer
+    from gptkit.tokenizer import get_tokenizer
     if not rt.master or max_new_tokens == 0 or not questions:
         return
     tokenizer = get_tokenizer()
@@ -72,9 +72,11 @@ def print_answers(model, rt, questions, max_new_tokens, title):
     print0(f"--- {title}")
     for ids, reference in questions:
         # the text of the last user turn (the prompt ends in its <|end|> and <|assistant|>)
-        last_user = len(ids) - 1 - ids[::-1].index(USER) if USER in ids else len(ids) - 2
+        user = tokenizer.user
+        last_user = len(ids) - 1 - ids[::-1].index(user) if user in ids else len(ids) - 2
         question = tokenizer.decode(ids[last_user + 1:-2])
-        answer = generate(model, ids, max_new_tokens, temperature=0.0, stop_tokens=(END, EOT), autocast=rt.autocast)
+        answer = generate(model, ids, max_new_tokens, temperature=0.0, stop_tokens=(tokenizer.end, tokenizer.eot),
+                          autocast=rt.autocast)
         cut = "..." if len(reference) > max_new_tokens else ""
         print0(f"Q: {question}\nA: {tokenizer.decode(list(answer)).strip()}\n"
                f"(data: {tokenizer.decode(reference[:max_new_tokens]).strip()}{cut})")

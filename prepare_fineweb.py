@@ -1,9 +1,10 @@
 """
-FineWeb-Edu (or local parquet/jsonl/txt) -> GPT-2 token shards with a document-level train/val split.
+FineWeb-Edu (or local parquet/jsonl/txt) -> token shards with a document-level train/val split.
 
     python prepare_fineweb.py config/fineweb_124m.py                      # stream sample-10BT from the hub
     python prepare_fineweb.py config/fineweb_124m.py --max_tokens=1e8     # a first try: stop after 100M tokens
     python prepare_fineweb.py --source=my_texts/ --data_dir=data/mine --val_tokens=1e6   # local files
+    python prepare_fineweb.py --source=my_texts/ --data_dir=data/mine --tokenizer=tokenizers/mytext  # your own tokenizer
 
 The hub dataset is read with `datasets` in streaming mode, so nothing is downloaded whole first.
 `source` may instead be a local .parquet / .jsonl / .txt file or a folder of them (one kind per
@@ -16,7 +17,8 @@ Each document is normalised (CRLF and lone CR -> LF, BOM dropped; empty document
 preceded by <|endoftext|>. Documents picked by a stable hash go to val until it holds val_tokens, at
 most 10% of the source; a source too small for any to be picked still gives its last one to val.
 Output: <data_dir>/{train,val}_NNNNNN.bin of shard_tokens tokens each (the last one shorter), in
-the format of gptkit/data.py.
+the format of gptkit/data.py, and with a trained tokenizer (--tokenizer=PATH, see train_tokenizer.py)
+a copy of it, <data_dir>/tokenizer.json: train.py sizes the model from it.
 
 Resumable: kill it at any moment and run the same command again; it finishes with exactly the shards
 an uninterrupted run writes. On finished data it does nothing. Progress lives in
@@ -36,11 +38,11 @@ import numpy as np
 
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
 from gptkit.checkpoint import atomic_write, remove_temporaries
-from gptkit.data import (PREPARE_STATE, list_shards, make_pool, normalize_line_ends, read_header,
-                         resolve_num_proc, shard_path, tokenize_stream, write_shard)
+from gptkit.data import (PREPARE_STATE, list_shards, make_pool, normalize_line_ends,
+                         resolve_num_proc, shard_path, text_vocab, tokenize_stream, write_shard)
 from gptkit.lock import hold_folder, release_folder
 from gptkit.system import print0, run_main
-from gptkit.tokenizer import EOT, get_tokenizer
+from gptkit.tokenizer import get_tokenizer, load_tokenizer, record_tokenizer, use_tokenizer
 
 LOCAL_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 HUB_SUBSET_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9, "default": 1.3e12}
@@ -60,9 +62,12 @@ class PrepareConfig(BaseConfig):
     val_tokens: int = 10_485_760               # about this many tokens go to val (at most 10% of the source), chosen per document
     max_tokens: int = 0                        # stop after this many tokens in all (0: the whole source)
     num_proc: int = 0                          # tokenizer processes; 0: all cores
+    tokenizer: str = "gpt2"                    # gpt2, or the folder of a tokenizer train_tokenizer.py made
 
     def validate(self):
         problems = super().validate()
+        from gptkit.tokenizer import tokenizer_problems
+        problems += tokenizer_problems(self.tokenizer)
         if self.shard_tokens < 1:
             problems.append(f"shard_tokens={self.shard_tokens}: must be at least 1 (100_000_000 is usual)")
         for key in ("max_tokens", "num_proc"):
@@ -292,9 +297,9 @@ class SplitWriter:
 
     def flush(self):
         if self.fill:
-            shard = self.buffer[:self.fill]
+            shard, tok = self.buffer[:self.fill], get_tokenizer()
             write_shard(shard_path(self.data_dir, self.split, self.shards), shard,
-                        n_docs=int(np.count_nonzero(shard == EOT)))
+                        n_docs=int(np.count_nonzero(shard == tok.eot)), n_vocab=text_vocab(tok))
             self.shards += 1
             self.fill = 0
 
@@ -322,6 +327,10 @@ def prepare(cfg, recipes=()):
     state_path = os.path.join(cfg.data_dir, PREPARE_STATE)
     settings = {k: getattr(cfg, k) for k in ("source", "subset", "shard_tokens", "val_tokens", "max_tokens")}
     hold_folder(cfg.data_dir)  # one writer: two preparations at once would mix their shards
+    tok = use_tokenizer(load_tokenizer(cfg.tokenizer))  # loaded once here, inherited by the tokenizer workers
+    if tok.hash != "gpt2":  # folders prepared before tokenizers were recorded still resume
+        settings["tokenizer"] = tok.hash
+    record_tokenizer(cfg.data_dir, tok)
     remove_temporaries(cfg.data_dir, rf"(train|val)_\d{{6}}\.bin|{re.escape(PREPARE_STATE)}")  # of a killed run
     if os.path.exists(state_path):
         state, train_partial, val_partial = load_state(state_path)
@@ -358,7 +367,6 @@ def prepare(cfg, recipes=()):
         save_state(state_path, state, [train, val])
 
     num_proc = resolve_num_proc(cfg.num_proc)
-    get_tokenizer()  # loaded once here, inherited by forked workers
     pool = make_pool(num_proc) if num_proc > 1 else None  # before datasets starts any thread
     records = open_records(cfg)
     for _ in range(records_done):  # documents already in shards or in the saved partial buffers

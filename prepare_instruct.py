@@ -5,6 +5,7 @@ Instruction data -> rendered chat conversations with loss masks (the SFT format 
     python prepare_instruct.py config/alpaca.py
     python prepare_instruct.py --sources=path/to/instruction-data.json --data_dir=data/mine
     python prepare_instruct.py --sources='["databricks/databricks-dolly-15k", "my_chats.jsonl*2"]'
+    python prepare_instruct.py config/dolly.py --tokenizer=tokenizers/mytext   # your own tokenizer (kept in data_dir)
 
 A source is a hub dataset name or a local .json (a list of records, or one record per line) or
 .jsonl file. Its schema is told from the fields of its records:
@@ -52,6 +53,7 @@ class InstructConfig(BaseConfig):
     overlong: str = "drop"            # drop | truncate conversations longer than that
     on_bad_record: str = "skip"       # skip (and count) | error (stop, naming file and record); unreadable files always stop
     system: str = ""                  # system prompt for conversations that bring none ("" for none)
+    tokenizer: str = "gpt2"           # gpt2, or the folder of a tokenizer train_tokenizer.py made
 
     def validate(self):
         problems = super().validate()
@@ -68,6 +70,8 @@ class InstructConfig(BaseConfig):
                                 f"--sources='[\"{name}/a.jsonl\", \"{name}/b.json\"]'")
             elif name.endswith((".json", ".jsonl")) and not os.path.exists(name):
                 problems.append(f"source {name}: no such file")
+        from gptkit.tokenizer import tokenizer_problems
+        problems += tokenizer_problems(self.tokenizer)
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction={self.val_fraction} must be in [0, 1)")
         if self.block_size < 8:
@@ -296,8 +300,7 @@ def render_pair(tokenizer, prompt, chosen, rejected, block_size, overlong):
     answer only, cut by the rule in the docstring above when overlong=truncate; the pair is None when
     it is dropped; note (for the summary) says what happened to an overlong pair."""
     head = tokenizer.render_prompt(prompt)
-    from gptkit.tokenizer import END
-    answers = [tokenizer.encode(text) + [END] for text in (chosen, rejected)]
+    answers = [tokenizer.encode(text) + [tokenizer.end] for text in (chosen, rejected)]
     limit = block_size + 1
     if len(head) + max(map(len, answers)) > limit:
         if overlong == "drop":
@@ -355,10 +358,10 @@ def prepare(cfg):
     from gptkit.lock import hold_folder, release_folder
     from gptkit.sft import write_sft
     from gptkit.system import print0
-    from gptkit.tokenizer import get_tokenizer
+    from gptkit.tokenizer import load_tokenizer, use_tokenizer
 
     hold_folder(cfg.data_dir)  # one writer: two preparations at once would mix their files
-    tokenizer = get_tokenizer()
+    tokenizer = use_tokenizer(load_tokenizer(cfg.tokenizer))
     seen = set()  # conversation keys, for exact duplicates across all sources
     train, val, summary = [], [], {}  # train, val: (ids, mask) per conversation; a pair is two in a row
     kinds = {}  # "pairs": whether the sources hold preference pairs (all of them, or none)

@@ -188,7 +188,7 @@ def main(cfg):
         # decoding feeds a new shape at every token (prompt lengths, cache positions): compiling
         # would mostly recompile, so sampling runs eagerly
         info("compile=True is ignored by sample.py: it decodes eagerly")
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer()  # the checkpoint's: load_model made it the process's
     generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
     cfg = replace(cfg, system=resolve_system(cfg.system, ckpt))  # auto: ask the model as it was trained
     if mode == "chat" and cfg.system:

@@ -15,8 +15,6 @@ max_new_tokens, but never more than half the context, so some history always fit
 Message text goes through tokenizer.encode (never a control token): a typed "<|assistant|>" stays text.
 """
 
-from gptkit.tokenizer import END
-
 
 def resolve_system(setting, ckpt):
     """The system prompt a chat starts with: "auto" asks the model as it was finetuned (the prompt
@@ -27,7 +25,7 @@ def resolve_system(setting, ckpt):
 
 def stop_tokens_of(tokenizer, mode):
     """A chat answer ends at <|end|> (or a stray <|endoftext|>); a completion at <|endoftext|>."""
-    return (END, tokenizer.eot) if mode == "chat" else (tokenizer.eot,)
+    return (tokenizer.end, tokenizer.eot) if mode == "chat" else (tokenizer.eot,)
 
 
 def answer_room(max_new_tokens, block_size):

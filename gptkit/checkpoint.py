@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
     model_config     GPTConfig fields
     config           the resolved run config
     kind             "base" (pretrained) or "chat" (finetuned with the chat format)
+    tokenizer        "gpt2" or the trained tokenizer's tokenizer.json text (absent in old checkpoints: gpt2)
     step, tokens_seen, best_val_loss
     optimizer, scaler, loader, rng   (for an exact resume; absent in exported weights)
 Saving is atomic (temporary file, fsync, rename), so a crash or kill during a save leaves the
@@ -27,7 +28,7 @@ import torch
 from model import GPT, GPTConfig
 from gptkit.configurator import ConfigError, UserError, config_dict
 from gptkit.system import print0
-from gptkit.tokenizer import MIN_VOCAB_SIZE
+from gptkit.tokenizer import checkpoint_tokenizer, get_tokenizer, use_tokenizer
 
 CKPT_NAME = "ckpt.pt"
 
@@ -178,10 +179,11 @@ def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
         raise CheckpointError(f"{path}: its model config has fields this gptkit's model does not know ({', '.join(unknown)}): "
                               "it was made by another version of gptkit; use that version, or a checkpoint made by this one")
     model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
-    if model_config.vocab_size < MIN_VOCAB_SIZE:
+    tok = checkpoint_tokenizer(ckpt)
+    if model_config.vocab_size < tok.n_vocab:
         raise CheckpointError(f"{path}: the model has {model_config.vocab_size} token embeddings but the "
-                              f"tokenizer needs {MIN_VOCAB_SIZE} (GPT-2's 50257 plus the chat tokens); "
-                              "this checkpoint was not made for gptkit's tokenizer")
+                              f"tokenizer needs {tok.n_vocab} ({tok.name}: text tokens plus the chat tokens); "
+                              "this checkpoint was not made for that tokenizer")
     model = GPT(model_config, verbose=verbose)
     try:
         model.load_state_dict(ckpt["model"])
@@ -194,13 +196,15 @@ def load_model(path, device="cpu", verbose=True, **overrides):
     """-> (model in eval mode on device, checkpoint dict), for sample, eval and export. path: a run
     directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2, gpt2-xl, ...:
     to compare with OpenAI's models, or use an export), whose dict holds only its "kind" (and a chat
-    export's system prompt under "config")."""
+    export's system prompt under "config", an export's trained tokenizer under "tokenizer").
+    The model's tokenizer becomes the process's (get_tokenizer()): scripts need no flag for it."""
     from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
     if is_hf_folder(path) or is_hub_name(path):
         model, ckpt = load_hf_gpt2(path, verbose=verbose, **overrides), hf_run_info(path)
     else:
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, resolve_path(path), verbose=verbose, **overrides)
+    use_tokenizer(checkpoint_tokenizer(ckpt))
     model.to(device)
     model.eval()
     return model, ckpt
@@ -266,6 +270,7 @@ def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, 
         "model_config": model.config.to_dict(),
         "config": config_dict(cfg),
         "kind": kind,
+        "tokenizer": get_tokenizer().to_string(),  # later scripts need no flag; a str loads with weights_only
         "optimizer": [opt.state_dict() for opt in optimizers],
         "scaler": scaler.state_dict(),
         "step": step,

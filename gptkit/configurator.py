@@ -41,6 +41,7 @@ SCRIPT_CONFIGS = [
     ("eval_hellaswag", "EvalConfig"),
     ("export_hf", "ExportConfig"),
     ("bench", "BenchConfig"),
+    ("train_tokenizer", "TokenizerConfig"),
 ]
 
 

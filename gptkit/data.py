@@ -4,12 +4,12 @@ Pretraining token shards and the batch loader that reads them.
 A shard is <dir>/{train,val}_NNNNNN.bin: a header of 256 int32 followed by uint16 token ids.
 The header follows llm.c, so shards made by llm.c or modded-nanogpt tooling load as they are:
     header[0] = 20240520  magic
-    header[1] = 1         version (uint16 GPT-2 tokens)
+    header[1] = 1         version (uint16 tokens)
     header[2] = number of tokens
-    header[3] = 50257     vocabulary the ids come from (GPT-2); 0 in llm.c shards
+    header[3] = vocabulary the ids come from: 50257 (GPT-2), a trained tokenizer's n_vocab; 0 in llm.c shards
     header[4] = number of documents (each begins with <|endoftext|>); 0 when unknown
 
-    write_shard("data/x/train_000000.bin", tokens)
+    write_shard("data/x/train_000000.bin", tokens)   # n_vocab=tok.n_vocab for a trained tokenizer
     loader = PretrainLoader("data/x", "train", batch_size=16, block_size=1024, rank=0, world_size=1)
     x, y = loader.next_batch()                      # int64 (B, T); y is x shifted left by one
     state = loader.state_dict(); loader.load_state_dict(state)   # exact resume
@@ -34,7 +34,7 @@ import torch
 
 from gptkit.checkpoint import atomic_write
 from gptkit.configurator import UserError
-from gptkit.tokenizer import EOT, get_tokenizer
+from gptkit.tokenizer import MAX_VOCAB, get_tokenizer, tokenizer_from_string, use_tokenizer
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -52,16 +52,16 @@ def shard_path(data_dir, split, index):
     return os.path.join(data_dir, f"{split}_{index:06d}.bin")
 
 
-def write_shard(path, tokens, n_docs=0):
-    """Write tokens (ids < 50257) as a shard, atomically."""
+def write_shard(path, tokens, n_docs=0, n_vocab=GPT2_VOCAB):
+    """Write tokens (ids < n_vocab: GPT-2's text ids by default) as a shard, atomically."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"write_shard({path}): tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= GPT2_VOCAB):
-        raise ValueError(f"write_shard({path}): token ids must lie in [0, {GPT2_VOCAB}), "
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= n_vocab):
+        raise ValueError(f"write_shard({path}): token ids must lie in [0, {n_vocab}), "
                          f"got {int(tokens.min())}..{int(tokens.max())}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2], header[3], header[4] = MAGIC, VERSION, tokens.size, GPT2_VOCAB, n_docs
+    header[0], header[1], header[2], header[3], header[4] = MAGIC, VERSION, tokens.size, n_vocab, n_docs
     atomic_write(path, lambda f: f.writelines([header.tobytes(), tokens.astype(np.uint16, copy=False).tobytes()]))
 
 
@@ -74,8 +74,15 @@ def prepare_hint(data_dir):
         settings = None
     if not settings:
         return f"python prepare_fineweb.py --source=YOUR_TEXTS --data_dir={data_dir}"
-    return "python prepare_fineweb.py " + shlex.join(
-        [f"--{key}={value}" for key, value in settings.items()] + [f"--data_dir={data_dir}"])
+    # a trained tokenizer is recorded by its hash: the hint asks for its file
+    args = [f"--{key}={'YOUR_TOKENIZER' if key == 'tokenizer' else value}" for key, value in settings.items()]
+    return "python prepare_fineweb.py " + shlex.join(args + [f"--data_dir={data_dir}"])
+
+
+def text_vocab(tok):
+    """The vocabulary a tokenizer's shards are written for: GPT-2's 50257 (its chat tokens lie above,
+    never in pretraining text), or a trained tokenizer's n_vocab (its chat tokens are ids 1-4)."""
+    return GPT2_VOCAB if tok.hash == "gpt2" else tok.n_vocab
 
 
 def redo_advice(path):
@@ -100,18 +107,22 @@ def read_header(path):
         raise ShardError(f"shard {path} has magic number {header[0]}, expected {MAGIC}: it is not a "
                          f"token shard of this format (llm.c layout); {redo_advice(path)}")
     if header[1] != VERSION:
-        raise ShardError(f"shard {path} has version {header[1]}, expected {VERSION} (uint16 GPT-2 tokens; "
-                         "version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); "
-                         f"{redo_advice(path)}")
+        raise ShardError(f"shard {path} has version {header[1]}, expected {VERSION} (uint16 tokens; "
+                         f"version 2 is llm.c's uint32 LLaMA-3 format, which this GPT-2 model cannot use); {redo_advice(path)}")
     n_tokens = int(header[2])
     expected = HEADER_BYTES + 2 * n_tokens
     if n_tokens < 0 or size != expected:
         raise ShardError(f"shard {path} is {size} bytes but its header announces {n_tokens} tokens "
                          f"({expected} bytes): the file is truncated or corrupt; {redo_advice(path)}")
-    if header[3] not in (0, GPT2_VOCAB):
-        raise ShardError(f"shard {path} was written for a vocabulary of {header[3]} tokens, not GPT-2's "
-                         f"{GPT2_VOCAB}; {redo_advice(path)}")
+    if not 0 <= header[3] <= MAX_VOCAB:
+        raise ShardError(f"shard {path} was written for a vocabulary of {header[3]} tokens, more than uint16 ids "
+                         f"hold; {redo_advice(path)}")
     return header.copy()
+
+
+def shard_vocab(header):
+    """The ids a shard may hold lie below this (llm.c's shards leave the slot 0: GPT-2)."""
+    return int(header[3]) or GPT2_VOCAB
 
 
 def open_shard(path, n_tokens):
@@ -122,11 +133,11 @@ def open_shard(path, n_tokens):
 def load_shard(path):
     """Fully validated memmap of a shard's uint16 tokens: header, length and every token id."""
     header = read_header(path)
-    tokens = open_shard(path, int(header[2]))
-    if tokens.size and int(tokens.max()) >= GPT2_VOCAB:
-        where = int(np.argmax(tokens >= GPT2_VOCAB))
+    tokens, vocab = open_shard(path, int(header[2])), shard_vocab(header)
+    if tokens.size and int(tokens.max()) >= vocab:
+        where = int(np.argmax(tokens >= vocab))
         raise ShardError(f"shard {path} holds token id {int(tokens[where])} at position {where}, outside "
-                         f"GPT-2's vocabulary of {GPT2_VOCAB}: the file is corrupt or was made with another "
+                         f"its vocabulary of {vocab}: the file is corrupt or was made with another "
                          f"tokenizer; {redo_advice(path)}")
     return tokens
 
@@ -224,7 +235,7 @@ def tokenize_records(records):
             continue
         encoded = tok.encode(text)  # encode(): dataset text never becomes a control token
         ids = np.empty(len(encoded) + 1, dtype=np.uint16)
-        ids[0], ids[1:] = EOT, encoded
+        ids[0], ids[1:] = tok.eot, encoded
         out.append((split_hash(record_id, text), ids))
     return out
 
@@ -238,15 +249,7 @@ def resolve_num_proc(num_proc):
         return os.cpu_count() or 1
 
 
-def make_pool(num_proc):
-    """A process pool for tokenize_stream. Made before any reader starts threads, it can fork (fast:
-    the children inherit the loaded tokenizer and imports); where fork is missing, spawn."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return context.Pool(num_proc, initializer=_init_worker, initargs=(os.getpid(),))
-
-
-def _init_worker(parent_pid):
+def _init_worker(parent_pid, tokenizer_text):
     """A tokenizer worker: Ctrl-C is the parent's to handle (it terminates the pool), so no traceback from
     every worker; and the worker dies with its parent, however the parent dies (kill -9 included), instead
     of living on and printing BrokenPipeError tracebacks."""
@@ -256,6 +259,16 @@ def _init_worker(parent_pid):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(1)
+    use_tokenizer(tokenizer_from_string(tokenizer_text))  # a spawned worker starts without the parent's
+
+
+def make_pool(num_proc):
+    """A process pool for tokenize_stream, tokenizing with the process's tokenizer. Made before any
+    reader starts threads, it can fork (fast: the children inherit the loaded tokenizer and imports);
+    where fork is missing, spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return context.Pool(num_proc, initializer=_init_worker, initargs=(os.getpid(), get_tokenizer().to_string()))
 
 
 def tokenize_stream(records, num_proc=0, chunk_docs=256, pool=None):
@@ -316,7 +329,9 @@ class _ShardSet:
 
     def __init__(self, data_dir, split, block_size):
         self.paths = list_shards(data_dir, split)
-        self.n_tokens = np.array([int(read_header(p)[2]) for p in self.paths], dtype=np.int64)
+        headers = [read_header(p) for p in self.paths]
+        self.n_tokens = np.array([int(h[2]) for h in headers], dtype=np.int64)
+        self.vocab = np.array([shard_vocab(h) for h in headers], dtype=np.int64)
         self.block_size = block_size
         # a window is T+1 tokens inside one shard (inputs plus the next-token target), starting at k*T
         self.rows = np.maximum(self.n_tokens - 1, 0) // block_size
@@ -343,11 +358,11 @@ class _ShardSet:
                 maps[s] = open_shard(self.paths[s], int(self.n_tokens[s]))
             rows[i] = maps[s][o:o + T + 1]
         # every id is checked as it is read: a full scan of each shard up front would take minutes
-        bad = rows.max(axis=1) >= GPT2_VOCAB
+        bad = rows.max(axis=1) >= self.vocab[shard]
         if bad.any():
             i = int(np.argmax(bad))
             raise ShardError(f"shard {self.paths[shard[i]]} holds token id {int(rows[i].max())} near position "
-                             f"{int(offset[i])}, outside GPT-2's vocabulary of {GPT2_VOCAB}: the file is corrupt "
+                             f"{int(offset[i])}, outside its vocabulary of {self.vocab[shard[i]]}: the file is corrupt "
                              f"or was made with another tokenizer; {redo_advice(self.paths[shard[i]])}")
         return rows
 
@@ -445,7 +460,7 @@ def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_siz
     batches = []
     for i in range(rank, n_batches, world_size):
         rows = np.arange(i * batch_size, min((i + 1) * batch_size, n_rows))
-        x = torch.full((batch_size, block_size), EOT, dtype=torch.int64)
+        x = torch.full((batch_size, block_size), get_tokenizer().eot, dtype=torch.int64)
         y = torch.full_like(x, -1)
         if len(rows):
             x[:len(rows)], y[:len(rows)] = _to_device(shards.gather(*shards.row_position(rows)), "cpu")

@@ -4,7 +4,7 @@ penalty, stop tokens, the context limit. Used by sample.py and by the training l
 
     from gptkit.generate import generate, make_generator
     gen = make_generator(model, seed=1337)                  # same seed, same tokens
-    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[END, EOT], generator=gen):
+    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[tok.end, tok.eot], generator=gen):
         ...                                                  # ints, one at a time, as they are made
 
 The context limit: prompt + answer never pass model.config.block_size. Generation stops when the
@@ -13,8 +13,9 @@ possible without a cache, but then the two paths would disagree on long answers,
 runs out of room is better served by dropping old turns, which sample.py does.)
 
 Stop tokens end generation and are not yielded: the caller gets the answer only. The unused
-vocabulary slots (ids 50261..50303, padding up to 50304) are never sampled: they have no text and
-were never trained, so a sampled one would print nothing and steer the rest of the answer.
+vocabulary slots (ids from the tokenizer's n_vocab up: GPT-2's 50261..50303) are never sampled:
+they have no text and were never trained, so a sampled one would print nothing and steer the rest
+of the answer.
 
 Each forward call runs under torch.no_grad() and, on CUDA, bf16 autocast (fp16 where the GPU has
 no bf16). The grad mode and autocast are entered around each model call, not across a `yield`, so
@@ -26,7 +27,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from gptkit.tokenizer import MIN_VOCAB_SIZE
+from gptkit.tokenizer import get_tokenizer
 
 
 def make_generator(model_or_device, seed):
@@ -164,9 +165,10 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
         finally:
             model.train(was_training)
         logits = logits[:, -1, :]  # (B, V)
-        logits[:, MIN_VOCAB_SIZE:] = float("-inf")  # the padding slots: no text, never a target
+        logits[:, n_vocab:] = float("-inf")  # the padding slots: no text, never a target
         return logits
 
+    n_vocab = get_tokenizer().n_vocab  # the model's tokenizer (load_model made it the process's)
     logits = last_logits(seq)  # prefill: the whole prompt in one call
     for step in range(steps):
         next_ids = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.configurator import UserError
-from gptkit.tokenizer import EOT, get_tokenizer
+from gptkit.tokenizer import get_tokenizer
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ENDINGS = 4
@@ -116,7 +116,7 @@ def render_item(item, block_size, tokenizer=None):
     ids are the ending's tokens to score. Rows are at most block_size + 1 long (the model reads
     ids[:-1] and predicts ids[1:]); a longer one loses tokens from the left of the context."""
     tokenizer = tokenizer or get_tokenizer()
-    context = [EOT] + tokenizer.encode(item["ctx"])
+    context = [tokenizer.eot] + tokenizer.encode(item["ctx"])
     rows = []
     for ending in item["endings"]:
         ending_ids = tokenizer.encode(" " + ending)
@@ -141,7 +141,7 @@ def score_rows(model, rows, rt):
     All rows go through one forward call, padded on the right: with causal attention the padding
     never touches the positions that are scored."""
     max_len = max(len(ids) for ids, _ in rows)
-    idx = torch.full((len(rows), max_len - 1), EOT, dtype=torch.long)
+    idx = torch.full((len(rows), max_len - 1), get_tokenizer().eot, dtype=torch.long)
     targets = torch.full((len(rows), max_len - 1), -1, dtype=torch.long)
     for r, (ids, n_scored) in enumerate(rows):
         ids = torch.tensor(ids, dtype=torch.long)

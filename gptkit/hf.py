@@ -15,7 +15,9 @@ Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three d
 
 Reading a folder needs only safetensors (or torch for pytorch_model.bin); transformers and
 huggingface_hub are needed only to download a hub name. The tokenizer files are generated from
-tiktoken's GPT-2 ranks, so exporting works offline.
+tiktoken's GPT-2 ranks, so exporting works offline. A model with a trained tokenizer exports that
+tokenizer.json instead (config.json's "gptkit_tokenizer" names its hash; no vocabulary padding to
+50304 then), and importing such a folder gives back the model with its tokenizer.
 
 A caveat of the exported tokenizer: Hugging Face tokenizers turn the text "<|user|>" inside a
 message into the control token (they match added tokens in any text), where gptkit's own scripts
@@ -32,7 +34,7 @@ import torch
 from model import GPT, GPTConfig
 from gptkit.configurator import UserError
 from gptkit.system import print0
-from gptkit.tokenizer import EOT, END, MIN_VOCAB_SIZE, SPECIAL_TOKENS
+from gptkit.tokenizer import EOT, SPECIAL_TOKENS, TOKENIZER_FILE, byte_alphabet, pad_vocab
 
 GPT2_VOCAB = 50257      # GPT-2's own vocabulary: 50256 BPE tokens + <|endoftext|>
 PADDED_VOCAB = 50304    # ours: padded to a multiple of 64
@@ -117,13 +119,14 @@ def _hf_config_to_ours(hf, where, **overrides):
     if not isinstance(n_head, int) or not isinstance(n_embd, int) or n_head < 1 or n_embd % n_head:
         problems.append(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
     vocab = hf.get("vocab_size", GPT2_VOCAB)
-    if vocab < GPT2_VOCAB:
+    own_tokenizer = hf.get("gptkit_tokenizer", "gpt2") != "gpt2"  # a gptkit export with a trained tokenizer
+    if vocab < GPT2_VOCAB and not own_tokenizer:
         problems.append(f"vocab_size {vocab}: gptkit's GPT-2 tokenizer needs at least {GPT2_VOCAB}")
     if problems:
         raise HFError(f"{where}: this GPT-2 variant cannot be loaded into gptkit's model: {'; '.join(problems)}")
     fields = dict(
         block_size=hf.get("n_positions", 1024),
-        vocab_size=max(PADDED_VOCAB, -(-vocab // 64) * 64),  # round up to a multiple of 64
+        vocab_size=pad_vocab(vocab) if own_tokenizer else max(PADDED_VOCAB, pad_vocab(vocab)),
         n_layer=hf.get("n_layer", 12),
         n_head=n_head,
         n_embd=n_embd,
@@ -242,12 +245,22 @@ def is_hub_name(name):
 
 def hf_run_info(name_or_path):
     """What a checkpoint dict would tell about a Hugging Face model: {"kind": "chat", "config":
-    {"system": ...}} for a folder exported from a gptkit chat model, else {"kind": "base"}."""
+    {"system": ...}} for a folder exported from a gptkit chat model, else {"kind": "base"}; and
+    "tokenizer" (the tokenizer.json text) for an export made with a trained tokenizer."""
     config_path = os.path.join(name_or_path, "config.json")
     hf_config = _read_json(config_path) if os.path.isfile(config_path) else {}
-    if hf_config.get("gptkit_kind") != "chat":
-        return {"kind": "base"}
-    return {"kind": "chat", "config": {"system": hf_config.get("gptkit_system", "")}}
+    info = {"kind": "base"}
+    if hf_config.get("gptkit_kind") == "chat":
+        info = {"kind": "chat", "config": {"system": hf_config.get("gptkit_system", "")}}
+    if hf_config.get("gptkit_tokenizer", "gpt2") != "gpt2":
+        path = os.path.join(name_or_path, TOKENIZER_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                info["tokenizer"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HFError(f"{path}: cannot read the tokenizer this export was made with ({type(e).__name__}): "
+                          "export the checkpoint again") from e
+    return info
 
 
 def is_hf_folder(path):
@@ -314,22 +327,6 @@ def load_hf_gpt2(name_or_path, verbose=True, **overrides):
 # ----------------------------------------------------------------------------- tokenizer
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_alphabet():
-    """GPT-2's byte -> printable unicode character map, used by vocab.json and merges.txt: bytes
-    that are already visible characters stand for themselves, the others (control characters,
-    space, ...) are moved in order to the code points from 256 up."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    alphabet, extra = {}, 0
-    for b in range(256):
-        if b in visible:
-            alphabet[b] = chr(b)
-        else:
-            alphabet[b] = chr(256 + extra)
-            extra += 1
-    return alphabet
-
-
 def _split_by_merges(token, ranks, max_rank):
     """Byte-pair-encode token using only merges of rank < max_rank: for a vocabulary token of
     rank r this leaves exactly the two parts whose merge created it."""
@@ -352,7 +349,7 @@ def gpt2_vocab_and_merges():
     vocab.bpe, rebuilt from tiktoken's ranks (a token's rank is its id; merge i makes id 256 + i)."""
     from gptkit.tokenizer import _load_gpt2
     ranks = _load_gpt2()._mergeable_ranks
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     as_text = lambda b: "".join(alphabet[x] for x in b)
     vocab = {as_text(token): rank for token, rank in ranks.items()}
     vocab["<|endoftext|>"] = EOT
@@ -371,21 +368,27 @@ def _json_writer(obj, indent=2):
     return lambda f: f.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def tokenizer_files(chat=False, model_max_length=1024, system=""):
-    """GPT-2's tokenizer files plus our control tokens, for AutoTokenizer.from_pretrained(out_dir)
-    -> {file name: write_fn}."""
-    vocab, merges = gpt2_vocab_and_merges()
-    files = {"vocab.json": _json_writer(vocab, indent=None),
-             "merges.txt": lambda f: f.write(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))}
+def tokenizer_files(tok, chat=False, model_max_length=1024, system=""):
+    """tok's tokenizer files for AutoTokenizer.from_pretrained(out_dir) -> {file name: write_fn}:
+    GPT-2's vocab.json and merges.txt plus our control tokens, or a trained tokenizer's own
+    tokenizer.json (the `tokenizers` library's format, which transformers reads as it is)."""
+    if tok.hash == "gpt2":
+        vocab, merges = gpt2_vocab_and_merges()
+        files = {"vocab.json": _json_writer(vocab, indent=None),
+                 "merges.txt": lambda f: f.write(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8")),
+                 "added_tokens.json": _json_writer(SPECIAL_TOKENS)}
+    else:
+        files = {TOKENIZER_FILE: lambda f: f.write(tok.to_string().encode("utf-8"))}
     # Control tokens are matched whole, before BPE, and never stripped or normalised, so the text
     # between two of them is encoded on its own, exactly as our renderer does.
-    added = {"<|endoftext|>": EOT, **SPECIAL_TOKENS}
+    added = {"<|endoftext|>": tok.eot, "<|system|>": tok.system, "<|user|>": tok.user,
+             "<|assistant|>": tok.assistant, "<|end|>": tok.end}
     added_tokens_decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                      "single_word": False, "special": True} for t, i in added.items()}
     eos = "<|end|>" if chat else "<|endoftext|>"  # a chat model's turn ends with <|end|>
-    chat_tokens = list(SPECIAL_TOKENS)
+    chat_tokens = list(added)[1:]
     tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "GPT2Tokenizer" if tok.hash == "gpt2" else "PreTrainedTokenizerFast",
         "add_prefix_space": False,
         "add_bos_token": False,
         "bos_token": "<|endoftext|>",
@@ -408,7 +411,6 @@ def tokenizer_files(chat=False, model_max_length=1024, system=""):
     files["special_tokens_map.json"] = _json_writer({
         "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "additional_special_tokens": chat_tokens})
-    files["added_tokens.json"] = _json_writer(SPECIAL_TOKENS)
     return files
 
 
@@ -416,22 +418,26 @@ def tokenizer_files(chat=False, model_max_length=1024, system=""):
 
 
 EXPORT_FILES = ["added_tokens.json", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
-                "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+                "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]  # with GPT-2's tokenizer
+OWN_TOKENIZER_FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                       TOKENIZER_FILE, "tokenizer_config.json"]  # with a trained one
 
 
-def export_hf(model, out_dir, chat=False, system=""):
+def export_hf(model, out_dir, chat=False, system="", tok=None):
     """Write out_dir for transformers: config.json, model.safetensors, generation_config.json and
-    the tokenizer files (with the chat template when chat; system: the system prompt the model was
-    finetuned with, which the template puts first when a chat brings none). Returns the list of
-    files written.
+    the tokenizer files of tok (default: the process's; with the chat template when chat; system: the
+    system prompt the model was finetuned with, which the template puts first when a chat brings
+    none). Returns the list of files written.
     An export over an earlier one replaces it as one set, config.json last: killed or out of disk
     mid-way, the folder holds the earlier export whole, or no config.json (refused), never a mix."""
     import safetensors.torch
     from gptkit.checkpoint import atomic_write_files
+    from gptkit.tokenizer import get_tokenizer
+    tok = tok or get_tokenizer()
     cfg = model.config
-    if cfg.vocab_size < MIN_VOCAB_SIZE:
-        raise HFError(f"the model has {cfg.vocab_size} token embeddings; the exported tokenizer needs "
-                      f"{MIN_VOCAB_SIZE}")
+    if cfg.vocab_size < tok.n_vocab:
+        raise HFError(f"the model has {cfg.vocab_size} token embeddings; its tokenizer {tok.name} needs "
+                      f"{tok.n_vocab}")
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -450,13 +456,14 @@ def export_hf(model, out_dir, chat=False, system=""):
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,
-        "bos_token_id": EOT,
-        "eos_token_id": EOT,
+        "bos_token_id": tok.eot,
+        "eos_token_id": tok.eot,
         "tie_word_embeddings": True,
         "torch_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
         "gptkit_bias": cfg.bias,  # False: the biases below are zeros; import drops them again
         "gptkit_kind": "chat" if chat else "base",
         "gptkit_system": system if chat else "",  # sample.py --ckpt=<this folder> starts chats with it
+        "gptkit_tokenizer": tok.hash,  # not gpt2: the tokenizer.json here is the model's
     }
     files = {
         "config.json": _json_writer(hf_config),
@@ -464,14 +471,18 @@ def export_hf(model, out_dir, chat=False, system=""):
         "model.safetensors": lambda f: f.write(safetensors.torch.save(to_hf_state_dict(model),
                                                                       metadata={"format": "pt"})),
         "generation_config.json": _json_writer({
-            "bos_token_id": EOT,
-            "eos_token_id": [END, EOT] if chat else EOT,  # a chat reply stops at <|end|>
-            "pad_token_id": EOT,
+            "bos_token_id": tok.eot,
+            "eos_token_id": [tok.end, tok.eot] if chat else tok.eot,  # a chat reply stops at <|end|>
+            "pad_token_id": tok.eot,
             # the padding slots have no text: never generated, as in gptkit.generate
-            "suppress_tokens": list(range(MIN_VOCAB_SIZE, cfg.vocab_size)),
+            "suppress_tokens": list(range(tok.n_vocab, cfg.vocab_size)),
         }),
-        **tokenizer_files(chat=chat, model_max_length=cfg.block_size, system=system if chat else ""),
+        **tokenizer_files(tok, chat=chat, model_max_length=cfg.block_size, system=system if chat else ""),
     }
-    assert sorted(files) == EXPORT_FILES, f"export writes {sorted(files)}, EXPORT_FILES says {EXPORT_FILES}"
+    expected = EXPORT_FILES if tok.hash == "gpt2" else OWN_TOKENIZER_FILES
+    assert sorted(files) == expected, f"export writes {sorted(files)}, expected {expected}"
+    for stale in set(EXPORT_FILES + OWN_TOKENIZER_FILES) - set(expected):  # an earlier export's other tokenizer
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))  # transformers would read a stale tokenizer.json first
     atomic_write_files(out_dir, files, marker="config.json")  # is_hf_folder and transformers look for it
-    return EXPORT_FILES
+    return expected

@@ -10,13 +10,12 @@ pipeline_tag, tags, and the results as model-index), then the run's numbers, its
 (loss.png beside it), the chat format and how to use the model from transformers and gptkit.
 """
 
-import json
 import os
 
 from gptkit.checkpoint import atomic_write
 from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
-from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, save_figure, series
+from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, series
 
 LOSS_PLOT = "loss.png"
 
@@ -113,7 +112,7 @@ def card_body(facts, repo_id):
     name = repo_id or os.path.basename(os.path.normpath(facts["run_dir"]))
     chat = facts["kind"] == "chat"
     parts = [f"# {name}",
-             f"A GPT-2-style language model trained from scratch with gptkit. Numbers from the training run:",
+             "A GPT-2-style language model trained from scratch with gptkit. Numbers from the training run:",
              _numbers(facts)]
     if facts["has_loss_curve"]:
         parts.append(f"![train and val loss against tokens trained]({LOSS_PLOT})")

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from gptkit.configurator import ConfigError
 from gptkit.sft import SFTDataError, read_meta, read_sft_split
-from gptkit.tokenizer import EOT
 
 REFERENCE_NAME = "reference_logps.npz"
 FIGURES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -60,7 +59,7 @@ def pair_rows(ids, mask, offsets, pairs, device):
     padding to the batch, not to block_size (a causal model's log-probs ignore what follows them)."""
     convs = [2 * p for p in pairs] + [2 * p + 1 for p in pairs]
     length = max(int(offsets[c + 1] - offsets[c]) for c in convs) - 1
-    x = np.full((len(convs), length), EOT, dtype=np.int64)
+    x = np.zeros((len(convs), length), dtype=np.int64)  # padding: any id the vocabulary has, never scored
     y = np.full((len(convs), length), -1, dtype=np.int64)
     for row, c in enumerate(convs):
         a, b = int(offsets[c]), int(offsets[c + 1])

@@ -9,6 +9,7 @@ On disk, per split (train, val) in <data_dir>:
     meta.json             format version, tokenizer, block_size, counts per split, the prepare summary;
                           "pairs": true for preference data (conversations 2i and 2i+1 are pair i's
                           chosen and rejected answers, read by gptkit/preference.py)
+    tokenizer.json        a trained tokenizer's copy (none for GPT-2); meta.json holds its hash
 A run writes every file in full under a temporary name first, then removes meta.json, renames the
 files into place and writes meta.json last: killed mid-way, the folder keeps the data of the run before,
 or (in the moment of the renames) has no meta.json and is refused. The reader also checks the files
@@ -31,7 +32,7 @@ import torch
 from gptkit.checkpoint import atomic_write_files
 from gptkit.configurator import UserError
 from gptkit.data import check_loader_args
-from gptkit.tokenizer import END, EOT, MIN_VOCAB_SIZE
+from gptkit.tokenizer import TOKENIZER_FILE, data_tokenizer, get_tokenizer
 
 FORMAT_VERSION = 1
 TOKENIZER_NAME = "gpt2+chat"  # GPT-2 BPE plus <|system|> <|user|> <|assistant|> <|end|> at 50257..50260
@@ -63,16 +64,26 @@ def _split_files(split, conversations):
     return files, len(conversations), n_tokens
 
 
-def write_sft(data_dir, splits, meta):
+def write_sft(data_dir, splits, meta, tok=None):
     """splits: {split: list of (ids, mask)} -> every split's files and meta.json, replacing a folder
     prepared before as one set: killed at any moment, the folder holds the old data whole, or no
-    meta.json (refused: prepare again), never files of two runs. Returns {split: {conversations, tokens}}."""
+    meta.json (refused: prepare again), never files of two runs. tok: the tokenizer that made the ids
+    (default: the process's). Returns {split: {conversations, tokens}}."""
+    tok = tok or get_tokenizer()
     files, counts = {}, {}
+    if tok.hash != "gpt2":
+        files[TOKENIZER_FILE] = lambda f: f.write(tok.to_string().encode("utf-8"))
+    elif os.path.exists(os.path.join(data_dir, TOKENIZER_FILE)):
+        for name in (META_NAME, TOKENIZER_FILE):  # meta first: refused until the new set is whole (see above)
+            if os.path.exists(os.path.join(data_dir, name)):
+                os.remove(os.path.join(data_dir, name))  # the earlier data's tokenizer, not these ids'
+
     for split, conversations in splits.items():
         split_files, n_conv, n_tokens = _split_files(split, conversations)
         files.update(split_files)
         counts[split] = {"conversations": n_conv, "tokens": n_tokens}
-    meta = {"format": "gptkit-sft", "version": FORMAT_VERSION, "tokenizer": TOKENIZER_NAME, "splits": counts, **meta}
+    name = TOKENIZER_NAME if tok.hash == "gpt2" else tok.hash
+    meta = {"format": "gptkit-sft", "version": FORMAT_VERSION, "tokenizer": name, "splits": counts, **meta}
     files[META_NAME] = lambda f: f.write(json.dumps(meta, indent=2).encode())
     atomic_write_files(data_dir, files, marker=META_NAME)
     return counts
@@ -93,9 +104,10 @@ def read_meta(data_dir):
         raise SFTDataError(f"cannot read {path} ({type(e).__name__}: {e}): re-run prepare_instruct.py") from e
     if not isinstance(meta, dict) or meta.get("format") != "gptkit-sft" or meta.get("version") != FORMAT_VERSION:
         raise SFTDataError(f"{path} is not gptkit SFT data of version {FORMAT_VERSION}: re-run prepare_instruct.py")
-    if meta.get("tokenizer") != TOKENIZER_NAME:
-        raise SFTDataError(f"{path} was made with tokenizer {meta.get('tokenizer')!r}, gptkit uses "
-                           f"{TOKENIZER_NAME!r}: re-run prepare_instruct.py")
+    tok = data_tokenizer(data_dir)
+    if meta.get("tokenizer") != (TOKENIZER_NAME if tok.hash == "gpt2" else tok.hash):
+        raise SFTDataError(f"{path} was made with tokenizer {meta.get('tokenizer')!r}, but {data_dir} holds "
+                           f"tokenizer {tok.name}: re-run prepare_instruct.py")
     return meta
 
 
@@ -125,8 +137,9 @@ def read_sft_split(data_dir, split):
     ids = np.memmap(paths["ids.bin"], dtype=np.uint16, mode="r")
     mask = np.memmap(paths["mask.bin"], dtype=np.uint8, mode="r")
     # one pass over the data (milliseconds for SFT sizes): a corrupt file fails here, not in the embedding
-    if int(ids.max()) >= MIN_VOCAB_SIZE or int(mask.max()) > 1 or (np.diff(offsets) <= 0).any():
-        raise SFTDataError(f"the {split} files in {data_dir} hold token ids past {MIN_VOCAB_SIZE - 1}, mask values "
+    n_vocab = data_tokenizer(data_dir).n_vocab
+    if int(ids.max()) >= n_vocab or int(mask.max()) > 1 or (np.diff(offsets) <= 0).any():
+        raise SFTDataError(f"the {split} files in {data_dir} hold token ids past {n_vocab - 1}, mask values "
                            "other than 0/1 or empty conversations: they are corrupt; re-run prepare_instruct.py")
     return ids, mask, offsets
 
@@ -152,7 +165,7 @@ def pack_rows(lengths, order, row_len):
 def make_row(ids, mask, offsets, conversations, block_size):
     """Concatenate conversations into one row -> (x, y) int64 numpy arrays of length block_size.
     Padding is <|endoftext|> with no loss; a target gets -1 unless its mask is 1."""
-    row_ids = np.full(block_size + 1, EOT, dtype=np.int64)
+    row_ids = np.full(block_size + 1, get_tokenizer().eot, dtype=np.int64)
     row_mask = np.zeros(block_size + 1, dtype=bool)
     pos = 0
     for c in conversations:
@@ -262,7 +275,7 @@ def val_questions(data_dir, n, block_size):
         start = int(np.argmax(learned))  # the first answer token (prepare keeps only conversations with one)
         stop = start + int(np.argmin(learned[start:])) if not learned[start:].all() else len(conv_ids)
         answer = conv_ids[start:stop]
-        if answer and answer[-1] == END:
+        if answer and answer[-1] == get_tokenizer().end:
             answer = answer[:-1]
         if start < block_size:
             questions.append((conv_ids[:start], answer))

@@ -43,7 +43,8 @@ class TrainConfig(BaseConfig):
     n_head: int = 12                    # attention heads per block (n_embd / n_head is the head size)
     n_embd: int = 768                   # width of the residual stream
     block_size: int = 1024              # context length in tokens
-    vocab_size: int = 50304             # GPT-2's 50257 padded to a multiple of 64; the chat tokens live there
+    vocab_size: int = 0                 # 0: the tokenizer's vocabulary padded to a multiple of 64 (GPT-2: 50304, chat tokens included)
+    tokenizer: str = ""                 # empty: the one data_dir was prepared with; gpt2 or a path: checked against it
     bias: bool = False                  # biases in linear layers and LayerNorms (GPT-2 has them)
     dropout: float = 0.0                # 0 for pretraining on much data; try 0.1 when finetuning on little
     # batch: tokens per optimizer step; accumulation = total_batch_tokens / (micro_batch_size * block_size * world_size)
@@ -120,6 +121,9 @@ class TrainConfig(BaseConfig):
         for key in ("eval_interval", "log_interval", "ckpt_interval"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} must be at least 1")
+        if self.tokenizer:
+            from gptkit.tokenizer import tokenizer_problems
+            problems += tokenizer_problems(self.tokenizer)
         return problems
 
     def batch_problems(self):
@@ -140,19 +144,42 @@ class NonFiniteLossError(UserError, RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
 
+def run_tokenizer(cfg):
+    """The tokenizer of cfg.data_dir (prepare_*.py recorded it there; none recorded: GPT-2), checked
+    against cfg.tokenizer when that is given."""
+    from gptkit.tokenizer import data_tokenizer, load_tokenizer
+    tok = data_tokenizer(cfg.data_dir) if os.path.isdir(cfg.data_dir) else load_tokenizer(cfg.tokenizer or "gpt2")
+    if cfg.tokenizer and load_tokenizer(cfg.tokenizer).hash != tok.hash:
+        raise ConfigError(f"tokenizer={cfg.tokenizer} ({load_tokenizer(cfg.tokenizer).hash}), but {cfg.data_dir} was "
+                          f"prepared with tokenizer {tok.name}: leave tokenizer out (the data's is used), or "
+                          "prepare the data again with this one")
+    return tok
+
+
+def model_vocab_size(cfg, tok):
+    """The model's embedding rows: vocab_size when set (at least the tokenizer's), else the tokenizer's."""
+    if cfg.vocab_size and cfg.vocab_size < tok.n_vocab:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {tok.n_vocab} ids of tokenizer "
+                          f"{tok.name}: leave it 0 (the tokenizer's, padded to {tok.vocab_size})")
+    return cfg.vocab_size or tok.vocab_size
+
+
 def init_model(cfg, rt):
     """-> (model on rt.device, checkpoint dict to resume from or None).
 
     init_from: scratch (a new model from cfg's n_layer, n_head, ...), resume (<out_dir>/ckpt.pt with
     its optimizer, data position and RNG), the path of a gptkit checkpoint (its weights, fresh
     training; cfg.dropout applies), or a Hugging Face GPT-2 folder / a hub name starting with gpt2.
-    First it makes this process out_dir's one writer (rank 0; gptkit/lock.py): a second run on it stops there."""
+    First it makes this process out_dir's one writer (rank 0; gptkit/lock.py): a second run on it stops there.
+    The data's tokenizer becomes the process's; a model made with another one is refused."""
     from model import GPT, GPTConfig
     from gptkit.checkpoint import CKPT_NAME, build_model, load_checkpoint, saved_step
-    from gptkit.hf import is_hf_folder, is_hub_name, load_hf_gpt2
+    from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
     from gptkit.lock import hold_folder
+    from gptkit.tokenizer import check_same_tokenizer, checkpoint_tokenizer, use_tokenizer
     if rt.master:  # before anything in out_dir is read: a second process on it stops here, naming the first
         hold_folder(cfg.out_dir)
+    tok = use_tokenizer(run_tokenizer(cfg))
     source = cfg.init_from
     ckpt = None
     own = os.path.join(cfg.out_dir, CKPT_NAME)
@@ -162,7 +189,7 @@ def init_model(cfg, rt):
                           f"with init_from={source} would overwrite: continue it with --init_from=resume, or give "
                           f"a new --out_dir (delete {cfg.out_dir} to start over there)")
     if source == "scratch":
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=model_vocab_size(cfg, tok), n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias),
                     verbose=rt.master)
     elif source == "resume":
@@ -171,14 +198,18 @@ def init_model(cfg, rt):
             raise ConfigError(f"init_from=resume, but there is no checkpoint at {path}: check out_dir, or start "
                               "a new run (init_from=scratch to pretrain, or the path of a run or .pt file to start from)")
         ckpt = load_checkpoint(path)
+        check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(ckpt), path)
         model = build_model(ckpt, path, verbose=rt.master)  # the run's own model config, dropout included
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
-                  if hasattr(cfg, k) and getattr(cfg, k) != v]
+                  if hasattr(cfg, k) and getattr(cfg, k) != v and not (k == "vocab_size" and cfg.vocab_size == 0)]
         if differ:
             print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
     elif os.path.isfile(source) or os.path.isfile(os.path.join(source, CKPT_NAME)):
-        model = build_model(load_checkpoint(source), source, verbose=rt.master, dropout=cfg.dropout)
+        start = load_checkpoint(source)
+        check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(start), source)
+        model = build_model(start, source, verbose=rt.master, dropout=cfg.dropout)
     elif is_hf_folder(source) or is_hub_name(source):
+        check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(hf_run_info(source)), source)
         model = load_hf_gpt2(source, verbose=rt.master, dropout=cfg.dropout)
     else:
         raise ConfigError(f"init_from={source!r} is none of: scratch, resume, a gptkit checkpoint (a .pt file or "
@@ -383,23 +414,23 @@ DEFAULT_PROMPTS = ["The meaning of life is", "Once upon a time,", "In a surprisi
 
 def default_sample_prompts():
     """Base-model prompts: <|endoftext|> (a document starts) followed by some ordinary text."""
-    from gptkit.tokenizer import EOT, get_tokenizer
+    from gptkit.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
-    return [[EOT] + tokenizer.encode(text) for text in DEFAULT_PROMPTS]
+    return [[tokenizer.eot] + tokenizer.encode(text) for text in DEFAULT_PROMPTS]
 
 
 def sample_texts(model, rt, prompts, max_new_tokens, seed):
     """One continuation per prompt (list of ids), decoded; the same seed at every eval so samples
     are comparable across training, and a private generator so training's RNG is untouched."""
     from gptkit.generate import generate, make_generator
-    from gptkit.tokenizer import END, EOT, get_tokenizer
+    from gptkit.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
     generator = make_generator(model, seed)
     texts = []
     for ids in prompts:
-        new = list(generate(model, ids, max_new_tokens, temperature=1.0, top_k=50, stop_tokens=(EOT, END),
-                            generator=generator, autocast=rt.autocast))
-        shown = ids[1:] if ids and ids[0] == EOT else ids
+        new = list(generate(model, ids, max_new_tokens, temperature=1.0, top_k=50,
+                            stop_tokens=(tokenizer.eot, tokenizer.end), generator=generator, autocast=rt.autocast))
+        shown = ids[1:] if ids and ids[0] == tokenizer.eot else ids
         texts.append(tokenizer.decode(shown) + tokenizer.decode(new))
     return texts
 

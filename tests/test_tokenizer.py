@@ -73,3 +73,160 @@ def test_missing_tokenizer_files_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "TIKTOKEN_CACHE_DIR" in result.stderr and "gptkit's copies in nowhere could not be read" in result.stderr
+
+
+# ----------------------------------------------------------------------------- trained tokenizers
+# A 512-token BPE trained once on real text (CRLF books, a BOM, non-ASCII), shared by the tests below.
+
+import glob
+import os
+
+import numpy as np
+
+from conftest import shared_data
+from gptkit.configurator import ConfigError, UserError, load_config
+from gptkit.tokenizer import (CONTROL_TOKENS, TokenizerError, check_same_tokenizer, load_tokenizer, record_tokenizer,
+                              use_tokenizer)
+
+
+def _read(path, limit=None):
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": CRLF and the BOM stay as they are
+        return f.read(limit) if limit else f.read()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import train_tokenizer
+    out = tmp_path_factory.mktemp("tok512")
+    cfg = load_config(train_tokenizer.TokenizerConfig, [
+        f"--source={shared_data('pretrain', 'gutenberg', 'clocasto-HaikuGenerator', 'pg11.txt')}",
+        "--vocab_size=512", f"--out={out}"])
+    train_tokenizer.main(cfg)
+    return str(out), load_tokenizer(str(out))
+
+
+def test_trained_layout_and_padding(trained):
+    out, tok = trained
+    assert (tok.eot, tok.system, tok.user, tok.assistant, tok.end) == (0, 1, 2, 3, 4)
+    assert tok.n_vocab == 512 and tok.vocab_size == 512 and tok.hash.startswith("bpe-")
+    assert [tok.token_bytes(5 + i) for i in range(3)] != [b""] * 3  # the 256 bytes follow the control tokens
+    assert sorted(tok.token_bytes(i) for i in range(5, 261)) == [bytes([b]) for b in range(256)]
+    summary = open(os.path.join(out, "summary.txt"), encoding="utf-8").read()
+    assert "bytes per token" in summary and "GPT-2" in summary and "<|end|> 4" in summary
+    from gptkit.tokenizer import pad_vocab
+    assert (pad_vocab(300), pad_vocab(512), pad_vocab(50261)) == (320, 512, 50304)
+
+
+def test_every_pretrain_file_round_trips_and_matches_tokenizers_library(trained):
+    """Real text with CRLF line ends, a byte-order mark and non-ASCII characters: tiktoken with the
+    trained ranks gives exactly the ids of the `tokenizers` library, and decodes back to the text."""
+    from tokenizers import Tokenizer as HFTokenizer
+    out, tok = trained
+    reference = HFTokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    paths = sorted(glob.glob(os.path.join(shared_data("pretrain"), "**", "*.txt"), recursive=True))
+    assert len(paths) >= 15
+    texts = [_read(p, 100_000) for p in paths]  # the first 100K characters of each: the suite's time budget
+    assert any("\r\n" in t for t in texts) and any(t.startswith("\ufeff") for t in texts)
+    assert any(max(t) > "\x7f" for t in texts)
+    ids = tok.encode_batch(texts, num_threads=2)
+    expected = reference.encode_batch(texts, add_special_tokens=False)
+    for path, text, ours, theirs in zip(paths, texts, ids, expected):
+        assert ours == theirs.ids, path
+        assert tok.decode(ours) == text, path
+        assert min(ours) >= len(CONTROL_TOKENS), path  # text never yields a control token
+
+
+def test_trained_control_token_text_stays_text(trained):
+    _, tok = trained
+    for text in ["<|assistant|>", "hi <|end|> there <|system|><|user|>", "<|endoftext|>"]:
+        ids = tok.encode(text)
+        assert min(ids) >= len(CONTROL_TOKENS) and tok.decode(ids) == text
+    ids, mask = tok.render_conversation([{"role": "user", "content": "say <|assistant|> <|end|>"},
+                                         {"role": "assistant", "content": "no"}])
+    assert ids.count(tok.assistant) == 1 and ids.count(tok.end) == 2 and ids[:2] == [tok.eot, tok.user]
+
+
+def test_training_is_deterministic(tmp_path):
+    import train_tokenizer
+    source = shared_data("pretrain", "gutenberg", "clocasto-HaikuGenerator", "pg5200.txt")
+    files = []
+    for run, pattern in (("a", "gpt4"), ("b", "gpt4"), ("c", "gpt2")):
+        cfg = load_config(train_tokenizer.TokenizerConfig, [f"--source={source}", "--vocab_size=400",
+                                                            f"--pattern={pattern}", f"--out={tmp_path / run}"])
+        train_tokenizer.main(cfg)
+        files.append((tmp_path / run / "tokenizer.json").read_bytes())
+    assert files[0] == files[1]  # same text and settings: byte-identical
+    assert files[0] != files[2]  # another split pattern: another tokenizer
+    tok = load_tokenizer(str(tmp_path / "a"))
+    text = _read(source, 20_000)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.enc._pat_str == train_tokenizer.PATTERNS["gpt4"]  # the encoder splits as the trainer did
+
+
+def test_bad_settings_name_the_key(tmp_path):
+    import train_tokenizer
+    for value in (100, 70_000):
+        with pytest.raises(ConfigError, match="vocab_size"):
+            load_config(train_tokenizer.TokenizerConfig, ["--source=.", f"--vocab_size={value}", "--out=x"])
+    with pytest.raises(ConfigError, match="pattern"):
+        load_config(train_tokenizer.TokenizerConfig, ["--source=.", "--pattern=gpt3", "--out=x"])
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    cfg = load_config(train_tokenizer.TokenizerConfig, [f"--source={tmp_path / 'empty.txt'}", f"--out={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="no text"):
+        train_tokenizer.main(cfg)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 100)
+    cfg = load_config(train_tokenizer.TokenizerConfig, [f"--source={tmp_path / 'latin1.txt'}", f"--out={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="latin1.txt.*not UTF-8"):
+        train_tokenizer.main(cfg)
+    assert not (tmp_path / "o" / "tokenizer.json").exists()
+
+
+def test_missing_or_corrupt_tokenizer_file_is_a_clear_error(tmp_path, trained):
+    with pytest.raises(TokenizerError, match="tokenizer=.*nowhere"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    from prepare_fineweb import PrepareConfig
+    with pytest.raises(ConfigError, match="tokenizer="):
+        load_config(PrepareConfig, ["--source=.", f"--tokenizer={tmp_path / 'nowhere'}"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(open(os.path.join(trained[0], "tokenizer.json")).read()[:5000])  # cut short
+    with pytest.raises(TokenizerError, match="bad.json"):
+        load_tokenizer(str(bad))
+    bad.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(TokenizerError, match="bad.json"):
+        load_tokenizer(str(bad))
+
+
+def test_data_folder_records_its_tokenizer_and_refuses_another(tmp_path, trained):
+    from gptkit.data import write_shard
+    from gptkit.tokenizer import data_tokenizer
+    _, tok = trained
+    gpt2 = load_tokenizer("gpt2")
+    record_tokenizer(str(tmp_path), tok)
+    assert data_tokenizer(str(tmp_path)).hash == tok.hash
+    record_tokenizer(str(tmp_path), tok)  # the same again: fine
+    with pytest.raises(TokenizerError, match=f"{tok.hash}.*not gpt2"):
+        record_tokenizer(str(tmp_path), gpt2)
+    old = tmp_path / "old"  # made before tokenizers were recorded: GPT-2
+    old.mkdir()
+    write_shard(str(old / "train_000000.bin"), np.arange(100))
+    assert data_tokenizer(str(old)).hash == "gpt2"
+    with pytest.raises(TokenizerError, match=f"gpt2, not .*{tok.hash}"):
+        record_tokenizer(str(old), tok)
+    with pytest.raises(TokenizerError, match=f"made with tokenizer gpt2.*uses tokenizer .*{tok.hash}"):
+        check_same_tokenizer(gpt2, "data/x", tok, "out/y")
+
+
+def test_padding_ids_of_a_trained_tokenizer_are_never_sampled(trained):
+    import torch
+    from gptkit.generate import generate
+    from model import GPT, GPTConfig
+    _, tok = trained
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=576), verbose=False).eval()
+    model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_fill(-1, torch.arange(512, 576), 1e4))
+    try:
+        use_tokenizer(tok)
+        sampled = list(generate(model, [tok.eot], 10, temperature=1.0))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    assert len(sampled) == 10 and max(sampled) < 512

@@ -1,0 +1,135 @@
+"""The whole pipeline on a tokenizer of one's own: train_tokenizer -> prepare_fineweb -> train ->
+prepare_instruct -> finetune -> sample -> eval_hellaswag -> export_hf -> transformers, with the
+tokenizer given once (to the prepare scripts) and carried by data folders and checkpoints after that."""
+
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from conftest import shared_data
+from gptkit.configurator import load_config
+from gptkit.tokenizer import TokenizerError, get_tokenizer, load_tokenizer, use_tokenizer
+from test_finetune import run
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--device=cpu", "--micro_batch_size=8",
+        "--total_batch_tokens=512", "--eval_tokens=512", "--log_interval=2", "--sample_tokens=0", "--warmup_steps=1"]
+CHATS = [{"instruction": f"Name {thing}.", "output": f"{answer}, of course."}
+         for thing, answer in [("a river", "The Thames"), ("a colour", "Blue"), ("a city", "Paris"),
+                               ("a tree", "An oak"), ("a fruit", "A pear"), ("a bird", "A robin")] * 4]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Tokenizer and both data folders in this process (fast), training and the rest as users run them."""
+    import prepare_fineweb
+    import prepare_instruct
+    import train_tokenizer
+    tmp = tmp_path_factory.mktemp("own_tokenizer")
+    book = shared_data("pretrain", "gutenberg", "clocasto-HaikuGenerator", "pg11.txt")
+    try:
+        train_tokenizer.main(load_config(train_tokenizer.TokenizerConfig, [
+            f"--source={book}", "--vocab_size=512", f"--out={tmp / 'tok'}"]))
+        prepare_fineweb.prepare(load_config(prepare_fineweb.PrepareConfig, [
+            f"--source={book}", f"--data_dir={tmp / 'data'}", f"--tokenizer={tmp / 'tok'}", "--val_tokens=4000",
+            "--num_proc=1"]))
+        (tmp / "chats.json").write_text(json.dumps(CHATS))
+        prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
+            f"--sources={tmp / 'chats.json'}", f"--data_dir={tmp / 'sft'}", f"--tokenizer={tmp / 'tok'}",
+            "--block_size=64", "--val_fraction=0.2"]))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))  # the other tests expect GPT-2
+    run("train.py", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'base'}", "--max_steps=4", "--eval_interval=4",
+        "--learning_rate=3e-3", *TINY)
+    run("finetune.py", f"--data_dir={tmp / 'sft'}", f"--init_from={tmp / 'base'}", f"--out_dir={tmp / 'chat'}",
+        "--max_steps=2", "--eval_interval=2", "--questions=1", "--answer_tokens=4", *TINY)
+    return tmp, load_tokenizer(str(tmp / "tok"))
+
+
+def test_data_and_checkpoints_carry_the_tokenizer(pipeline):
+    from gptkit.data import list_shards, read_header
+    tmp, tok = pipeline
+    text = (tmp / "tok" / "tokenizer.json").read_text(encoding="utf-8")
+    for folder in ("data", "sft"):
+        assert (tmp / folder / "tokenizer.json").read_text(encoding="utf-8") == text
+    assert all(read_header(p)[3] == 512 for p in list_shards(str(tmp / "data"), "train"))
+    assert json.load(open(tmp / "sft" / "meta.json"))["tokenizer"] == tok.hash
+    for run_dir in ("base", "chat"):
+        ckpt = torch.load(tmp / run_dir / "ckpt.pt", weights_only=True)  # a string: still weights_only
+        assert ckpt["tokenizer"] == text and ckpt["model_config"]["vocab_size"] == 512
+
+
+def test_sample_eval_and_export_need_no_flag_and_transformers_agrees(pipeline):
+    tmp, tok = pipeline
+    prompt = "Name a river."
+    sampled = run("sample.py", f"--ckpt={tmp / 'chat'}", f"--prompt={prompt}", "--temperature=0",
+                  "--max_new_tokens=12", "--device=cpu").stdout
+    evaluated = run("eval_hellaswag.py", f"--ckpt={tmp / 'base'}", "--limit=8", "--device=cpu",
+                    f"--data={shared_data('hellaswag', 'hellaswag_val_derived.jsonl')}")
+    assert "HellaSwag: 8 items" in evaluated.stdout
+    run("export_hf.py", f"--ckpt={tmp / 'chat'}", f"--out={tmp / 'hf'}")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp / "hf"))
+    real = [open(shared_data(*parts), encoding="utf-8", newline="").read(30_000) for parts in
+            [("pretrain", "gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"),  # BOM, CRLF
+             ("pretrain", "wikitext-2", "valid.txt"), ("pretrain", "cia-world-factbook", "world192.txt")]]
+    real.append("na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \U0001f642\r\n\ttabs  and  spaces")
+    for text in real:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    messages = [{"role": "user", "content": prompt}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+    assert ids == tok.render_prompt(messages)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "hf"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    if out and out[-1] in (tok.end, tok.eot):
+        out = out[:-1]  # the stop token: sample.py does not print it
+    assert all(i < tok.n_vocab for i in out)
+    assert sampled == tok.decode(out) + "\n"
+    from gptkit.checkpoint import load_model
+    from gptkit.generate import generate
+    try:  # and back: the export loads into gptkit with its tokenizer, and answers the same
+        model, _ = load_model(str(tmp / "hf"), verbose=False)
+        assert get_tokenizer().hash == tok.hash and model.config.vocab_size == 512
+        assert list(generate(model, ids, 12, temperature=0, stop_tokens=(tok.end, tok.eot))) == out
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+
+
+def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
+    """A GPT-2 checkpoint finetuned on data of the trained tokenizer would read garbage ids."""
+    from gptkit.checkpoint import save_checkpoint
+    from finetune import FinetuneConfig
+    from gptkit.trainer import init_model
+    from model import GPT, GPTConfig
+    tmp, tok = pipeline
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16), verbose=False)  # no record: GPT-2
+    save_checkpoint(str(tmp_path / "gpt2run"), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                                "kind": "base", "step": 0})
+    cfg = load_config(FinetuneConfig, [f"--data_dir={tmp / 'sft'}", f"--init_from={tmp_path / 'gpt2run'}",
+                                       f"--out_dir={tmp_path / 'out'}"])
+    try:
+        with pytest.raises(TokenizerError, match=f"{tok.hash}.*gpt2run.*tokenizer gpt2"):
+            init_model(cfg, types.SimpleNamespace(master=False, device="cpu"))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    assert get_tokenizer().hash == "gpt2" and not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
+    from bench import BenchConfig, bench_vocab
+    from gptkit.configurator import ConfigError
+    from gptkit.trainer import TrainConfig, model_vocab_size, run_tokenizer
+    tmp, tok = pipeline
+    cfg = load_config(TrainConfig, [f"--data_dir={tmp / 'data'}"])
+    assert run_tokenizer(cfg).hash == tok.hash and model_vocab_size(cfg, tok) == 512
+    assert bench_vocab(load_config(BenchConfig, [f"--data_dir={tmp / 'data'}"])) == (512, 512)
+    assert model_vocab_size(load_config(TrainConfig, ["--vocab_size=1024"]), tok) == 1024
+    with pytest.raises(ConfigError, match="vocab_size=500 is smaller than the 512"):
+        model_vocab_size(load_config(TrainConfig, ["--vocab_size=500"]), tok)
+    with pytest.raises(ConfigError, match=f"tokenizer=gpt2.*prepared with tokenizer {tok.hash}"):
+        run_tokenizer(load_config(TrainConfig, [f"--data_dir={tmp / 'data'}", "--tokenizer=gpt2"]))
