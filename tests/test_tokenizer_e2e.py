@@ -5,6 +5,7 @@ tokenizer given once (to the prepare scripts) and carried by data folders and ch
 import dataclasses
 import json
 import os
+import sys
 import types
 
 import pytest
@@ -188,3 +189,48 @@ def test_serve_stops_counts_and_keeps_typed_control_tokens_text_with_the_trained
     expected = list(generate(model, prompt, 8, temperature=0, stop_tokens=(tok.end, tok.eot)))
     assert free["choices"][0]["message"]["content"] == tok.decode(expected)
     assert free["usage"]["completion_tokens"] == len(expected)
+
+
+def test_dpo_pairs_padding_and_folder_lock_with_the_trained_tokenizer(pipeline, monkeypatch):
+    """Pairs prepared with --tokenizer, padded with ids of that vocabulary; dpo.py trains the trained-tokenizer
+    chat model on them, and refuses an out_dir another process holds."""
+    import numpy as np
+    import prepare_instruct
+    from gptkit.preference import pair_rows, read_pairs
+    from gptkit.lock import LOCK_NAME, FolderBusyError, release_folder
+    from test_lock import holder
+    tmp, tok = pipeline
+    pairs = [{"prompt": f"Name {c['instruction'][5:]}", "chosen": c["output"], "rejected": "No idea" + "." * (i % 5)}
+             for i, c in enumerate(CHATS[:6])]
+    (tmp / "pairs.json").write_text(json.dumps(pairs))
+    try:
+        prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
+            f"--sources={tmp / 'pairs.json'}", f"--data_dir={tmp / 'dpo_data'}", f"--tokenizer={tmp / 'tok'}",
+            "--block_size=64", "--val_fraction=0.3"]))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    assert LOCK_NAME not in os.listdir(tmp / "dpo_data")  # released when the preparation finished
+    ids, mask, offsets, n_pairs = read_pairs(str(tmp / "dpo_data"), "train")
+    assert n_pairs >= 2 and int(ids.max()) < tok.n_vocab and ids[0] == tok.eot
+    x, y = pair_rows(ids, mask, offsets, list(range(n_pairs)), "cpu")
+    assert int(x.max()) < tok.n_vocab and int(y.max()) < tok.n_vocab
+    assert set(np.unique(y[y >= 0].numpy())) >= {tok.end}  # each answer closes with the trained <|end|>
+
+    flags = [f"--data_dir={tmp / 'dpo_data'}", f"--init_from={tmp / 'chat'}", f"--out_dir={tmp / 'dpo'}",
+             "--block_size=64", "--device=cpu", "--compile=False", "--questions=1", "--answer_tokens=4",
+             "--total_batch_pairs=2", "--micro_batch_size=2", "--max_steps=2", "--eval_interval=2",
+             "--warmup_steps=1", "--learning_rate=1e-3"]
+    import dpo
+    monkeypatch.setattr(sys, "argv", ["dpo.py", *flags])  # in this process: no second startup
+    try:
+        with holder(tmp / "dpo") as proc:
+            with pytest.raises(FolderBusyError, match=f"process {proc.pid} on"):
+                dpo.main()
+        assert os.listdir(tmp / "dpo") == [LOCK_NAME]  # the killed holder's file, nothing of the refused run
+        dpo.main()
+    finally:
+        release_folder(str(tmp / "dpo"))
+        use_tokenizer(load_tokenizer("gpt2"))
+    ckpt = torch.load(tmp / "dpo" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == tok.to_string() and ckpt["model_config"]["vocab_size"] == 512
+    assert LOCK_NAME not in os.listdir(tmp / "dpo")
