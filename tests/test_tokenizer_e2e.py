@@ -234,3 +234,17 @@ def test_dpo_pairs_padding_and_folder_lock_with_the_trained_tokenizer(pipeline, 
     ckpt = torch.load(tmp / "dpo" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == tok.to_string() and ckpt["model_config"]["vocab_size"] == 512
     assert LOCK_NAME not in os.listdir(tmp / "dpo")
+
+    # its model card: the trained tokenizer's facts and ids, and what made the model
+    from gptkit.checkpoint import load_model
+    from gptkit.modelcard import card_body, run_facts
+    try:
+        model, ckpt = load_model(str(tmp / "dpo"), verbose=False)
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))  # the card reads the checkpoint's tokenizer, not the process's
+    card = card_body(run_facts(model, ckpt, str(tmp / "dpo")), None)
+    assert f"| tokenizer | byte-level BPE trained with gptkit's train_tokenizer.py (`{tok.hash}`" in card
+    assert "512 ids, control tokens `<|endoftext|>` 0, `<|system|>` 1, `<|user|>` 2, `<|assistant|>` 3, `<|end|>` 4" in card
+    assert "Special tokens `<|endoftext|>` (id 0), `<|system|>` (id 1)" in card and "`<|end|>` (id 4)" in card
+    assert "| kind | chat model (finetuned with finetune.py, then preference-tuned with dpo.py) |" in card
+    assert f"| preference-tuned from | `{tmp / 'chat'}` |" in card
