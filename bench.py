@@ -187,6 +187,9 @@ def bench_decode(cfg, rt):
     with the KV cache (one token per forward) and without (the whole sequence every token). A
     context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit."""
     from gptkit.generate import generate
+    from gptkit.tokenizer import use_tokenizer
+    # generate() leaves out the ids past the process's tokenizer: the data's, as for a model trained on it
+    use_tokenizer(run_tokenizer(cfg))
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=bench_vocab(cfg)[0], bias=cfg.bias),
                 verbose=not cfg.json).to(rt.device).eval()

@@ -130,6 +130,15 @@ def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
     cfg = load_config(TrainConfig, [f"--data_dir={tmp / 'data'}"])
     assert run_tokenizer(cfg).hash == tok.hash and model_vocab_size(cfg, tok) == 512
     assert bench_vocab(load_config(BenchConfig, [f"--data_dir={tmp / 'data'}"])) == (512, 512)
+    from bench import bench_decode
+    from gptkit.system import setup_runtime
+    bench = load_config(BenchConfig, [f"--data_dir={tmp / 'data'}", "--vocab_size=1024", "--n_layer=2", "--n_head=4",
+                                      "--n_embd=64", "--block_size=16", "--steps=1", "--warmup=0", "--json"])
+    try:  # decoding samples among the data tokenizer's 512 ids, not the padding up to 1024
+        result = bench_decode(bench, setup_runtime("cpu", "float32", 0, verbose=False))
+        assert get_tokenizer().hash == tok.hash and result["new_tokens"] == 8 and result["kv_cache_tokens_per_sec"] > 0
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
     assert model_vocab_size(load_config(TrainConfig, ["--vocab_size=1024"]), tok) == 1024
     with pytest.raises(ConfigError, match="vocab_size=500 is smaller than the 512"):
         model_vocab_size(load_config(TrainConfig, ["--vocab_size=500"]), tok)
