@@ -34,10 +34,9 @@ import torch
 from model import GPT, GPTConfig
 from gptkit.configurator import UserError
 from gptkit.system import print0
-from gptkit.tokenizer import EOT, SPECIAL_TOKENS, TOKENIZER_FILE, byte_alphabet, pad_vocab
+from gptkit.tokenizer import EOT, GPT2_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, byte_alphabet, pad_vocab
 
-GPT2_VOCAB = 50257      # GPT-2's own vocabulary: 50256 BPE tokens + <|endoftext|>
-PADDED_VOCAB = 50304    # ours: padded to a multiple of 64
+PADDED_VOCAB = pad_vocab(GPT2_VOCAB)  # ours: 50304, padded to a multiple of 64 (the chat tokens live in the padding)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BIASES = ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
 

@@ -40,6 +40,7 @@ from gptkit.configurator import UserError
 CONTROL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # GPT-2's ids, kept for GPT-2-only code and tests; everything else reads the tokenizer's attributes
 EOT = 50256
+GPT2_VOCAB = EOT + 1  # GPT-2's own vocabulary (50256 BPE tokens + <|endoftext|>); the chat tokens lie above
 SPECIAL_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
 SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS.values()
 MIN_VOCAB_SIZE = END + 1  # GPT-2 + chat tokens
@@ -107,7 +108,7 @@ def _shipped_gpt2(error):
               f"copies in {os.path.relpath(SHIPPED_GPT2)}", file=sys.stderr, flush=True)
         os.environ["GPTKIT_GPT2_NOTED"] = "1"
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB)
 
 
 def _bpe_encoding(text, where):

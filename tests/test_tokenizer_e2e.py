@@ -74,6 +74,9 @@ def test_sample_eval_and_export_need_no_flag_and_transformers_agrees(pipeline):
                     f"--data={shared_data('hellaswag', 'hellaswag_val_derived.jsonl')}")
     assert "HellaSwag: 8 items" in evaluated.stdout
     run("export_hf.py", f"--ckpt={tmp / 'chat'}", f"--out={tmp / 'hf'}")
+    card = (tmp / "hf" / "README.md").read_text(encoding="utf-8")  # the model card names this tokenizer and its ids
+    assert f"(`{tok.hash}`, in tokenizer.json): 512 ids" in card and "`<|end|>` (id 4)" in card
+    assert ".gptkit.lock" not in os.listdir(tmp / "hf")  # the export's lock is gone with export_hf.py
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp / "hf"))
     real = [open(shared_data(*parts), encoding="utf-8", newline="").read(30_000) for parts in
             [("pretrain", "gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"),  # BOM, CRLF
