@@ -51,7 +51,8 @@ def run_facts(model, ckpt, run_dir):
         "model_config": model.config.to_dict(),
         "step": ckpt.get("step"),
         "tokens_seen": ckpt.get("tokens_seen"),
-        "val_loss": val_loss, "val_step": val_step,
+        "val_loss": val_loss, "val_step": val_step,  # a dpo.py run's is its DPO loss on held-out pairs
+        "val_reward_accuracy": _last(records, "val_rewards/accuracies")[1],
         "hellaswag_acc_norm": hellaswag, "hellaswag_step": hellaswag_step,
         "hellaswag_items": config.get("hellaswag_limit") or None,  # 0: all of the val set
         "hellaswag_data": config.get("hellaswag_data") or "",  # empty: the official val file
@@ -108,10 +109,15 @@ def _numbers(facts):
              "chat model (finetuned with finetune.py, then preference-tuned with dpo.py)" if facts["preference_tuned"]
              else "chat model (finetuned with finetune.py)")]
     if facts["tokens_seen"] is not None:
+        this = " (this preference tuning)" if facts["preference_tuned"] else " (this finetune)"
         rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {facts['step']:,} steps"
-                                       + (" (this finetune)" if facts["kind"] == "chat" else "")))
+                                       + (this if facts["kind"] == "chat" else "")))
     if facts["val_loss"] is not None:
-        rows.append(("final val loss", f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
+        rows.append(("final val DPO loss" if facts["preference_tuned"] else "final val loss",
+                     f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
+    if facts["preference_tuned"] and facts["val_reward_accuracy"] is not None:
+        rows.append(("val reward accuracy", f"{facts['val_reward_accuracy']:.4f} (held-out pairs whose chosen "
+                                            "answer gained more than the rejected one; chance is 0.5)"))
     if facts["hellaswag_acc_norm"] is not None:
         items = f"{facts['hellaswag_items']:,} items" if facts["hellaswag_items"] else "the full val set"
         if facts["hellaswag_data"]:  # a file of the user's: say which, the official one is the default

@@ -249,12 +249,17 @@ def test_dpo_pairs_padding_and_folder_lock_with_the_trained_tokenizer(pipeline, 
 
     # its model card: the trained tokenizer's facts and ids, and what made the model
     from gptkit.checkpoint import load_model
-    from gptkit.modelcard import card_body, run_facts
+    from gptkit.modelcard import run_facts, write_model_card
     try:
         model, ckpt = load_model(str(tmp / "dpo"), verbose=False)
     finally:
         use_tokenizer(load_tokenizer("gpt2"))  # the card reads the checkpoint's tokenizer, not the process's
-    card = card_body(run_facts(model, ckpt, str(tmp / "dpo")), None)
+    assert write_model_card(str(tmp / "dpo_card"), run_facts(model, ckpt, str(tmp / "dpo")), None, "mit", [], []) \
+        == ["loss.png", "README.md"]  # dpo.py's log plots like the others
+    card = (tmp / "dpo_card" / "README.md").read_text(encoding="utf-8")
+    val = [json.loads(line) for line in open(tmp / "dpo" / "log.jsonl") if "val_loss" in line][-1]
+    assert f"| final val DPO loss | {val['val_loss']:.4f} (step 2) |" in card
+    assert f"| val reward accuracy | {val['val_rewards/accuracies']:.4f} " in card
     assert f"| tokenizer | byte-level BPE trained with gptkit's train_tokenizer.py (`{tok.hash}`" in card
     assert "512 ids, control tokens `<|endoftext|>` 0, `<|system|>` 1, `<|user|>` 2, `<|assistant|>` 3, `<|end|>` 4" in card
     assert "Special tokens `<|endoftext|>` (id 0), `<|system|>` (id 1)" in card and "`<|end|>` (id 4)" in card
