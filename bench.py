@@ -254,8 +254,7 @@ def read_documents(folder):
 
 def bench_tokenize(cfg):
     """prepare_fineweb's parallel tokenizer (with --tokenizer=PATH a trained one) against a plain
-    single-process tiktoken GPT-2 loop on the same documents."""
-    import tiktoken
+    single-process tiktoken loop of the same tokenizer (GPT-2's or the trained one) on the same documents."""
     from gptkit.data import resolve_num_proc, tokenize_documents
     from gptkit.tokenizer import load_tokenizer, use_tokenizer
     tok = use_tokenizer(load_tokenizer(cfg.tokenizer or "gpt2"))
@@ -263,9 +262,8 @@ def bench_tokenize(cfg):
     if not documents:  # empty .txt files, or .zip files without any .txt inside
         raise ConfigError(f"text={cfg.text!r}: its .txt and .zip files hold no text to tokenize")
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
-    encoding = tiktoken.get_encoding("gpt2")
     t0 = time.perf_counter()
-    n_plain = sum(len(encoding.encode_ordinary(d)) + 1 for d in documents)
+    n_plain = sum(len(tok.enc.encode_ordinary(d)) + 1 for d in documents)  # + each document's <|endoftext|>
     plain_s = time.perf_counter() - t0
     num_proc = resolve_num_proc(cfg.num_proc)
     t0 = time.perf_counter()

@@ -125,7 +125,7 @@ def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
     assert get_tokenizer().hash == "gpt2" and not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
-def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
+def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline, monkeypatch):
     from bench import BenchConfig, bench_vocab
     from gptkit.configurator import ConfigError
     from gptkit.trainer import TrainConfig, model_vocab_size, run_tokenizer
@@ -142,6 +142,21 @@ def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
         assert get_tokenizer().hash == tok.hash and result["new_tokens"] == 8 and result["kv_cache_tokens_per_sec"] > 0
     finally:
         use_tokenizer(load_tokenizer("gpt2"))
+    from bench import bench_tokenize, read_documents
+    (tmp / "text").mkdir()
+    (tmp / "text" / "a.txt").write_text("Name a river.\n\nThe Thames, of course.\n", encoding="utf-8")
+    import tiktoken  # the plain loop the parallel tokenizer is timed against is the same tokenizer's, not GPT-2's
+
+    def no_gpt2(name):
+        raise AssertionError(f"bench fetched tiktoken's {name} for a trained tokenizer")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_gpt2)
+    try:
+        result = bench_tokenize(load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp / 'text'}", "--num_proc=1",
+                                                          f"--tokenizer={tmp / 'tok'}"]))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    documents = read_documents(str(tmp / "text"))
+    assert result["tokenizer"] == tok.name and result["tokens"] == sum(1 + len(tok.encode(d)) for d in documents)
     assert model_vocab_size(load_config(TrainConfig, ["--vocab_size=1024"]), tok) == 1024
     with pytest.raises(ConfigError, match="vocab_size=500 is smaller than the 512"):
         model_vocab_size(load_config(TrainConfig, ["--vocab_size=500"]), tok)
