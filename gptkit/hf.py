@@ -380,8 +380,7 @@ def tokenizer_files(tok, chat=False, model_max_length=1024, system=""):
         files = {TOKENIZER_FILE: lambda f: f.write(tok.to_string().encode("utf-8"))}
     # Control tokens are matched whole, before BPE, and never stripped or normalised, so the text
     # between two of them is encoded on its own, exactly as our renderer does.
-    added = {"<|endoftext|>": tok.eot, "<|system|>": tok.system, "<|user|>": tok.user,
-             "<|assistant|>": tok.assistant, "<|end|>": tok.end}
+    added = tok.controls
     added_tokens_decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                      "single_word": False, "special": True} for t, i in added.items()}
     eos = "<|end|>" if chat else "<|endoftext|>"  # a chat model's turn ends with <|end|>

@@ -16,7 +16,7 @@ from gptkit.checkpoint import atomic_write
 from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
 from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, series
-from gptkit.tokenizer import CONTROL_TOKENS, checkpoint_tokenizer
+from gptkit.tokenizer import checkpoint_tokenizer
 
 LOSS_PLOT = "loss.png"
 
@@ -45,8 +45,7 @@ def run_facts(model, ckpt, run_dir):
     return {
         "kind": ckpt.get("kind", "base"),
         "preference_tuned": "beta" in config,  # dpo.py's run config: a chat model tuned on preference pairs
-        "tokenizer": {"hash": tok.hash, "n_vocab": tok.n_vocab,
-                      "control_ids": [getattr(tok, a) for a in ("eot", "system", "user", "assistant", "end")]},
+        "tokenizer": {"hash": tok.hash, "n_vocab": tok.n_vocab, "controls": tok.controls},
         "parameters": model.num_params(),
         "model_config": model.config.to_dict(),
         "step": ckpt.get("step"),
@@ -92,7 +91,7 @@ def card_data(facts, repo_id, license, datasets, language):
 
 def tokenizer_text(tok):
     """The card's words for the model's tokenizer (facts["tokenizer"])."""
-    controls = ", ".join(f"`{t}` {i}" for t, i in zip(CONTROL_TOKENS, tok["control_ids"]))
+    controls = ", ".join(f"`{t}` {i}" for t, i in tok["controls"].items())
     if tok["hash"] == "gpt2":
         return f"GPT-2's BPE plus 4 chat tokens: {tok['n_vocab']:,} ids, control tokens {controls}"
     return (f"byte-level BPE trained with gptkit's train_tokenizer.py (`{tok['hash']}`, in tokenizer.json): "
@@ -142,7 +141,7 @@ def card_body(facts, repo_id):
         parts.append(f"![train and val loss against tokens trained]({LOSS_PLOT})")
     if chat:
         system = facts["system"]
-        ids = dict(zip(CONTROL_TOKENS, facts["tokenizer"]["control_ids"]))
+        ids = facts["tokenizer"]["controls"]
         parts.append("## Chat format\n\nSpecial tokens " + ", ".join(f"`{t}` (id {i})" for t, i in ids.items())
                      + "; a conversation is\n"
                      "`<|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>`, and the model's\n"

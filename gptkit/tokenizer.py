@@ -4,6 +4,7 @@ one interface, with the chat control tokens.
 
     tok = load_tokenizer("gpt2")                      # or the path of a trained tokenizer (folder or .json)
     tok.eot, tok.system, tok.user, tok.assistant, tok.end   # control-token ids
+    tok.controls     # {"<|endoftext|>": id, "<|system|>": id, ...}: the same, by name
     tok.n_vocab      # ids in use (text tokens + control tokens); ids at or above are padding, never sampled
     tok.vocab_size   # the model's embedding rows: n_vocab padded to a multiple of 64 (faster matmuls)
     tok.hash         # "gpt2", or "bpe-" + sha256 of the tokenizer file: what data folders record
@@ -162,6 +163,7 @@ class Tokenizer:
             self.hash = "bpe-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
             self.name = f"{self.hash} from {where}"
         self.eot, self.system, self.user, self.assistant, self.end = (ids[t] for t in CONTROL_TOKENS)
+        self.controls = {t: ids[t] for t in CONTROL_TOKENS}  # control token -> id, in CONTROL_TOKENS order
         self.roles = {"system": self.system, "user": self.user, "assistant": self.assistant}
         self.n_vocab = max(ids.values()) + 1 if text == "gpt2" else self.enc.n_vocab
         self.vocab_size = pad_vocab(self.n_vocab)
