@@ -187,6 +187,9 @@ def bench_decode(cfg, rt):
     with the KV cache (one token per forward) and without (the whole sequence every token). A
     context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit."""
     from gptkit.generate import generate
+    from gptkit.tokenizer import use_tokenizer
+    # generate() leaves out the ids past the process's tokenizer: the data's, as for a model trained on it
+    use_tokenizer(run_tokenizer(cfg))
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=bench_vocab(cfg)[0], bias=cfg.bias),
                 verbose=not cfg.json).to(rt.device).eval()
@@ -251,8 +254,7 @@ def read_documents(folder):
 
 def bench_tokenize(cfg):
     """prepare_fineweb's parallel tokenizer (with --tokenizer=PATH a trained one) against a plain
-    single-process tiktoken GPT-2 loop on the same documents."""
-    import tiktoken
+    single-process tiktoken loop of the same tokenizer (GPT-2's or the trained one) on the same documents."""
     from gptkit.data import resolve_num_proc, tokenize_documents
     from gptkit.tokenizer import load_tokenizer, use_tokenizer
     tok = use_tokenizer(load_tokenizer(cfg.tokenizer or "gpt2"))
@@ -260,9 +262,8 @@ def bench_tokenize(cfg):
     if not documents:  # empty .txt files, or .zip files without any .txt inside
         raise ConfigError(f"text={cfg.text!r}: its .txt and .zip files hold no text to tokenize")
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
-    encoding = tiktoken.get_encoding("gpt2")
     t0 = time.perf_counter()
-    n_plain = sum(len(encoding.encode_ordinary(d)) + 1 for d in documents)
+    n_plain = sum(len(tok.enc.encode_ordinary(d)) + 1 for d in documents)  # + each document's <|endoftext|>
     plain_s = time.perf_counter() - t0
     num_proc = resolve_num_proc(cfg.num_proc)
     t0 = time.perf_counter()

@@ -11,7 +11,8 @@ Train your own byte-level BPE tokenizer on your text; every gptkit script can th
 Reads the same sources as prepare_fineweb.py (local parquet/jsonl/txt files or folders, or a hub
 dataset streamed), normalised the same way (CRLF -> LF, no BOM), up to max_chars characters. About
 1% of the documents (chosen by the same stable hash as prepare_fineweb's val split) are held out to
-measure bytes per token against GPT-2. Writes <out>/tokenizer.json and <out>/summary.txt.
+measure bytes per token against GPT-2. Writes <out>/tokenizer.json and <out>/summary.txt, as the
+folder's one writer (gptkit/lock.py).
 
 The BPE trainer is the Hugging Face `tokenizers` library's (multi-core Rust; its tokenizer.json is
 what transformers loads). Byte-level: every UTF-8 text round-trips exactly, no unknown token.
@@ -112,7 +113,9 @@ def bytes_per_token(tok, texts):
 
 def main(cfg):
     from gptkit.checkpoint import atomic_write
+    from gptkit.lock import hold_folder, release_folder
     out = cfg.out
+    hold_folder(out)  # one writer: two runs at once could leave one's tokenizer.json beside the other's summary
     train, held = read_corpus(cfg)
     n_chars = sum(len(t) for t in train)
     start = time.time()
@@ -132,6 +135,7 @@ def main(cfg):
                f"(GPT-2: {theirs:.3f}, {ours / theirs - 1:+.1%})\n")
     atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write(summary.encode("utf-8")))
     print0(summary + f"next: python prepare_fineweb.py --source={cfg.source} --tokenizer={out} --data_dir=data/NAME")
+    release_folder(out)  # (on an error it is released when the process ends)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,12 @@ import torch
 
 from gptkit.checkpoint import atomic_write
 from gptkit.configurator import UserError
-from gptkit.tokenizer import MAX_VOCAB, get_tokenizer, tokenizer_from_string, use_tokenizer
+from gptkit.tokenizer import GPT2_VOCAB, MAX_VOCAB, get_tokenizer, tokenizer_from_string, use_tokenizer
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAGIC = 20240520
 VERSION = 1
-GPT2_VOCAB = 50257  # ids at or above this are chat tokens or padding: never in pretraining text
 PREPARE_STATE = "prepare_state.bin"  # prepare_fineweb.py's progress, beside the shards it writes
 
 

@@ -133,7 +133,7 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
         raise ValueError("; ".join(problems))
     block_size = model.config.block_size
     if len(ids) == 0:
-        raise ValueError("empty prompt: give at least one token (for example <|endoftext|>, 50256)")
+        raise ValueError(f"empty prompt: give at least one token (for example <|endoftext|>, id {get_tokenizer().eot})")
     if len(ids) >= block_size:
         raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room in the model's context of "
                          f"{block_size}: shorten it (keep its last {block_size - 1} tokens at most)")

@@ -34,10 +34,9 @@ import torch
 from model import GPT, GPTConfig
 from gptkit.configurator import UserError
 from gptkit.system import print0
-from gptkit.tokenizer import EOT, SPECIAL_TOKENS, TOKENIZER_FILE, byte_alphabet, pad_vocab
+from gptkit.tokenizer import EOT, GPT2_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, byte_alphabet, pad_vocab
 
-GPT2_VOCAB = 50257      # GPT-2's own vocabulary: 50256 BPE tokens + <|endoftext|>
-PADDED_VOCAB = 50304    # ours: padded to a multiple of 64
+PADDED_VOCAB = pad_vocab(GPT2_VOCAB)  # ours: 50304, padded to a multiple of 64 (the chat tokens live in the padding)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BIASES = ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
 
@@ -381,8 +380,7 @@ def tokenizer_files(tok, chat=False, model_max_length=1024, system=""):
         files = {TOKENIZER_FILE: lambda f: f.write(tok.to_string().encode("utf-8"))}
     # Control tokens are matched whole, before BPE, and never stripped or normalised, so the text
     # between two of them is encoded on its own, exactly as our renderer does.
-    added = {"<|endoftext|>": tok.eot, "<|system|>": tok.system, "<|user|>": tok.user,
-             "<|assistant|>": tok.assistant, "<|end|>": tok.end}
+    added = tok.controls
     added_tokens_decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                      "single_word": False, "special": True} for t, i in added.items()}
     eos = "<|end|>" if chat else "<|endoftext|>"  # a chat model's turn ends with <|end|>

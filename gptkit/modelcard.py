@@ -16,6 +16,7 @@ from gptkit.checkpoint import atomic_write
 from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
 from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, series
+from gptkit.tokenizer import checkpoint_tokenizer
 
 LOSS_PLOT = "loss.png"
 
@@ -40,13 +41,17 @@ def run_facts(model, ckpt, run_dir):
     data_dir = config.get("data_dir")
     if data_dir and os.path.isdir(data_dir):
         source = ((read_prepare_state(data_dir) or {}).get("settings") or {}).get("source")
+    tok = checkpoint_tokenizer(ckpt)  # the model's own: GPT-2's, or one train_tokenizer.py made
     return {
         "kind": ckpt.get("kind", "base"),
+        "preference_tuned": "beta" in config,  # dpo.py's run config: a chat model tuned on preference pairs
+        "tokenizer": {"hash": tok.hash, "n_vocab": tok.n_vocab, "controls": tok.controls},
         "parameters": model.num_params(),
         "model_config": model.config.to_dict(),
         "step": ckpt.get("step"),
         "tokens_seen": ckpt.get("tokens_seen"),
-        "val_loss": val_loss, "val_step": val_step,
+        "val_loss": val_loss, "val_step": val_step,  # a dpo.py run's is its DPO loss on held-out pairs
+        "val_reward_accuracy": _last(records, "val_rewards/accuracies")[1],
         "hellaswag_acc_norm": hellaswag, "hellaswag_step": hellaswag_step,
         "hellaswag_items": config.get("hellaswag_limit") or None,  # 0: all of the val set
         "hellaswag_data": config.get("hellaswag_data") or "",  # empty: the official val file
@@ -84,17 +89,34 @@ def card_data(facts, repo_id, license, datasets, language):
                          model_name=name, eval_results=results or None)
 
 
+def tokenizer_text(tok):
+    """The card's words for the model's tokenizer (facts["tokenizer"])."""
+    controls = ", ".join(f"`{t}` {i}" for t, i in tok["controls"].items())
+    if tok["hash"] == "gpt2":
+        return f"GPT-2's BPE plus 4 chat tokens: {tok['n_vocab']:,} ids, control tokens {controls}"
+    return (f"byte-level BPE trained with gptkit's train_tokenizer.py (`{tok['hash']}`, in tokenizer.json): "
+            f"{tok['n_vocab']:,} ids, control tokens {controls}")
+
+
 def _numbers(facts):
     c = facts["model_config"]
     rows = [("parameters", f"{facts['parameters']:,} (tied input/output embeddings)"),
             ("architecture", f"GPT-2: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, "
                              f"context {c['block_size']} tokens, vocabulary {c['vocab_size']}"),
-            ("kind", "chat model (finetuned with finetune.py)" if facts["kind"] == "chat" else "base model (pretrained)")]
+            ("tokenizer", tokenizer_text(facts["tokenizer"])),
+            ("kind", "base model (pretrained)" if facts["kind"] != "chat" else
+             "chat model (finetuned with finetune.py, then preference-tuned with dpo.py)" if facts["preference_tuned"]
+             else "chat model (finetuned with finetune.py)")]
     if facts["tokens_seen"] is not None:
+        this = " (this preference tuning)" if facts["preference_tuned"] else " (this finetune)"
         rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {facts['step']:,} steps"
-                                       + (" (this finetune)" if facts["kind"] == "chat" else "")))
+                                       + (this if facts["kind"] == "chat" else "")))
     if facts["val_loss"] is not None:
-        rows.append(("final val loss", f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
+        rows.append(("final val DPO loss" if facts["preference_tuned"] else "final val loss",
+                     f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
+    if facts["preference_tuned"] and facts["val_reward_accuracy"] is not None:
+        rows.append(("val reward accuracy", f"{facts['val_reward_accuracy']:.4f} (held-out pairs whose chosen "
+                                            "answer gained more than the rejected one; chance is 0.5)"))
     if facts["hellaswag_acc_norm"] is not None:
         items = f"{facts['hellaswag_items']:,} items" if facts["hellaswag_items"] else "the full val set"
         if facts["hellaswag_data"]:  # a file of the user's: say which, the official one is the default
@@ -102,7 +124,8 @@ def _numbers(facts):
         rows.append(("HellaSwag acc_norm", f"{facts['hellaswag_acc_norm']:.4f} on {items} "
                                            f"(step {facts['hellaswag_step']:,}; chance is 0.25)"))
     if facts["kind"] == "chat" and facts["init_from"]:
-        rows.append(("finetuned from", f"`{facts['init_from']}`"))
+        rows.append(("preference-tuned from" if facts["preference_tuned"] else "finetuned from",
+                     f"`{facts['init_from']}`"))
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
@@ -118,7 +141,9 @@ def card_body(facts, repo_id):
         parts.append(f"![train and val loss against tokens trained]({LOSS_PLOT})")
     if chat:
         system = facts["system"]
-        parts.append("## Chat format\n\nSpecial tokens `<|system|> <|user|> <|assistant|> <|end|>`; a conversation is\n"
+        ids = facts["tokenizer"]["controls"]
+        parts.append("## Chat format\n\nSpecial tokens " + ", ".join(f"`{t}` (id {i})" for t, i in ids.items())
+                     + "; a conversation is\n"
                      "`<|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>`, and the model's\n"
                      "turn ends with `<|end|>`. The tokenizer's chat template renders exactly this"
                      + (f", and puts the system prompt the model was finetuned with first when a chat brings none:"

@@ -4,6 +4,7 @@ one interface, with the chat control tokens.
 
     tok = load_tokenizer("gpt2")                      # or the path of a trained tokenizer (folder or .json)
     tok.eot, tok.system, tok.user, tok.assistant, tok.end   # control-token ids
+    tok.controls     # {"<|endoftext|>": id, "<|system|>": id, ...}: the same, by name
     tok.n_vocab      # ids in use (text tokens + control tokens); ids at or above are padding, never sampled
     tok.vocab_size   # the model's embedding rows: n_vocab padded to a multiple of 64 (faster matmuls)
     tok.hash         # "gpt2", or "bpe-" + sha256 of the tokenizer file: what data folders record
@@ -40,6 +41,7 @@ from gptkit.configurator import UserError
 CONTROL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # GPT-2's ids, kept for GPT-2-only code and tests; everything else reads the tokenizer's attributes
 EOT = 50256
+GPT2_VOCAB = EOT + 1  # GPT-2's own vocabulary (50256 BPE tokens + <|endoftext|>); the chat tokens lie above
 SPECIAL_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
 SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS.values()
 MIN_VOCAB_SIZE = END + 1  # GPT-2 + chat tokens
@@ -107,7 +109,7 @@ def _shipped_gpt2(error):
               f"copies in {os.path.relpath(SHIPPED_GPT2)}", file=sys.stderr, flush=True)
         os.environ["GPTKIT_GPT2_NOTED"] = "1"
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB)
 
 
 def _bpe_encoding(text, where):
@@ -161,6 +163,7 @@ class Tokenizer:
             self.hash = "bpe-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
             self.name = f"{self.hash} from {where}"
         self.eot, self.system, self.user, self.assistant, self.end = (ids[t] for t in CONTROL_TOKENS)
+        self.controls = {t: ids[t] for t in CONTROL_TOKENS}  # control token -> id, in CONTROL_TOKENS order
         self.roles = {"system": self.system, "user": self.user, "assistant": self.assistant}
         self.n_vocab = max(ids.values()) + 1 if text == "gpt2" else self.enc.n_vocab
         self.vocab_size = pad_vocab(self.n_vocab)

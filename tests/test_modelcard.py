@@ -82,6 +82,9 @@ def test_card_numbers_match_the_run_log(exported):
     assert "2 layers, 4 heads, 64 wide, context 128 tokens" in text and "`out/tiny_cpu`" in text
     # the chat format with the trained system prompt, and both ways to use it
     assert "<|assistant|>...<|end|>" in text and "\nBe brief.\n" in text
+    # the tokenizer's facts: GPT-2's ids for a model without a tokenizer of its own
+    assert "| tokenizer | GPT-2's BPE plus 4 chat tokens: 50,261 ids" in text and "`<|end|>` (id 50260)" in text
+    assert "| kind | chat model (finetuned with finetune.py) |" in text
     assert "AutoModelForCausalLM.from_pretrained" in text and "apply_chat_template" in text
     assert "python sample.py --ckpt=" in text
     # the loss plot is in the folder, and the card shows it

@@ -42,6 +42,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs)
     images = [out for out in outputs if "image/png" in out.get("data", {})]
+    # a tokenizer trained on the text, its control tokens at 0-4, beside GPT-2's at 50256-50260
+    assert "trained tokenizer: 512 ids" in text and "'<|end|>': 4}" in text and "'<|end|>': 50260}" in text
+    assert "\n   GPT-2: 16 tokens: " in text and "\n trained: " in text
     assert "val loss at init" in text and "step 20/20" in text and "before finetuning" in text
     assert "finetune step 20:" in text and "<|assistant|>[Paris][.][<|end|>]" in text  # loss on the answer only
     assert len(images) >= 2  # the loss plot and the attention picture

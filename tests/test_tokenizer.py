@@ -161,6 +161,15 @@ def test_training_is_deterministic(tmp_path):
     text = _read(source, 20_000)
     assert tok.decode(tok.encode(text)) == text
     assert tok.enc._pat_str == train_tokenizer.PATTERNS["gpt4"]  # the encoder splits as the trainer did
+    # the folder's one writer: released when done, and a folder another process holds is refused untouched
+    from gptkit.lock import LOCK_NAME, FolderBusyError
+    from test_lock import holder
+    assert LOCK_NAME not in os.listdir(tmp_path / "a")
+    with holder(tmp_path / "a") as proc:
+        with pytest.raises(FolderBusyError, match=f"process {proc.pid} on"):
+            train_tokenizer.main(load_config(train_tokenizer.TokenizerConfig, [
+                f"--source={source}", "--vocab_size=300", f"--out={tmp_path / 'a'}"]))
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == files[0]
 
 
 def test_bad_settings_name_the_key(tmp_path):

@@ -2,8 +2,10 @@
 prepare_instruct -> finetune -> sample -> eval_hellaswag -> export_hf -> transformers, with the
 tokenizer given once (to the prepare scripts) and carried by data folders and checkpoints after that."""
 
+import dataclasses
 import json
 import os
+import sys
 import types
 
 import pytest
@@ -72,6 +74,9 @@ def test_sample_eval_and_export_need_no_flag_and_transformers_agrees(pipeline):
                     f"--data={shared_data('hellaswag', 'hellaswag_val_derived.jsonl')}")
     assert "HellaSwag: 8 items" in evaluated.stdout
     run("export_hf.py", f"--ckpt={tmp / 'chat'}", f"--out={tmp / 'hf'}")
+    card = (tmp / "hf" / "README.md").read_text(encoding="utf-8")  # the model card names this tokenizer and its ids
+    assert f"(`{tok.hash}`, in tokenizer.json): 512 ids" in card and "`<|end|>` (id 4)" in card
+    assert ".gptkit.lock" not in os.listdir(tmp / "hf")  # the export's lock is gone with export_hf.py
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp / "hf"))
     real = [open(shared_data(*parts), encoding="utf-8", newline="").read(30_000) for parts in
             [("pretrain", "gutenberg", "karpathy-char-rnn-warpeace", "warpeace_input.txt"),  # BOM, CRLF
@@ -120,7 +125,7 @@ def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
     assert get_tokenizer().hash == "gpt2" and not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
-def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
+def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline, monkeypatch):
     from bench import BenchConfig, bench_vocab
     from gptkit.configurator import ConfigError
     from gptkit.trainer import TrainConfig, model_vocab_size, run_tokenizer
@@ -128,8 +133,150 @@ def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline):
     cfg = load_config(TrainConfig, [f"--data_dir={tmp / 'data'}"])
     assert run_tokenizer(cfg).hash == tok.hash and model_vocab_size(cfg, tok) == 512
     assert bench_vocab(load_config(BenchConfig, [f"--data_dir={tmp / 'data'}"])) == (512, 512)
+    from bench import bench_decode
+    from gptkit.system import setup_runtime
+    bench = load_config(BenchConfig, [f"--data_dir={tmp / 'data'}", "--vocab_size=1024", "--n_layer=2", "--n_head=4",
+                                      "--n_embd=64", "--block_size=16", "--steps=1", "--warmup=0", "--json"])
+    try:  # decoding samples among the data tokenizer's 512 ids, not the padding up to 1024
+        result = bench_decode(bench, setup_runtime("cpu", "float32", 0, verbose=False))
+        assert get_tokenizer().hash == tok.hash and result["new_tokens"] == 8 and result["kv_cache_tokens_per_sec"] > 0
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    from bench import bench_tokenize, read_documents
+    (tmp / "text").mkdir()
+    (tmp / "text" / "a.txt").write_text("Name a river.\n\nThe Thames, of course.\n", encoding="utf-8")
+    import tiktoken  # the plain loop the parallel tokenizer is timed against is the same tokenizer's, not GPT-2's
+
+    def no_gpt2(name):
+        raise AssertionError(f"bench fetched tiktoken's {name} for a trained tokenizer")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_gpt2)
+    try:
+        result = bench_tokenize(load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp / 'text'}", "--num_proc=1",
+                                                          f"--tokenizer={tmp / 'tok'}"]))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    documents = read_documents(str(tmp / "text"))
+    assert result["tokenizer"] == tok.name and result["tokens"] == sum(1 + len(tok.encode(d)) for d in documents)
     assert model_vocab_size(load_config(TrainConfig, ["--vocab_size=1024"]), tok) == 1024
     with pytest.raises(ConfigError, match="vocab_size=500 is smaller than the 512"):
         model_vocab_size(load_config(TrainConfig, ["--vocab_size=500"]), tok)
     with pytest.raises(ConfigError, match=f"tokenizer=gpt2.*prepared with tokenizer {tok.hash}"):
         run_tokenizer(load_config(TrainConfig, [f"--data_dir={tmp / 'data'}", "--tokenizer=gpt2"]))
+
+
+@pytest.fixture(scope="module")
+def served(pipeline):
+    """The chat model of the trained tokenizer behind serve.py's app, in this process (no server start);
+    favour(token) makes the model put all its weight on one id, to exercise the stop tokens."""
+    from fastapi.testclient import TestClient
+    from gptkit.chat import resolve_system
+    from gptkit.checkpoint import load_model
+    from gptkit.engine import Engine
+    from serve import ServeConfig, build_app
+    tmp, tok = pipeline
+    cfg = load_config(ServeConfig, [f"--ckpt={tmp / 'chat'}", "--temperature=0"])
+    model, ckpt = load_model(cfg.ckpt, verbose=False)
+    cfg = dataclasses.replace(cfg, system=resolve_system(cfg.system, ckpt))  # as serve.py's main
+    favoured = []
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor(favoured), 1e4)
+                                        if favoured else out)
+    engine = Engine(model, get_tokenizer())
+    card = {"id": "chat", "object": "model", "created": 0, "owned_by": "gptkit"}
+    try:
+        with TestClient(build_app(cfg, engine, card), base_url="http://127.0.0.1") as client:
+            yield client, model, tok, favoured
+    finally:
+        engine.close()
+        use_tokenizer(load_tokenizer("gpt2"))
+
+
+def test_serve_stops_counts_and_keeps_typed_control_tokens_text_with_the_trained_tokenizer(served):
+    from gptkit.generate import generate
+    client, model, tok, favoured = served
+    typed = "Name a river.<|end|><|assistant|>"  # control-token text from a person: plain text
+    messages = [{"role": "user", "content": typed}]
+    prompt = tok.render_prompt(messages)
+    assert [i for i in prompt if i < 5] == [tok.eot, tok.user, tok.end, tok.assistant]  # only the ones placed
+    for token, chat_finish, chat_text in [(tok.end, "stop", ""), (tok.eot, "stop", ""), (7, "length", None)]:
+        favoured[:] = [token]
+        chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5}).json()
+        assert chat["usage"]["prompt_tokens"] == len(prompt)
+        assert chat["choices"][0]["finish_reason"] == chat_finish
+        content = chat["choices"][0]["message"]["content"]
+        assert content == (chat_text if chat_text is not None else tok.decode([token] * 5))
+        assert chat["usage"]["completion_tokens"] == (0 if chat_finish == "stop" else 5)
+        # a completion stops at <|endoftext|> only: <|end|> is text there
+        done = client.post("/v1/completions", json={"prompt": typed, "max_tokens": 3}).json()
+        assert done["usage"]["prompt_tokens"] == 1 + len(tok.encode(typed))
+        stops = token == tok.eot
+        assert done["choices"][0]["finish_reason"] == ("stop" if stops else "length")
+        assert done["choices"][0]["text"] == ("" if stops else tok.decode([token] * 3))
+    favoured[:] = []  # the model as trained: the answer sample.py's code gives
+    free = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8}).json()
+    expected = list(generate(model, prompt, 8, temperature=0, stop_tokens=(tok.end, tok.eot)))
+    assert free["choices"][0]["message"]["content"] == tok.decode(expected)
+    assert free["usage"]["completion_tokens"] == len(expected)
+
+
+def test_dpo_pairs_padding_and_folder_lock_with_the_trained_tokenizer(pipeline, monkeypatch):
+    """Pairs prepared with --tokenizer, padded with ids of that vocabulary; dpo.py trains the trained-tokenizer
+    chat model on them, and refuses an out_dir another process holds."""
+    import numpy as np
+    import prepare_instruct
+    from gptkit.preference import pair_rows, read_pairs
+    from gptkit.lock import LOCK_NAME, FolderBusyError, release_folder
+    from test_lock import holder
+    tmp, tok = pipeline
+    pairs = [{"prompt": f"Name {c['instruction'][5:]}", "chosen": c["output"], "rejected": "No idea" + "." * (i % 5)}
+             for i, c in enumerate(CHATS[:6])]
+    (tmp / "pairs.json").write_text(json.dumps(pairs))
+    try:
+        prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
+            f"--sources={tmp / 'pairs.json'}", f"--data_dir={tmp / 'dpo_data'}", f"--tokenizer={tmp / 'tok'}",
+            "--block_size=64", "--val_fraction=0.3"]))
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))
+    assert LOCK_NAME not in os.listdir(tmp / "dpo_data")  # released when the preparation finished
+    ids, mask, offsets, n_pairs = read_pairs(str(tmp / "dpo_data"), "train")
+    assert n_pairs >= 2 and int(ids.max()) < tok.n_vocab and ids[0] == tok.eot
+    x, y = pair_rows(ids, mask, offsets, list(range(n_pairs)), "cpu")
+    assert int(x.max()) < tok.n_vocab and int(y.max()) < tok.n_vocab
+    assert set(np.unique(y[y >= 0].numpy())) >= {tok.end}  # each answer closes with the trained <|end|>
+
+    flags = [f"--data_dir={tmp / 'dpo_data'}", f"--init_from={tmp / 'chat'}", f"--out_dir={tmp / 'dpo'}",
+             "--block_size=64", "--device=cpu", "--compile=False", "--questions=1", "--answer_tokens=4",
+             "--total_batch_pairs=2", "--micro_batch_size=2", "--max_steps=2", "--eval_interval=2",
+             "--warmup_steps=1", "--learning_rate=1e-3"]
+    import dpo
+    monkeypatch.setattr(sys, "argv", ["dpo.py", *flags])  # in this process: no second startup
+    try:
+        with holder(tmp / "dpo") as proc:
+            with pytest.raises(FolderBusyError, match=f"process {proc.pid} on"):
+                dpo.main()
+        assert os.listdir(tmp / "dpo") == [LOCK_NAME]  # the killed holder's file, nothing of the refused run
+        dpo.main()
+    finally:
+        release_folder(str(tmp / "dpo"))
+        use_tokenizer(load_tokenizer("gpt2"))
+    ckpt = torch.load(tmp / "dpo" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == tok.to_string() and ckpt["model_config"]["vocab_size"] == 512
+    assert LOCK_NAME not in os.listdir(tmp / "dpo")
+
+    # its model card: the trained tokenizer's facts and ids, and what made the model
+    from gptkit.checkpoint import load_model
+    from gptkit.modelcard import run_facts, write_model_card
+    try:
+        model, ckpt = load_model(str(tmp / "dpo"), verbose=False)
+    finally:
+        use_tokenizer(load_tokenizer("gpt2"))  # the card reads the checkpoint's tokenizer, not the process's
+    assert write_model_card(str(tmp / "dpo_card"), run_facts(model, ckpt, str(tmp / "dpo")), None, "mit", [], []) \
+        == ["loss.png", "README.md"]  # dpo.py's log plots like the others
+    card = (tmp / "dpo_card" / "README.md").read_text(encoding="utf-8")
+    val = [json.loads(line) for line in open(tmp / "dpo" / "log.jsonl") if "val_loss" in line][-1]
+    assert f"| final val DPO loss | {val['val_loss']:.4f} (step 2) |" in card
+    assert f"| val reward accuracy | {val['val_rewards/accuracies']:.4f} " in card
+    assert f"| tokenizer | byte-level BPE trained with gptkit's train_tokenizer.py (`{tok.hash}`" in card
+    assert "512 ids, control tokens `<|endoftext|>` 0, `<|system|>` 1, `<|user|>` 2, `<|assistant|>` 3, `<|end|>` 4" in card
+    assert "Special tokens `<|endoftext|>` (id 0), `<|system|>` (id 1)" in card and "`<|end|>` (id 4)" in card
+    assert "| kind | chat model (finetuned with finetune.py, then preference-tuned with dpo.py) |" in card
+    assert f"| preference-tuned from | `{tmp / 'chat'}` |" in card
