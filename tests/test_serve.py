@@ -160,6 +160,8 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server):
         ({**ok, "temperature": "hot"}, None, 400, "temperature must be a number"),
         ({**ok, "max_tokens": True}, None, 400, "max_tokens must be an integer"),
         ({**ok, "max_tokens": 10**6}, None, 400, "out of range"),
+        (None, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "not a number"),
+        (None, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', 400, "not a number"),
         ({**ok, "stream": "yes"}, None, 400, "stream must be true or false"),
         ({**ok, "stop": [1]}, None, 400, "stop must be a string"),
         ({**ok, "n": 50}, None, 400, "n=50 is out of range"),
@@ -211,6 +213,14 @@ def test_api_key_is_required(server):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400
+
+
+def test_listening_beyond_this_machine_requires_an_api_key(server):
+    from serve import ServeConfig
+    problems = ServeConfig(ckpt=server.ckpt, host="0.0.0.0").validate()
+    assert any("--api_key" in p for p in problems), problems
+    assert ServeConfig(ckpt=server.ckpt, host="0.0.0.0", api_key=KEY).validate() == []
+    assert ServeConfig(ckpt=server.ckpt, host="localhost").validate() == []
 
 
 def test_eight_concurrent_requests_equal_their_solo_answers(server, client):
