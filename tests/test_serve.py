@@ -332,6 +332,15 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
         assert wait_idle(url)["cancelled"] == cancelled + 1
         browser.find_element(By.ID, "new").click()
         assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+
+        # New chat while an answer streams: the new chat stays empty, in the page and in what it will send
+        browser.find_element(By.ID, "input").send_keys("Go on." + Keys.ENTER)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant")
+                   and b.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("textContent"))
+        browser.find_element(By.ID, "new").click()
+        wait.until(lambda b: b.execute_script("return controller === null"))
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+        assert browser.execute_script("return history") == []
     finally:
         browser.quit()
 
