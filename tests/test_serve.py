@@ -165,6 +165,7 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server):
         ({**ok, "stream": "yes"}, None, 400, "stream must be true or false"),
         ({**ok, "stop": [1]}, None, 400, "stop must be a string"),
         ({**ok, "n": 50}, None, 400, "n=50 is out of range"),
+        ({**ok, "top_k": -1}, None, 400, "top_k=-1 is out of range: use 0 or more"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, None, 400, "use system, user or assistant"),
         ({"messages": [{"role": "user", "content": {"x": 1}}]}, None, 400, "content must be a string"),
         ({"messages": [{"role": "user", "content": "hi"}] * 201}, None, 400, "more than this server takes"),
