@@ -92,7 +92,7 @@ def _numbers(facts):
                              f"context {c['block_size']} tokens, vocabulary {c['vocab_size']}"),
             ("kind", "chat model (finetuned with finetune.py)" if facts["kind"] == "chat" else "base model (pretrained)")]
     if facts["tokens_seen"] is not None:
-        rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {facts['step']:,} steps"
+        rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {facts['step']:,} step{'' if facts['step'] == 1 else 's'}"
                                        + (" (this finetune)" if facts["kind"] == "chat" else "")))
     if facts["val_loss"] is not None:
         rows.append(("final val loss", f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))
