@@ -17,7 +17,7 @@ def readme_commands():
     """Every `python X.py ...` and `torchrun ... X.py ...` line of the README's bash blocks."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a line ending in \ goes on in the next
             words = shlex.split(line, comments=True)
             if words and words[0] in ("python", "torchrun") and words[1] != "-m":
                 script = next(w for w in words if w.endswith(".py") and not w.startswith("-"))
