@@ -6,7 +6,7 @@ the same commands.
 
     python quickstart.py                                        # FineWeb-Edu and Dolly-15k from the hub
     python quickstart.py --pretrain_steps=1 --finetune_steps=1 --eval_tokens=2048 --max_tokens=100000   # a smoke test
-    python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json   # offline
+    python quickstart.py --source=path/to/texts --instruct=path/to/instruction-data.json --data_dir=data/mine   # offline
     python quickstart.py --device=cuda                          # the same on a GPU, faster
 
 What it runs (from the recipes config/tiny_cpu.py and config/tiny_chat.py):

@@ -38,7 +38,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptkit", "chat_
 @dataclass
 class ServeConfig(BaseConfig):
     ckpt: str = ""                  # a run directory (out/dolly) or checkpoint file, or a Hugging Face GPT-2
-    host: str = "127.0.0.1"         # this machine only; 0.0.0.0 listens on every network (then set api_key)
+    host: str = "127.0.0.1"         # this machine only; 0.0.0.0 listens on every network (and requires api_key)
     port: int = 8000                # TCP port
     api_key: str = ""               # when set, /v1/* requires the header `Authorization: Bearer <api_key>`
     name: str = ""                  # the model's name in the API and on the page; empty: the run directory's name
@@ -54,6 +54,9 @@ class ServeConfig(BaseConfig):
 
     def validate(self):
         problems = super().validate() + ckpt_arg_problems(self.ckpt, example="out/dolly")
+        if self.host not in LOOPBACK and not self.api_key:  # other machines, or a page's DNS rebinding, get in
+            problems.append(f"host={self.host} lets other machines use the model: set --api_key=SECRET too "
+                            "(clients then send `Authorization: Bearer SECRET`), or leave --host out for this machine only")
         if not 1 <= self.port <= 65535:
             problems.append(f"port={self.port}: use a TCP port such as 8000")
         for key in ("max_new_tokens", "max_tokens_limit", "max_messages", "max_n", "max_request_bytes"):
@@ -211,9 +214,6 @@ def main(cfg):
           f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}", flush=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving at http://{host}:{cfg.port} (chat page at /, OpenAI API at /v1; Ctrl-C stops)", flush=True)
-    if cfg.host not in LOOPBACK and not cfg.api_key:
-        print("warning: listening beyond this machine without --api_key: anyone who can reach it can use it",
-              file=sys.stderr, flush=True)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # Ctrl-C: end the answers first, so their streams close cleanly

@@ -53,7 +53,7 @@ def ckpt_arg_problems(ckpt, example="out/fineweb_124m", hf=True):
     from gptkit.hf import is_hf_folder, is_hub_name
     also = ", a Hugging Face GPT-2 folder or a hub name such as gpt2" if hf else ""
     if not ckpt:
-        return [f"ckpt is empty: give a run directory or a ckpt.pt file{also}, such as --ckpt={example}"]
+        return [f"ckpt is empty: give a run directory (--ckpt={example}) or a ckpt.pt file{also}"]
     if is_hf_folder(ckpt) or is_hub_name(ckpt):
         return [] if hf else [f"ckpt={ckpt!r} is a Hugging Face model, not a gptkit run: give a run directory "
                               "or a ckpt.pt file"]

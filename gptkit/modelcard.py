@@ -109,8 +109,8 @@ def _numbers(facts):
              else "chat model (finetuned with finetune.py)")]
     if facts["tokens_seen"] is not None:
         this = " (this preference tuning)" if facts["preference_tuned"] else " (this finetune)"
-        rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {facts['step']:,} steps"
-                                       + (this if facts["kind"] == "chat" else "")))
+        steps = f"{facts['step']:,} step{'' if facts['step'] == 1 else 's'}"
+        rows.append(("tokens trained", f"{facts['tokens_seen']:,} in {steps}" + (this if facts["kind"] == "chat" else "")))
     if facts["val_loss"] is not None:
         rows.append(("final val DPO loss" if facts["preference_tuned"] else "final val loss",
                      f"{facts['val_loss']:.4f} (step {facts['val_step']:,})"))

@@ -12,6 +12,7 @@ its name. `top_k` is accepted as an extension (OpenAI has none).
 """
 
 import json
+import math
 import time
 import uuid
 
@@ -47,8 +48,11 @@ def get(body, name, kind, default, low=None, high=None):
         return default
     if not isinstance(value, _TYPES[kind]) or (kind != BOOL and isinstance(value, bool)):
         raise RequestError(f"{name} must be {kind}, not {json.dumps(value)[:40]}", param=name)
+    allowed = f"{low} or more" if high is None else f"{low} to {high}"
+    if not math.isfinite(value):  # Python's JSON reads NaN and Infinity, which no range check catches
+        raise RequestError(f"{name}={value} is not a number: use {allowed}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(f"{name}={value} is out of range: use {low} to {high}", param=name)
+        raise RequestError(f"{name}={value} is out of range: use {allowed}", param=name)
     return value
 
 

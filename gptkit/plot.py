@@ -93,6 +93,11 @@ def smooth(values, weight):
     return out
 
 
+def dot_if_alone(values):
+    """A line through one point draws nothing (a run of one logged step): give it a dot."""
+    return {"marker": "o", "markersize": 3} if len(values) == 1 else {}
+
+
 def draw_runs(runs, smoothing=0.0):
     """Figure of the runs: loss (train line, val dots) over learning rate, and a HellaSwag panel
     when any run logged it; the x axis is tokens trained in every panel. One run's curves are
@@ -114,7 +119,7 @@ def draw_runs(runs, smoothing=0.0):
             if smoothing:
                 ax_loss.plot(tokens, loss, color=color, alpha=0.25, linewidth=0.8)  # the raw curve, faint
                 loss = smooth(loss, smoothing)
-            ax_loss.plot(tokens, loss, color=color, linewidth=1.2, label=f"{prefix}train loss")
+            ax_loss.plot(tokens, loss, color=color, linewidth=1.2, label=f"{prefix}train loss", **dot_if_alone(loss))
         tokens, val_loss = token_series(run, "val_loss")
         if val_loss:
             ax_loss.plot(tokens, val_loss, "o--", color=color, markersize=3, linewidth=0.8,
@@ -124,7 +129,8 @@ def draw_runs(runs, smoothing=0.0):
         for j, at in enumerate(skipped):
             ax_loss.axvline(at, color="tab:red", alpha=0.4, linewidth=0.8,
                             label=f"{prefix}skipped steps ({len(skipped)})" if j == 0 else None)
-        ax_lr.plot(*token_series(run, "lr"), color=color, linewidth=1, label=run.name)
+        tokens, lr = token_series(run, "lr")
+        ax_lr.plot(tokens, lr, color=color, linewidth=1, label=run.name, **dot_if_alone(lr))
         if hellaswag:
             tokens, acc = token_series(run, HELLASWAG_KEY)
             if acc:

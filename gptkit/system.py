@@ -192,11 +192,15 @@ def run_main(main, *args, on_interrupt=""):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         said_by_any_rank = True
-        intact = ("the last checkpoint is intact" if e.filename and os.path.basename(e.filename).startswith("ckpt.")
-                  else "checkpoints, shards and prepared data are only ever replaced by complete files, so the last "
+        again = "run the same command again (a training run: with --init_from=resume)"
+        intact = ("checkpoints, shards and prepared data are only ever replaced by complete files, so the last "
                   "good ones are intact")
+        if e.filename and os.path.basename(e.filename).startswith("ckpt."):
+            intact = "the last checkpoint is intact"
+            if not os.path.exists(e.filename):  # the run's first save: there is nothing to resume from
+                intact, again = "no checkpoint had been saved yet", "run the same command again"
         message = (f"the disk is full{f' (writing {e.filename})' if e.filename else ''}; {intact}. Free some space, "
-                   "then run the same command again (a training run: with --init_from=resume).")
+                   f"then {again}.")
     if said_by_any_rank or int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     cleanup_distributed(finished=False)

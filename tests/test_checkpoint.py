@@ -62,6 +62,8 @@ def test_folder_without_checkpoint_and_unknown_model_fields(tmp_path, tiny_confi
     from gptkit.checkpoint import ckpt_arg_problems
     (tmp_path / "run").mkdir()
     assert "is a folder without ckpt.pt" in ckpt_arg_problems(str(tmp_path / "run"))[0]
+    empty = ckpt_arg_problems("", example="out/dolly")[0]
+    assert "--ckpt=out/dolly" in empty and empty.count("such as") == 1, empty  # one example of each kind
     model = GPT(tiny_config)
     state = _state(model)
     state["model_config"] = {**state["model_config"], "rope": True}  # a newer or forked gptkit's model

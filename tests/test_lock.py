@@ -218,3 +218,16 @@ def test_full_disk_during_a_real_checkpoint_save_is_one_error_line(tmp_path, sha
                                "checkpoint is intact") and "--init_from=resume" in lines[0]
     assert load_model(out)[1]["step"] == 2  # the previous checkpoint, whole
     assert sorted(os.listdir(out)) == ["ckpt.json", "ckpt.pt", "config.json", "log.jsonl"]  # no partial file
+
+
+def test_full_disk_at_a_runs_first_save_does_not_offer_a_resume(tmp_path, capsys):
+    import errno
+    from gptkit.system import run_main
+
+    def first_save():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt.pt"))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(first_save)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+    assert "no checkpoint had been saved yet" in err and "--init_from=resume" not in err, err

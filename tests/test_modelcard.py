@@ -161,6 +161,10 @@ def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
     assert "loss.png" not in text and "final val loss" not in text and "HellaSwag" not in text
     assert "hf download me/base --local-dir base" in text and "--init_from=base" in text
     assert "model-index" not in text and "datasets" not in text  # nothing measured, no data named
+    assert "| 3,072 in 3 steps |" in text
+    facts = run_facts(model, {"kind": "base", "config": {}, "step": 1, "tokens_seen": 1024}, str(tmp_path))
+    write_model_card(str(tmp_path), facts)
+    assert "| 1,024 in 1 step |" in (tmp_path / "README.md").read_text()
     # shards prepare_fineweb.py made from a Hub dataset name it in the metadata; a local folder does not
     from huggingface_hub import metadata_load
     for source, datasets in (("HuggingFaceFW/fineweb-edu", ["HuggingFaceFW/fineweb-edu"]), (str(tmp_path), None)):

@@ -49,3 +49,22 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "finetune step 20:" in text and "<|assistant|>[Paris][.][<|end|>]" in text  # loss on the answer only
     assert len(images) >= 2  # the loss plot and the attention picture
     assert os.path.exists(tmp_path / "shards" / "train_000000.bin")  # written where it was told
+
+
+def test_notebook_without_internet_trains_on_a_shipped_book(tmp_path, monkeypatch, capsys):
+    """Its first cell, offline with TEXT_PATH empty: a book from samples/, not a stop."""
+    import sys
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    monkeypatch.delenv("GPTKIT_NOTEBOOK_TEXT", raising=False)
+    monkeypatch.setenv("GPTKIT_NOTEBOOK_WORK", str(tmp_path))
+    monkeypatch.chdir(os.path.join(ROOT, "notebooks"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell adds the repository root to it
+    first = next(cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code")
+    namespace = {}
+    exec(first.source, namespace)
+    assert namespace["TEXT_PATH"] == os.path.join(ROOT, "samples", "pretrain", "pg1342.txt")
+    assert len(namespace["text"]) > 500_000 and "could not download" in capsys.readouterr().out

@@ -161,3 +161,12 @@ def test_run_names_and_tokens_per_step_without_config(tmp_path):
         read_run(str(tmp_path))
     with pytest.raises(ConfigError, match=r"smoothing=1\.0 must be in \[0, 1\)"):
         load_config(PlotConfig, ["--smoothing=1"])
+
+
+def test_a_run_of_one_logged_step_is_drawn(tmp_path):
+    # one train record (a 1-step run): a line through one point would draw nothing
+    write_log(tmp_path, [{"step": 0, "val_loss": 10.8}, {"step": 1, "loss": 10.7, "lr": 1e-4, "tokens_seen": 512}])
+    fig = draw_runs([read_run(str(tmp_path))])
+    loss_panel, lr_panel = fig.axes[0], fig.axes[1]
+    train = next(line for line in loss_panel.get_lines() if line.get_label() == "train loss")
+    assert train.get_marker() == "o" and lr_panel.get_lines()[0].get_marker() == "o"

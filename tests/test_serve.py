@@ -160,9 +160,12 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server):
         ({**ok, "temperature": "hot"}, None, 400, "temperature must be a number"),
         ({**ok, "max_tokens": True}, None, 400, "max_tokens must be an integer"),
         ({**ok, "max_tokens": 10**6}, None, 400, "out of range"),
+        (None, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "not a number"),
+        (None, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', 400, "not a number"),
         ({**ok, "stream": "yes"}, None, 400, "stream must be true or false"),
         ({**ok, "stop": [1]}, None, 400, "stop must be a string"),
         ({**ok, "n": 50}, None, 400, "n=50 is out of range"),
+        ({**ok, "top_k": -1}, None, 400, "top_k=-1 is out of range: use 0 or more"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, None, 400, "use system, user or assistant"),
         ({"messages": [{"role": "user", "content": {"x": 1}}]}, None, 400, "content must be a string"),
         ({"messages": [{"role": "user", "content": "hi"}] * 201}, None, 400, "more than this server takes"),
@@ -211,6 +214,14 @@ def test_api_key_is_required(server):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400
+
+
+def test_listening_beyond_this_machine_requires_an_api_key(server):
+    from serve import ServeConfig
+    problems = ServeConfig(ckpt=server.ckpt, host="0.0.0.0").validate()
+    assert any("--api_key" in p for p in problems), problems
+    assert ServeConfig(ckpt=server.ckpt, host="0.0.0.0", api_key=KEY).validate() == []
+    assert ServeConfig(ckpt=server.ckpt, host="localhost").validate() == []
 
 
 def test_eight_concurrent_requests_equal_their_solo_answers(server, client):
@@ -322,6 +333,15 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
         assert wait_idle(url)["cancelled"] == cancelled + 1
         browser.find_element(By.ID, "new").click()
         assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+
+        # New chat while an answer streams: the new chat stays empty, in the page and in what it will send
+        browser.find_element(By.ID, "input").send_keys("Go on." + Keys.ENTER)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant")
+                   and b.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("textContent"))
+        browser.find_element(By.ID, "new").click()
+        wait.until(lambda b: b.execute_script("return controller === null"))
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+        assert browser.execute_script("return history") == []
     finally:
         browser.quit()
 
