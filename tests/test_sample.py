@@ -296,13 +296,15 @@ def test_base_checkpoint_defaults_to_completion(ckpts):
 
 
 def test_piped_prompt_and_seeded_samples(ckpts):
-    """A piped prompt, two samples: the text equals what the same seed gives in this process."""
+    """A piped prompt of two lines is one prompt (one message), two samples: the text equals what the
+    same seed gives in this process."""
     model, chat_dir, _ = ckpts
     args = [f"--ckpt={chat_dir}", "--device=cpu", "--temperature=1.0", "--top_k=0", "--top_p=1.0",
             "--max_new_tokens=12", "--num_samples=2", "--seed=7"]
-    result = run_sample(args, stdin_text="Name a river.\n")
+    result = run_sample(args, stdin_text="Name a river.\nAnd a sea.\n")
     assert result.returncode == 0, result.stderr
-    ids, _ = sample.chat_prompt_ids(get_tokenizer(), "", [{"role": "user", "content": "Name a river."}], 12, 64)
+    message = [{"role": "user", "content": "Name a river.\nAnd a sea."}]
+    ids, _ = sample.chat_prompt_ids(get_tokenizer(), "", message, 12, 64)
     samples = generate_samples(model, ids, 2, 12, stop_tokens=(END, EOT), temperature=1.0,
                                generator=make_generator(model, 7))
     texts = [get_tokenizer().decode(s) for s in samples]
