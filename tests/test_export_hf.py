@@ -95,13 +95,13 @@ def test_roundtrip_is_bitwise(tiny_export, tmp_path):
     assert back.config == biased.config and _same_weights(biased, back)
 
 
-def test_a_run_starts_from_an_exported_folder(tiny_export):
+def test_a_run_starts_from_an_exported_folder(tiny_export, tmp_path):
     """train.py / finetune.py --init_from=<a Hugging Face GPT-2 folder>: its weights, this run's dropout."""
     from gptkit.configurator import load_config
     from gptkit.system import Runtime
     from gptkit.trainer import TrainConfig, init_model
     model, out = tiny_export
-    cfg = load_config(TrainConfig, [f"--init_from={out}", "--dropout=0.1", "--device=cpu"])
+    cfg = load_config(TrainConfig, [f"--init_from={out}", "--dropout=0.1", "--device=cpu", f"--out_dir={tmp_path / 'run'}"])
     started, ckpt = init_model(cfg, Runtime(device="cpu", device_type="cpu", dtype="float32"))
     assert ckpt is None  # fresh training from these weights
     assert started.config == GPTConfig(**{**model.config.to_dict(), "dropout": 0.1})

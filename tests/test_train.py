@@ -221,9 +221,13 @@ def test_hellaswag_during_training_and_a_missing_file_fails_first(data_dir, tmp_
 # The pieces, in process
 
 def tiny_cfg(*args):
+    """A tiny TrainConfig; its out_dir is a new temporary folder unless args name one (init_model takes
+    the folder's lock for the rest of the process: never the checkout's out/)."""
+    import tempfile
     from gptkit.configurator import load_config
     from gptkit.trainer import TrainConfig
-    return load_config(TrainConfig, TINY + ["--total_batch_tokens=256", "--max_steps=100", *args])
+    out = [] if any(a.startswith("--out_dir=") for a in args) else [f"--out_dir={tempfile.mkdtemp()}/run"]
+    return load_config(TrainConfig, TINY + ["--total_batch_tokens=256", "--max_steps=100", *out, *args])
 
 
 def cpu_runtime():
