@@ -47,7 +47,14 @@ def check_config(cfg, rt):
         except ShardError as e:
             problems.append(str(e))
     if cfg.init_from == "resume" and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-        problems.append(f"init_from=resume, but {cfg.out_dir} holds no ckpt.pt: check out_dir, or use init_from=scratch")
+        from gptkit.lock import running_holder
+        running = running_holder(cfg.out_dir)
+        if running:  # a run that has not saved yet: say that, not "check out_dir"
+            problems.append(f"init_from=resume, but {cfg.out_dir} holds no ckpt.pt yet: it is in use by {running}; "
+                            "resume once that run has saved a checkpoint or stopped")
+        else:
+            problems.append(f"init_from=resume, but {cfg.out_dir} holds no ckpt.pt: check out_dir, or use "
+                            "init_from=scratch")
     if cfg.hellaswag_interval > 0 and cfg.hellaswag_data and not os.path.exists(cfg.hellaswag_data):
         problems.append(f"hellaswag_data={cfg.hellaswag_data} does not exist: give a HellaSwag JSONL file, or leave "
                         "it empty to download the official val file")

@@ -99,6 +99,19 @@ def hold_folder(folder):
     _held[folder] = f
 
 
+def running_holder(folder):
+    """Who holds folder now, as hold_folder's refusal names it, or None: free, or held by this process.
+    Takes nothing (a check before a config is known to be good, which must not create the folder)."""
+    folder = os.path.abspath(folder)
+    path = os.path.join(folder, LOCK_NAME)
+    if folder in _held or not os.path.exists(path):
+        return None
+    with open(path, "a+", encoding="utf-8") as f:
+        if _try_lock(f.fileno()):
+            return None  # nobody: closing the file drops the lock this took
+    return _describe(_read_info(path))
+
+
 def release_folder(folder):
     """Give the folder up (at exit this happens by itself): remove the lock file, then drop the lock."""
     f = _held.pop(os.path.abspath(folder), None)

@@ -231,3 +231,13 @@ def test_full_disk_at_a_runs_first_save_does_not_offer_a_resume(tmp_path, capsys
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.count("\n") == 1, err
     assert "no checkpoint had been saved yet" in err and "--init_from=resume" not in err, err
+
+
+def test_resume_of_a_run_that_has_not_saved_yet_names_the_running_process(tmp_path, shards):
+    out = tmp_path / "run"
+    with holder(out) as proc:
+        result = script("train.py", *TINY, f"--data_dir={shards}", f"--out_dir={out}", "--init_from=resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"holds no ckpt.pt yet: it is in use by process {proc.pid} on" in result.stderr, result.stderr
+    result = script("train.py", *TINY, f"--data_dir={shards}", f"--out_dir={out}", "--init_from=resume")
+    assert "holds no ckpt.pt: check out_dir" in result.stderr, result.stderr  # the holder is gone: plain advice
