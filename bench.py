@@ -17,20 +17,32 @@ see model.flops_per_token) times tokens/s over the device's dense bf16 peak; for
 the table no MFU is reported rather than a wrong one.
 """
 
+import contextlib
 import glob
 import json
 import os
 import statistics
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 from gptkit.configurator import ConfigError, config_dict, configure
-from gptkit.system import device_peak_flops, print0, setup_runtime
-from gptkit.trainer import TrainConfig, configure_optimizers, grad_accum_steps, run_tokenizer, train_step
-from model import GPT, GPTConfig, CausalSelfAttention
+from gptkit.documents import resolve_num_proc, tokenize_documents
+from gptkit.generate import generate
+from gptkit.loading import model_vocab_size, run_tokenizer, scratch_model
+from gptkit.losses import grad_accum_steps
+from gptkit.optim import configure_optimizers, train_step
+from gptkit.system import device_peak_flops, print0, run_main, setup_runtime
+from gptkit.train_config import TrainConfig
+from gptkit.tokenizer import load_tokenizer
+from model import CausalSelfAttention
+
 
 def significant(x, digits=3):
     """x rounded to a few significant digits: a small input's figures stay readable, never 0.0."""
@@ -83,8 +95,6 @@ class BenchConfig(TrainConfig):
 
 
 def sdpa_context(name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import contextlib
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel(backends[name])
@@ -92,16 +102,15 @@ def sdpa_context(name):
 
 def bench_vocab(cfg):
     """-> (the model's vocabulary, the ids synthetic tokens are drawn below): the recipe's vocab_size,
-    else the tokenizer of its data folder (GPT-2 when there is none yet)."""
+    else the tokenizer of its data folder (GPT-2 when there is none yet), as training sizes it; the
+    ids are the tokenizer's n_vocab, the ones a model trained on that data reads and writes."""
     tok = run_tokenizer(cfg)
-    vocab = cfg.vocab_size or tok.vocab_size
-    return vocab, min(vocab, tok.n_vocab)
+    return model_vocab_size(cfg, tok), tok.n_vocab
 
 
 def attention_kernels(model, rt, cfg):
     """Names of the attention kernels that actually run in a forward+backward (from the profiler):
     the GPU kernels on CUDA, elsewhere the ATen op that SDPA dispatched to (and its backward)."""
-    from torch.profiler import ProfilerActivity, profile
     on_cuda = rt.device_type == "cuda"
     x = torch.randint(0, bench_vocab(cfg)[1], (1, cfg.block_size), device=rt.device)
     activity = ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU
@@ -122,22 +131,21 @@ def attention_kernels(model, rt, cfg):
 
 
 def bench_train(cfg, rt):
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=bench_vocab(cfg)[0], bias=cfg.bias, dropout=cfg.dropout),
-                verbose=not cfg.json).to(rt.device)
+    vocab_size, n_vocab = bench_vocab(cfg)
+    model = scratch_model(cfg, vocab_size, verbose=not cfg.json).to(rt.device)  # random weights: speed does not depend on them
     model.activation_checkpointing = cfg.activation_checkpointing
     CausalSelfAttention.pad_heads = cfg.pad_heads
     kernels = attention_kernels(model, rt, cfg)
     optimizers = configure_optimizers(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.needs_grad_scaler)
     if cfg.coordinate_descent_tuning:
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # inductor loads for this option only (seconds to import)
         inductor_config.coordinate_descent_tuning = True
     forward_model = torch.compile(model) if cfg.compile else model
     grad_accum = grad_accum_steps(cfg, world_size=1)
     # Synthetic tokens: speed does not depend on the text; a few different batches avoid cache effects.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rows = [torch.randint(0, bench_vocab(cfg)[1], (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
+    rows = [torch.randint(0, n_vocab, (cfg.micro_batch_size, cfg.block_size + 1), generator=gen)
             for _ in range(min(grad_accum, 4))]
     batches = [(r[:, :-1].contiguous().to(rt.device), r[:, 1:].contiguous().to(rt.device)) for r in rows]
     micro_batches = [batches[i % len(batches)] for i in range(grad_accum)]
@@ -185,21 +193,16 @@ def bench_train(cfg, rt):
 def bench_decode(cfg, rt):
     """Generation speed of a randomly initialised model: greedy, 64-token prompt, 128 new tokens,
     with the KV cache (one token per forward) and without (the whole sequence every token). A
-    context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit."""
-    from gptkit.generate import generate
-    from gptkit.tokenizer import use_tokenizer
-    # generate() leaves out the ids past the process's tokenizer: the data's, as for a model trained on it
-    use_tokenizer(run_tokenizer(cfg))
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=bench_vocab(cfg)[0], bias=cfg.bias),
-                verbose=not cfg.json).to(rt.device).eval()
+    context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit.
+    The ids sampled stop at the data tokenizer's n_vocab, as for a model trained on that data."""
+    vocab_size, n_vocab = bench_vocab(cfg)
+    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
-    prompt = torch.randint(0, bench_vocab(cfg)[1], (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prompt = torch.randint(0, n_vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
               else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),
-              "prompt_tokens": len(prompt), "new_tokens": new_tokens}
-    from tqdm import tqdm
+              "prompt_tokens": len(prompt), "new_tokens": new_tokens, "n_vocab": n_vocab}
     # without the cache a long generation takes minutes on a CPU: show that it moves (stderr, so --json stays clean)
     bar = tqdm(total=2 * (cfg.warmup + cfg.steps), unit="generation", desc="decode", file=sys.stderr)
     for use_cache in (True, False):
@@ -210,7 +213,7 @@ def bench_decode(cfg, rt):
             t0 = time.perf_counter()
             # under the runtime's autocast, as sample.py generates (not generate's own default)
             n = sum(1 for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
-                                        autocast=rt.autocast))
+                                        autocast=rt.autocast, n_vocab=n_vocab))
             rt.synchronize()
             if i >= cfg.warmup:
                 times.append(time.perf_counter() - t0)
@@ -230,7 +233,6 @@ def text_files(folder):
 def read_documents(folder):
     """Every .txt in folder (and inside its .zip files), cut into documents of about 4 KB, the
     size of a typical FineWeb-Edu page."""
-    import zipfile
     texts = []
     for path in text_files(folder):
         if path.endswith(".txt"):
@@ -255,9 +257,7 @@ def read_documents(folder):
 def bench_tokenize(cfg):
     """prepare_fineweb's parallel tokenizer (with --tokenizer=PATH a trained one) against a plain
     single-process tiktoken loop of the same tokenizer (GPT-2's or the trained one) on the same documents."""
-    from gptkit.data import resolve_num_proc, tokenize_documents
-    from gptkit.tokenizer import load_tokenizer, use_tokenizer
-    tok = use_tokenizer(load_tokenizer(cfg.tokenizer or "gpt2"))
+    tok = load_tokenizer(cfg.tokenizer or "gpt2")
     documents = read_documents(cfg.text)
     if not documents:  # empty .txt files, or .zip files without any .txt inside
         raise ConfigError(f"text={cfg.text!r}: its .txt and .zip files hold no text to tokenize")
@@ -267,7 +267,7 @@ def bench_tokenize(cfg):
     plain_s = time.perf_counter() - t0
     num_proc = resolve_num_proc(cfg.num_proc)
     t0 = time.perf_counter()
-    n_ours = sum(len(a) for a in tokenize_documents(documents, num_proc))
+    n_ours = sum(len(a) for a in tokenize_documents(documents, tok, num_proc))
     ours_s = time.perf_counter() - t0
     return {"mode": "tokenize", "tokenizer": tok.name, "documents": len(documents), "megabytes": significant(megabytes),
             "tokens": n_ours, "plain_tiktoken_mb_per_s": significant(megabytes / plain_s),
@@ -294,5 +294,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from gptkit.system import run_main
     run_main(main)  # a setting that cannot run: one `error:` line, exit code 2

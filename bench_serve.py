@@ -74,7 +74,7 @@ def run(client, cfg, clients):
 
 
 def main(cfg):
-    import openai
+    import openai  # a dev requirement (requirements-dev.txt), not gptkit's: the config check works without it
     client = openai.OpenAI(base_url=cfg.url.rstrip("/") + "/v1", api_key=cfg.api_key or "none", max_retries=0)
     card = client.models.list().data[0]
     print(f"{card.id}: {card.parameters:,} parameters; {cfg.max_tokens} tokens per answer, "

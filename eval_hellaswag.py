@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gptkit.checkpoint import ckpt_arg_problems, load_model
 from gptkit.configurator import BaseConfig, configure
 from gptkit.hellaswag import evaluate_hellaswag
+from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.system import cleanup_distributed, print0, run_main, setup_runtime
 
 
@@ -48,13 +48,15 @@ class EvalConfig(BaseConfig):
 def main():
     cfg = configure(EvalConfig)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=rt.master)
-    step = f", step {ckpt['step']}" if "step" in ckpt else ""  # a Hugging Face model has no step
-    print0(f"checkpoint: {cfg.ckpt} ({ckpt.get('kind', 'base')}{step})")
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, verbose=rt.master)
+    step = f", step {meta['step']}" if "step" in meta else ""  # a Hugging Face model has no step
+    print0(f"checkpoint: {cfg.ckpt} ({meta.get('kind', 'base')}{step})")
     if cfg.compile:
         model = torch.compile(model, dynamic=True)  # dynamic: every batch has its own length
     t0 = time.time()
-    results = evaluate_hellaswag(model, cfg.data, rt, limit=cfg.limit, batch_size=cfg.batch_size, progress=True)
+    # the model's own tokenizer (its checkpoint's): the text is scored in the ids it was trained on
+    results = evaluate_hellaswag(model, tokenizer, cfg.data, rt, limit=cfg.limit, batch_size=cfg.batch_size,
+                                 progress=True)
     elapsed = time.time() - t0
     print0(f"HellaSwag: {results['count']} items in {elapsed:.1f} s")
     print0(f"  acc           {results['acc']:.4f}  (highest summed log-prob of the ending)")

@@ -29,8 +29,15 @@ The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub n
 import os
 from dataclasses import dataclass, field
 
-from gptkit.checkpoint import ckpt_arg_problems
+from huggingface_hub.utils import validate_repo_id
+
+from gptkit.checkpoint import resolve_path, trained_system_prompt
 from gptkit.configurator import BaseConfig, configure
+from gptkit.hf import export_hf
+from gptkit.loading import ckpt_arg_problems, load_model
+from gptkit.lock import hold_folder
+from gptkit.modelcard import push_to_hub, run_facts, write_model_card
+from gptkit.system import print0, run_main, setup_runtime
 
 
 @dataclass
@@ -55,7 +62,6 @@ class ExportConfig(BaseConfig):
             problems.append(f"out={self.out!r} holds a gptkit run (ckpt.pt), whose files the export would "
                             "overwrite: give another folder, such as --out=hf/NAME")
         if self.push_to_hub:
-            from huggingface_hub.utils import validate_repo_id
             try:
                 validate_repo_id(self.push_to_hub)
                 if self.push_to_hub.count("/") != 1:
@@ -68,18 +74,12 @@ class ExportConfig(BaseConfig):
 
 def main():
     cfg = configure(ExportConfig)
-    from gptkit.checkpoint import load_model, resolve_path, trained_system_prompt
-    from gptkit.hf import export_hf
-    from gptkit.lock import hold_folder
-    from gptkit.modelcard import push_to_hub, run_facts, write_model_card
-    from gptkit.system import print0, setup_runtime
-
     hold_folder(cfg.out)  # one writer: two exports at once would mix their files
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
-    model, ckpt = load_model(cfg.ckpt, device="cpu")
+    model, tok, ckpt = load_model(cfg.ckpt, device="cpu")  # tok: the tokenizer the checkpoint carries
     chat = ckpt.get("kind") == "chat"
-    files = export_hf(model, cfg.out, chat=chat, system=trained_system_prompt(ckpt))
-    facts = run_facts(model, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
+    files = export_hf(model, cfg.out, tok, chat=chat, system=trained_system_prompt(ckpt))
+    facts = run_facts(model, tok, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
     files = files + write_model_card(cfg.out, facts, cfg.push_to_hub, cfg.license, cfg.datasets, cfg.language)
     print0(f"wrote a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}")
     if chat:
@@ -95,5 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from gptkit.system import run_main
     run_main(main)  # a bad checkpoint or output folder: one `error:` line, exit code 2

@@ -48,7 +48,7 @@ class PlotConfig(BaseConfig):
 
 def image_formats():
     """File extensions matplotlib can save a figure as (png, pdf, svg, ...)."""
-    from matplotlib.backend_bases import FigureCanvasBase
+    from matplotlib.backend_bases import FigureCanvasBase  # matplotlib takes seconds to import: only when checking --out
     return set(FigureCanvasBase.get_supported_filetypes())
 
 

@@ -42,6 +42,10 @@ import re
 from dataclasses import dataclass, field
 
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
+from gptkit.lock import hold_folder, release_folder
+from gptkit.sft import write_sft
+from gptkit.system import print0, run_main
+from gptkit.tokenizer import load_tokenizer, tokenizer_problems
 
 
 @dataclass
@@ -70,7 +74,6 @@ class InstructConfig(BaseConfig):
                                 f"--sources='[\"{name}/a.jsonl\", \"{name}/b.json\"]'")
             elif name.endswith((".json", ".jsonl")) and not os.path.exists(name):
                 problems.append(f"source {name}: no such file")
-        from gptkit.tokenizer import tokenizer_problems
         problems += tokenizer_problems(self.tokenizer)
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction={self.val_fraction} must be in [0, 1)")
@@ -145,7 +148,7 @@ HUB_SPLITS = {"HuggingFaceH4/ultrafeedback_binarized": "train_prefs"}  # hub dat
 
 
 def read_hub_records(name):
-    import datasets  # only here: the GPU machine may lack it
+    import datasets  # heavy and optional: only a hub source needs it, local files prepare without it
     try:
         return enumerate(datasets.load_dataset(name, split=HUB_SPLITS.get(name, "train")))
     except Exception as e:
@@ -353,70 +356,106 @@ def make_example(record, schema, cfg, tokenizer, stats):
     return key, [(ids, mask)]
 
 
+def read_source(name):
+    """A source's records and schema. A file that cannot be read as a whole stops the run: skipped,
+    a source would silently vanish."""
+    try:
+        records = list(read_local_records(name) if os.path.exists(name) else read_hub_records(name))
+    except BadRecord as e:
+        raise InstructDataError(f"{name}: {e}") from None
+    return records, detect_schema(records, name)
+
+
+def check_kind(pairs, schema, name):
+    """pairs: whether the sources before this one hold preference pairs (None: it is the first)
+    -> whether this one does; a run is all pairs or all conversations."""
+    is_pairs = schema == "preference"
+    if pairs is not None and pairs != is_pairs:
+        raise InstructDataError(f"{name} holds {'preference pairs' if is_pairs else 'conversations'}, unlike the "
+                                "sources before it: prepare pairs (for dpo.py) and conversations (for finetune.py) "
+                                "into separate data_dirs")
+    return is_pairs
+
+
+def clean_records(records, schema, name, cfg, tokenizer, stats):
+    """A source's records -> [(duplicate key, example)] of those kept; a bad one is counted in stats
+    and skipped, or stops the run with its record index (and line) when on_bad_record=error."""
+    kept = []
+    for index, record in records:
+        stats["read"] += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            key, example = make_example(record, schema, cfg, tokenizer, stats)
+        except (BadRecord, ValueError) as e:
+            if cfg.on_bad_record == "error":
+                line = f"line {index + 1}; " if name.endswith(".jsonl") else ""
+                raise InstructDataError(f"{name}, record {index}: {e} ({line}set on_bad_record=skip to skip "
+                                        "such records)")
+            stats[f"bad: {e}"] += 1
+            continue
+        if example:
+            kept.append((key, example))
+    return kept
+
+
+def add_to_splits(kept, weight, cfg, seen, stats, train, val):
+    """Each kept example whose key is not in seen (an earlier copy wins) goes to val once or to train
+    `weight` times (whole copies + a fixed share, by seeded hash, of one more). Appends to train and val,
+    adds the keys to seen, counts in stats."""
+    whole, share = int(weight), weight - int(weight)
+    for key, example in kept:
+        copies = whole + (stable_fraction(str(cfg.seed), key) < share)
+        if copies == 0:  # left out before the duplicate check: its copy in another source stays
+            stats["left out by weight"] += 1
+            continue
+        if key in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(key)
+        stats["kept"] += 1
+        tokens = sum(len(ids) for ids, _ in example)
+        if stable_fraction(key) < cfg.val_fraction:  # unseeded: the split never moves
+            val.extend(example)
+            stats["val"] += 1
+            stats["val tokens"] += tokens
+        else:
+            train.extend(example * copies)
+            stats["train"] += copies
+            stats["train tokens"] += copies * tokens
+            stats["train loss tokens"] += copies * sum(sum(mask) for _, mask in example)
+
+
+def print_summary(summary, splits, pairs, data_dir):
+    """Per source what was read, dropped and kept; per split what was written."""
+    for spec, stats in summary.items():
+        print0(f"{spec}:")
+        for key, value in stats.items():
+            print0(f"  {key}: {value}")
+    for split, counts in splits.items():
+        what = f"{counts['conversations'] // 2} pairs" if pairs else f"{counts['conversations']} conversations"
+        print0(f"{split}: {what}, {counts['tokens']} tokens")
+    if not splits["val"]["conversations"]:
+        print0("note: no val split (val_fraction=0): finetune.py evaluates on one, so it cannot use this data")
+    print0(f"wrote {data_dir}")
+
+
 def prepare(cfg):
     """Read, clean, mix, split, write. Returns the summary dict (also printed and kept in meta.json)."""
-    from gptkit.lock import hold_folder, release_folder
-    from gptkit.sft import write_sft
-    from gptkit.system import print0
-    from gptkit.tokenizer import load_tokenizer, use_tokenizer
-
     hold_folder(cfg.data_dir)  # one writer: two preparations at once would mix their files
-    tokenizer = use_tokenizer(load_tokenizer(cfg.tokenizer))
+    tokenizer = load_tokenizer(cfg.tokenizer)
     seen = set()  # conversation keys, for exact duplicates across all sources
     train, val, summary = [], [], {}  # train, val: (ids, mask) per conversation; a pair is two in a row
-    kinds = {}  # "pairs": whether the sources hold preference pairs (all of them, or none)
+    pairs = None  # whether the sources hold preference pairs (all of them, or none)
     for spec in cfg.sources:
         name, weight = parse_source(spec)
         stats = summary.setdefault(spec, collections.Counter())
         stats["weight"] = weight
-        try:
-            records = list(read_local_records(name) if os.path.exists(name) else read_hub_records(name))
-        except BadRecord as e:  # the whole file is unreadable: never skipped, a source would silently vanish
-            raise InstructDataError(f"{name}: {e}") from None
-        schema = detect_schema(records, name)
+        records, schema = read_source(name)
         stats["schema"] = schema
-        if kinds.setdefault("pairs", schema == "preference") != (schema == "preference"):
-            raise InstructDataError(f"{name} holds {'preference pairs' if schema == 'preference' else 'conversations'}"
-                                    ", unlike the sources before it: prepare pairs (for dpo.py) and conversations "
-                                    "(for finetune.py) into separate data_dirs")
-        kept = []
-        for index, record in records:
-            stats["read"] += 1
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                key, example = make_example(record, schema, cfg, tokenizer, stats)
-            except (BadRecord, ValueError) as e:
-                if cfg.on_bad_record == "error":
-                    line = f"line {index + 1}; " if name.endswith(".jsonl") else ""
-                    raise InstructDataError(f"{name}, record {index}: {e} ({line}set on_bad_record=skip to skip "
-                                            "such records)")
-                stats[f"bad: {e}"] += 1
-                continue
-            if example:
-                kept.append((key, example))
-        # weight = whole copies + a fixed share (by seeded hash) of one more copy
-        whole, share = int(weight), weight - int(weight)
-        for key, example in kept:
-            copies = whole + (stable_fraction(str(cfg.seed), key) < share)
-            if copies == 0:  # left out before the duplicate check: its copy in another source stays
-                stats["left out by weight"] += 1
-                continue
-            if key in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(key)
-            stats["kept"] += 1
-            tokens = sum(len(ids) for ids, _ in example)
-            if stable_fraction(key) < cfg.val_fraction:  # unseeded: the split never moves
-                val.extend(example)
-                stats["val"] += 1
-                stats["val tokens"] += tokens
-            else:
-                train.extend(example * copies)
-                stats["train"] += copies
-                stats["train tokens"] += copies * tokens
-                stats["train loss tokens"] += copies * sum(sum(mask) for _, mask in example)
+        pairs = check_kind(pairs, schema, name)
+        kept = clean_records(records, schema, name, cfg, tokenizer, stats)
+        add_to_splits(kept, weight, cfg, seen, stats, train, val)
     if not train:
         raise InstructDataError("no training conversations left: check the sources and the summary above "
                                 f"{json.dumps(summary, default=int, indent=1)}")
@@ -425,24 +464,14 @@ def prepare(cfg):
     summary = {spec: dict(stats) for spec, stats in summary.items()}
     # all files as one set: a run killed over a prepared folder leaves its old data, never a mix
     splits = write_sft(cfg.data_dir, {"train": train, "val": val},
-                       {"block_size": cfg.block_size, "sources": summary, "system": cfg.system,
-                        "pairs": kinds["pairs"]})
-    for spec, stats in summary.items():
-        print0(f"{spec}:")
-        for key, value in stats.items():
-            print0(f"  {key}: {value}")
-    for split, counts in splits.items():
-        what = f"{counts['conversations'] // 2} pairs" if kinds["pairs"] else f"{counts['conversations']} conversations"
-        print0(f"{split}: {what}, {counts['tokens']} tokens")
-    if not val:
-        print0("note: no val split (val_fraction=0): finetune.py evaluates on one, so it cannot use this data")
-    print0(f"wrote {cfg.data_dir}")
+                       {"block_size": cfg.block_size, "sources": summary, "system": cfg.system, "pairs": pairs},
+                       tokenizer)
+    print_summary(summary, splits, pairs, cfg.data_dir)
     release_folder(cfg.data_dir)  # (on an error it is released when the process ends)
     return {"sources": summary, "splits": splits}
 
 
 if __name__ == "__main__":
-    from gptkit.system import run_main
     cfg = configure(InstructConfig)
     print_config(cfg)
     run_main(prepare, cfg)  # a bad source: one `error:` line naming it, exit code 2

@@ -34,13 +34,14 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from gptkit.configurator import BaseConfig, configure
 from gptkit.lock import hold_folder, release_folder
+from gptkit.sources import is_local
 from gptkit.system import run_main
-from gptkit.tokenizer import get_tokenizer
-from prepare_fineweb import is_local
+from gptkit.tokenizer import gpt2_encoding
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts and config/ live next to this file
 SAMPLES = {"source": "samples/pretrain/", "instruct": "samples/instruct/instruction-data-300.json"}  # offline data
@@ -65,7 +66,7 @@ class QuickstartConfig(BaseConfig):
         if self.pretrain_steps < 1 or self.finetune_steps < 1:
             problems.append("pretrain_steps and finetune_steps must be at least 1")
         # Checked now, not when their step starts minutes later. A path that does not exist would
-        # be taken for a hub name; is_local is prepare_fineweb's test for "this is a path".
+        # be taken for a hub name; is_local is the scripts' test for "this is a path".
         for key, kind in (("source", "parquet/jsonl/txt file or folder"), ("instruct", ".json or .jsonl file")):
             path, hub_default = getattr(self, key), getattr(QuickstartConfig, key)
             if is_local(path) and not os.path.exists(path):
@@ -109,7 +110,6 @@ def hub_unreachable():
     or "" when it can."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
-    import urllib.request
     try:
         urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
                                                       method="HEAD"), timeout=5)
@@ -128,8 +128,8 @@ def use_samples_offline(cfg):
             setattr(cfg, key, repo_file(SAMPLES[key]))
         print(f"note: the Hugging Face hub cannot be reached ({why}); using the samples shipped with gptkit: "
               + ", ".join(f"--{key}={getattr(cfg, key)}" for key in defaults), flush=True)
-    # GPT-2's tokenizer files: tiktoken's download, or gptkit's copies (get_tokenizer says which, once)
-    get_tokenizer()
+    # GPT-2's tokenizer files: tiktoken's download, or gptkit's copies (gpt2_encoding says which, once)
+    gpt2_encoding()
 
 
 def main():

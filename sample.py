@@ -31,12 +31,14 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
+import torch
+
 from gptkit.chat import chat_prompt_ids, complete_prompt_ids, resolve_system, stop_tokens_of
-from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
-from gptkit.system import run_main
-from gptkit.tokenizer import StreamDecoder, get_tokenizer
+from gptkit.loading import ckpt_arg_problems, load_model
+from gptkit.system import run_main, setup_runtime
+from gptkit.tokenizer import StreamDecoder
 
 HELP = "commands: /reset (clear the conversation), /system TEXT (set the system prompt), /quit or Ctrl-D (leave); Ctrl-C stops an answer"
 
@@ -77,11 +79,13 @@ def resolve_mode(mode, kind):
 
 
 def stream(model, ids, cfg, stop_tokens, generator, autocast, tokenizer):
-    """Print the answer as it is generated -> (answer ids, True if Ctrl-C stopped it)."""
+    """Print the answer as it is generated -> (answer ids, True if Ctrl-C stopped it).
+    tokenizer: the model's; it decodes the answer and bounds the ids sampled."""
     decoder, answer = StreamDecoder(tokenizer), []
     try:
         for token in generate(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                              cfg.repetition_penalty, stop_tokens, generator, autocast=autocast):
+                              cfg.repetition_penalty, stop_tokens, generator, autocast=autocast,
+                              n_vocab=tokenizer.n_vocab):
             answer.append(token)
             sys.stdout.write(decoder.feed(token))
             sys.stdout.flush()
@@ -105,7 +109,8 @@ def respond(model, ids, cfg, stop_tokens, generator, autocast, tokenizer, intera
     try:
         samples = generate_samples(model, ids, cfg.num_samples, cfg.max_new_tokens, stop_tokens=stop_tokens,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                   repetition_penalty=cfg.repetition_penalty, generator=generator, autocast=autocast)
+                                   repetition_penalty=cfg.repetition_penalty, generator=generator, autocast=autocast,
+                                   n_vocab=tokenizer.n_vocab)
     except KeyboardInterrupt:
         if interactive:
             print("[stopped]", flush=True)
@@ -166,19 +171,44 @@ def complete_loop(model, cfg, generator, autocast, tokenizer):
         respond(model, ids, cfg, stop_tokens_of(tokenizer, "complete"), generator, autocast, tokenizer)
 
 
-def main(cfg):
-    import torch
-    from gptkit.checkpoint import load_model
-    from gptkit.system import setup_runtime
+def read_prompt(cfg):
+    """The one-shot prompt: --prompt, else all of a piped stdin; "" at a terminal (then we chat)."""
+    if cfg.prompt or sys.stdin.isatty():
+        return cfg.prompt
+    prompt = sys.stdin.read()  # a pipe: answer once, as with --prompt
+    if not prompt.strip():
+        raise UserError("stdin was empty: pipe a prompt in, or give --prompt=\"...\"")
+    return prompt
 
+
+def answer_once(model, cfg, mode, prompt, generator, autocast, tokenizer):
+    """--prompt or a pipe: one answer (or num_samples) on stdout, nothing else there."""
+    block_size = model.config.block_size
+    if mode == "chat":
+        messages = [{"role": "user", "content": prompt.strip()}]
+        try:
+            ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+    else:
+        ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)
+    _, interrupted = respond(model, ids, cfg, stop_tokens_of(tokenizer, mode), generator, autocast, tokenizer,
+                             interactive=False)
+    if interrupted:
+        # exit code 130 as for any Ctrl-C: a script must not take a cut answer for a whole one
+        info("stopped by Ctrl-C")
+        raise KeyboardInterrupt
+
+
+def main(cfg):
     if hasattr(sys.stdout, "reconfigure"):
         # a stdout that cannot encode every character (a Windows pipe or file is cp1252) shows '?'
         # for the others rather than ending the chat with UnicodeEncodeError at the first emoji
         sys.stdout.reconfigure(errors="replace")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
     info(f"device: {rt.device}; dtype: {rt.dtype}; torch {torch.__version__}")
-    model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)
-    kind = ckpt.get("kind", "base")
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, verbose=False)  # the model's own tokenizer
+    kind = meta.get("kind", "base")
     mode = resolve_mode(cfg.mode, kind)
     info(f"loaded {cfg.ckpt}: {kind} model, {model.num_params():,} parameters, context {model.config.block_size}; "
          f"mode {mode}")
@@ -188,35 +218,15 @@ def main(cfg):
         # decoding feeds a new shape at every token (prompt lengths, cache positions): compiling
         # would mostly recompile, so sampling runs eagerly
         info("compile=True is ignored by sample.py: it decodes eagerly")
-    tokenizer = get_tokenizer()  # the checkpoint's: load_model made it the process's
     generator = make_generator(model, cfg.seed)  # on the model's device: same seed, same text
-    cfg = replace(cfg, system=resolve_system(cfg.system, ckpt))  # auto: ask the model as it was trained
+    cfg = replace(cfg, system=resolve_system(cfg.system, meta))  # auto: ask the model as it was trained
     if mode == "chat" and cfg.system:
         info(f"system prompt: {cfg.system!r} (--system=TEXT for another, --system= for none)")
 
-    prompt = cfg.prompt
-    if not prompt and not sys.stdin.isatty():
-        prompt = sys.stdin.read()  # a pipe: answer once, as with --prompt
-        if not prompt.strip():
-            raise UserError("stdin was empty: pipe a prompt in, or give --prompt=\"...\"")
+    prompt = read_prompt(cfg)
     if prompt:
-        block_size = model.config.block_size
-        if mode == "chat":
-            messages = [{"role": "user", "content": prompt.strip()}]
-            try:
-                ids, _ = chat_prompt_ids(tokenizer, cfg.system, messages, cfg.max_new_tokens, block_size)
-            except ValueError as e:
-                raise UserError(str(e)) from e
-        else:
-            ids = complete_prompt_ids(tokenizer, prompt.rstrip("\n"), cfg.max_new_tokens, block_size)
-        _, interrupted = respond(model, ids, cfg, stop_tokens_of(tokenizer, mode), generator, rt.autocast, tokenizer,
-                                 interactive=False)
-        if interrupted:
-            # exit code 130 as for any Ctrl-C: a script must not take a cut answer for a whole one
-            info("stopped by Ctrl-C")
-            raise KeyboardInterrupt
-        return
-    if mode == "chat":
+        answer_once(model, cfg, mode, prompt, generator, rt.autocast, tokenizer)
+    elif mode == "chat":
         chat_loop(model, cfg, generator, rt.autocast, tokenizer)
     else:
         complete_loop(model, cfg, generator, rt.autocast, tokenizer)

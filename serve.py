@@ -19,17 +19,26 @@ Ctrl-C ends the answers in progress (a stream then closes without `data: [DONE]`
 
 import hmac
 import os
+import socket
 import sys
+import time
 from dataclasses import dataclass, replace
 
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
 from gptkit.chat import chat_prompt_ids, complete_prompt_ids, resolve_system, stop_tokens_of
-from gptkit.checkpoint import ckpt_arg_problems
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.engine import Engine, Job
 from gptkit.generate import check_sampling_args
+from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.openai_api import (ID_PREFIX, RequestError, chat_messages, completion_prompt, error_body, new_id,
                                parse_json, sampling_fields, stream_chunks, whole_response)
-from gptkit.system import run_main
+from gptkit.system import run_main, setup_runtime
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptkit", "chat_page.html")
@@ -74,7 +83,6 @@ def model_name(cfg):
 
 def check_port(host, port):
     """Fail before the model loads (which can take a while) if the address cannot be listened on."""
-    import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing socket is no obstacle
@@ -85,98 +93,112 @@ def check_port(host, port):
                             "another program uses this one") from e
 
 
-def build_app(cfg, engine, card):
-    """The FastAPI app. card: what /v1/models says about the model (id, parameters, context, ...)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+def error_response(status, message, kind="invalid_request_error", param=None):
+    return JSONResponse(error_body(message, kind, param), status_code=status)
 
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+def new_app(cfg):
+    """A FastAPI app that answers every error in the OpenAI API's shape, and (on this machine only)
+    refuses requests that name another host."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # no pages that load scripts from a CDN
     if cfg.host in LOOPBACK:
         # a web page the user visits may point its own host name at 127.0.0.1 (DNS rebinding) to read
         # this server's answers; requests that name another host are refused
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e):
+        return error_response(e.status, str(e), e.kind, e.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # 404 and 405 in the same shape as the API's other errors
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):  # a bug answers 500 in the API's shape; the traceback stays in the log
+        return error_response(500, f"internal error ({type(e).__name__}): see the server's log", "server_error")
+
+    return app
+
+
+def check_key(cfg, request):
+    if cfg.api_key:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+            raise RequestError("missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                               status=401, kind="authentication_error")
+
+
+async def read_request(cfg, request):
+    """The request's JSON object, after the key and size checks."""
+    check_key(cfg, request)
+    raw = b""
+    async for chunk in request.stream():  # read in pieces, so a huge body is refused before it is held
+        raw += chunk
+        if len(raw) > cfg.max_request_bytes:
+            raise RequestError(f"the request body is larger than {cfg.max_request_bytes} bytes", status=413)
+    return parse_json(raw)
+
+
+def chat_request_ids(cfg, tokenizer, block_size, messages, max_tokens):
+    """A chat request's messages -> the prompt ids, with the server's system prompt unless the chat
+    brings its own ("" in it: none)."""
+    system = cfg.system
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if not messages:
+        raise RequestError("messages holds only a system message: add a user message", param="messages")
+    try:
+        ids, _ = chat_prompt_ids(tokenizer, system, messages, max_tokens, block_size)
+    except ValueError as e:
+        raise RequestError(f"{e} (the messages are too long for this model)", param="messages",
+                           kind="context_length_exceeded") from e
+    return ids
+
+
+def job_for(tokenizer, ids, settings, mode):
+    return Job(ids, settings["max_tokens"], stop_tokens_of(tokenizer, mode), settings["temperature"],
+               settings["top_k"], settings["top_p"], settings["stop"], settings["seed"], settings["n"])
+
+
+async def answer(engine, request, ids, settings, kind, model_id):
+    """Queue the prompt's job; answer with server-sent events as it goes, or with one JSON object at the end."""
+    job = engine.submit(job_for(engine.tokenizer, ids, settings, kind))
+    id_ = new_id(ID_PREFIX[kind])
+    if settings["stream"]:
+        chunks = stream_chunks(job, kind, id_, model_id, len(ids), settings["include_usage"])
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await whole_response(job, kind, id_, model_id, len(ids), request.is_disconnected)
+
+
+def build_app(cfg, engine, card):
+    """The FastAPI app serving engine's model. card: what /v1/models says about the model (id,
+    parameters, context, ...). Prompts are made with engine.tokenizer, the model's."""
+    app = new_app(cfg)
     tokenizer, block_size = engine.tokenizer, engine.model.config.block_size
     defaults = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
                 "max_tokens": cfg.max_new_tokens}
     limits = {"max_tokens": cfg.max_tokens_limit, "n": cfg.max_n}
 
-    def fail(status, message, kind="invalid_request_error", param=None):
-        return JSONResponse(error_body(message, kind, param), status_code=status)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request, e):
-        return fail(e.status, str(e), e.kind, e.param)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):  # 404 and 405 in the same shape as the API's other errors
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return fail(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e):  # a bug answers 500 in the API's shape; the traceback stays in the log
-        return fail(500, f"internal error ({type(e).__name__}): see the server's log", "server_error")
-
-    def check_key(request):
-        if cfg.api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                raise RequestError("missing or wrong API key: send the header `Authorization: Bearer <key>`",
-                                   status=401, kind="authentication_error")
-
-    async def read_request(request):
-        """The request's JSON object, after the key and size checks."""
-        check_key(request)
-        raw = b""
-        async for chunk in request.stream():  # read in pieces, so a huge body is refused before it is held
-            raw += chunk
-            if len(raw) > cfg.max_request_bytes:
-                raise RequestError(f"the request body is larger than {cfg.max_request_bytes} bytes", status=413)
-        return parse_json(raw)
-
-    async def answer(request, job, kind, prompt_tokens, settings):
-        """Queue the job; answer with server-sent events as it goes, or with one JSON object at the end."""
-        engine.submit(job)
-        id_ = new_id(ID_PREFIX[kind])
-        if settings["stream"]:
-            chunks = stream_chunks(job, kind, id_, card["id"], prompt_tokens, settings["include_usage"])
-            return StreamingResponse(chunks, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await whole_response(job, kind, id_, card["id"], prompt_tokens, request.is_disconnected)
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_request(request)
-        messages = chat_messages(body, cfg.max_messages)
-        settings = sampling_fields(body, defaults, limits)
-        system = cfg.system  # the server's, unless the chat brings its own ("" in it: none)
-        if messages[0]["role"] == "system":
-            system, messages = messages[0]["content"], messages[1:]
-        if not messages:
-            raise RequestError("messages holds only a system message: add a user message", param="messages")
-        try:
-            ids, _ = chat_prompt_ids(tokenizer, system, messages, settings["max_tokens"], block_size)
-        except ValueError as e:
-            raise RequestError(f"{e} (the messages are too long for this model)", param="messages",
-                               kind="context_length_exceeded") from e
-        return await answer(request, job_for(ids, settings, "chat"), "chat", len(ids), settings)
+        body = await read_request(cfg, request)
+        messages, settings = chat_messages(body, cfg.max_messages), sampling_fields(body, defaults, limits)
+        ids = chat_request_ids(cfg, tokenizer, block_size, messages, settings["max_tokens"])
+        return await answer(engine, request, ids, settings, "chat", card["id"])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_request(request)
+        body = await read_request(cfg, request)
         prompt, settings = completion_prompt(body), sampling_fields(body, defaults, limits)
         ids = complete_prompt_ids(tokenizer, prompt, settings["max_tokens"], block_size)  # too long: keeps its end
-        return await answer(request, job_for(ids, settings, "complete"), "complete", len(ids), settings)
-
-    def job_for(ids, settings, mode):
-        return Job(ids, settings["max_tokens"], stop_tokens_of(tokenizer, mode), settings["temperature"],
-                   settings["top_k"], settings["top_p"], settings["stop"], settings["seed"], settings["n"])
+        return await answer(engine, request, ids, settings, "complete", card["id"])
 
     @app.get("/v1/models")
     def models(request: Request):
-        check_key(request)
+        check_key(cfg, request)
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -191,24 +213,16 @@ def build_app(cfg, engine, card):
 
 
 def main(cfg):
-    import time
-
-    import torch
-    import uvicorn
-    from gptkit.checkpoint import load_model
-    from gptkit.system import setup_runtime
-    from gptkit.tokenizer import get_tokenizer
-
     check_port(cfg.host, cfg.port)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
-    model, ckpt = load_model(cfg.ckpt, device=rt.device, verbose=False)
-    cfg = replace(cfg, system=resolve_system(cfg.system, ckpt))  # auto: ask the model as it was trained
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, verbose=False)
+    cfg = replace(cfg, system=resolve_system(cfg.system, meta))  # auto: ask the model as it was trained
     card = {"id": model_name(cfg), "object": "model", "created": int(time.time()), "owned_by": "gptkit",
-            "kind": ckpt.get("kind", "base"), "parameters": model.num_params(),
+            "kind": meta.get("kind", "base"), "parameters": model.num_params(),
             "context_length": model.config.block_size, "system_prompt": cfg.system}
     if cfg.compile:
         print("compile=True is ignored by serve.py: it decodes eagerly, as sample.py does", file=sys.stderr)
-    engine = Engine(model, get_tokenizer(), autocast=rt.autocast)
+    engine = Engine(model, tokenizer, autocast=rt.autocast)  # the model's own tokenizer, from its checkpoint
     app = build_app(cfg, engine, card)
     print(f"{card['id']}: {card['kind']} model, {card['parameters']:,} parameters, context {card['context_length']}; "
           f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}", flush=True)

@@ -29,13 +29,17 @@ Logs go to <out_dir>/log.jsonl (and wandb with --wandb_log=True; WANDB_MODE=offl
 import os
 
 from gptkit.configurator import ConfigError, configure
+from gptkit.data import PretrainLoader, ShardError, list_shards, val_batches
+from gptkit.loading import init_model
+from gptkit.lock import running_holder
+from gptkit.losses import grad_accum_steps
 from gptkit.system import cleanup_distributed, exit_if_stopped, print0, run_main, setup_runtime
-from gptkit.trainer import TrainConfig, grad_accum_steps, init_model, train
+from gptkit.train_config import TrainConfig
+from gptkit.trainer import train
 
 
 def check_config(cfg, rt):
     """Cross-field checks that need the runtime (world size) or the disk; all problems at once."""
-    from gptkit.data import ShardError, list_shards
     problems = []
     try:
         grad_accum_steps(cfg, rt.world_size)
@@ -47,7 +51,6 @@ def check_config(cfg, rt):
         except ShardError as e:
             problems.append(str(e))
     if cfg.init_from == "resume" and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-        from gptkit.lock import running_holder
         running = running_holder(cfg.out_dir)
         if running:  # a run that has not saved yet: say that, not "check out_dir"
             problems.append(f"init_from=resume, but {cfg.out_dir} holds no ckpt.pt yet: it is in use by {running}; "
@@ -63,11 +66,10 @@ def check_config(cfg, rt):
 
 
 def main():
-    from gptkit.data import PretrainLoader, val_batches
     cfg = configure(TrainConfig)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     check_config(cfg, rt)
-    model, ckpt = init_model(cfg, rt)
+    model, tokenizer, ckpt = init_model(cfg, rt)
     train_loader = PretrainLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size, rank=rt.rank,
                                   world_size=rt.world_size, seed=cfg.seed, mode=cfg.data_mode, device=rt.device)
     print0(f"train data: {train_loader.total_tokens:,} tokens in {cfg.data_dir}")
@@ -76,7 +78,7 @@ def main():
         return val_batches(cfg.data_dir, cfg.micro_batch_size, cfg.block_size, cfg.eval_tokens,
                            rank=rt.rank, world_size=rt.world_size, device=rt.device)
 
-    summary = train(cfg, rt, model, train_loader, get_val_batches, kind="base", ckpt=ckpt)
+    summary = train(cfg, rt, model, tokenizer, train_loader, get_val_batches, kind="base", ckpt=ckpt)
     exit_if_stopped(summary)  # 143 after SIGTERM: a scheduler requeues the run
     print0(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, checkpoint in {cfg.out_dir}")
     cleanup_distributed()

@@ -8,11 +8,11 @@ Train your own byte-level BPE tokenizer on your text; every gptkit script can th
         --vocab_size=32768 --pattern=gpt4 --out=tokenizers/fineweb32k
     python prepare_fineweb.py --source=path/to/text_folder --tokenizer=tokenizers/mytext --data_dir=data/mytext
 
-Reads the same sources as prepare_fineweb.py (local parquet/jsonl/txt files or folders, or a hub
-dataset streamed), normalised the same way (CRLF -> LF, no BOM), up to max_chars characters. About
-1% of the documents (chosen by the same stable hash as prepare_fineweb's val split) are held out to
-measure bytes per token against GPT-2. Writes <out>/tokenizer.json and <out>/summary.txt, as the
-folder's one writer (gptkit/lock.py).
+Reads the same sources as prepare_fineweb.py (gptkit/sources.py: local parquet/jsonl/txt files or
+folders, or a hub dataset streamed), normalised the same way (CRLF -> LF, no BOM), up to max_chars
+characters. About 1% of the documents (chosen by the same stable hash as prepare_fineweb's val
+split) are held out to measure bytes per token against GPT-2. Writes <out>/tokenizer.json and
+<out>/summary.txt, as the folder's one writer (gptkit/lock.py).
 
 The BPE trainer is the Hugging Face `tokenizers` library's (multi-core Rust; its tokenizer.json is
 what transformers loads). Byte-level: every UTF-8 text round-trips exactly, no unknown token.
@@ -25,7 +25,15 @@ import os
 import time
 from dataclasses import dataclass
 
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
 from gptkit.configurator import BaseConfig, UserError, configure, print_config
+from gptkit.documents import normalize_text, split_hash
+from gptkit.files import atomic_write
+from gptkit.lock import hold_folder, release_folder
+from gptkit.sources import open_records, source_problems
 from gptkit.system import print0, run_main
 from gptkit.tokenizer import CONTROL_TOKENS, MAX_VOCAB, TOKENIZER_FILE, load_tokenizer
 
@@ -59,23 +67,16 @@ class TokenizerConfig(BaseConfig):
             problems.append(f"max_chars={self.max_chars}: must be at least 1")
         if not self.out or self.out == "gpt2":
             problems.append("out is empty: give the folder to write, such as --out=tokenizers/mytext")
-        from prepare_fineweb import is_local
-        if is_local(self.source) and not os.path.exists(self.source):
-            problems.append(f"source={self.source!r} does not exist: give an existing parquet/jsonl/txt file or "
-                            "folder, or a hub dataset name such as HuggingFaceFW/fineweb-edu")
-        return problems
+        return problems + source_problems(self.source)
 
 
 def read_corpus(cfg):
     """-> (training documents, held-out documents), normalised as prepare_fineweb.py does, at most
     max_chars characters in all, with a progress bar."""
-    from tqdm import tqdm
-    from gptkit.data import normalize_text, split_hash
-    from prepare_fineweb import open_records
     train, held, chars = [], [], 0
     with tqdm(total=cfg.max_chars, unit="char", unit_scale=True, desc="reading") as bar:
-        for record_id, text in open_records(cfg):
-            text = normalize_text(text)[:cfg.max_chars - chars]
+        for record_id, text in open_records(cfg.source, cfg.subset):
+            text = normalize_text(text or "")[:cfg.max_chars - chars]  # a record without text (None) adds nothing
             if not text:
                 continue
             (held if split_hash(record_id, text) < HELD_OUT else train).append(text)
@@ -93,10 +94,9 @@ def read_corpus(cfg):
 
 def build_and_train(texts, vocab_size, pattern):
     """A byte-level BPE trained on texts -> its tokenizer.json text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())  # no unk_token: every byte is in the vocabulary
+    tok = tokenizers.Tokenizer(models.BPE())  # no unk_token: every byte is in the vocabulary
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERNS[pattern]), behavior="isolated"),
+        pre_tokenizers.Split(tokenizers.Regex(PATTERNS[pattern]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> printable characters
     ])
     tok.decoder = decoders.ByteLevel()
@@ -112,8 +112,6 @@ def bytes_per_token(tok, texts):
 
 
 def main(cfg):
-    from gptkit.checkpoint import atomic_write
-    from gptkit.lock import hold_folder, release_folder
     out = cfg.out
     hold_folder(out)  # one writer: two runs at once could leave one's tokenizer.json beside the other's summary
     train, held = read_corpus(cfg)

@@ -5,7 +5,8 @@ prompt into the model's context.
 
     from gptkit.chat import chat_prompt_ids, stop_tokens_of
     ids, kept = chat_prompt_ids(tokenizer, system, messages, max_new_tokens, model.config.block_size)
-    for token in generate(model, ids, max_new_tokens, stop_tokens=stop_tokens_of(tokenizer, "chat"), ...): ...
+    for token in generate(model, ids, max_new_tokens, stop_tokens=stop_tokens_of(tokenizer, "chat"),
+                          n_vocab=tokenizer.n_vocab, ...): ...
 
 Fitting the context: a chat drops its oldest user/assistant pairs until the prompt plus room for
 the answer fits (the system prompt stays); a single message that cannot fit is a ValueError whose
@@ -13,14 +14,18 @@ message says so. A completion prompt too long keeps its last tokens. The answer'
 max_new_tokens, but never more than half the context, so some history always fits.
 
 Message text goes through tokenizer.encode (never a control token): a typed "<|assistant|>" stays text.
+The tokenizer is always the model's (load_model returns it), so its control-token ids are the ones
+the model was trained with.
 """
 
+from gptkit.checkpoint import trained_system_prompt
 
-def resolve_system(setting, ckpt):
+
+def resolve_system(setting, meta):
     """The system prompt a chat starts with: "auto" asks the model as it was finetuned (the prompt
-    of its finetuning data, "" for a base model); any other setting is used as given ("" for none)."""
-    from gptkit.checkpoint import trained_system_prompt
-    return trained_system_prompt(ckpt) if setting == "auto" else setting
+    of its finetuning data, "" for a base model); any other setting is used as given ("" for none).
+    meta: what load_model returns beside the model (a checkpoint dict, or a Hugging Face folder's run info)."""
+    return trained_system_prompt(meta) if setting == "auto" else setting
 
 
 def stop_tokens_of(tokenizer, mode):

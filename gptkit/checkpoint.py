@@ -10,25 +10,22 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
     step, tokens_seen, best_val_loss
     optimizer, scaler, loader, rng   (for an exact resume; absent in exported weights)
 Saving is atomic (temporary file, fsync, rename), so a crash or kill during a save leaves the
-previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
-The training loop writes and reads the whole state with save_training_state / restore_training_state.
+previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint cannot run code. Turning a checkpoint
+into a model is gptkit/loading.py's job. The training loop writes and reads the whole state with save_training_state / restore_training_state.
 """
 
-import dataclasses
-import errno
 import json
 import os
 import pickle
 import random
-import re
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from model import GPT, GPTConfig
 from gptkit.configurator import ConfigError, UserError, config_dict
+from gptkit.files import atomic_write
 from gptkit.system import print0
-from gptkit.tokenizer import checkpoint_tokenizer, get_tokenizer, use_tokenizer
 
 CKPT_NAME = "ckpt.pt"
 
@@ -45,90 +42,6 @@ def resolve_path(path):
         raise CheckpointError(f"no checkpoint at {path}: give a run directory holding {CKPT_NAME} "
                               "(such as out/fineweb_124m) or the path of a .pt file")
     return path
-
-
-def ckpt_arg_problems(ckpt, example="out/fineweb_124m", hf=True):
-    """The config check of a script's --ckpt option -> a list of problems (empty when it is usable).
-    hf: a Hugging Face GPT-2 folder or hub name (gpt2, ...) is usable too (load_model reads it)."""
-    from gptkit.hf import is_hf_folder, is_hub_name
-    also = ", a Hugging Face GPT-2 folder or a hub name such as gpt2" if hf else ""
-    if not ckpt:
-        return [f"ckpt is empty: give a run directory (--ckpt={example}) or a ckpt.pt file{also}"]
-    if is_hf_folder(ckpt) or is_hub_name(ckpt):
-        return [] if hf else [f"ckpt={ckpt!r} is a Hugging Face model, not a gptkit run: give a run directory "
-                              "or a ckpt.pt file"]
-    if not os.path.exists(ckpt):
-        return [f"ckpt={ckpt!r} does not exist: give a run directory or a ckpt.pt file{also}"]
-    if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, CKPT_NAME)):
-        return [f"ckpt={ckpt!r} is a folder without {CKPT_NAME} (a run that has not saved yet, or not a run "
-                f"directory): give a run directory holding {CKPT_NAME}, or a .pt file"]
-    return []
-
-
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open directories; the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write_fn):
-    """Call write_fn(file) on a temporary file next to path, fsync it, then rename it over path.
-    If anything fails (a full disk, a kill) the old file at path is untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        # torch.save's zip writer turns a full disk into RuntimeError("unexpected pos ..."), the OSError only
-        # in its context: raise the OSError, naming the file, so the user reads "the disk is full"
-        full = e.__context__ if isinstance(e, RuntimeError) else e
-        if isinstance(full, OSError) and full.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(full.errno, full.strerror, path) from e
-        raise
-    _fsync_dir(directory)
-
-
-def remove_temporaries(directory, names):
-    """Delete the temporary files atomic_write leaves in directory when a kill cuts it short
-    (<name>.tmp<pid>), for the names matching the regex `names`: never another program's files."""
-    pattern = re.compile(rf"({names})\.tmp\d+")
-    for name in os.listdir(directory):
-        if pattern.fullmatch(name):
-            os.remove(os.path.join(directory, name))
-
-
-def atomic_write_files(directory, files, marker):
-    """Write files that only make sense together (name -> write_fn(file)), marker among them: the file
-    whose presence tells readers the folder is complete (meta.json, config.json). A kill or a full disk
-    at any moment leaves the old set whole, or the folder without its marker (refused, with a message),
-    never old and new files mixed. Every file is first written in full under NAME.new, the long part,
-    while the old set stays usable; then the marker goes, the others are renamed into place, and the
-    marker comes back last."""
-    os.makedirs(directory, exist_ok=True)
-    for name, write_fn in files.items():
-        atomic_write(os.path.join(directory, f"{name}.new"), write_fn)
-    marker_path = os.path.join(directory, marker)
-    if os.path.exists(marker_path):
-        os.remove(marker_path)
-        _fsync_dir(directory)  # the marker is gone on disk before any file of the old set is replaced
-    for name in files:
-        if name != marker:
-            os.replace(os.path.join(directory, f"{name}.new"), os.path.join(directory, name))
-    _fsync_dir(directory)  # ... and every new file is in place before the marker returns
-    os.replace(f"{marker_path}.new", marker_path)
-    _fsync_dir(directory)
 
 
 def save_checkpoint(out_dir, state, summary=None):
@@ -172,44 +85,6 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
-    """GPT from a checkpoint dict; overrides change config fields that do not alter shapes (dropout)."""
-    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in dataclasses.fields(GPTConfig)})
-    if unknown:  # a newer or forked gptkit's model
-        raise CheckpointError(f"{path}: its model config has fields this gptkit's model does not know ({', '.join(unknown)}): "
-                              "it was made by another version of gptkit; use that version, or a checkpoint made by this one")
-    model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
-    tok = checkpoint_tokenizer(ckpt)
-    if model_config.vocab_size < tok.n_vocab:
-        raise CheckpointError(f"{path}: the model has {model_config.vocab_size} token embeddings but the "
-                              f"tokenizer needs {tok.n_vocab} ({tok.name}: text tokens plus the chat tokens); "
-                              "this checkpoint was not made for that tokenizer")
-    model = GPT(model_config, verbose=verbose)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model config stored with them: {e}") from e
-    return model
-
-
-def load_model(path, device="cpu", verbose=True, **overrides):
-    """-> (model in eval mode on device, checkpoint dict), for sample, eval and export. path: a run
-    directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2, gpt2-xl, ...:
-    to compare with OpenAI's models, or use an export), whose dict holds only its "kind" (and a chat
-    export's system prompt under "config", an export's trained tokenizer under "tokenizer").
-    The model's tokenizer becomes the process's (get_tokenizer()): scripts need no flag for it."""
-    from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
-    if is_hf_folder(path) or is_hub_name(path):
-        model, ckpt = load_hf_gpt2(path, verbose=verbose, **overrides), hf_run_info(path)
-    else:
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt, resolve_path(path), verbose=verbose, **overrides)
-    use_tokenizer(checkpoint_tokenizer(ckpt))
-    model.to(device)
-    model.eval()
-    return model, ckpt
-
-
 def trained_system_prompt(ckpt):
     """The system prompt a chat model was finetuned with (finetune.py keeps the data's in the run
     config; a chat export's comes back the same way), "" for any other model."""
@@ -251,15 +126,16 @@ def _gather(obj, rt):
     """obj from every rank, as a list indexed by rank (a collective: all ranks must call it)."""
     if not rt.ddp:
         return [obj]
-    import torch.distributed as dist
+
     objs = [None] * rt.world_size
     dist.all_gather_object(objs, obj)
     return objs
 
 
-def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, step, tokens_seen, best_val_loss,
-                        log_state=None):
-    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it). log_state: the
+def save_training_state(cfg, rt, model, tokenizer, optimizers, scaler, train_loader, kind, step, tokens_seen,
+                        best_val_loss, log_state=None):
+    """Checkpoint everything an exact resume needs (rank 0 writes; all ranks must call it); tokenizer is the
+    model's, which the checkpoint carries so later scripts need no flag. log_state: the
     loop's plain-number counters (the loss summed since the last log line, skipped steps), so the first
     log line after a resume is the one an uninterrupted run writes."""
     rngs = _gather(rng_state(), rt)  # each rank has its own dropout RNG
@@ -270,7 +146,7 @@ def save_training_state(cfg, rt, model, optimizers, scaler, train_loader, kind, 
         "model_config": model.config.to_dict(),
         "config": config_dict(cfg),
         "kind": kind,
-        "tokenizer": get_tokenizer().to_string(),  # later scripts need no flag; a str loads with weights_only
+        "tokenizer": tokenizer.to_string(),  # a str: it loads with weights_only
         "optimizer": [opt.state_dict() for opt in optimizers],
         "scaler": scaler.state_dict(),
         "step": step,

@@ -15,9 +15,9 @@ modules, functions and _underscored names are not settings.
     cfg = load_config(TrainConfig, args)  # in tests: errors raise ConfigError
 """
 
+import ast
 import dataclasses
 import difflib
-import importlib
 import inspect
 import io
 import json
@@ -30,19 +30,22 @@ import types
 import typing
 from dataclasses import dataclass
 
-# Where the other scripts keep their dataclasses, so that a shared recipe file may carry their keys.
+# The settings dataclasses whose keys a shared recipe file may hold, by the file that defines them.
+# Their field names are read from the source (ast), never imported: the configurator sits below every
+# script, and importing a script to learn its keys would run it and invert the layers.
 SCRIPT_CONFIGS = [
-    ("prepare_fineweb", "PrepareConfig"),
-    ("prepare_instruct", "InstructConfig"),
-    ("gptkit.trainer", "TrainConfig"),
-    ("finetune", "FinetuneConfig"),
-    ("dpo", "DPOConfig"),
-    ("sample", "SampleConfig"),
-    ("eval_hellaswag", "EvalConfig"),
-    ("export_hf", "ExportConfig"),
-    ("bench", "BenchConfig"),
-    ("train_tokenizer", "TokenizerConfig"),
+    ("prepare_fineweb.py", "PrepareConfig"),
+    ("prepare_instruct.py", "InstructConfig"),
+    ("gptkit/train_config.py", "TrainConfig"),
+    ("gptkit/train_config.py", "FinetuneConfig"),
+    ("gptkit/train_config.py", "DPOConfig"),
+    ("sample.py", "SampleConfig"),
+    ("eval_hellaswag.py", "EvalConfig"),
+    ("export_hf.py", "ExportConfig"),
+    ("bench.py", "BenchConfig"),
+    ("train_tokenizer.py", "TokenizerConfig"),
 ]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class UserError(Exception):
@@ -183,15 +186,35 @@ def _read_config_file(path):
             if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)}
 
 
+def _declared_classes(path):
+    """{class name: (base names, field names)} of the classes a source file defines (dataclass fields:
+    annotated class attributes that are not ClassVar)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    classes = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields = [item.target.id for item in node.body if isinstance(item, ast.AnnAssign)
+                      and isinstance(item.target, ast.Name) and "ClassVar" not in ast.unparse(item.annotation)]
+            classes[node.name] = ([ast.unparse(base) for base in node.bases], fields)
+    return classes
+
+
 def _other_scripts_keys(own_cls):
+    """The keys of every class of SCRIPT_CONFIGS, with the fields they inherit."""
+    declared = {"BaseConfig": ([], [f.name for f in dataclasses.fields(BaseConfig)])}
+    for path in dict.fromkeys(path for path, _ in SCRIPT_CONFIGS):
+        if os.path.exists(os.path.join(ROOT, path)):  # a script missing from this checkout has no keys
+            declared.update(_declared_classes(os.path.join(ROOT, path)))
+
+    def fields_of(name):
+        bases, fields = declared.get(name, ([], []))
+        return {key for base in bases for key in fields_of(base)} | set(fields)
+
     keys = set()
-    for module_name, class_name in SCRIPT_CONFIGS:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
-            continue  # that script is not part of this checkout
-        if cls is not own_cls:
-            keys.update(f.name for f in dataclasses.fields(cls))
+    for _, class_name in SCRIPT_CONFIGS:
+        if class_name != own_cls.__name__:
+            keys |= fields_of(class_name)
     return keys
 
 

@@ -14,27 +14,22 @@ The header follows llm.c, so shards made by llm.c or modded-nanogpt tooling load
     x, y = loader.next_batch()                      # int64 (B, T); y is x shifted left by one
     state = loader.state_dict(); loader.load_state_dict(state)   # exact resume
     batches = val_batches("data/x", 16, 1024, eval_tokens=10_485_760)
-    arrays = tokenize_documents(texts, num_proc=0)  # prepare_fineweb's parallel tokenizer (bench.py times it)
+
+Documents -> tokens (what prepare_fineweb.py writes into shards) is gptkit/documents.py's.
 """
 
-import collections
-import ctypes
 import glob
-import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shlex
-import signal
-import sys
 
 import numpy as np
 import torch
 
-from gptkit.checkpoint import atomic_write
+from gptkit.files import atomic_write
 from gptkit.configurator import UserError
-from gptkit.tokenizer import GPT2_VOCAB, MAX_VOCAB, get_tokenizer, tokenizer_from_string, use_tokenizer
+from gptkit.tokenizer import GPT2_VOCAB, MAX_VOCAB
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -195,123 +190,6 @@ def list_shards(data_dir, split):
     return paths
 
 
-# Documents -> tokens: used by prepare_fineweb.py, timed by bench.py.
-
-def normalize_line_ends(text):
-    """CRLF and lone CR -> LF."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def normalize_text(text):
-    """CRLF and lone CR -> LF, a leading byte-order mark dropped; "" for a document with no text."""
-    text = normalize_line_ends(text)
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text if text.strip() else ""
-
-
-def split_hash(record_id, text):
-    """A stable number in [0, 1) for a document: from its id when it has one, else its text. The same
-    document lands in the same split in every run, on every machine (Python's hash() is salted)."""
-    key = f"id:{record_id}" if record_id is not None else f"text:{text}"
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def tokenize_records(records):
-    """[(id, raw text)] -> [(split hash, uint16 tokens)]: <|endoftext|> then the normalised text's ids;
-    an empty document gives an empty array, a text of None (a record without one) a hash of None too.
-    Runs in the worker processes."""
-    tok = get_tokenizer()
-    out = []
-    for record_id, text in records:
-        if text is None:  # a record without text: counted by the caller, never silently an empty document
-            out.append((None, np.empty(0, dtype=np.uint16)))
-            continue
-        text = normalize_text(text)
-        if not text:
-            out.append((1.0, np.empty(0, dtype=np.uint16)))
-            continue
-        encoded = tok.encode(text)  # encode(): dataset text never becomes a control token
-        ids = np.empty(len(encoded) + 1, dtype=np.uint16)
-        ids[0], ids[1:] = tok.eot, encoded
-        out.append((split_hash(record_id, text), ids))
-    return out
-
-
-def resolve_num_proc(num_proc):
-    if num_proc > 0:
-        return num_proc
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def _init_worker(parent_pid, tokenizer_text):
-    """A tokenizer worker: Ctrl-C is the parent's to handle (it terminates the pool), so no traceback from
-    every worker; and the worker dies with its parent, however the parent dies (kill -9 included), instead
-    of living on and printing BrokenPipeError tracebacks."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the line above
-        os._exit(1)
-    use_tokenizer(tokenizer_from_string(tokenizer_text))  # a spawned worker starts without the parent's
-
-
-def make_pool(num_proc):
-    """A process pool for tokenize_stream, tokenizing with the process's tokenizer. Made before any
-    reader starts threads, it can fork (fast: the children inherit the loaded tokenizer and imports);
-    where fork is missing, spawn."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return context.Pool(num_proc, initializer=_init_worker, initargs=(os.getpid(), get_tokenizer().to_string()))
-
-
-def tokenize_stream(records, num_proc=0, chunk_docs=256, pool=None):
-    """Tokenize an iterable of (id, text) in chunks on num_proc processes (0: all cores; or on pool).
-    Yields one list of (split hash, tokens) per chunk, in input order. At most 2 chunks per process
-    are in flight, so memory stays bounded however fast the input arrives."""
-    num_proc = pool._processes if pool is not None else resolve_num_proc(num_proc)
-
-    def chunks():
-        chunk = []
-        for record in records:
-            chunk.append(record)
-            if len(chunk) == chunk_docs:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-    if num_proc == 1 and pool is None:
-        for chunk in chunks():
-            yield tokenize_records(chunk)
-        return
-    own_pool = pool is None
-    pool = pool or make_pool(num_proc)
-    try:
-        pending = collections.deque()
-        for chunk in chunks():
-            pending.append(pool.apply_async(tokenize_records, (chunk,)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-    finally:
-        if own_pool:
-            pool.terminate()
-
-
-def tokenize_documents(texts, num_proc=0):
-    """Texts -> list of uint16 arrays (<|endoftext|> + ids of the normalised text; empty for an
-    empty document), tokenized on num_proc processes. What prepare_fineweb.py does per document."""
-    records = ((None, text) for text in texts)
-    return [tokens for chunk in tokenize_stream(records, num_proc) for _, tokens in chunk]
-
-
 def _to_device(rows, device):
     """(B, T+1) uint16 numpy -> x, y int64 tensors on device; pinned, non-blocking copies on CUDA
     so the copy of this batch overlaps the GPU's work on the last one."""
@@ -450,8 +328,8 @@ def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_siz
     batch i going to rank i % world_size. The same windows on every call and for any batch size or
     number of processes, so val losses compare across evals and runs. When the val split is smaller
     than eval_tokens, all of it is used. Every rank gets the same number of full batches (for the
-    all-reduce): rows past the last window are <|endoftext|> without targets (y = -1), which add
-    nothing to the loss."""
+    all-reduce): rows past the last window are id 0 without targets (y = -1), which add nothing to
+    the loss."""
     shards = _ShardSet(data_dir, "val", block_size)  # refuses a split without one window
     n_rows = min(max(eval_tokens // block_size, 1), int(shards.cum_rows[-1]))
     rows_per_step = batch_size * world_size
@@ -459,7 +337,8 @@ def val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_siz
     batches = []
     for i in range(rank, n_batches, world_size):
         rows = np.arange(i * batch_size, min((i + 1) * batch_size, n_rows))
-        x = torch.full((batch_size, block_size), get_tokenizer().eot, dtype=torch.int64)
+        # padding rows are never scored (y = -1), so any id does: 0 exists in every vocabulary
+        x = torch.zeros((batch_size, block_size), dtype=torch.int64)
         y = torch.full_like(x, -1)
         if len(rows):
             x[:len(rows)], y[:len(rows)] = _to_device(shards.gather(*shards.row_position(rows)), "cpu")

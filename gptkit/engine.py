@@ -104,6 +104,8 @@ class Job:
 
 
 class Engine:
+    """Runs one model's jobs; tokenizer is that model's (load_model returns the pair): it decodes the
+    answers and bounds the ids sampled, so engines of models with different tokenizers can share a process."""
 
     def __init__(self, model, tokenizer, autocast=None):
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
@@ -161,7 +163,8 @@ class Engine:
         steps = min(job.max_tokens, self.model.config.block_size - len(job.ids))
         count, finish = 0, None
         for token in generate(self.model, job.ids, job.max_tokens, job.temperature, job.top_k, job.top_p,
-                              stop_tokens=job.stop_tokens, generator=generator, autocast=self.autocast):
+                              stop_tokens=job.stop_tokens, generator=generator, autocast=self.autocast,
+                              n_vocab=self.tokenizer.n_vocab):  # this model's padding ids are never sampled
             if job.cancelled or self.stopping:
                 return False
             count += 1

@@ -1,10 +1,13 @@
 """
 Sampling from a GPT: KV-cache prefill and decode, temperature / top-k / top-p / repetition
-penalty, stop tokens, the context limit. Used by sample.py and by the training loop's samples.
+penalty, stop tokens, the context limit. Used by sample.py, serve.py (gptkit/engine.py) and the
+training loop's samples.
 
     from gptkit.generate import generate, make_generator
+    model, tok, meta = load_model("out/dolly")             # gptkit/loading.py: a model and its tokenizer
     gen = make_generator(model, seed=1337)                  # same seed, same tokens
-    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[tok.end, tok.eot], generator=gen):
+    for token in generate(model, ids, 100, temperature=0.8, top_k=50, stop_tokens=[tok.end, tok.eot], generator=gen,
+                          n_vocab=tok.n_vocab):             # the padding ids above the tokenizer's are never made
         ...                                                  # ints, one at a time, as they are made
 
 The context limit: prompt + answer never pass model.config.block_size. Generation stops when the
@@ -15,7 +18,8 @@ runs out of room is better served by dropping old turns, which sample.py does.)
 Stop tokens end generation and are not yielded: the caller gets the answer only. The unused
 vocabulary slots (ids from the tokenizer's n_vocab up: GPT-2's 50261..50303) are never sampled:
 they have no text and were never trained, so a sampled one would print nothing and steer the rest
-of the answer.
+of the answer. Only the caller knows the model's tokenizer, so it passes n_vocab=tokenizer.n_vocab;
+without it (n_vocab=None) every row of the model's output may be sampled.
 
 Each forward call runs under torch.no_grad() and, on CUDA, bf16 autocast (fp16 where the GPU has
 no bf16). The grad mode and autocast are entered around each model call, not across a `yield`, so
@@ -26,8 +30,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-
-from gptkit.tokenizer import get_tokenizer
 
 
 def make_generator(model_or_device, seed):
@@ -123,17 +125,20 @@ def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
 # Decoding
 
 def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                   repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, autocast=None):
+                   repetition_penalty=1.0, stop_tokens=(), generator=None, use_cache=True, autocast=None,
+                   n_vocab=None):
     """num_samples independent continuations of one prompt `ids` (list of ints), run as one batch.
     Yields a tensor (num_samples,) of new token ids per step, and a bool tensor (num_samples,) that
     is True where that row had already finished before this step (ignore those ids). Ends when every
-    row has produced a stop token, max_new_tokens were made, or the context is full."""
+    row has produced a stop token, max_new_tokens were made, or the context is full.
+    n_vocab: the model's tokenizer's n_vocab; ids from it up (padding) are never sampled. None: all ids."""
     problems = check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if problems:
         raise ValueError("; ".join(problems))
     block_size = model.config.block_size
     if len(ids) == 0:
-        raise ValueError(f"empty prompt: give at least one token (for example <|endoftext|>, id {get_tokenizer().eot})")
+        raise ValueError("empty prompt: give at least one token (for example the tokenizer's <|endoftext|>, "
+                         "tokenizer.eot)")
     if len(ids) >= block_size:
         raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room in the model's context of "
                          f"{block_size}: shorten it (keep its last {block_size - 1} tokens at most)")
@@ -165,10 +170,10 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
         finally:
             model.train(was_training)
         logits = logits[:, -1, :]  # (B, V)
-        logits[:, n_vocab:] = float("-inf")  # the padding slots: no text, never a target
+        if n_vocab is not None:
+            logits[:, n_vocab:] = float("-inf")  # the padding slots: no text, never a target
         return logits
 
-    n_vocab = get_tokenizer().n_vocab  # the model's tokenizer (load_model made it the process's)
     logits = last_logits(seq)  # prefill: the whole prompt in one call
     for step in range(steps):
         next_ids = sample_next(logits, seq, temperature, top_k, top_p, repetition_penalty,
@@ -183,12 +188,13 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
 
 
 def generate(model, ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-             stop_tokens=(), generator=None, use_cache=True, autocast=None):
+             stop_tokens=(), generator=None, use_cache=True, autocast=None, n_vocab=None):
     """Continue one prompt `ids` (list of ints); yields the new token ids (ints) one at a time. A stop
     token ends generation and is not yielded. autocast: a context-manager factory such as
-    Runtime.autocast; by default bf16 on CUDA, full precision elsewhere."""
+    Runtime.autocast; by default bf16 on CUDA, full precision elsewhere. n_vocab: the model's
+    tokenizer's (tokenizer.n_vocab), so that no padding id is sampled; None: every id the model has."""
     for next_ids, _ in generate_batch(model, ids, 1, max_new_tokens, temperature, top_k, top_p,
-                                      repetition_penalty, stop_tokens, generator, use_cache, autocast):
+                                      repetition_penalty, stop_tokens, generator, use_cache, autocast, n_vocab):
         token = int(next_ids[0])
         if token in stop_tokens:
             return
@@ -197,7 +203,7 @@ def generate(model, ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, re
 
 def generate_samples(model, ids, num_samples, max_new_tokens, stop_tokens=(), **kwargs):
     """num_samples independent answers to one prompt, batched -> list of lists of ints, each cut
-    before its first stop token."""
+    before its first stop token. kwargs: generate_batch's (pass n_vocab=tokenizer.n_vocab)."""
     samples = [[] for _ in range(num_samples)]
     done = [False] * num_samples
     for next_ids, _ in generate_batch(model, ids, num_samples, max_new_tokens, stop_tokens=stop_tokens, **kwargs):

@@ -3,8 +3,9 @@ HellaSwag: pick the right ending of a short everyday scene out of four, by which
 finds most likely. Shared by eval_hellaswag.py and the training loop.
 
     from gptkit.hellaswag import evaluate_hellaswag
-    results = evaluate_hellaswag(model, "", rt)   # "" downloads the official val file once
-    results["acc_norm"]                           # also acc, acc_per_token, count
+    model, tokenizer, meta = load_model("out/fineweb_124m", device=rt.device)   # gptkit/loading.py
+    results = evaluate_hellaswag(model, tokenizer, "", rt)   # "" downloads the official val file once
+    results["acc_norm"]                                      # also acc, acc_per_token, count
 
 Completion-style scoring, as lm-evaluation-harness and build-nanogpt do it: each ending is scored
 as the log-probability of its tokens (" " + ending) after the context. Every row starts with
@@ -25,10 +26,11 @@ import os
 import urllib.request
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from gptkit.configurator import UserError
-from gptkit.tokenizer import get_tokenizer
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ENDINGS = 4
@@ -111,11 +113,10 @@ def load_items(path, limit=0):
     return items
 
 
-def render_item(item, block_size, tokenizer=None):
-    """-> four (ids, n_scored): ids = <|endoftext|> + ctx + " " + ending, and the last n_scored
-    ids are the ending's tokens to score. Rows are at most block_size + 1 long (the model reads
-    ids[:-1] and predicts ids[1:]); a longer one loses tokens from the left of the context."""
-    tokenizer = tokenizer or get_tokenizer()
+def render_item(item, block_size, tokenizer):
+    """-> four (ids, n_scored): ids = <|endoftext|> + ctx + " " + ending in the model's tokenizer, and
+    the last n_scored ids are the ending's tokens to score. Rows are at most block_size + 1 long (the
+    model reads ids[:-1] and predicts ids[1:]); a longer one loses tokens from the left of the context."""
     context = [tokenizer.eot] + tokenizer.encode(item["ctx"])
     rows = []
     for ending in item["endings"]:
@@ -136,12 +137,13 @@ def pick_endings(sum_logprobs, num_tokens, num_chars):
 
 
 @torch.no_grad()
-def score_rows(model, rows, rt):
+def score_rows(model, rows, rt, pad_id):
     """rows: [(ids, n_scored)] -> (summed log-prob of each row's scored tokens, their count), (R,) each.
-    All rows go through one forward call, padded on the right: with causal attention the padding
-    never touches the positions that are scored."""
+    All rows go through one forward call, padded on the right with pad_id (an id of the model's
+    tokenizer, its <|endoftext|>): with causal attention the padding never touches the positions
+    that are scored."""
     max_len = max(len(ids) for ids, _ in rows)
-    idx = torch.full((len(rows), max_len - 1), get_tokenizer().eot, dtype=torch.long)
+    idx = torch.full((len(rows), max_len - 1), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), max_len - 1), -1, dtype=torch.long)
     for r, (ids, n_scored) in enumerate(rows):
         ids = torch.tensor(ids, dtype=torch.long)
@@ -165,19 +167,18 @@ def _block_size(model):
     return core.config.block_size
 
 
-def evaluate_hellaswag(model, data_path, rt, limit=0, batch_size=8, progress=False):
+def evaluate_hellaswag(model, tokenizer, data_path, rt, limit=0, batch_size=8, progress=False):
     """HellaSwag accuracy of model -> {"acc", "acc_norm", "acc_per_token", "count"}.
 
+    tokenizer: the model's (load_model returns it; the training loop's is the data's).
     data_path: a HellaSwag JSONL file; "" or None downloads the official val file once.
     limit: score only the first `limit` items (0: all). batch_size: items per forward call (x4 rows).
     Under DDP each rank scores items rank::world_size and the counts are summed over ranks, so
     every rank returns the totals. The model is put in eval mode and left as it was found."""
-    from tqdm import tqdm
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: give at least 1 item per forward call")
     path = data_path or download_val()
     items = load_items(path, limit)
-    tokenizer = get_tokenizer()
     block_size = _block_size(model)
     mine = items[rt.rank::rt.world_size]
     rendered = [(render_item(item, block_size, tokenizer), item) for item in mine]
@@ -192,7 +193,7 @@ def evaluate_hellaswag(model, data_path, rt, limit=0, batch_size=8, progress=Fal
         for start in range(0, len(rendered), batch_size):
             batch = rendered[start:start + batch_size]
             rows = [row for item_rows, _ in batch for row in item_rows]
-            sum_logprobs, num_tokens = score_rows(model, rows, rt)
+            sum_logprobs, num_tokens = score_rows(model, rows, rt, tokenizer.eot)
             num_chars = torch.tensor([[len(e) for e in item["endings"]] for _, item in batch], dtype=torch.float)
             picks = pick_endings(sum_logprobs.view(-1, NUM_ENDINGS).cpu(), num_tokens.view(-1, NUM_ENDINGS).cpu(),
                                  num_chars)
@@ -206,7 +207,6 @@ def evaluate_hellaswag(model, data_path, rt, limit=0, batch_size=8, progress=Fal
     totals = torch.tensor([correct["acc"], correct["acc_norm"], correct["acc_per_token"], len(rendered)],
                           dtype=torch.long, device=rt.device)
     if rt.world_size > 1:
-        import torch.distributed as dist
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     acc, acc_norm, acc_per_token, count = totals.tolist()
     return {"acc": acc / count, "acc_norm": acc_norm / count, "acc_per_token": acc_per_token / count,

@@ -2,7 +2,11 @@
 Hugging Face transformers <-> gptkit, both ways, for GPT-2-shaped models.
 
     model = load_hf_gpt2("path/to/gpt2-folder")    # a local GPT2LMHeadModel folder, or "gpt2" etc. when online
-    export_hf(model, "hf/dolly", chat=True)          # a folder transformers loads with no extra code
+    export_hf(model, "hf/dolly", tok, chat=True)     # a folder transformers loads with no extra code
+
+This module owns the weights (state dicts both ways, the config mapping, reading a folder, the hub
+download) and the export of a whole folder; the tokenizer files that go with it are
+gptkit/hf_tokenizer.py's. gptkit/loading.py calls load_hf_gpt2 for a Hugging Face --ckpt or init_from.
 
 Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three differences:
 - HF GPT-2 stores c_attn, c_proj and c_fc in its Conv1D layout, (in, out): the transpose of nn.Linear.
@@ -14,10 +18,10 @@ Our GPT uses GPT-2's parameter names, so the mapping is one-to-one, with three d
   back a bias=False model (when those biases are still all zero).
 
 Reading a folder needs only safetensors (or torch for pytorch_model.bin); transformers and
-huggingface_hub are needed only to download a hub name. The tokenizer files are generated from
-tiktoken's GPT-2 ranks, so exporting works offline. A model with a trained tokenizer exports that
-tokenizer.json instead (config.json's "gptkit_tokenizer" names its hash; no vocabulary padding to
-50304 then), and importing such a folder gives back the model with its tokenizer.
+huggingface_hub are needed only to download a hub name. An export carries the tokenizer it is
+given: GPT-2's files generated from tiktoken's ranks (so exporting works offline), or a trained
+tokenizer's tokenizer.json (config.json's "gptkit_tokenizer" names its hash; no vocabulary padding
+to 50304 then), and importing such a folder gives back the model with its tokenizer (hf_run_info).
 
 A caveat of the exported tokenizer: Hugging Face tokenizers turn the text "<|user|>" inside a
 message into the control token (they match added tokens in any text), where gptkit's own scripts
@@ -25,41 +29,22 @@ keep a person's text as ordinary text. Ids agree for every conversation that doe
 control token.
 """
 
-import functools
 import json
 import os
 
+import safetensors.torch
 import torch
 
 from model import GPT, GPTConfig
 from gptkit.configurator import UserError
+from gptkit.files import atomic_write_files
+from gptkit.hf_tokenizer import json_writer, tokenizer_files
 from gptkit.system import print0
-from gptkit.tokenizer import EOT, GPT2_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, byte_alphabet, pad_vocab
+from gptkit.tokenizer import GPT2_VOCAB, TOKENIZER_FILE, pad_vocab
 
 PADDED_VOCAB = pad_vocab(GPT2_VOCAB)  # ours: 50304, padded to a multiple of 64 (the chat tokens live in the padding)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BIASES = ("ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
-
-# Jinja for transformers' apply_chat_template: the same ids as Tokenizer.render_conversation (and,
-# with add_generation_prompt, render_prompt). One line, so no stray whitespace reaches the text.
-CHAT_TEMPLATE = (
-    "{{- '<|endoftext|>' -}}"
-    # DEFAULT_SYSTEM: the system prompt the model was finetuned with, for chats that bring none
-    "{%- if DEFAULT_SYSTEM and (messages | length == 0 or messages[0]['role'] != 'system') -%}"
-    "{{- '<|system|>' + DEFAULT_SYSTEM + '<|end|>' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('message role must be system, user or assistant, not ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'system' and not loop.first -%}"
-    "{{- raise_exception('a system message may only come first') -}}"
-    "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-)
-
 
 class HFError(UserError, ValueError):
     """A folder or model that cannot be converted; the message names it and says what to do."""
@@ -138,14 +123,13 @@ def _hf_config_to_ours(hf, where, **overrides):
 
 def _read_folder_weights(folder):
     """All tensors of an HF folder: model.safetensors (or its shards) or pytorch_model.bin."""
-    from safetensors.torch import load_file
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     binary = os.path.join(folder, "pytorch_model.bin")
 
     def read(path):
         try:
-            return load_file(path)
+            return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors' own error names neither the file nor the fix
             raise HFError(f"cannot read {path} ({type(e).__name__}: {e}): the file is truncated or corrupt; "
                           "download or export it again") from e
@@ -217,7 +201,7 @@ def from_hf_state_dict(hf_sd, ours, where="checkpoint"):
 
 def _download(name):
     """A hub name such as gpt2 or openai-community/gpt2-medium -> a local snapshot folder."""
-    try:
+    try:  # optional: only a hub download needs huggingface_hub
         from huggingface_hub import snapshot_download
     except ImportError:
         raise HFError(f"{name!r} is not a local folder; to download it from the Hugging Face hub, "
@@ -323,95 +307,6 @@ def load_hf_gpt2(name_or_path, verbose=True, **overrides):
     return model
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _split_by_merges(token, ranks, max_rank):
-    """Byte-pair-encode token using only merges of rank < max_rank: for a vocabulary token of
-    rank r this leaves exactly the two parts whose merge created it."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        best, best_rank = None, max_rank
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best, best_rank = i, rank
-        if best is None:
-            break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_vocab_and_merges():
-    """(vocab {token string: id}, merges ["a b", ...]) in the format of GPT-2's encoder.json and
-    vocab.bpe, rebuilt from tiktoken's ranks (a token's rank is its id; merge i makes id 256 + i)."""
-    from gptkit.tokenizer import _load_gpt2
-    ranks = _load_gpt2()._mergeable_ranks
-    alphabet = byte_alphabet()
-    as_text = lambda b: "".join(alphabet[x] for x in b)
-    vocab = {as_text(token): rank for token, rank in ranks.items()}
-    vocab["<|endoftext|>"] = EOT
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) < 2:
-            continue
-        parts = _split_by_merges(token, ranks, rank)
-        assert len(parts) == 2, f"token {token!r} (rank {rank}) is not the merge of two earlier tokens"
-        merges.append(f"{as_text(parts[0])} {as_text(parts[1])}")
-    return vocab, merges
-
-
-def _json_writer(obj, indent=2):
-    """write_fn for atomic_write_files: obj as UTF-8 JSON."""
-    return lambda f: f.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def tokenizer_files(tok, chat=False, model_max_length=1024, system=""):
-    """tok's tokenizer files for AutoTokenizer.from_pretrained(out_dir) -> {file name: write_fn}:
-    GPT-2's vocab.json and merges.txt plus our control tokens, or a trained tokenizer's own
-    tokenizer.json (the `tokenizers` library's format, which transformers reads as it is)."""
-    if tok.hash == "gpt2":
-        vocab, merges = gpt2_vocab_and_merges()
-        files = {"vocab.json": _json_writer(vocab, indent=None),
-                 "merges.txt": lambda f: f.write(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8")),
-                 "added_tokens.json": _json_writer(SPECIAL_TOKENS)}
-    else:
-        files = {TOKENIZER_FILE: lambda f: f.write(tok.to_string().encode("utf-8"))}
-    # Control tokens are matched whole, before BPE, and never stripped or normalised, so the text
-    # between two of them is encoded on its own, exactly as our renderer does.
-    added = tok.controls
-    added_tokens_decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                     "single_word": False, "special": True} for t, i in added.items()}
-    eos = "<|end|>" if chat else "<|endoftext|>"  # a chat model's turn ends with <|end|>
-    chat_tokens = list(added)[1:]
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer" if tok.hash == "gpt2" else "PreTrainedTokenizerFast",
-        "add_prefix_space": False,
-        "add_bos_token": False,
-        "bos_token": "<|endoftext|>",
-        "eos_token": eos,
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "errors": "replace",
-        "clean_up_tokenization_spaces": False,  # decode exactly what the ids spell, like tiktoken
-        "model_max_length": model_max_length,
-        "added_tokens_decoder": added_tokens_decoder,
-        "additional_special_tokens": chat_tokens,
-        "extra_special_tokens": chat_tokens,
-    }
-    if chat:
-        # a Jinja string literal: json.dumps escapes quotes, backslashes and newlines the way Jinja
-        # reads them, and ensure_ascii=False leaves other characters for Jinja to take as they are
-        default = "{%- set DEFAULT_SYSTEM = " + json.dumps(system, ensure_ascii=False) + " -%}"
-        tokenizer_config["chat_template"] = default + CHAT_TEMPLATE
-    files["tokenizer_config.json"] = _json_writer(tokenizer_config)
-    files["special_tokens_map.json"] = _json_writer({
-        "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "additional_special_tokens": chat_tokens})
-    return files
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -421,17 +316,13 @@ OWN_TOKENIZER_FILES = ["config.json", "generation_config.json", "model.safetenso
                        TOKENIZER_FILE, "tokenizer_config.json"]  # with a trained one
 
 
-def export_hf(model, out_dir, chat=False, system="", tok=None):
+def export_hf(model, out_dir, tok, chat=False, system=""):
     """Write out_dir for transformers: config.json, model.safetensors, generation_config.json and
-    the tokenizer files of tok (default: the process's; with the chat template when chat; system: the
+    the tokenizer files of tok, the model's tokenizer (with the chat template when chat; system: the
     system prompt the model was finetuned with, which the template puts first when a chat brings
     none). Returns the list of files written.
     An export over an earlier one replaces it as one set, config.json last: killed or out of disk
     mid-way, the folder holds the earlier export whole, or no config.json (refused), never a mix."""
-    import safetensors.torch
-    from gptkit.checkpoint import atomic_write_files
-    from gptkit.tokenizer import get_tokenizer
-    tok = tok or get_tokenizer()
     cfg = model.config
     if cfg.vocab_size < tok.n_vocab:
         raise HFError(f"the model has {cfg.vocab_size} token embeddings; its tokenizer {tok.name} needs "
@@ -464,11 +355,11 @@ def export_hf(model, out_dir, chat=False, system="", tok=None):
         "gptkit_tokenizer": tok.hash,  # not gpt2: the tokenizer.json here is the model's
     }
     files = {
-        "config.json": _json_writer(hf_config),
+        "config.json": json_writer(hf_config),
         # the weights as bytes (safetensors writes files only by name): one more copy in memory, briefly
         "model.safetensors": lambda f: f.write(safetensors.torch.save(to_hf_state_dict(model),
                                                                       metadata={"format": "pt"})),
-        "generation_config.json": _json_writer({
+        "generation_config.json": json_writer({
             "bos_token_id": tok.eot,
             "eos_token_id": [tok.end, tok.eot] if chat else tok.eot,  # a chat reply stops at <|end|>
             "pad_token_id": tok.eot,

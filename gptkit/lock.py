@@ -32,9 +32,9 @@ class FolderBusyError(UserError):
 def _try_lock(fd):
     """Take the OS lock on an open file without waiting -> True, or False when another process has it."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: the module does not exist on Windows
     except ImportError:  # Windows
-        import msvcrt
+        import msvcrt  # Windows only
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             return True

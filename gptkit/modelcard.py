@@ -1,7 +1,7 @@
 """
 A Hugging Face Hub model card for an export, filled from the run that made it, and the upload.
 
-    facts = run_facts(model, ckpt, run_dir)        # parameters, tokens, val loss, HellaSwag: from the run's log
+    facts = run_facts(model, tok, ckpt, run_dir)   # parameters, tokens, val loss, HellaSwag: from the run's log
     write_model_card(out_dir, facts, repo_id="me/tiny", license="mit", datasets=[], language=["en"])
     push_to_hub(out_dir, "me/tiny")                # HfApi.create_repo + upload_folder
 
@@ -12,11 +12,13 @@ pipeline_tag, tags, and the results as model-index), then the run's numbers, its
 
 import os
 
-from gptkit.checkpoint import atomic_write
+import huggingface_hub
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
+from gptkit.files import atomic_write
 from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, series
-from gptkit.tokenizer import checkpoint_tokenizer
 
 LOSS_PLOT = "loss.png"
 
@@ -30,8 +32,9 @@ def _last(records, key):
     return (steps[-1], values[-1]) if steps else (None, None)
 
 
-def run_facts(model, ckpt, run_dir):
-    """What the card reports, read from the checkpoint and <run_dir>/log.jsonl (absent: left out)."""
+def run_facts(model, tok, ckpt, run_dir):
+    """What the card reports, read from the checkpoint and <run_dir>/log.jsonl (absent: left out).
+    tok: the model's tokenizer (the one the export writes), whose ids the card states."""
     config = ckpt.get("config") or {}
     log_path = os.path.join(run_dir, "log.jsonl")
     records = read_log(log_path) if os.path.exists(log_path) else []
@@ -41,7 +44,6 @@ def run_facts(model, ckpt, run_dir):
     data_dir = config.get("data_dir")
     if data_dir and os.path.isdir(data_dir):
         source = ((read_prepare_state(data_dir) or {}).get("settings") or {}).get("source")
-    tok = checkpoint_tokenizer(ckpt)  # the model's own: GPT-2's, or one train_tokenizer.py made
     return {
         "kind": ckpt.get("kind", "base"),
         "preference_tuned": "beta" in config,  # dpo.py's run config: a chat model tuned on preference pairs
@@ -76,7 +78,6 @@ def hub_datasets(facts, datasets):
 
 def card_data(facts, repo_id, license, datasets, language):
     """The YAML metadata, as huggingface_hub's ModelCardData."""
-    from huggingface_hub import EvalResult, ModelCardData
     name = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(facts["run_dir"]))
     results = []
     if facts["hellaswag_acc_norm"] is not None:
@@ -177,8 +178,7 @@ def card_body(facts, repo_id):
 
 def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), language=("en",)):
     """README.md (and loss.png when the run logged a loss) in out_dir -> the file names written."""
-    import matplotlib.pyplot as plt
-    from huggingface_hub import ModelCard
+    import matplotlib.pyplot as plt  # here, not at the top: after draw_runs has chosen the Agg backend
     written, plot_path = [], os.path.join(out_dir, LOSS_PLOT)
     run = None
     if facts["has_loss_curve"]:
@@ -202,7 +202,6 @@ def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), lan
 def push_to_hub(folder, repo_id, private=False):
     """Upload folder to the Hub model repo repo_id (created if needed) -> its URL. No token, no network
     or a refusal: HubError, one line that says what to do; the folder is untouched either way."""
-    import huggingface_hub
     again = (f"the export in {folder} is complete; upload it later with: "
              f"hf upload {repo_id} {folder} .")
     if not huggingface_hub.get_token():

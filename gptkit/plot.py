@@ -102,10 +102,11 @@ def draw_runs(runs, smoothing=0.0):
     """Figure of the runs: loss (train line, val dots) over learning rate, and a HellaSwag panel
     when any run logged it; the x axis is tokens trained in every panel. One run's curves are
     labelled "train loss" / "val loss"; several runs' carry their names."""
+    # matplotlib is imported only when a figure is drawn: it takes seconds, and the card and tests read logs without it
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed (servers, ssh, tests)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import EngFormatter
+    import matplotlib.pyplot as plt  # after use("Agg"), so pyplot never looks for a display
+    from matplotlib.ticker import EngFormatter  # with the rest of matplotlib, when a figure is drawn
     hellaswag = any(token_series(run, HELLASWAG_KEY)[0] for run in runs)
     ratios = [3, 1] + ([1.5] if hellaswag else [])
     fig, axes = plt.subplots(len(ratios), 1, figsize=(9, 7 + 2 * hellaswag), sharex=True, height_ratios=ratios)
@@ -152,7 +153,7 @@ def draw_runs(runs, smoothing=0.0):
 
 def save_figure(fig, out, svg=False):
     """Write fig to out (no extension: .png) and, with svg, beside it as .svg -> the paths written."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # fig exists, so draw_runs has set the Agg backend
     if not os.path.splitext(out)[1].strip("."):
         out = out.rstrip(".") + ".png"  # what savefig writes anyway; said here, the path returned is the real one
     paths = [out] + ([os.path.splitext(out)[0] + ".svg"] if svg and not out.lower().endswith(".svg") else [])

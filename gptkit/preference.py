@@ -24,13 +24,18 @@ is never in memory while training, and each step runs the policy only (docs/benc
 """
 
 import os
+import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from gptkit.configurator import ConfigError
+from gptkit.data import check_loader_args
+from gptkit.files import atomic_write
 from gptkit.sft import SFTDataError, read_meta, read_sft_split
+from gptkit.system import print0
 
 REFERENCE_NAME = "reference_logps.npz"
 FIGURES = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -83,7 +88,6 @@ class PairLoader:
 
     def __init__(self, data_dir, split, batch_size, block_size, reference, rank=0, world_size=1, seed=1337,
                  mode="random", device="cpu"):
-        from gptkit.data import check_loader_args
         check_loader_args(mode, rank, world_size)
         self.ids, self.mask, self.offsets, self.n_pairs = read_pairs(data_dir, split)
         _check_fits(self.offsets, block_size, data_dir)
@@ -140,20 +144,6 @@ def val_pair_batches(data_dir, batch_size, eval_tokens, reference, rank=0, world
 
 # ----------------------------------------------------------------------------- log-probs and the reference
 
-def starting_kind(init_from):
-    """"chat" or "base": what the model dpo.py starts from was trained as (ckpt.json beside a gptkit
-    checkpoint; config.json of a Hugging Face folder); "base" when it cannot be told."""
-    import json
-    from gptkit.hf import hf_run_info, is_hf_folder
-    folder = os.path.dirname(init_from) if os.path.isfile(init_from) else init_from
-    try:
-        with open(os.path.join(folder, "ckpt.json"), encoding="utf-8") as f:
-            return json.load(f).get("kind", "base")
-    except (OSError, ValueError, AttributeError):
-        pass
-    return hf_run_info(folder)["kind"] if is_hf_folder(folder) else "base"
-
-
 def _sum_dtype(rt):
     return torch.float32 if rt.device_type == "mps" else torch.float64  # MPS has no float64
 
@@ -182,7 +172,6 @@ def reference_logps(model, data_dir, split, batch_size, rt):
             logps, _ = sequence_logps(model, x, y)
         out[pairs] = logps.to(out.dtype).view(2, -1).t()
     if rt.ddp:
-        import torch.distributed as dist
         dist.all_reduce(out)
     model.train(was_training)
     return out.float().cpu().numpy()
@@ -191,8 +180,6 @@ def reference_logps(model, data_dir, split, batch_size, rt):
 def load_or_compute_reference(model, cfg, rt, resuming):
     """{split: (n_pairs, 2)}: read from <out_dir>/reference_logps.npz on a resume, else computed now
     from the starting model and saved there (rank 0, atomically) before training changes it."""
-    from gptkit.checkpoint import atomic_write
-    from gptkit.system import print0
     path = os.path.join(cfg.out_dir, REFERENCE_NAME)
     counts = {split: read_pairs(cfg.data_dir, split)[3] for split in ("train", "val")}
     if resuming:
@@ -206,7 +193,6 @@ def load_or_compute_reference(model, cfg, rt, resuming):
                 raise ConfigError(f"{path} holds reference log-probs for {len(reference[split])} {split} pairs but "
                                   f"{cfg.data_dir} has {n}: the data changed; start a new run (new out_dir)")
         return reference
-    import time
     start = time.time()
     reference = {split: reference_logps(model, cfg.data_dir, split, cfg.micro_batch_size, rt) for split in counts}
     print0(f"reference log-probs of {counts['train']:,} train and {counts['val']:,} val pairs in "
@@ -220,8 +206,8 @@ def load_or_compute_reference(model, cfg, rt, resuming):
 # ----------------------------------------------------------------------------- the loss
 
 class DPOLoss:
-    """The loss dpo.py hands the training loop (the interface of trainer.LanguageModelLoss). A step
-    averages over pairs; extra figures are logged under trl's names."""
+    """The loss dpo.py hands the training loop (the interface of gptkit/losses.py's LanguageModelLoss).
+    A step averages over pairs; extra figures are logged under trl's names."""
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0):
         self.beta, self.loss_type = beta, loss_type
@@ -284,7 +270,6 @@ class DPOLoss:
             values = [loss_sum.float(), *(figures[f] for f in FIGURES), self.count(batch).float()]
             totals += torch.stack(values).to(totals.dtype)
         if rt.ddp:
-            import torch.distributed as dist
             dist.all_reduce(totals)
         model.train(was_training)
         return {name: (value / totals[-1].clamp(min=1)).item() for name, value in zip(names, totals[:-1])}

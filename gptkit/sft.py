@@ -1,6 +1,6 @@
 """
 SFT data: rendered chat conversations with loss masks, as written by prepare_instruct.py and read
-by finetune.py.
+by finetune.py (and, as preference pairs, by dpo.py).
 
 On disk, per split (train, val) in <data_dir>:
     {split}_ids.bin       uint16 token ids of all conversations, one after another
@@ -21,6 +21,15 @@ x = row[:-1], y = row[1:], with y = -1 where the target is not an assistant toke
     loader = SFTLoader("data/dolly", "train", batch_size=16, block_size=1024, rank=0, world_size=1, seed=1337)
     x, y = loader.next_batch()                  # (B, T) int64 each
     val_batches = sft_val_batches("data/dolly", batch_size=16, block_size=1024, eval_tokens=1_000_000)
+
+finetune.py and dpo.py show the change training makes on held-out questions:
+
+    questions = val_questions("data/dolly", n=4, block_size=1024)   # [(prompt ids, reference ids)]
+    print_answers(model, tokenizer, rt, questions, max_new_tokens=64, title="answers before finetuning")
+
+A data folder holds the ids of one tokenizer, so the functions that read one folder take their
+control tokens (the <|endoftext|> padding, the <|end|> closing an answer) from data_tokenizer(data_dir):
+the tokenizer that made those ids, never a tokenizer the caller might mix up with it.
 """
 
 import json
@@ -29,10 +38,12 @@ import os
 import numpy as np
 import torch
 
-from gptkit.checkpoint import atomic_write_files
 from gptkit.configurator import UserError
 from gptkit.data import check_loader_args
-from gptkit.tokenizer import TOKENIZER_FILE, data_tokenizer, get_tokenizer
+from gptkit.files import atomic_write_files
+from gptkit.generate import generate
+from gptkit.system import print0
+from gptkit.tokenizer import TOKENIZER_FILE, data_tokenizer
 
 FORMAT_VERSION = 1
 TOKENIZER_NAME = "gpt2+chat"  # GPT-2 BPE plus <|system|> <|user|> <|assistant|> <|end|> at 50257..50260
@@ -64,12 +75,11 @@ def _split_files(split, conversations):
     return files, len(conversations), n_tokens
 
 
-def write_sft(data_dir, splits, meta, tok=None):
+def write_sft(data_dir, splits, meta, tok):
     """splits: {split: list of (ids, mask)} -> every split's files and meta.json, replacing a folder
     prepared before as one set: killed at any moment, the folder holds the old data whole, or no
     meta.json (refused: prepare again), never files of two runs. tok: the tokenizer that made the ids
-    (default: the process's). Returns {split: {conversations, tokens}}."""
-    tok = tok or get_tokenizer()
+    (a trained one is copied into the folder, so readers use the same). Returns {split: {conversations, tokens}}."""
     files, counts = {}, {}
     if tok.hash != "gpt2":
         files[TOKENIZER_FILE] = lambda f: f.write(tok.to_string().encode("utf-8"))
@@ -162,10 +172,10 @@ def pack_rows(lengths, order, row_len):
     return rows
 
 
-def make_row(ids, mask, offsets, conversations, block_size):
+def make_row(ids, mask, offsets, conversations, block_size, pad_id):
     """Concatenate conversations into one row -> (x, y) int64 numpy arrays of length block_size.
-    Padding is <|endoftext|> with no loss; a target gets -1 unless its mask is 1."""
-    row_ids = np.full(block_size + 1, get_tokenizer().eot, dtype=np.int64)
+    Padding is pad_id (the data's <|endoftext|>) with no loss; a target gets -1 unless its mask is 1."""
+    row_ids = np.full(block_size + 1, pad_id, dtype=np.int64)
     row_mask = np.zeros(block_size + 1, dtype=bool)
     pos = 0
     for c in conversations:
@@ -203,6 +213,7 @@ class SFTLoader:
                  mode="random", device="cpu"):
         check_loader_args(mode, rank, world_size)
         self.ids, self.mask, self.offsets = read_sft_split(data_dir, split)
+        self.pad_id = data_tokenizer(data_dir).eot  # the data's own: a row is padded in its tokenizer's ids
         self.lengths = np.diff(self.offsets)
         if len(self.lengths) == 0:
             raise SFTDataError(f"the {split} split of {data_dir} holds no conversations: add data or "
@@ -238,7 +249,8 @@ class SFTLoader:
         for g in range(self.batch_size * self.world_size):
             epoch_rows = self._epoch_rows(self.epoch)
             if g % self.world_size == self.rank:
-                rows.append(make_row(self.ids, self.mask, self.offsets, epoch_rows[self.row], self.block_size))
+                rows.append(make_row(self.ids, self.mask, self.offsets, epoch_rows[self.row], self.block_size,
+                                     self.pad_id))
             self.row += 1
             if self.row == len(epoch_rows):
                 self.epoch, self.row = self.epoch + 1, 0
@@ -267,6 +279,7 @@ def val_questions(data_dir, n, block_size):
     these before and after training, questions the model never trains on, in the format it trains on.
     Prompts that leave no room for an answer in block_size are passed over."""
     ids, mask, offsets = read_sft_split(data_dir, "val")
+    end = data_tokenizer(data_dir).end  # the <|end|> of the tokenizer that made these ids
     questions = []
     for a, b in zip(offsets[:-1], offsets[1:]):
         if len(questions) == n:
@@ -275,11 +288,33 @@ def val_questions(data_dir, n, block_size):
         start = int(np.argmax(learned))  # the first answer token (prepare keeps only conversations with one)
         stop = start + int(np.argmin(learned[start:])) if not learned[start:].all() else len(conv_ids)
         answer = conv_ids[start:stop]
-        if answer and answer[-1] == get_tokenizer().end:
+        if answer and answer[-1] == end:
             answer = answer[:-1]
         if start < block_size:
             questions.append((conv_ids[:start], answer))
     return questions
+
+
+def print_answers(model, tokenizer, rt, questions, max_new_tokens, title):
+    """Greedy answers (deterministic, so before and after compare) to val_questions' held-out
+    questions, each with the answer its data gives: a question the model trained on would show what
+    it memorised. tokenizer: the model's (init_model's), which made the questions' ids. Rank 0 only."""
+    if not rt.master or max_new_tokens == 0 or not questions:
+        return
+    was_training = model.training
+    model.eval()
+    print0(f"--- {title}")
+    for ids, reference in questions:
+        # the text of the last user turn (the prompt ends in its <|end|> and <|assistant|>)
+        user = tokenizer.user
+        last_user = len(ids) - 1 - ids[::-1].index(user) if user in ids else len(ids) - 2
+        question = tokenizer.decode(ids[last_user + 1:-2])
+        answer = generate(model, ids, max_new_tokens, temperature=0.0, stop_tokens=(tokenizer.end, tokenizer.eot),
+                          autocast=rt.autocast, n_vocab=tokenizer.n_vocab)
+        cut = "..." if len(reference) > max_new_tokens else ""
+        print0(f"Q: {question}\nA: {tokenizer.decode(list(answer)).strip()}\n"
+               f"(data: {tokenizer.decode(reference[:max_new_tokens]).strip()}{cut})")
+    model.train(was_training)
 
 
 def sft_val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world_size=1, device="cpu"):
@@ -299,5 +334,6 @@ def sft_val_batches(data_dir, batch_size, block_size, eval_tokens, rank=0, world
     rows_per_step = batch_size * world_size
     n_rows = -(-len(rows) // rows_per_step) * rows_per_step
     rows += [[]] * (n_rows - len(rows))  # an empty row: <|endoftext|> padding, every target -1
-    mine = [make_row(ids, mask, offsets, r, block_size) for r in rows[rank::world_size]]
+    pad_id = data_tokenizer(data_dir).eot  # the data's own, as in SFTLoader
+    mine = [make_row(ids, mask, offsets, r, block_size, pad_id) for r in rows[rank::world_size]]
     return [_to_device(mine[i:i + batch_size], device) for i in range(0, len(mine), batch_size)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from gptkit.configurator import ConfigError, UserError
 
@@ -137,7 +138,6 @@ def init_distributed(device_type_hint="auto"):
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set) -> (rank, local_rank, world_size)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return 0, 0, 1
-    import torch.distributed as dist
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     use_nccl = torch.cuda.is_available() and device_type_hint in ("auto", "cuda") or device_type_hint.startswith("cuda:")
     if use_nccl:
@@ -225,7 +225,6 @@ def cleanup_distributed(finished=True):
     """Leave the process group. finished: every rank got here normally, so wait for all of them first;
     a rank that tears down while another still talks to it (rank 0 writing the last checkpoint)
     can abort in gloo's C++ threads. After an error no barrier: a rank that did not fail would hang."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         if finished:
             dist.barrier()
@@ -247,7 +246,7 @@ class MetricsLogger:
         self.file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w", encoding="utf-8")
         if wandb_log:
             try:
-                import wandb
+                import wandb  # optional: only runs that log to wandb need it
             except ImportError:
                 raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb")
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,

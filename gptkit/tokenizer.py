@@ -9,7 +9,10 @@ one interface, with the chat control tokens.
     tok.vocab_size   # the model's embedding rows: n_vocab padded to a multiple of 64 (faster matmuls)
     tok.hash         # "gpt2", or "bpe-" + sha256 of the tokenizer file: what data folders record
     tok.to_string()  # what a checkpoint carries: "gpt2" or the whole tokenizer.json text
-    use_tokenizer(tok); get_tokenizer()               # the process's tokenizer (scripts set it once)
+
+There is no process-wide tokenizer: it travels with what it belongs to. A data folder records the
+one that made it (data_tokenizer), a checkpoint carries its model's (checkpoint_tokenizer), and
+gptkit/loading.py hands it out beside the model; code that needs ids is given a Tokenizer.
 
 Id layout. GPT-2: ids 0..50255 text, <|endoftext|> 50256, <|system|> 50257, <|user|> 50258,
 <|assistant|> 50259, <|end|> 50260 (in GPT-2's padding slots, so GPT-2 ids are unchanged).
@@ -36,7 +39,12 @@ import json
 import os
 import sys
 
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+
 from gptkit.configurator import UserError
+from gptkit.files import atomic_write
 
 CONTROL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # GPT-2's ids, kept for GPT-2-only code and tests; everything else reads the tokenizer's attributes
@@ -76,8 +84,8 @@ def byte_alphabet():
 SHIPPED_GPT2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "gpt2")
 
 
-def _load_gpt2():
-    import tiktoken
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE (downloaded once), or gptkit's shipped copy of its files when offline."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
@@ -88,10 +96,7 @@ def _shipped_gpt2(error):
     """GPT-2's BPE from the copies of its two files shipped in samples/gpt2, for a machine that cannot
     reach tiktoken's download site: the same files, checked against the same hashes, give the same ids.
     Says so once (GPTKIT_GPT2_NOTED keeps the scripts quickstart.py runs from saying it again)."""
-    import tiktoken
     try:
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
         ranks = data_gym_to_mergeable_bpe_ranks(
             os.path.join(SHIPPED_GPT2, "vocab.bpe"), os.path.join(SHIPPED_GPT2, "encoder.json"),
             vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -115,7 +120,6 @@ def _shipped_gpt2(error):
 def _bpe_encoding(text, where):
     """A trained tokenizer.json's text -> (tiktoken Encoding, its control-token ids); checks the
     layout train_tokenizer.py writes and names the file when it is not that."""
-    import tiktoken
     try:
         spec = json.loads(text)
         model, pre = spec["model"], spec["pre_tokenizer"]
@@ -148,10 +152,9 @@ class Tokenizer:
     """Use load_tokenizer() / tokenizer_from_string() rather than this constructor."""
 
     def __init__(self, text="gpt2", where="gpt2"):
-        import tiktoken
         self.source = text  # "gpt2" or a tokenizer.json's text: what checkpoints carry
         if text == "gpt2":
-            base = _load_gpt2()
+            base = gpt2_encoding()
             ids = {"<|endoftext|>": EOT, **SPECIAL_TOKENS}
             # a copy of gpt2 that also knows our control tokens, so decode() can show them
             self.enc = tiktoken.Encoding(name="gpt2_chat", pat_str=base._pat_str,
@@ -249,22 +252,6 @@ def load_tokenizer(spec="gpt2", key="tokenizer"):
     return tokenizer_from_string(text, path)
 
 
-_active = None
-
-
-def use_tokenizer(tok):
-    """Make tok the process's tokenizer (the one get_tokenizer() returns) -> tok. Scripts call it
-    once, with the tokenizer of their data folder or checkpoint; forked workers inherit it."""
-    global _active
-    _active = tok
-    return tok
-
-
-def get_tokenizer():
-    """The process's tokenizer: GPT-2 unless a script chose another with use_tokenizer()."""
-    return _active if _active is not None else use_tokenizer(load_tokenizer("gpt2"))
-
-
 def checkpoint_tokenizer(ckpt):
     """The tokenizer a checkpoint carries; checkpoints older than this record use GPT-2."""
     return tokenizer_from_string(ckpt.get("tokenizer") or "gpt2")
@@ -285,7 +272,6 @@ def record_tokenizer(data_dir, tok):
         raise TokenizerError(f"{data_dir} holds data made with tokenizer {made.name}, not {tok.name}: use another "
                              f"data_dir, or delete {data_dir} to start over")
     if tok.hash != "gpt2" and made.hash != tok.hash:
-        from gptkit.checkpoint import atomic_write
         atomic_write(os.path.join(data_dir, TOKENIZER_FILE), lambda f: f.write(tok.to_string().encode("utf-8")))
 
 

@@ -23,6 +23,19 @@ def shared_data(*parts):
     return path
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(folder, Tokenizer) of a byte-level BPE of 512 ids that train_tokenizer.py trained on a book."""
+    import train_tokenizer
+    from gptkit.configurator import load_config
+    from gptkit.tokenizer import load_tokenizer
+    out = tmp_path_factory.mktemp("tok512")
+    train_tokenizer.main(load_config(train_tokenizer.TokenizerConfig, [
+        f"--source={shared_data('pretrain', 'gutenberg', 'clocasto-HaikuGenerator', 'pg11.txt')}",
+        "--vocab_size=512", f"--out={out}"]))
+    return str(out), load_tokenizer(str(out))
+
+
 @pytest.fixture
 def tiny_config():
     from model import GPTConfig

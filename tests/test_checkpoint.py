@@ -6,7 +6,9 @@ import time
 import pytest
 import torch
 
-from gptkit.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state
+from gptkit.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gptkit.loading import load_model
+from gptkit.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +23,8 @@ def test_save_load_roundtrip(tmp_path, tiny_config):
     model = GPT(tiny_config)
     save_checkpoint(str(tmp_path), _state(model, step=7))
     assert (tmp_path / "ckpt.json").exists()
-    loaded, ckpt = load_model(str(tmp_path))
+    loaded, tok, ckpt = load_model(str(tmp_path))
+    assert tok.hash == "gpt2"  # a checkpoint without a tokenizer record is GPT-2's
     assert ckpt["step"] == 7
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
@@ -59,7 +62,7 @@ def test_vocab_mismatch_is_refused(tmp_path):
 
 
 def test_folder_without_checkpoint_and_unknown_model_fields(tmp_path, tiny_config):
-    from gptkit.checkpoint import ckpt_arg_problems
+    from gptkit.loading import ckpt_arg_problems
     (tmp_path / "run").mkdir()
     assert "is a folder without ckpt.pt" in ckpt_arg_problems(str(tmp_path / "run"))[0]
     empty = ckpt_arg_problems("", example="out/dolly")[0]
@@ -130,7 +133,7 @@ while True:
         time.sleep(fraction * save_seconds)  # part way through the next save
         proc.kill()
         proc.wait()
-        model, ckpt = load_model(str(out))
+        model, _, ckpt = load_model(str(out))
         assert ckpt["step"] >= done[-1][0]
 
 
@@ -182,7 +185,7 @@ def test_tied_embeddings_stay_one_tensor_through_save_resume_and_export(tmp_path
     stored = load_checkpoint(str(tmp_path / "run"))["model"]
     # one copy on disk: both names point at the same storage
     assert stored["lm_head.weight"].data_ptr() == stored["transformer.wte.weight"].data_ptr()
-    export_hf(model, str(tmp_path / "hf"))
+    export_hf(model, str(tmp_path / "hf"), load_tokenizer("gpt2"))
     loaded = [load_model(str(tmp_path / "run"), verbose=False)[0],  # sample, eval, export, and resume's build_model
               load_hf_gpt2(str(tmp_path / "hf"), verbose=False)]
     for other in loaded:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from gptkit.configurator import BaseConfig, ConfigError, load_config
-from gptkit.trainer import TrainConfig
+from gptkit.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,7 +108,7 @@ def test_every_config_file_loads(path):
     import importlib
     from gptkit.configurator import SCRIPT_CONFIGS, _read_config_file
     keys = set(_read_config_file(path))
-    classes = [getattr(importlib.import_module(module), name) for module, name in SCRIPT_CONFIGS]
+    classes = [getattr(importlib.import_module(source[:-3].replace("/", ".")), name) for source, name in SCRIPT_CONFIGS]
     known = set()
     for cls in classes:
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -118,7 +118,7 @@ def test_every_config_file_loads(path):
             load_config(unchecked, [path])
     assert keys <= known, keys - known
     # and the scripts a recipe is for accept it whole, cross-field checks included
-    from finetune import FinetuneConfig
+    from gptkit.train_config import FinetuneConfig
     from prepare_fineweb import PrepareConfig
     from prepare_instruct import InstructConfig
     for cls in (FinetuneConfig, InstructConfig) if "sources" in keys else (TrainConfig, PrepareConfig):
@@ -208,3 +208,15 @@ def test_flag_and_value_as_two_arguments_says_how_to_write_it():
     # a bool flag alone means True, so the value that follows it was taken for a stray argument
     with pytest.raises(ConfigError, match=r"'False' after --compile: write --compile=False"):
         load_config(TrainConfig, ["--compile", "False"])
+
+
+def test_other_scripts_keys_read_from_source_equal_their_dataclasses():
+    """The configurator reads the recipe scripts' keys from their source (it never imports a script):
+    what it reads is exactly the fields of their dataclasses, inherited ones included."""
+    import importlib
+    from gptkit.configurator import SCRIPT_CONFIGS, BaseConfig, _other_scripts_keys
+    classes = [getattr(importlib.import_module(source[:-3].replace("/", ".")), name) for source, name in SCRIPT_CONFIGS]
+    stranger = type("StrangerConfig", (BaseConfig,), {})  # a class of none of the scripts: it sees them all
+    assert _other_scripts_keys(stranger) == {f.name for cls in classes for f in dataclasses.fields(cls)}
+    from gptkit.train_config import DPOConfig  # inherited: total_batch_tokens comes from TrainConfig
+    assert "total_batch_tokens" in _other_scripts_keys(stranger) and "beta" not in _other_scripts_keys(DPOConfig)

@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+import dpo
 from conftest import ROOT
-from gptkit.configurator import load_config
+from gptkit.checkpoint import save_checkpoint
+from gptkit.configurator import ConfigError, load_config
+from gptkit.generate import generate
+from gptkit.hf import export_hf
+from gptkit.loading import load_model
+from gptkit.preference import DPOLoss, pair_rows, read_pairs, sequence_logps
+from gptkit.sft import SFTDataError, read_meta, read_sft_split, val_questions
+from gptkit.tokenizer import EOT, load_tokenizer
 from model import GPT, GPTConfig
+from prepare_instruct import InstructConfig, InstructDataError, prepare
 from test_train import losses, read_log
 
 WORDS = "red blue green apple river stone cloud light music table window garden paper silver".split()
@@ -37,14 +46,12 @@ def rule_pairs(n, seed=0):
 
 
 def prepare_pairs(sources, data_dir, *flags):
-    from prepare_instruct import InstructConfig, prepare
     return prepare(load_config(InstructConfig, [f"--sources={json.dumps(sources)}", f"--data_dir={data_dir}",
                                                 "--block_size=64", *flags]))
 
 
 def save_start(folder, kind="chat", seed=0):
     """A tiny random model saved as a gptkit checkpoint of the given kind: the policy's start and the reference."""
-    from gptkit.checkpoint import save_checkpoint
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64), verbose=False)
     os.makedirs(folder, exist_ok=True)
@@ -87,9 +94,7 @@ def full_run(rule_data):
 # Data: the schemas, the mask, identical pairs, truncation
 
 def test_pair_schemas_render_prompt_and_answers_with_the_mask_on_the_answer(tmp_path):
-    from gptkit.sft import read_meta, read_sft_split
-    from gptkit.tokenizer import get_tokenizer
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     q, good, bad = "What is 2+2?", "It is 4.", "It is 5."
     user = {"role": "user", "content": q}
     records = {
@@ -118,7 +123,7 @@ def test_pair_schemas_render_prompt_and_answers_with_the_mask_on_the_answer(tmp_
 
 
 def test_hub_source_reads_ultrafeedbacks_train_prefs_split(monkeypatch, tmp_path):
-    import datasets
+    import datasets  # heavy (seconds to import): only this test needs it, as only a hub source does
     asked = {}
 
     def load_dataset(name, split):
@@ -133,9 +138,7 @@ def test_hub_source_reads_ultrafeedbacks_train_prefs_split(monkeypatch, tmp_path
 
 
 def test_identical_pairs_are_dropped_and_counted_and_overlong_pairs_truncated_by_the_rule(tmp_path):
-    from gptkit.sft import read_sft_split
-    from gptkit.tokenizer import get_tokenizer
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     long_prompt = " ".join(WORDS * 4)  # ~56 tokens: with an answer, more than block_size + 1 = 65
     records = [{"prompt": "Same?", "chosen": "yes", "rejected": "yes"},
                {"prompt": long_prompt, "chosen": "a b c d e f g h i j k l", "rejected": "no"},
@@ -161,25 +164,23 @@ def test_identical_pairs_are_dropped_and_counted_and_overlong_pairs_truncated_by
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A policy and a (different) reference, each as a gptkit model and its Hugging Face export."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-    from gptkit.hf import export_hf
+    from transformers import AutoTokenizer, GPT2LMHeadModel  # a test-only dependency: the trl comparison's
     folder = tmp_path_factory.mktemp("hf")
     models = {}
     for name, seed in (("policy", 1), ("reference", 2)):
         torch.manual_seed(seed)
         ours = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=True), verbose=False).eval()
-        export_hf(ours, str(folder / name), chat=True)
+        export_hf(ours, str(folder / name), load_tokenizer("gpt2"), chat=True)
         models[name] = (ours, GPT2LMHeadModel.from_pretrained(str(folder / name)).eval())
     return models, AutoTokenizer.from_pretrained(str(folder / "policy")), folder
 
 
 @pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
 def test_loss_rewards_and_logps_equal_trls(exported, rule_data, loss_type, rpo_alpha):
+    # test-only dependencies, heavy to import: only the comparison with trl needs them
     from datasets import Dataset
     from trl import DPOConfig as TrlConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
-    from gptkit.preference import DPOLoss, pair_rows, read_pairs, sequence_logps
-    from gptkit.tokenizer import EOT
     (policy, hf_policy), (reference, hf_reference) = exported[0]["policy"], exported[0]["reference"]
     beta, pairs = 0.3, [0, 1, 2, 3, 4]
     ids, mask, offsets, _ = read_pairs(str(rule_data / "data"), "train")
@@ -210,7 +211,6 @@ def test_loss_rewards_and_logps_equal_trls(exported, rule_data, loss_type, rpo_a
 
 
 def test_label_smoothing_is_conservative_dpo():
-    from gptkit.preference import DPOLoss
     logps, ref, n = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([3, 4])
     z = 0.1 * ((-3.0 + 4.0) - (-5.0 + 4.0))
     plain, _ = DPOLoss(0.1).pair_losses(logps, n, ref)
@@ -223,26 +223,23 @@ def test_label_smoothing_is_conservative_dpo():
 # ------------------------------------------------------------------------------------------------
 # End to end: a rule learned, exact resume, torchrun
 
-def rule_following(model, prompts):
+def rule_following(model, tok, prompts):
     """-> (share of greedy answers that start with RULE, mean probability of RULE's first token as the
     answer's first). A tiny random model's next-token distribution is nearly flat over 50k tokens, so
-    temperature-1 samples would need far more steps to show the rule; greedy answers show it in 8."""
-    from gptkit.generate import generate
-    from gptkit.tokenizer import END, EOT, get_tokenizer
-    tok = get_tokenizer()
+    temperature-1 samples would need far more steps to show the rule; greedy answers show it in 8.
+    tok: the model's tokenizer (load_model's)."""
     first = tok.encode(RULE)[0]
     hits, probability = 0, 0.0
     with torch.no_grad():
         for ids in prompts:
-            text = tok.decode(list(generate(model, ids, 4, temperature=0.0, stop_tokens=(END, EOT))))
+            text = tok.decode(list(generate(model, ids, 4, temperature=0.0, stop_tokens=(tok.end, tok.eot),
+                                          n_vocab=tok.n_vocab)))
             hits += text.strip().startswith(RULE)
             probability += model(torch.tensor([ids]))[0][0, -1].softmax(-1)[first].item()
     return hits / len(prompts), probability / len(prompts)
 
 
 def test_reward_accuracy_rises_and_sampled_answers_follow_the_rule(rule_data, full_run):
-    from gptkit.checkpoint import load_model
-    from gptkit.sft import val_questions
     log = read_log(full_run)
     accuracy = losses(log, "val_rewards/accuracies")
     assert accuracy[0] <= 0.5 and accuracy[8] >= 0.9, accuracy  # held-out pairs: 0 at the start (all ties)
@@ -250,11 +247,11 @@ def test_reward_accuracy_rises_and_sampled_answers_follow_the_rule(rule_data, fu
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert name in log[-2] or name in log[-1]
     prompts = [ids for ids, _ in val_questions(str(rule_data / "data"), 8, 64)[::2]]
-    before = rule_following(load_model(str(rule_data / "start"), verbose=False)[0], prompts)
-    after = rule_following(load_model(full_run, verbose=False)[0], prompts)
+    before = rule_following(*load_model(str(rule_data / "start"), verbose=False)[:2], prompts)
+    after = rule_following(*load_model(full_run, verbose=False)[:2], prompts)
     assert before[0] == 0 and after[0] == 1, (before, after)  # held-out prompts: every greedy answer follows it
     assert after[1] > 5 * before[1], (before, after)
-    assert load_model(full_run, verbose=False)[1]["kind"] == "chat"
+    assert load_model(full_run, verbose=False)[2]["kind"] == "chat"
 
 
 def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run(rule_data, full_run):
@@ -291,7 +288,6 @@ def test_torchrun_two_processes_match_one(rule_data, full_run):
 # Bad input
 
 def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path, monkeypatch, capsys):
-    from prepare_instruct import InstructDataError
     source = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                       {"prompt": "a", "chosen": "b"}])
     with pytest.raises(InstructDataError, match=r"broken\.jsonl, record 1: missing field 'rejected' \(line 2;"):
@@ -299,10 +295,6 @@ def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path, monkeypat
     # in-process (dpo.main raises what run_main prints as one `error:` line): no val pairs and SFT data are
     # refused before the model loads; a base model to start from gets a warning (then the run is refused
     # here, as its out_dir holds a run, so no training is needed)
-    import dpo
-    from gptkit.configurator import ConfigError
-    from gptkit.sft import SFTDataError
-
     def main(*args):
         monkeypatch.setattr(sys, "argv", ["dpo.py", *TINY, *args])
         dpo.main()
@@ -319,7 +311,6 @@ def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path, monkeypat
     with pytest.raises(ConfigError, match="already holds a run"):
         main(f"--data_dir={rule_data / 'data'}", f"--init_from={rule_data / 'start'}", f"--out_dir={full_run}")
     assert "warning" not in capsys.readouterr().out  # a chat model: no warning
-    from prepare_instruct import InstructConfig, prepare
     sft = tmp_path / "sft"
     chats = write_jsonl(tmp_path / "c.jsonl", [{"instruction": "a", "output": "b"}])
     prepare(load_config(InstructConfig, [f"--sources={chats}", f"--data_dir={sft}", "--val_fraction=0"]))

@@ -10,8 +10,10 @@ import torch
 
 from conftest import ROOT, Killed, kill_before_each_rename, shared_data
 from gptkit.checkpoint import save_checkpoint
-from gptkit.hf import HFError, export_hf, gpt2_vocab_and_merges, is_hf_folder, load_hf_gpt2
-from gptkit.tokenizer import END, EOT, SPECIAL_TOKENS, get_tokenizer
+from gptkit.hf import EXPORT_FILES, OWN_TOKENIZER_FILES, HFError, export_hf, is_hf_folder, load_hf_gpt2
+from gptkit.hf_tokenizer import gpt2_vocab_and_merges
+from gptkit.loading import init_model, load_model
+from gptkit.tokenizer import END, EOT, SPECIAL_TOKENS, load_tokenizer
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +58,7 @@ def tiny_export(tmp_path_factory):
             p.add_(0.05 * torch.randn_like(p))  # LayerNorm weights away from 1, so a transpose slip shows
     model.eval()
     out = str(tmp_path_factory.mktemp("hf_tiny"))
-    export_hf(model, out, chat=True)
+    export_hf(model, out, load_tokenizer("gpt2"), chat=True)
     return model, out
 
 
@@ -90,7 +92,7 @@ def test_roundtrip_is_bitwise(tiny_export, tmp_path):
     with torch.no_grad():
         for p in biased.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    export_hf(biased, str(tmp_path))
+    export_hf(biased, str(tmp_path), load_tokenizer("gpt2"))
     back = load_hf_gpt2(str(tmp_path), verbose=False)
     assert back.config == biased.config and _same_weights(biased, back)
 
@@ -99,10 +101,11 @@ def test_a_run_starts_from_an_exported_folder(tiny_export, tmp_path):
     """train.py / finetune.py --init_from=<a Hugging Face GPT-2 folder>: its weights, this run's dropout."""
     from gptkit.configurator import load_config
     from gptkit.system import Runtime
-    from gptkit.trainer import TrainConfig, init_model
+    from gptkit.train_config import TrainConfig
     model, out = tiny_export
-    cfg = load_config(TrainConfig, [f"--init_from={out}", "--dropout=0.1", "--device=cpu", f"--out_dir={tmp_path / 'run'}"])
-    started, ckpt = init_model(cfg, Runtime(device="cpu", device_type="cpu", dtype="float32"))
+    cfg = load_config(TrainConfig, [f"--init_from={out}", "--dropout=0.1", "--block_size=64", "--device=cpu",
+                                    f"--out_dir={tmp_path / 'run'}"])  # block_size: at most the export's context
+    started, _, ckpt = init_model(cfg, Runtime(device="cpu", device_type="cpu", dtype="float32"))
     assert ckpt is None  # fresh training from these weights
     assert started.config == GPTConfig(**{**model.config.to_dict(), "dropout": 0.1})
     assert started.transformer.h[0].mlp.dropout.p == 0.1 and _same_weights(model, started)
@@ -122,7 +125,7 @@ def test_transformers_logits_equal_ours_tiny(tiny_export):
 def test_transformers_logits_equal_ours_124m_shape(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False), verbose=False).eval()
-    export_hf(model, str(tmp_path))
+    export_hf(model, str(tmp_path), load_tokenizer("gpt2"))
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert hf_model.config.n_positions == 1024
     idx = torch.randint(0, 50257, (1, 24))
@@ -136,7 +139,7 @@ def test_transformers_generate_stops_where_gptkit_does(tiny_export, tmp_path):
     """generation_config.json: in transformers' generate an exported chat model's reply ends at
     <|end|>, as in sample.py; a base model writes <|end|> on and ends at <|endoftext|>."""
     model, chat_dir = tiny_export
-    export_hf(model, str(tmp_path / "base"))
+    export_hf(model, str(tmp_path / "base"), load_tokenizer("gpt2"))
     new_tokens = {}
     for kind, folder in (("chat", chat_dir), ("base", str(tmp_path / "base"))):
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -172,7 +175,7 @@ def test_vocab_and_merges_equal_gpt2_files():
 def test_autotokenizer_matches_tiktoken(tiny_export):
     _, out = tiny_export
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = get_tokenizer()
+    ours = load_tokenizer("gpt2")
     for text in TEXTS:
         ids = hf_tok.encode(text, add_special_tokens=False)
         assert ids == ours.encode(text), repr(text)
@@ -187,7 +190,7 @@ def test_autotokenizer_matches_tiktoken(tiny_export):
 def test_chat_template_matches_renderer(tiny_export):
     _, out = tiny_export
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = get_tokenizer()
+    ours = load_tokenizer("gpt2")
     prompt = _ids(hf_tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True))
     assert prompt == ours.render_prompt(CONVERSATION)
     full = CONVERSATION + [{"role": "assistant", "content": "\u5341\u4e8c\u304b\u3051\u308b\u5341\u4e8c"}]
@@ -197,6 +200,35 @@ def test_chat_template_matches_renderer(tiny_export):
     assert _ids(hf_tok.apply_chat_template(no_system, tokenize=True)) == ours.render_conversation(no_system)[0]
     with pytest.raises(Exception, match="system message may only come first"):
         hf_tok.apply_chat_template([CONVERSATION[1], CONVERSATION[0]], tokenize=True)
+
+
+def test_two_models_with_two_tokenizers_export_in_one_process(tiny_export, trained, tmp_path):
+    """No tokenizer lingers between exports: each folder gets the files, ids and config of the
+    tokenizer it was given, whatever was exported before (an export over a folder of the other
+    tokenizer replaces its tokenizer files too)."""
+    gpt2_model, _ = tiny_export
+    _, own = trained
+    gpt2 = load_tokenizer("gpt2")
+    torch.manual_seed(0)
+    own_model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=own.vocab_size),
+                    verbose=False).eval()
+    export_hf(gpt2_model, str(tmp_path / "over"), gpt2, chat=True)  # then the other tokenizer's export over it
+    exports = {"own": (own_model, own), "gpt2": (gpt2_model, gpt2), "over": (own_model, own)}  # alternating
+    for name, (model, tok) in exports.items():
+        export_hf(model, str(tmp_path / name), tok, chat=True)
+    for name, (model, tok) in exports.items():
+        folder = str(tmp_path / name)
+        assert sorted(os.listdir(folder)) == (EXPORT_FILES if tok is gpt2 else OWN_TOKENIZER_FILES), name
+        config = json.load(open(os.path.join(folder, "config.json")))
+        assert config["gptkit_tokenizer"] == tok.hash and config["vocab_size"] == model.config.vocab_size
+        assert config["bos_token_id"] == config["eos_token_id"] == tok.eot
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+        for text in TEXTS:
+            assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), (name, text)
+        assert _ids(hf_tok.apply_chat_template(CONVERSATION, tokenize=True)) == tok.render_conversation(CONVERSATION)[0]
+        # and back into gptkit: the folder's model comes with the tokenizer it was exported with
+        loaded, loaded_tok, _ = load_model(folder, verbose=False)
+        assert loaded_tok.hash == tok.hash and _same_weights(model, loaded)
 
 
 def test_random_transformers_gpt2_loads_with_same_logits(tmp_path):
@@ -314,12 +346,11 @@ def test_hub_names_download_then_load(tiny_export, monkeypatch):
     # sample.py and eval_hellaswag.py take a hub name as --ckpt; export_hf.py, which makes such folders, does not
     import eval_hellaswag
     import export_hf as export_script
-    from gptkit.checkpoint import load_model
     from gptkit.configurator import ConfigError, load_config
     assert load_config(eval_hellaswag.EvalConfig, ["--ckpt=gpt2"]).ckpt == "gpt2"
-    loaded, info = load_model("gpt2", verbose=False)
+    loaded, _, info = load_model("gpt2", verbose=False)
     assert info == {"kind": "base"} and not loaded.training and _same_weights(model, loaded)
-    assert load_model(out, verbose=False)[1] == {"kind": "chat", "config": {"system": ""}}  # a chat export
+    assert load_model(out, verbose=False)[2] == {"kind": "chat", "config": {"system": ""}}  # a chat export
     with pytest.raises(ConfigError, match="is a Hugging Face model, not a gptkit run"):
         load_config(export_script.ExportConfig, [f"--ckpt={out}", "--out=elsewhere"])
     assert [name for name, _ in asked] == ["gpt2", "openai-community/gpt2-medium", "gpt2"]
@@ -362,7 +393,6 @@ def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny
     # --init_from read the folder: each kill must leave the earlier export whole, the new one, or a
     # folder they refuse, never the new config.json with the old weights or the reverse.
     import safetensors.torch
-    from gptkit.checkpoint import load_model
     from gptkit.configurator import UserError
     old_model, _ = tiny_export
     torch.manual_seed(1)
@@ -371,7 +401,7 @@ def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny
 
     def read():
         try:
-            model, ckpt = load_model(folder, verbose=False)
+            model, _, ckpt = load_model(folder, verbose=False)
         except UserError:
             return "refused"
         for name, reference, kind in (("old", old_model, "chat"), ("new", new_model, "base")):
@@ -382,23 +412,24 @@ def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny
     def kill(*args, **kwargs):
         raise Killed
 
-    export_hf(old_model, folder, chat=True)
+    gpt2 = load_tokenizer("gpt2")
+    export_hf(old_model, folder, gpt2, chat=True)
     for writer in ("save", "save_file"):  # killed (or out of disk) while writing the weights
         monkeypatch.setattr(safetensors.torch, writer, kill)
     with pytest.raises(Killed):
-        export_hf(new_model, folder, chat=False)
+        export_hf(new_model, folder, gpt2, chat=False)
     monkeypatch.undo()
     assert read() == "old"
 
-    outcomes = kill_before_each_rename(monkeypatch, lambda: export_hf(new_model, folder, chat=False), read,
-                                       reset=lambda: export_hf(old_model, folder, chat=True))
+    outcomes = kill_before_each_rename(monkeypatch, lambda: export_hf(new_model, folder, gpt2, chat=False), read,
+                                       reset=lambda: export_hf(old_model, folder, gpt2, chat=True))
     assert all(outcome in ("old", "new", "refused") for outcome in outcomes), outcomes
     assert outcomes[-1] == "new" and "old" not in outcomes[outcomes.index("new"):]
 
 
 def test_a_run_folder_before_its_first_save_is_not_a_hugging_face_folder(tmp_path, tiny_export):
     # a run killed before its first checkpoint holds only its settings in config.json
-    from gptkit.checkpoint import ckpt_arg_problems
+    from gptkit.loading import ckpt_arg_problems
     (tmp_path / "config.json").write_text(json.dumps({"out_dir": str(tmp_path), "n_layer": 2}))
     assert not is_hf_folder(str(tmp_path))
     assert "has not saved yet" in ckpt_arg_problems(str(tmp_path))[0]
@@ -429,16 +460,15 @@ def test_transformers_generate_never_samples_the_unused_slots(tiny_export):
 def test_a_chat_export_starts_chats_with_its_training_system_prompt(tiny_export, tmp_path):
     # finetune.py trains every conversation with the data's system prompt: transformers' chat template
     # and sample.py --ckpt=<export> must put it first too when a chat brings none
-    from gptkit.checkpoint import load_model
     model, _ = tiny_export
     system = 'Answer "briefly".\nUse \\ and {{ braces }} and {% tags %}: caf\u00e9 \u65e5\u672c \U0001f600'
     folder = str(tmp_path / "hf")
-    export_hf(model, folder, chat=True, system=system)
+    export_hf(model, folder, load_tokenizer("gpt2"), chat=True, system=system)
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    ours = get_tokenizer()
+    ours = load_tokenizer("gpt2")
     chat = CONVERSATION[1:3]  # user, assistant: no system message
     rendered = _ids(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
     assert rendered == ours.render_prompt([{"role": "system", "content": system}] + chat)
     # a chat that brings its own system message keeps it, alone
     assert _ids(hf_tok.apply_chat_template(CONVERSATION, tokenize=True)) == ours.render_conversation(CONVERSATION)[0]
-    assert load_model(folder, verbose=False)[1] == {"kind": "chat", "config": {"system": system}}
+    assert load_model(folder, verbose=False)[2] == {"kind": "chat", "config": {"system": system}}

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from conftest import ROOT, shared_data
+from gptkit.train_config import FinetuneConfig
 from gptkit.configurator import ConfigError, load_config
+from gptkit.data import shard_path, write_shard
+from gptkit.hf import load_hf_gpt2
+from gptkit.optim import train_step
+from gptkit.sft import SFTLoader, read_sft_split
 from gptkit.system import Runtime
+from gptkit.tokenizer import END, SPECIAL_TOKENS, USER, load_tokenizer
 from model import GPT, GPTConfig
+from prepare_instruct import InstructConfig, prepare
 
 
 def run(script, *args, timeout=240):
@@ -33,8 +40,6 @@ class GradCatcher(torch.optim.Optimizer):
 
 
 def step_gradients(model, micro_batches):
-    from gptkit.trainer import train_step
-    from finetune import FinetuneConfig
     cfg = load_config(FinetuneConfig, ["--grad_clip=0"])  # clipping would hide a difference in scale
     rt = Runtime(device="cpu", device_type="cpu", dtype="float32")
     catcher = GradCatcher(model.parameters())
@@ -45,8 +50,6 @@ def step_gradients(model, micro_batches):
 
 
 def test_accumulation_gives_the_same_gradients_as_one_batch(tmp_path):
-    from prepare_instruct import InstructConfig, prepare
-    from gptkit.sft import SFTLoader
     path = tmp_path / "chats.jsonl"  # answers of very different lengths
     path.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": " ".join(map(str, range(n)))}) + "\n"
                             for n in (1, 5, 30, 2, 12, 40, 3)))
@@ -70,18 +73,15 @@ def test_accumulation_gives_the_same_gradients_as_one_batch(tmp_path):
 
 
 def test_finetune_config_checks():
-    from finetune import FinetuneConfig
     with pytest.raises(ConfigError, match="init_from=scratch: finetuning starts from a pretrained model"):
         load_config(FinetuneConfig, ["--init_from=scratch"])
     for recipe in ("config/dolly.py", "config/alpaca.py"):
         cfg = load_config(FinetuneConfig, [os.path.join(ROOT, recipe)])
         assert cfg.init_from == "out/fineweb_124m" and cfg.dropout > 0
-        from prepare_instruct import InstructConfig
         assert load_config(InstructConfig, [os.path.join(ROOT, recipe)]).data_dir == cfg.data_dir
 
 
 def test_data_without_val_split_is_refused_before_the_model_loads(tmp_path):
-    from prepare_instruct import InstructConfig, prepare
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
     prepare(load_config(InstructConfig, [f"--sources={path}", f"--data_dir={tmp_path / 'sft'}", "--block_size=64",
@@ -95,10 +95,8 @@ def test_data_without_val_split_is_refused_before_the_model_loads(tmp_path):
 
 
 def test_pretrain_then_finetune_end_to_end(tmp_path):
-    from gptkit.data import shard_path, write_shard
-    from gptkit.tokenizer import get_tokenizer
     text = open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8").read()[:120_000]
-    tokens = [50256] + get_tokenizer().encode(text)
+    tokens = [50256] + load_tokenizer("gpt2").encode(text)
     split = len(tokens) * 9 // 10
     write_shard(shard_path(str(tmp_path / "shards"), "train", 0), tokens[:split])
     write_shard(shard_path(str(tmp_path / "shards"), "val", 0), tokens[split:])
@@ -138,14 +136,12 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
 
 def first_questions(data_dir, split):
     """The text of each conversation's first user turn, in file order."""
-    from gptkit.sft import read_sft_split
-    from gptkit.tokenizer import END, USER, get_tokenizer
     ids, _, offsets = read_sft_split(str(data_dir), split)
     questions = []
     for a, b in zip(offsets[:-1], offsets[1:]):
         conv = ids[a:b].tolist()
         start = conv.index(USER) + 1
-        questions.append(get_tokenizer().decode(conv[start:conv.index(END, start)]))
+        questions.append(load_tokenizer("gpt2").decode(conv[start:conv.index(END, start)]))
     return questions
 
 
@@ -153,11 +149,9 @@ def first_questions(data_dir, split):
 def finetuned(tmp_path_factory):
     """A one-step base model, instruction data, and an uninterrupted 3-step finetune of it
     -> (folder, the finetune flags, the finetune's log records)."""
-    from gptkit.data import shard_path, write_shard
-    from gptkit.tokenizer import get_tokenizer
     tmp_path = tmp_path_factory.mktemp("finetune")
-    tokens = [50256] + get_tokenizer().encode(open(shared_data("pretrain", "tinyshakespeare", "input.txt"),
-                                                   encoding="utf-8").read()[:20_000])
+    text = open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8").read()[:20_000]
+    tokens = [50256] + load_tokenizer("gpt2").encode(text)
     write_shard(shard_path(str(tmp_path / "shards"), "train", 0), tokens)
     write_shard(shard_path(str(tmp_path / "shards"), "val", 0), tokens[-2000:])
     tiny = ["--device=cpu", "--block_size=64", "--micro_batch_size=4", "--sample_tokens=0", "--log_interval=1"]
@@ -211,8 +205,6 @@ def test_stopped_finetune_resumes_exactly(finetuned):
 def test_finetune_from_a_hugging_face_folder_trains_the_chat_tokens(tmp_path):
     """GPT-2 has no rows for the chat tokens: they start at the mean embedding and must learn."""
     transformers = pytest.importorskip("transformers")
-    from gptkit.hf import load_hf_gpt2
-    from gptkit.tokenizer import SPECIAL_TOKENS
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
     transformers.GPT2LMHeadModel(hf_config).save_pretrained(str(tmp_path / "hf"))

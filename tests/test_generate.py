@@ -1,16 +1,23 @@
+import asyncio
+
 import pytest
 import torch
 
-from gptkit.generate import (apply_repetition_penalty, generate, generate_samples, make_generator, sample_next,
-                             top_k_filter, top_p_filter)
+from gptkit.checkpoint import save_checkpoint
+from gptkit.engine import Engine, Job
+from gptkit.generate import (apply_repetition_penalty, check_sampling_args, generate, generate_samples,
+                             make_generator, sample_next, top_k_filter, top_p_filter)
+from gptkit.loading import load_model
+from gptkit.tokenizer import MIN_VOCAB_SIZE, load_tokenizer
 from model import GPT, GPTConfig
 
 
-def lively_model(block_size=64, dropout=0.0, seed=0):
+def lively_model(block_size=64, dropout=0.0, seed=0, vocab_size=50304):
     """A tiny random GPT with large weights: GPT-2's small init makes a random model repeat one
     token forever, which would make cache-vs-no-cache comparisons too easy to pass."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=block_size, dropout=dropout), verbose=False)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=block_size, dropout=dropout,
+                          vocab_size=vocab_size), verbose=False)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -183,7 +190,6 @@ def test_greedy_equals_argmax_of_full_logits(model):
 
 
 def test_sampling_settings_refuse_nan():
-    from gptkit.generate import check_sampling_args
     nan = float("nan")
     assert check_sampling_args(0.8, 50, 0.9, 1.1) == []
     assert any(p.startswith("temperature=nan") for p in check_sampling_args(nan, 50, 0.9, 1.1))
@@ -264,21 +270,88 @@ def test_max_new_tokens_beyond_the_context(model):
     assert full == list(generate(model, PROMPT, 10 * block, temperature=0, use_cache=False))
 
 
+def padding_wins(model, n_vocab):
+    """Make the ids from n_vocab up (the padding of the model's vocabulary) the model's favourites: any
+    of them in an answer means generation used another bound than the model's own tokenizer's."""
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., n_vocab:] = 1e4
+        return logits
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
 def test_unused_vocabulary_slots_are_never_sampled():
     """Ids 50261..50303 pad the vocabulary to 50304: no text, no training. A model that prefers one
     (here forced by a hook) gets its best real token instead: an unused id would print nothing."""
-    from gptkit.tokenizer import MIN_VOCAB_SIZE
+    n_vocab = load_tokenizer("gpt2").n_vocab  # the model's tokenizer says where its padding starts
     model = lively_model()
-    free = list(generate(model, PROMPT, 20, temperature=0))
-
-    def pad_wins(module, inputs, logits):
-        logits = logits.clone()
-        logits[..., MIN_VOCAB_SIZE:] = 1e4
-        return logits
-
-    model.lm_head.register_forward_hook(pad_wins)
-    assert list(generate(model, PROMPT, 20, temperature=0)) == free
-    assert list(generate(model, PROMPT, 20, temperature=0, use_cache=False)) == free
+    free = list(generate(model, PROMPT, 20, temperature=0, n_vocab=n_vocab))
+    padding_wins(model, MIN_VOCAB_SIZE)
+    assert list(generate(model, PROMPT, 20, temperature=0, n_vocab=n_vocab)) == free
+    assert list(generate(model, PROMPT, 20, temperature=0, use_cache=False, n_vocab=n_vocab)) == free
     sampled = generate_samples(model, PROMPT, 4, 20, temperature=2.0, top_k=0, top_p=1.0,
-                               generator=make_generator(model, 0))
+                               generator=make_generator(model, 0), n_vocab=n_vocab)
     assert all(token < MIN_VOCAB_SIZE for s in sampled for token in s)
+
+
+# ---------------------------------------------------------------------------------------------- two tokenizers
+
+def engine_answer(engine, ids, n):
+    """One greedy answer of n tokens from an Engine (serve.py's worker) -> its streamed text."""
+    async def ask():
+        job = engine.submit(Job(ids, max_tokens=n, stop_tokens=(), temperature=0))
+        return "".join([event[2] async for event in job.events() if event[0] == "text"])
+    return ask()
+
+
+def save_run(folder, model, tok):
+    save_checkpoint(str(folder), {"model": model.state_dict(), "model_config": model.config.to_dict(), "config": {},
+                                  "kind": "base", "step": 0, "tokenizer": tok.to_string()})
+    return str(folder)
+
+
+def test_two_models_with_different_tokenizers_in_one_process(trained, tmp_path):
+    """GPT-2's tokenizer (50,261 ids, model rows 50,304) and a trained one (512 ids, model rows 576)
+    in one process, generating interleaved: each model only ever makes ids below its own tokenizer's
+    n_vocab (its padding is forced to win, so a wrong bound shows at once), its answers are the ones
+    it gives alone, and its text is its own tokenizer's decoding. Saved and loaded back with
+    load_model, each comes with its own tokenizer."""
+    gpt2, own = load_tokenizer("gpt2"), trained[1]
+    assert own.n_vocab == 512 and own.hash != gpt2.hash
+    models = {"gpt2": padding_wins(lively_model(), gpt2.n_vocab),
+              "own": padding_wins(lively_model(vocab_size=576, seed=1), own.n_vocab)}
+    toks = {"gpt2": gpt2, "own": own}
+    prompts = {"gpt2": [gpt2.eot] + gpt2.encode("The river"), "own": [own.eot] + own.encode("The river")}
+
+    def answer(name, model=None, tok=None, temperature=1.0):
+        """name's answer (sampled: every id may come up) from its model and tokenizer, or the ones given."""
+        model, tok = model or models[name], tok or toks[name]
+        return generate(model, prompts[name], 24, temperature=temperature, top_k=0, top_p=1.0, n_vocab=tok.n_vocab,
+                        generator=make_generator(model, 3))
+
+    alone = {name: list(answer(name)) for name in models}
+    turns = list(zip(answer("gpt2"), answer("own")))  # one token of each in turn
+    side_by_side = {"gpt2": [a for a, _ in turns], "own": [b for _, b in turns]}
+    assert side_by_side == alone and all(len(ids) == 24 for ids in alone.values())
+    assert max(alone["own"]) < own.n_vocab and max(alone["gpt2"]) < gpt2.n_vocab
+    assert max(alone["gpt2"]) >= own.n_vocab  # GPT-2's model is not held to the other's 512 ids
+
+    # serve.py's way: one Engine per model, both answering at once, each decoding with its own tokenizer
+    engines = {name: Engine(models[name], toks[name]) for name in models}
+    try:
+        greedy = {name: list(answer(name, temperature=0)) for name in models}
+
+        async def both():
+            return await asyncio.gather(*(engine_answer(engines[name], prompts[name], 24) for name in models))
+        texts = dict(zip(models, asyncio.run(both())))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    assert texts == {name: toks[name].decode(greedy[name]) for name in models}
+    assert texts["own"] != gpt2.decode(greedy["own"])  # the same ids mean other text in GPT-2's tokenizer
+
+    for name in models:
+        model, tok, meta = load_model(save_run(tmp_path / name, models[name], toks[name]), verbose=False)
+        assert tok.hash == toks[name].hash and meta["kind"] == "base"
+        assert list(answer(name, padding_wins(model, tok.n_vocab), tok)) == alone[name]

@@ -9,17 +9,20 @@ import pytest
 import torch
 import torch.nn as nn
 
+import eval_hellaswag
 from conftest import shared_data
 from gptkit import hellaswag
 from gptkit.checkpoint import save_checkpoint
 from gptkit.configurator import ConfigError, UserError, load_config
+from gptkit.hf import export_hf
 from gptkit.hellaswag import (HellaSwagFormatError, evaluate_hellaswag, load_items, pick_endings, render_item,
                               score_rows)
 from gptkit.system import Runtime
-from gptkit.tokenizer import EOT, get_tokenizer
+from gptkit.tokenizer import EOT, load_tokenizer
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPT2 = load_tokenizer("gpt2")  # the test models' tokenizer (their checkpoints carry none)
 CPU = Runtime(device="cpu", device_type="cpu", dtype="float32")
 WORDS = ("the a man woman dog cat walks runs into house garden river boat ball kitchen table slowly "
          "then picks up puts down looks at smiles talks to camera shows how paint wall").split()
@@ -70,7 +73,7 @@ def test_greedy_ending_wins(tmp_path, tiny_config):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.1)
-    tokenizer = get_tokenizer()
+    tokenizer = GPT2
     allowed = _word_token_ids(tokenizer)
     rng = random.Random(0)
     items = []
@@ -81,13 +84,13 @@ def test_greedy_ending_wins(tmp_path, tiny_config):
         endings[label] = _greedy_ending(model, tokenizer, ctx, allowed, 5)
         items.append({"ctx": ctx, "endings": endings, "label": label})
     model.train()  # evaluate_hellaswag must switch to eval mode and back
-    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "greedy.jsonl", items), CPU, batch_size=3)
+    results = evaluate_hellaswag(model, GPT2, _write_jsonl(tmp_path / "greedy.jsonl", items), CPU, batch_size=3)
     assert results == {"acc": 1.0, "acc_norm": 1.0, "acc_per_token": 1.0, "count": 8}
     assert model.training
     # Same items with the labels moved off the greedy ending: now every item is wrong.
     for item in items:
         item["label"] = (item["label"] + 1) % 4
-    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "wrong.jsonl", items), CPU, batch_size=8)
+    results = evaluate_hellaswag(model, GPT2, _write_jsonl(tmp_path / "wrong.jsonl", items), CPU, batch_size=8)
     assert results["acc"] == results["acc_norm"] == results["acc_per_token"] == 0.0
 
 
@@ -116,7 +119,7 @@ class UniformModel(nn.Module):
 
 
 def test_acc_and_acc_norm_differ_end_to_end(tmp_path):
-    tokenizer = get_tokenizer()
+    tokenizer = GPT2
     endings = ["go", "disproportionately international", "a b c", "x y z w"]
     n_tokens = [len(tokenizer.encode(" " + e)) for e in endings]
     chars_per_token = [len(e) / n for e, n in zip(endings, n_tokens)]
@@ -125,21 +128,21 @@ def test_acc_and_acc_norm_differ_end_to_end(tmp_path):
     # acc picks the fewest tokens (0); acc_norm the most characters per token (1); per token all
     # tie at -log(V) and argmax takes the first (0).
     items = [{"ctx": "She said", "endings": endings, "label": 1}, {"ctx": "He said", "endings": endings, "label": 0}]
-    results = evaluate_hellaswag(UniformModel(), _write_jsonl(tmp_path / "u.jsonl", items), CPU)
+    results = evaluate_hellaswag(UniformModel(), GPT2, _write_jsonl(tmp_path / "u.jsonl", items), CPU)
     assert results == {"acc": 0.5, "acc_norm": 0.5, "acc_per_token": 0.5, "count": 2}
     items[1]["label"] = 1
-    results = evaluate_hellaswag(UniformModel(), _write_jsonl(tmp_path / "u.jsonl", items), CPU)
+    results = evaluate_hellaswag(UniformModel(), GPT2, _write_jsonl(tmp_path / "u.jsonl", items), CPU)
     assert results["acc"] == 0.0 and results["acc_norm"] == 1.0
 
 
 def test_score_rows_matches_one_row_at_a_time(tiny_config):
     torch.manual_seed(1)
     model = GPT(tiny_config, verbose=False).eval()
-    tokenizer = get_tokenizer()
+    tokenizer = GPT2
     item = {"ctx": "A man walks into the kitchen and", "endings": ["picks up a cup.", "paints the wall slowly.",
                                                                "runs.", "talks to the camera about boats."]}
     rows = render_item(item, tiny_config.block_size, tokenizer)
-    batched, counts = score_rows(model, rows, CPU)
+    batched, counts = score_rows(model, rows, CPU, tokenizer.eot)
     for r, (ids, n_scored) in enumerate(rows):
         # Reference: log-softmax over the full sequence, summed over the ending's positions.
         logits, _ = model(torch.tensor([ids[:-1]]))
@@ -150,7 +153,7 @@ def test_score_rows_matches_one_row_at_a_time(tiny_config):
 
 
 def test_long_context_is_cut_from_the_left(tmp_path):
-    tokenizer = get_tokenizer()
+    tokenizer = GPT2
     ctx = " ".join(f"word{i}" for i in range(200))
     item = {"ctx": ctx, "endings": ["one.", "two three.", "four five six.", "seven."], "label": 0}
     rows = render_item(item, 16, tokenizer)
@@ -160,7 +163,7 @@ def test_long_context_is_cut_from_the_left(tmp_path):
         assert ids[-len(ending_ids):] == ending_ids and n_scored == len(ending_ids)
         assert ids[:-len(ending_ids)] == tokenizer.encode(ctx)[-(17 - len(ending_ids)):]  # context's last tokens
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16), verbose=False)
-    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "long.jsonl", [item]), CPU)
+    results = evaluate_hellaswag(model, GPT2, _write_jsonl(tmp_path / "long.jsonl", [item]), CPU)
     assert results["count"] == 1
 
 
@@ -195,24 +198,19 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
     monkeypatch.setattr(hellaswag.urllib.request, "urlopen", offline)
     with pytest.raises(UserError, match=r"could not download.*network is unreachable.*--data=PATH"):
-        evaluate_hellaswag(UniformModel(), "", CPU)
+        evaluate_hellaswag(UniformModel(), GPT2, "", CPU)
     assert os.listdir(tmp_path / "hellaswag") == []  # no half-written file left behind
     # Once the file is in the cache it is used without any download.
     cached = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
     _write_jsonl(cached, [{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}])
-    assert evaluate_hellaswag(UniformModel(), None, CPU)["count"] == 1
+    assert evaluate_hellaswag(UniformModel(), GPT2, None, CPU)["count"] == 1
 
 
 def test_eval_config_checks_paths(tmp_path):
     with pytest.raises(ConfigError, match="ckpt='nowhere' does not exist"):
-        load_config(hellaswag_script().EvalConfig, ["--ckpt=nowhere"])
+        load_config(eval_hellaswag.EvalConfig, ["--ckpt=nowhere"])
     with pytest.raises(ConfigError, match="batch_size=0"):
-        load_config(hellaswag_script().EvalConfig, [f"--ckpt={tmp_path}", "--batch_size=0"])
-
-
-def hellaswag_script():
-    import eval_hellaswag
-    return eval_hellaswag
+        load_config(eval_hellaswag.EvalConfig, [f"--ckpt={tmp_path}", "--batch_size=0"])
 
 
 def _run_eval(args, nproc):
@@ -249,11 +247,10 @@ def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
     assert one["count"] == 21
     assert two == one
     # The in-process figures agree with the script's.
-    direct = evaluate_hellaswag(model, data, CPU, limit=21)
+    direct = evaluate_hellaswag(model, GPT2, data, CPU, limit=21)
     assert {k: round(v, 4) for k, v in direct.items()} == one
     # A Hugging Face folder of the same model (as --ckpt=gpt2 would download) scores the same.
-    from gptkit.hf import export_hf
-    export_hf(model, str(tmp_path / "hf"))
+    export_hf(model, str(tmp_path / "hf"), GPT2)
     assert _run_eval([f"--ckpt={tmp_path / 'hf'}"] + args[1:], 1) == one
 
 
@@ -272,12 +269,12 @@ def test_compiled_evaluation_scores_the_same(tmp_path, tiny_config, monkeypatch,
     monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", f"--ckpt={tmp_path / 'run'}", f"--data={data}",
                                       "--device=cpu", "--batch_size=5", "--compile=True"])
     try:
-        hellaswag_script().main()
+        eval_hellaswag.main()
     finally:
         torch._dynamo.reset()  # leave no compiled code behind for other tests
     assert compiled == [{"dynamic": True}]
     out = capsys.readouterr().out
-    eager = evaluate_hellaswag(model, data, CPU)
+    eager = evaluate_hellaswag(model, GPT2, data, CPU)
     assert f"HellaSwag: {eager['count']} items" in out
     for name in ("acc", "acc_norm", "acc_per_token"):
         assert re.search(rf"^  {name} +{eager[name]:.4f}", out, re.M), (name, eager, out)
@@ -336,7 +333,7 @@ def real_items_and_reference():
             if p.dim() == 2:
                 p.normal_(0.0, 0.1)
     model.eval()
-    tokenizer = get_tokenizer()
+    tokenizer = GPT2
     reference = []
     for item in items:
         scored = _reference_scores(model, item, tokenizer)
@@ -353,8 +350,8 @@ def test_scores_match_a_plain_reference_on_real_items(real_items_and_reference, 
     rows_seen = {}
     real_score_rows = hellaswag.score_rows
 
-    def spy(model, rows, rt):
-        sums, counts = real_score_rows(model, rows, rt)
+    def spy(model, rows, rt, pad_id):
+        sums, counts = real_score_rows(model, rows, rt, pad_id)
         for (ids, _), total, count in zip(rows, sums.tolist(), counts.tolist()):
             rows_seen[tuple(ids)] = (total, count)
         return sums, counts
@@ -363,7 +360,8 @@ def test_scores_match_a_plain_reference_on_real_items(real_items_and_reference, 
     # Label each item with the reference's acc_norm choice: acc_norm must then be 1.0 item by item,
     # and acc and acc_per_token agree with it exactly where the reference's rules do.
     items = [dict(item, label=picks["acc_norm"]) for item, _, picks in reference]
-    results = evaluate_hellaswag(model, _write_jsonl(tmp_path / "real.jsonl", items), CPU, batch_size=batch_size)
+    results = evaluate_hellaswag(model, GPT2, _write_jsonl(tmp_path / "real.jsonl", items), CPU,
+                                 batch_size=batch_size)
     expected = {rule: sum(picks[rule] == picks["acc_norm"] for _, _, picks in reference) / len(reference)
                 for rule in RULES}
     assert results == dict(expected, count=len(reference))
@@ -382,7 +380,7 @@ def test_rows_split_context_and_ending_as_lm_evaluation_harness():
     """Every item of the real val file: the scored tokens are the ending's tokens of the whole text
     encoded at once (how lm-evaluation-harness splits a context from its continuation), so encoding
     the context and " " + ending apart changes nothing at the boundary."""
-    tokenizer = get_tokenizer()
+    tokenizer = GPT2
     for item in load_items(shared_data("hellaswag", "hellaswag_val_derived.jsonl")):
         n_ctx = len(tokenizer.encode(item["ctx"]))
         for (ids, n_scored), ending in zip(render_item(item, 1024, tokenizer), item["endings"]):

@@ -3,6 +3,7 @@ writes one; a killed holder's lock taken over; a disk that fills during a real c
 the exit status of a run SIGTERM stopped."""
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_data
+from gptkit.checkpoint import save_checkpoint
+from gptkit.configurator import load_config
+from gptkit.data import write_shard
+from gptkit.loading import load_model
 from gptkit.lock import LOCK_NAME, FolderBusyError, hold_folder, release_folder
+from gptkit.system import run_main
+from gptkit.tokenizer import EOT, load_tokenizer
+from model import GPT, GPTConfig
+import prepare_instruct
 
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--micro_batch_size=4",
         "--total_batch_tokens=256", "--eval_tokens=512", "--log_interval=1", "--sample_tokens=0",
@@ -63,10 +72,8 @@ def assert_refused(result, holder_pid, folder):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Train/val shards of tiny Shakespeare, written directly (no prepare run)."""
-    from gptkit.data import write_shard
-    from gptkit.tokenizer import EOT, get_tokenizer
     with open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        ids = np.array([EOT] + get_tokenizer().encode(f.read()[:60_000]), dtype=np.uint16)
+        ids = np.array([EOT] + load_tokenizer("gpt2").encode(f.read()[:60_000]), dtype=np.uint16)
     path = tmp_path_factory.mktemp("shards")
     cut = len(ids) * 9 // 10
     write_shard(str(path / "train_000000.bin"), ids[:cut])
@@ -77,8 +84,6 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A run folder with a tiny chat checkpoint, saved directly."""
-    from gptkit.checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64), verbose=False)
     out = tmp_path_factory.mktemp("run")
     save_checkpoint(str(out), {"model": model.state_dict(), "model_config": model.config.to_dict(), "kind": "chat",
@@ -103,7 +108,6 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_killed_ones(tmp_path, cap
 
 
 def test_two_trains_on_one_out_dir_then_sigterm_exits_143(tmp_path, shards):
-    from gptkit.checkpoint import load_model
     out = str(tmp_path / "run")
     args = TINY + [f"--data_dir={shards}", f"--out_dir={out}", "--eval_interval=1000", "--ckpt_interval=1",
                    "--max_steps=10000"]
@@ -122,22 +126,20 @@ def test_two_trains_on_one_out_dir_then_sigterm_exits_143(tmp_path, shards):
         first.kill()
     assert first.returncode == 143, stdout[-2000:] + stderr[-2000:]  # stopped early: a scheduler requeues it
     assert "SIGTERM received" in stdout and "done:" not in stdout
-    saved_step = load_model(out)[1]["step"]
+    saved_step = load_model(out)[2]["step"]
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]  # every line one record
     assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, saved_step + 1))
     assert sorted(os.listdir(out)) == ["ckpt.json", "ckpt.pt", "config.json", "log.jsonl"]  # lock released
 
 
 def test_finetune_export_and_prepares_refuse_a_held_folder(tmp_path, tiny_ckpt):
-    from gptkit.configurator import load_config
-    from prepare_instruct import InstructConfig, prepare
     with open(shared_data("instruct", "instruction-data.json"), encoding="utf-8") as f:
         records = json.load(f)[:40]
     source = tmp_path / "chats.json"
     source.write_text(json.dumps(records))
     sft = tmp_path / "sft"
-    prepare(load_config(InstructConfig, [f"--sources={source}", f"--data_dir={sft}", "--block_size=64",
-                                         "--val_fraction=0.2"]))
+    prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
+        f"--sources={source}", f"--data_dir={sft}", "--block_size=64", "--val_fraction=0.2"]))
     assert LOCK_NAME not in os.listdir(sft)  # released when the preparation finished
 
     out = tmp_path / "chat"
@@ -169,7 +171,7 @@ def test_finetune_export_and_prepares_refuse_a_held_folder(tmp_path, tiny_ckpt):
 
 FULL_DISK = """
 import errno, os, runpy, sys
-import gptkit.checkpoint
+import gptkit.files
 
 real_open, saves = open, []
 
@@ -198,14 +200,13 @@ def filling_open(path, mode="r", *args, **kwargs):
             return FillingFile(f, 20_000)
     return f
 
-gptkit.checkpoint.open = filling_open  # what atomic_write opens its temporary file with
+gptkit.files.open = filling_open  # what atomic_write opens its temporary file with
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 def test_full_disk_during_a_real_checkpoint_save_is_one_error_line(tmp_path, shards):
-    from gptkit.checkpoint import load_model
     out = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "-c", FULL_DISK, os.path.join(ROOT, "train.py"), *TINY,
                              f"--data_dir={shards}", f"--out_dir={out}", "--max_steps=4", "--ckpt_interval=2",
@@ -216,14 +217,11 @@ def test_full_disk_during_a_real_checkpoint_save_is_one_error_line(tmp_path, sha
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: the disk is full (writing {os.path.join(out, 'ckpt.pt')}); the last "
                                "checkpoint is intact") and "--init_from=resume" in lines[0]
-    assert load_model(out)[1]["step"] == 2  # the previous checkpoint, whole
+    assert load_model(out)[2]["step"] == 2  # the previous checkpoint, whole
     assert sorted(os.listdir(out)) == ["ckpt.json", "ckpt.pt", "config.json", "log.jsonl"]  # no partial file
 
 
 def test_full_disk_at_a_runs_first_save_does_not_offer_a_resume(tmp_path, capsys):
-    import errno
-    from gptkit.system import run_main
-
     def first_save():
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt.pt"))
     with pytest.raises(SystemExit) as stopped:

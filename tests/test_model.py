@@ -342,7 +342,7 @@ def test_head_size_54_on_cpu_is_plain_causal_attention():
 @pytest.mark.parametrize("name,millions", [("fineweb_124m", 124), ("fineweb_712m", 712)])
 def test_shipped_configs_have_the_sizes_they_are_named_after(name, millions):
     from gptkit.configurator import load_config
-    from gptkit.trainer import TrainConfig
+    from gptkit.train_config import TrainConfig
     cfg = load_config(TrainConfig, [os.path.join(ROOT, "config", f"{name}.py")])
     cfg.vocab_size = cfg.vocab_size or 50304  # the default: GPT-2's tokenizer, padded
     config = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,

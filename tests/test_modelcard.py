@@ -152,8 +152,10 @@ def test_push_offline_or_without_token_is_one_clear_line_and_keeps_the_export(ru
 
 def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
     from gptkit.modelcard import run_facts, write_model_card
+    from gptkit.tokenizer import load_tokenizer
     _, model = run_dir
-    facts = run_facts(model, {"kind": "base", "config": {}, "step": 3, "tokens_seen": 3072}, str(tmp_path))
+    gpt2 = load_tokenizer("gpt2")
+    facts = run_facts(model, gpt2, {"kind": "base", "config": {}, "step": 3, "tokens_seen": 3072}, str(tmp_path))
     (tmp_path / "loss.png").write_bytes(b"an earlier export's plot")
     assert write_model_card(str(tmp_path), facts, repo_id="me/base") == ["README.md"]
     assert not (tmp_path / "loss.png").exists()
@@ -162,7 +164,7 @@ def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
     assert "hf download me/base --local-dir base" in text and "--init_from=base" in text
     assert "model-index" not in text and "datasets" not in text  # nothing measured, no data named
     assert "| 3,072 in 3 steps |" in text
-    facts = run_facts(model, {"kind": "base", "config": {}, "step": 1, "tokens_seen": 1024}, str(tmp_path))
+    facts = run_facts(model, gpt2, {"kind": "base", "config": {}, "step": 1, "tokens_seen": 1024}, str(tmp_path))
     write_model_card(str(tmp_path), facts)
     assert "| 1,024 in 1 step |" in (tmp_path / "README.md").read_text()
     # shards prepare_fineweb.py made from a Hub dataset name it in the metadata; a local folder does not
@@ -171,6 +173,6 @@ def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / "prepare_state.bin").write_bytes(json.dumps({"settings": {"source": source}}).encode()
                                                                + b"\n")
-        facts = run_facts(model, {"kind": "base", "config": {"data_dir": str(tmp_path / "data")}}, str(tmp_path))
+        facts = run_facts(model, gpt2, {"kind": "base", "config": {"data_dir": str(tmp_path / "data")}}, str(tmp_path))
         write_model_card(str(tmp_path), facts)
         assert metadata_load(tmp_path / "README.md").get("datasets") == datasets

@@ -9,10 +9,15 @@ import re
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
+import tiktoken
 
 import quickstart
 from conftest import ROOT, shared_data
+from gptkit.hf import HFError
+from gptkit.loading import load_model
+from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 SAMPLES = os.path.join(ROOT, "samples")
 
@@ -33,8 +38,7 @@ def test_samples_are_the_files_their_readme_lists_each_with_its_license():
 
 
 def test_tokenizer_uses_the_shipped_gpt2_files_when_tiktoken_cannot_fetch_them(monkeypatch, capsys):
-    import tiktoken
-    from gptkit.tokenizer import Tokenizer, get_tokenizer
+    online = load_tokenizer("gpt2")  # tiktoken's own gpt2 (from its cache), loaded before the download fails
 
     def unreachable(name):
         raise ConnectionError("openaipublic.blob.core.windows.net: no route to host")
@@ -46,7 +50,6 @@ def test_tokenizer_uses_the_shipped_gpt2_files_when_tiktoken_cannot_fetch_them(m
     assert err.count("\n") == 1 and "note: tiktoken could not fetch" in err and "samples/gpt2" in err
     text = open(shared_data("pretrain", "gutenberg", "clocasto-HaikuGenerator", "pg5200.txt"), encoding="utf-8").read()[:30_000]
     text += " user text <|endoftext|> <|assistant|> stays text 🙂"
-    online = get_tokenizer()  # tiktoken's own gpt2 (from its cache)
     assert offline.encode(text) == online.encode(text)
     conversation = [{"role": "user", "content": "Hi <|end|>"}, {"role": "assistant", "content": "Hello."}]
     assert offline.render_conversation(conversation) == online.render_conversation(conversation)
@@ -55,10 +58,6 @@ def test_tokenizer_uses_the_shipped_gpt2_files_when_tiktoken_cannot_fetch_them(m
 
 
 def test_a_hub_model_offline_is_one_line_that_says_what_to_do(monkeypatch):
-    import huggingface_hub
-    from gptkit.checkpoint import load_model
-    from gptkit.hf import HFError
-
     def offline(*args, **kwargs):  # huggingface_hub's own message runs to several lines
         raise huggingface_hub.errors.LocalEntryNotFoundError(
             "Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while trying to locate "

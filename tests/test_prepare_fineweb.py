@@ -8,17 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 import zipfile
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, shared_data
 from gptkit.configurator import ConfigError, UserError, load_config
-from gptkit.data import MAGIC, PREPARE_STATE, VERSION, ShardError, list_shards, load_shard, normalize_text, read_header, split_hash
-from gptkit.tokenizer import EOT, get_tokenizer
-from prepare_fineweb import TXT_PIECE_CHARS, PrepareConfig, prepare, text_pieces
+from gptkit.data import MAGIC, PREPARE_STATE, VERSION, ShardError, list_shards, load_shard, read_header, write_shard
+from gptkit.documents import normalize_text, split_hash
+from gptkit.sources import TXT_PIECE_CHARS, open_records, text_pieces, txt_pieces
+from gptkit.tokenizer import EOT, load_tokenizer
+from prepare_fineweb import PrepareConfig, prepare
 
 
 def zip_texts(name, limit):
@@ -50,8 +55,6 @@ def fineweb_records():
 
 
 def write_parquet(path, records):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(records), path, row_group_size=300)
 
 
@@ -71,7 +74,7 @@ def read_split(data_dir, split):
     tokens = np.concatenate([np.asarray(load_shard(p)) for p in list_shards(data_dir, split)])
     starts = np.flatnonzero(tokens == EOT)
     assert starts.size and starts[0] == 0, "every split starts with <|endoftext|>"
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     return [tok.decode(doc[1:]) for doc in np.split(tokens, starts[1:])]
 
 
@@ -108,7 +111,7 @@ def test_parquet_and_jsonl_round_trip_split_and_headers(tmp_path):
     assert all(split_hash(by_text[d], d) < p for d in val)
     assert [d for d in expected if d in set(val)] == val and [d for d in expected if d not in set(val)] == train
     val_tokens = state["val"]["tokens"]
-    largest_doc = max(len(get_tokenizer().encode(d)) + 1 for d in val)
+    largest_doc = max(len(load_tokenizer("gpt2").encode(d)) + 1 for d in val)
     assert 15000 <= val_tokens <= 15000 + largest_doc, val_tokens
     assert 0 < p < 0.5
     check_headers(tmp_path / "pq", 20000)
@@ -176,15 +179,13 @@ def test_text_pieces_of_a_huge_file_take_linear_time():
 
 
 def test_a_huge_txt_file_is_read_in_blocks(tmp_path):
-    import tracemalloc
-    from prepare_fineweb import open_records
     folder = tmp_path / "big"
     folder.mkdir()
     paragraph = "A paragraph of a book that is far too large to read into memory in one piece.\n\n"
     with open(folder / "huge.txt", "w", encoding="utf-8") as f:
         for _ in range(40):
             f.write(paragraph * 12_500)  # 1 MB a time, 40 MB in all
-    records = open_records(load_config(PrepareConfig, [f"--source={folder}"]))
+    records = open_records(str(folder))
     tracemalloc.start()
     try:
         first = [text for _, text in itertools.islice(records, 3)]
@@ -198,7 +199,6 @@ def test_a_huge_txt_file_is_read_in_blocks(tmp_path):
 
 def test_txt_blocks_cut_as_the_whole_file(tmp_path):
     # line ends, a byte-order mark and multi-byte characters that fall across the block boundaries
-    from prepare_fineweb import txt_pieces
     text = "\ufeff" + "".join(f"line {i} caf\u00e9 \u2603\r\n" + ("\r" if i % 7 == 0 else "") + ("\r\n" if i % 5 == 0 else "")
                              for i in range(3000))
     path = tmp_path / "t.txt"
@@ -358,7 +358,6 @@ def test_mixed_shards_are_refused_and_hints_name_the_recorded_settings(tmp_path)
     # a shard another preparation wrote over one of these (the same name, other contents)
     other = np.full(1234, 11, dtype=np.uint16)
     other[0] = EOT
-    from gptkit.data import write_shard
     write_shard(str(out / "train_000001.bin"), other)
     with pytest.raises(ShardError, match=r"the train shards of .* hold [\d,]+ tokens, not the [\d,]+ its preparation "
                                          r"recorded") as refused:

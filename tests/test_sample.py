@@ -1,4 +1,5 @@
 import inspect
+import io
 import os
 import pty
 import select
@@ -13,10 +14,12 @@ import sample
 from gptkit.checkpoint import save_checkpoint
 from gptkit.configurator import ConfigError, load_config
 from gptkit.generate import generate, generate_samples, make_generator
-from gptkit.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, get_tokenizer
+from gptkit.hf import export_hf
+from gptkit.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, load_tokenizer
 from test_generate import lively_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPT2 = load_tokenizer("gpt2")  # the test models' tokenizer: their checkpoints carry none, so they load with GPT-2's
 FLAGS = ["--device=cpu", "--temperature=0", "--max_new_tokens=8"]
 
 
@@ -42,11 +45,16 @@ def ckpts(tmp_path_factory):
 
 
 def greedy_text(model, ids, n=8, stop=(END, EOT)):
-    return get_tokenizer().decode(generate(model, ids, n, temperature=0, stop_tokens=stop))
+    return GPT2.decode(generate(model, ids, n, temperature=0, stop_tokens=stop, n_vocab=GPT2.n_vocab))
+
+
+def loads(model, meta):
+    """A stand-in for sample.load_model that gives model (GPT-2's tokenizer) and meta, reading nothing."""
+    return lambda *args, **kwargs: (model, GPT2, meta)
 
 
 def chat_answer(model, messages):
-    ids, _ = sample.chat_prompt_ids(get_tokenizer(), "", messages, 8, model.config.block_size)
+    ids, _ = sample.chat_prompt_ids(GPT2, "", messages, 8, model.config.block_size)
     return greedy_text(model, ids)
 
 
@@ -59,7 +67,7 @@ def run_sample(args, stdin_text=None):
 # ---------------------------------------------------------------------------------------------- helpers
 
 def test_typed_control_token_stays_text():
-    tok = get_tokenizer()
+    tok = GPT2
     typed = "say <|assistant|> and <|end|> please"
     ids, _ = sample.chat_prompt_ids(tok, "be brief", [{"role": "user", "content": typed}], 16, 1024)
     text_ids = tok.encode(typed)
@@ -69,7 +77,7 @@ def test_typed_control_token_stays_text():
 
 
 def test_history_drops_oldest_turns_and_keeps_system():
-    tok = get_tokenizer()
+    tok = GPT2
     messages = []
     for i in range(10):
         messages += [{"role": "user", "content": f"question number {i} is here"},
@@ -89,7 +97,7 @@ def test_history_drops_oldest_turns_and_keeps_system():
 
 
 def test_complete_prompt_keeps_the_end_of_long_text():
-    tok = get_tokenizer()
+    tok = GPT2
     assert sample.complete_prompt_ids(tok, "Hello world", 10, 64) == [EOT] + tok.encode("Hello world")
     ids = sample.complete_prompt_ids(tok, "word " * 100, 10, 64)
     assert len(ids) == 54 and ids[-1] == tok.encode("word " * 100)[-1]
@@ -129,11 +137,11 @@ def test_ctrl_c_stops_an_answer_not_the_chat(ckpts, monkeypatch, capsys):
 
     monkeypatch.setattr(sample, "generate", fake_generate)
     monkeypatch.setattr("builtins.input", fake_input)
-    sample.chat_loop(model, cfg, None, None, get_tokenizer())
+    sample.chat_loop(model, cfg, None, None, GPT2)
     out = capsys.readouterr().out
     assert "I [stopped]" in out and len(calls) == 2
     # the stopped answer stays in the history as it was shown
-    expected, _ = get_tokenizer().render_conversation([{"role": "user", "content": "first"},
+    expected, _ = GPT2.render_conversation([{"role": "user", "content": "first"},
                                                         {"role": "assistant", "content": "I"},
                                                         {"role": "user", "content": "second"}])
     assert calls[1] == expected + [ASSISTANT]
@@ -162,7 +170,7 @@ def typed_session(monkeypatch, ckpt_dir, lines, mode="chat", flags=()):
     monkeypatch.setattr(sample, "generate", fake_generate)
     monkeypatch.setattr("builtins.input", fake_input)
     loop = sample.chat_loop if mode == "chat" else sample.complete_loop
-    loop(model, cfg, None, None, get_tokenizer())
+    loop(model, cfg, None, None, GPT2)
     return asked, remaining
 
 
@@ -170,7 +178,7 @@ def render(*turns, system=""):
     """The prompt ids of a conversation given as alternating user / assistant texts."""
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
-    return get_tokenizer().render_prompt(messages)
+    return GPT2.render_prompt(messages)
 
 
 def test_chat_commands_system_reset_help_and_quit(ckpts, monkeypatch, capsys):
@@ -201,7 +209,7 @@ def test_chat_refuses_a_message_too_long_and_goes_on(ckpts, monkeypatch, capsys)
 def test_completion_loop_continues_each_text_alone(ckpts, monkeypatch, capsys):
     asked, remaining = typed_session(monkeypatch, ckpts[1], ["Once upon a time", "The river", "/exit", "never read"],
                                      mode="complete")
-    tok = get_tokenizer()
+    tok = GPT2
     # no history, no chat tokens: each text continued on its own, until <|endoftext|> only
     assert asked == [([EOT] + tok.encode("Once upon a time"), (EOT,)), ([EOT] + tok.encode("The river"), (EOT,))]
     assert remaining == ["never read"]
@@ -210,7 +218,6 @@ def test_completion_loop_continues_each_text_alone(ckpts, monkeypatch, capsys):
 
 def test_one_shot_prompt_with_a_system_prompt(ckpts, monkeypatch, capsys):
     """--prompt (or a pipe) with --system: one answer to the system prompt and the message."""
-    import io
     asked = []
 
     def fake_generate(*args, **kwargs):
@@ -218,7 +225,7 @@ def test_one_shot_prompt_with_a_system_prompt(ckpts, monkeypatch, capsys):
         yield 40  # "I"
 
     monkeypatch.setattr(sample, "generate", fake_generate)
-    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    monkeypatch.setattr(sample, "load_model", loads(lively_model(), {"kind": "chat"}))
     flags = [f"--ckpt={ckpts[1]}", *FLAGS, "--system=Be brief."]
     sample.main(load_config(sample.SampleConfig, flags + ["--prompt=Name a river."]))
     monkeypatch.setattr("sys.stdin", io.StringIO("Name a river.\n"))  # not a terminal: read as the prompt
@@ -238,7 +245,7 @@ def test_a_chat_starts_with_the_system_prompt_it_was_finetuned_with(ckpts, monke
 
     monkeypatch.setattr(sample, "generate", fake_generate)
     trained = {"kind": "chat", "config": {"system": "Be brief."}}
-    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), trained))
+    monkeypatch.setattr(sample, "load_model", loads(lively_model(), trained))
     flags = [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Name a river."]
     sample.main(load_config(sample.SampleConfig, flags))
     sample.main(load_config(sample.SampleConfig, flags + ["--system=Be kind."]))
@@ -265,7 +272,7 @@ def test_stop_tokens_of_each_mode(ckpts, monkeypatch, capsys):
         return logits
 
     model.lm_head.register_forward_hook(steer)
-    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (model, {"kind": "chat"}))
+    monkeypatch.setattr(sample, "load_model", loads(model, {"kind": "chat"}))
     texts, steps = {}, {}
     for mode in ("chat", "complete"):
         calls.clear()
@@ -290,7 +297,7 @@ def test_base_checkpoint_defaults_to_completion(ckpts):
     model, _, base_dir = ckpts
     result = run_sample([f"--ckpt={base_dir}", "--prompt=Once upon a time", *FLAGS])
     assert result.returncode == 0, result.stderr
-    expected = greedy_text(model, [EOT] + get_tokenizer().encode("Once upon a time"), stop=(EOT,))
+    expected = greedy_text(model, [EOT] + GPT2.encode("Once upon a time"), stop=(EOT,))
     assert result.stdout == expected + "\n"
     assert "mode complete" in result.stderr
 
@@ -304,10 +311,10 @@ def test_piped_prompt_and_seeded_samples(ckpts):
     result = run_sample(args, stdin_text="Name a river.\nAnd a sea.\n")
     assert result.returncode == 0, result.stderr
     message = [{"role": "user", "content": "Name a river.\nAnd a sea."}]
-    ids, _ = sample.chat_prompt_ids(get_tokenizer(), "", message, 12, 64)
+    ids, _ = sample.chat_prompt_ids(GPT2, "", message, 12, 64)
     samples = generate_samples(model, ids, 2, 12, stop_tokens=(END, EOT), temperature=1.0,
-                               generator=make_generator(model, 7))
-    texts = [get_tokenizer().decode(s) for s in samples]
+                               generator=make_generator(model, 7), n_vocab=GPT2.n_vocab)
+    texts = [GPT2.decode(s) for s in samples]
     assert texts[0] != texts[1]
     assert result.stdout == f"----- sample 1/2 -----\n{texts[0]}\n----- sample 2/2 -----\n{texts[1]}\n"
 
@@ -380,11 +387,10 @@ def test_one_shot_mistakes_are_one_error_line(ckpts):
 
 def test_a_hugging_face_folder_answers_like_its_checkpoint(ckpts, tmp_path):
     # an exported model (or any GPT-2 folder, or a hub name such as gpt2) loads in sample.py directly
-    from gptkit.hf import export_hf
     model, chat_dir, base_dir = ckpts
     for chat in (True, False):
         folder = str(tmp_path / ("chat" if chat else "base"))
-        export_hf(model, folder, chat=chat)
+        export_hf(model, folder, GPT2, chat=chat)
         prompt = "--prompt=Name a river." if chat else "--prompt=Once upon a time"
         exported = run_sample([f"--ckpt={folder}", prompt, *FLAGS])
         original = run_sample([f"--ckpt={chat_dir if chat else base_dir}", prompt, *FLAGS])
@@ -419,8 +425,8 @@ def test_a_chat_longer_than_the_context(ckpts, monkeypatch, capsys):
 
     monkeypatch.setattr(sample, "generate", spy_generate)
     monkeypatch.setattr("builtins.input", fake_input)
-    sample.chat_loop(model, cfg, None, None, get_tokenizer())
-    tok, block = get_tokenizer(), model.config.block_size
+    sample.chat_loop(model, cfg, None, None, GPT2)
+    tok, block = GPT2, model.config.block_size
     assert len(calls) == 8
     for i, (ids, answer) in enumerate(calls):
         assert ids[:2] == [EOT, SYSTEM] and ids[-1] == ASSISTANT
@@ -433,7 +439,7 @@ def test_a_chat_longer_than_the_context(ckpts, monkeypatch, capsys):
 
 
 def greedy_text_ids(model, ids):
-    return list(generate(model, ids, 10_000, temperature=0, stop_tokens=(END, EOT)))
+    return list(generate(model, ids, 10_000, temperature=0, stop_tokens=(END, EOT), n_vocab=GPT2.n_vocab))
 
 
 def interrupt_after(tokens):
@@ -446,7 +452,7 @@ def interrupt_after(tokens):
 def test_ctrl_c_in_a_one_shot_answer_exits_130(ckpts, monkeypatch, capsys):
     """--prompt or a pipe: Ctrl-C ends the process with 130 (what a shell expects of Ctrl-C), and
     stdout holds only what was answered: a script must not take a cut answer for a whole one."""
-    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    monkeypatch.setattr(sample, "load_model", loads(lively_model(), {"kind": "chat"}))
     monkeypatch.setattr(sample, "generate", interrupt_after([40]))  # "I", then Ctrl-C
     with pytest.raises(KeyboardInterrupt):  # sample.py's __main__ turns it into exit code 130
         sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
@@ -479,7 +485,7 @@ def test_ctrl_c_in_one_of_several_answers_keeps_the_chat(ckpts, monkeypatch, cap
     monkeypatch.setattr(sample, "generate_samples", fake_samples)
     monkeypatch.setattr("builtins.input", fake_input)
     cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--num_samples=2", "--system="])
-    sample.chat_loop(ckpts[0], cfg, None, None, get_tokenizer())
+    sample.chat_loop(ckpts[0], cfg, None, None, GPT2)
     out = capsys.readouterr().out
     assert "[stopped]" in out and "----- sample 2/2 -----\nI\n" in out
     assert asked == [render("first"), render("first", "", "second")]  # nothing was shown: an empty answer
@@ -491,8 +497,7 @@ MULTIBYTE = "😀 日本語の文章 👨‍👩‍👧 café"
 def test_streamed_multibyte_characters_are_never_split(ckpts, monkeypatch):
     """Emoji and CJK characters whose bytes span several tokens: each write is whole characters,
     and the screen shows exactly the text."""
-    import io
-    tok = get_tokenizer()
+    tok = GPT2
     ids = tok.encode(MULTIBYTE)
     assert any(len(tok.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # split characters
     writes = []
@@ -503,7 +508,7 @@ def test_streamed_multibyte_characters_are_never_split(ckpts, monkeypatch):
             return super().write(text)
 
     monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: iter(ids))
-    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    monkeypatch.setattr(sample, "load_model", loads(lively_model(), {"kind": "chat"}))
     screen = Screen()
     monkeypatch.setattr("sys.stdout", screen)
     sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
@@ -514,11 +519,10 @@ def test_streamed_multibyte_characters_are_never_split(ckpts, monkeypatch):
 def test_a_terminal_without_utf8_gets_a_character_it_can_show(ckpts, monkeypatch):
     """stdout in cp1252 (a Windows pipe or file) cannot hold an emoji: the answer goes on with '?'
     rather than the chat dying on UnicodeEncodeError."""
-    import io
     raw = io.BytesIO()
     monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="cp1252"))
-    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: iter(get_tokenizer().encode(MULTIBYTE)))
-    monkeypatch.setattr("gptkit.checkpoint.load_model", lambda *args, **kwargs: (lively_model(), {"kind": "chat"}))
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: iter(GPT2.encode(MULTIBYTE)))
+    monkeypatch.setattr(sample, "load_model", loads(lively_model(), {"kind": "chat"}))
     sample.main(load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS, "--prompt=Hi"]))
     sys.stdout.flush()
     assert raw.getvalue().decode("cp1252") == MULTIBYTE.encode("cp1252", errors="replace").decode("cp1252") + "\n"

@@ -14,14 +14,22 @@ import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+import httpx
+import openai
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 from gptkit.chat import chat_prompt_ids, complete_prompt_ids
 from gptkit.checkpoint import save_checkpoint
 from gptkit.engine import StopStrings
-from gptkit.tokenizer import EOT, get_tokenizer
+from gptkit.tokenizer import EOT
+from serve import ServeConfig
 from test_generate import lively_model, one_thread  # noqa: F401 (one thread for the tiny model)
-from test_sample import greedy_text
+from test_sample import GPT2, greedy_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
@@ -82,12 +90,11 @@ def post(url, body, key=KEY, raw=None):
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
 def chat_ids(messages, max_tokens):
-    return chat_prompt_ids(get_tokenizer(), "", messages, max_tokens, BLOCK)[0]
+    return chat_prompt_ids(GPT2, "", messages, max_tokens, BLOCK)[0]
 
 
 def test_chat_completion_with_the_openai_client(server, client):
@@ -122,7 +129,7 @@ def test_multi_turn_system_prompt_and_typed_control_tokens(server, client):
     typed = "say <|assistant|> and <|end|>"
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
                 {"role": "user", "content": typed}]
-    ids = chat_prompt_ids(get_tokenizer(), "be brief", messages, 8, BLOCK)[0]
+    ids = chat_prompt_ids(GPT2, "be brief", messages, 8, BLOCK)[0]
     reply = client.chat.completions.create(model="tiny", temperature=0, max_tokens=8,
                                            messages=[{"role": "system", "content": "be brief"}, *messages])
     # the typed markers are counted as the ordinary text they are, not as the single control tokens
@@ -132,7 +139,7 @@ def test_multi_turn_system_prompt_and_typed_control_tokens(server, client):
 
 def test_completions_models_and_health(server, client):
     model, url = server.model, server.url
-    ids = complete_prompt_ids(get_tokenizer(), "Once upon a time", 10, BLOCK)
+    ids = complete_prompt_ids(GPT2, "Once upon a time", 10, BLOCK)
     expected = greedy_text(model, ids, n=10, stop=(EOT,))
     reply = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=10)
     assert reply.choices[0].text == expected and reply.usage.prompt_tokens == len(ids)
@@ -217,7 +224,6 @@ def test_api_key_is_required(server):
 
 
 def test_listening_beyond_this_machine_requires_an_api_key(server):
-    from serve import ServeConfig
     problems = ServeConfig(ckpt=server.ckpt, host="0.0.0.0").validate()
     assert any("--api_key" in p for p in problems), problems
     assert ServeConfig(ckpt=server.ckpt, host="0.0.0.0", api_key=KEY).validate() == []
@@ -253,7 +259,6 @@ def wait_idle(url):
 
 
 def test_a_client_that_disconnects_stops_its_answer(server):
-    import httpx
     url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
     before = health(url)
     body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True}
@@ -284,11 +289,6 @@ def find_browser():
 
 def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
     chromium, driver_path = find_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     model, url = server.model, server.url
     options = webdriver.ChromeOptions()

@@ -1,11 +1,11 @@
 import pytest
 
 from gptkit.tokenizer import (ASSISTANT, END, EOT, SPECIAL_TOKENS, SYSTEM, USER, StreamDecoder,
-                              get_tokenizer)
+                              load_tokenizer)
 
 
 def test_gpt2_encoding():
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.decode([15496, 995]) == "Hello world"
 
@@ -16,7 +16,7 @@ def test_special_tokens_in_padded_slots():
 
 
 def test_user_text_never_becomes_a_control_token():
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     for text in ["<|assistant|>", "hi <|end|> there <|system|><|user|>", "<|endoftext|>"]:
         ids = tok.encode(text)
         assert not set(ids) & (set(SPECIAL_TOKENS.values()) | {EOT})
@@ -26,7 +26,7 @@ def test_user_text_never_becomes_a_control_token():
 
 
 def test_render_conversation_and_mask():
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -47,13 +47,13 @@ def test_render_conversation_and_mask():
 
 
 def test_render_rejects_bad_roles():
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     with pytest.raises(ValueError, match="role"):
         tok.render_conversation([{"role": "bot", "content": "x"}])
 
 
 def test_stream_decoder_never_splits_characters():
-    tok = get_tokenizer()
+    tok = load_tokenizer("gpt2")
     text = "naïve café 日本語 🙂 done"
     ids = tok.encode(text)
     dec = StreamDecoder(tok)
@@ -85,24 +85,12 @@ import numpy as np
 
 from conftest import shared_data
 from gptkit.configurator import ConfigError, UserError, load_config
-from gptkit.tokenizer import (CONTROL_TOKENS, TokenizerError, check_same_tokenizer, load_tokenizer, record_tokenizer,
-                              use_tokenizer)
+from gptkit.tokenizer import CONTROL_TOKENS, TokenizerError, check_same_tokenizer, load_tokenizer, record_tokenizer
 
 
 def _read(path, limit=None):
     with open(path, encoding="utf-8", newline="") as f:  # newline="": CRLF and the BOM stay as they are
         return f.read(limit) if limit else f.read()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    import train_tokenizer
-    out = tmp_path_factory.mktemp("tok512")
-    cfg = load_config(train_tokenizer.TokenizerConfig, [
-        f"--source={shared_data('pretrain', 'gutenberg', 'clocasto-HaikuGenerator', 'pg11.txt')}",
-        "--vocab_size=512", f"--out={out}"])
-    train_tokenizer.main(cfg)
-    return str(out), load_tokenizer(str(out))
 
 
 def test_trained_layout_and_padding(trained):
@@ -233,9 +221,17 @@ def test_padding_ids_of_a_trained_tokenizer_are_never_sampled(trained):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=576), verbose=False).eval()
     model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_fill(-1, torch.arange(512, 576), 1e4))
-    try:
-        use_tokenizer(tok)
-        sampled = list(generate(model, [tok.eot], 10, temperature=1.0))
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))
+    sampled = list(generate(model, [tok.eot], 10, temperature=1.0, n_vocab=tok.n_vocab))
     assert len(sampled) == 10 and max(sampled) < 512
+
+
+def test_train_tokenizer_skips_jsonl_records_without_text(tmp_path):
+    """A jsonl record with no "text" field reads as None: the trainer skips it instead of crashing."""
+    import json
+    import train_tokenizer
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"text": "The river runs to the sea."}, {"title": "no text here"}, {"text": "A second document."}]) + "\n")
+    cfg = load_config(train_tokenizer.TokenizerConfig, [f"--source={tmp_path / 'docs.jsonl'}", "--vocab_size=300",
+                                                        f"--out={tmp_path / 'tok'}"])
+    train, held = train_tokenizer.read_corpus(cfg)
+    assert set(train + held) == {"A second document.", "The river runs to the sea."}

@@ -13,7 +13,7 @@ import torch
 
 from conftest import shared_data
 from gptkit.configurator import load_config
-from gptkit.tokenizer import TokenizerError, get_tokenizer, load_tokenizer, use_tokenizer
+from gptkit.tokenizer import TokenizerError, load_tokenizer
 from test_finetune import run
 
 transformers = pytest.importorskip("transformers")
@@ -33,18 +33,15 @@ def pipeline(tmp_path_factory):
     import train_tokenizer
     tmp = tmp_path_factory.mktemp("own_tokenizer")
     book = shared_data("pretrain", "gutenberg", "clocasto-HaikuGenerator", "pg11.txt")
-    try:
-        train_tokenizer.main(load_config(train_tokenizer.TokenizerConfig, [
-            f"--source={book}", "--vocab_size=512", f"--out={tmp / 'tok'}"]))
-        prepare_fineweb.prepare(load_config(prepare_fineweb.PrepareConfig, [
-            f"--source={book}", f"--data_dir={tmp / 'data'}", f"--tokenizer={tmp / 'tok'}", "--val_tokens=4000",
-            "--num_proc=1"]))
-        (tmp / "chats.json").write_text(json.dumps(CHATS))
-        prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
-            f"--sources={tmp / 'chats.json'}", f"--data_dir={tmp / 'sft'}", f"--tokenizer={tmp / 'tok'}",
-            "--block_size=64", "--val_fraction=0.2"]))
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))  # the other tests expect GPT-2
+    train_tokenizer.main(load_config(train_tokenizer.TokenizerConfig, [
+        f"--source={book}", "--vocab_size=512", f"--out={tmp / 'tok'}"]))
+    prepare_fineweb.prepare(load_config(prepare_fineweb.PrepareConfig, [
+        f"--source={book}", f"--data_dir={tmp / 'data'}", f"--tokenizer={tmp / 'tok'}", "--val_tokens=4000",
+        "--num_proc=1"]))
+    (tmp / "chats.json").write_text(json.dumps(CHATS))
+    prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
+        f"--sources={tmp / 'chats.json'}", f"--data_dir={tmp / 'sft'}", f"--tokenizer={tmp / 'tok'}",
+        "--block_size=64", "--val_fraction=0.2"]))
     run("train.py", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'base'}", "--max_steps=4", "--eval_interval=4",
         "--learning_rate=3e-3", *TINY)
     run("finetune.py", f"--data_dir={tmp / 'sft'}", f"--init_from={tmp / 'base'}", f"--out_dir={tmp / 'chat'}",
@@ -95,21 +92,19 @@ def test_sample_eval_and_export_need_no_flag_and_transformers_agrees(pipeline):
         out = out[:-1]  # the stop token: sample.py does not print it
     assert all(i < tok.n_vocab for i in out)
     assert sampled == tok.decode(out) + "\n"
-    from gptkit.checkpoint import load_model
+    from gptkit.loading import load_model
     from gptkit.generate import generate
-    try:  # and back: the export loads into gptkit with its tokenizer, and answers the same
-        model, _ = load_model(str(tmp / "hf"), verbose=False)
-        assert get_tokenizer().hash == tok.hash and model.config.vocab_size == 512
-        assert list(generate(model, ids, 12, temperature=0, stop_tokens=(tok.end, tok.eot))) == out
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))
+    # and back: the export loads into gptkit with its tokenizer, and answers the same
+    model, model_tok, _ = load_model(str(tmp / "hf"), verbose=False)
+    assert model_tok.hash == tok.hash and model.config.vocab_size == 512
+    assert list(generate(model, ids, 12, temperature=0, stop_tokens=(tok.end, tok.eot), n_vocab=tok.n_vocab)) == out
 
 
 def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
     """A GPT-2 checkpoint finetuned on data of the trained tokenizer would read garbage ids."""
     from gptkit.checkpoint import save_checkpoint
-    from finetune import FinetuneConfig
-    from gptkit.trainer import init_model
+    from gptkit.train_config import FinetuneConfig
+    from gptkit.loading import init_model
     from model import GPT, GPTConfig
     tmp, tok = pipeline
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16), verbose=False)  # no record: GPT-2
@@ -117,18 +112,16 @@ def test_data_and_model_of_different_tokenizers_is_an_error(pipeline, tmp_path):
                                                 "kind": "base", "step": 0})
     cfg = load_config(FinetuneConfig, [f"--data_dir={tmp / 'sft'}", f"--init_from={tmp_path / 'gpt2run'}",
                                        f"--out_dir={tmp_path / 'out'}"])
-    try:
-        with pytest.raises(TokenizerError, match=f"{tok.hash}.*gpt2run.*tokenizer gpt2"):
-            init_model(cfg, types.SimpleNamespace(master=False, device="cpu"))
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))
-    assert get_tokenizer().hash == "gpt2" and not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(TokenizerError, match=f"{tok.hash}.*gpt2run.*tokenizer gpt2"):
+        init_model(cfg, types.SimpleNamespace(master=False, device="cpu"))
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
 def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline, monkeypatch):
     from bench import BenchConfig, bench_vocab
     from gptkit.configurator import ConfigError
-    from gptkit.trainer import TrainConfig, model_vocab_size, run_tokenizer
+    from gptkit.loading import model_vocab_size, run_tokenizer
+    from gptkit.train_config import TrainConfig
     tmp, tok = pipeline
     cfg = load_config(TrainConfig, [f"--data_dir={tmp / 'data'}"])
     assert run_tokenizer(cfg).hash == tok.hash and model_vocab_size(cfg, tok) == 512
@@ -137,11 +130,9 @@ def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline, monkeypatch
     from gptkit.system import setup_runtime
     bench = load_config(BenchConfig, [f"--data_dir={tmp / 'data'}", "--vocab_size=1024", "--n_layer=2", "--n_head=4",
                                       "--n_embd=64", "--block_size=16", "--steps=1", "--warmup=0", "--json"])
-    try:  # decoding samples among the data tokenizer's 512 ids, not the padding up to 1024
-        result = bench_decode(bench, setup_runtime("cpu", "float32", 0, verbose=False))
-        assert get_tokenizer().hash == tok.hash and result["new_tokens"] == 8 and result["kv_cache_tokens_per_sec"] > 0
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))
+    # decoding samples among the data tokenizer's 512 ids, not the padding up to 1024
+    result = bench_decode(bench, setup_runtime("cpu", "float32", 0, verbose=False))
+    assert result["n_vocab"] == 512 and result["new_tokens"] == 8 and result["kv_cache_tokens_per_sec"] > 0
     from bench import bench_tokenize, read_documents
     (tmp / "text").mkdir()
     (tmp / "text" / "a.txt").write_text("Name a river.\n\nThe Thames, of course.\n", encoding="utf-8")
@@ -150,11 +141,8 @@ def test_train_and_bench_size_the_vocabulary_from_the_data(pipeline, monkeypatch
     def no_gpt2(name):
         raise AssertionError(f"bench fetched tiktoken's {name} for a trained tokenizer")
     monkeypatch.setattr(tiktoken, "get_encoding", no_gpt2)
-    try:
-        result = bench_tokenize(load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp / 'text'}", "--num_proc=1",
-                                                          f"--tokenizer={tmp / 'tok'}"]))
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))
+    result = bench_tokenize(load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp / 'text'}", "--num_proc=1",
+                                                      f"--tokenizer={tmp / 'tok'}"]))
     documents = read_documents(str(tmp / "text"))
     assert result["tokenizer"] == tok.name and result["tokens"] == sum(1 + len(tok.encode(d)) for d in documents)
     assert model_vocab_size(load_config(TrainConfig, ["--vocab_size=1024"]), tok) == 1024
@@ -170,24 +158,24 @@ def served(pipeline):
     favour(token) makes the model put all its weight on one id, to exercise the stop tokens."""
     from fastapi.testclient import TestClient
     from gptkit.chat import resolve_system
-    from gptkit.checkpoint import load_model
+    from gptkit.loading import load_model
     from gptkit.engine import Engine
     from serve import ServeConfig, build_app
     tmp, tok = pipeline
     cfg = load_config(ServeConfig, [f"--ckpt={tmp / 'chat'}", "--temperature=0"])
-    model, ckpt = load_model(cfg.ckpt, verbose=False)
+    model, model_tok, ckpt = load_model(cfg.ckpt, verbose=False)
+    assert model_tok.hash == tok.hash  # the checkpoint's own tokenizer, with no flag
     cfg = dataclasses.replace(cfg, system=resolve_system(cfg.system, ckpt))  # as serve.py's main
     favoured = []
     model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor(favoured), 1e4)
                                         if favoured else out)
-    engine = Engine(model, get_tokenizer())
+    engine = Engine(model, model_tok)
     card = {"id": "chat", "object": "model", "created": 0, "owned_by": "gptkit"}
     try:
         with TestClient(build_app(cfg, engine, card), base_url="http://127.0.0.1") as client:
             yield client, model, tok, favoured
     finally:
         engine.close()
-        use_tokenizer(load_tokenizer("gpt2"))
 
 
 def test_serve_stops_counts_and_keeps_typed_control_tokens_text_with_the_trained_tokenizer(served):
@@ -213,7 +201,7 @@ def test_serve_stops_counts_and_keeps_typed_control_tokens_text_with_the_trained
         assert done["choices"][0]["text"] == ("" if stops else tok.decode([token] * 3))
     favoured[:] = []  # the model as trained: the answer sample.py's code gives
     free = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8}).json()
-    expected = list(generate(model, prompt, 8, temperature=0, stop_tokens=(tok.end, tok.eot)))
+    expected = list(generate(model, prompt, 8, temperature=0, stop_tokens=(tok.end, tok.eot), n_vocab=tok.n_vocab))
     assert free["choices"][0]["message"]["content"] == tok.decode(expected)
     assert free["usage"]["completion_tokens"] == len(expected)
 
@@ -230,12 +218,9 @@ def test_dpo_pairs_padding_and_folder_lock_with_the_trained_tokenizer(pipeline, 
     pairs = [{"prompt": f"Name {c['instruction'][5:]}", "chosen": c["output"], "rejected": "No idea" + "." * (i % 5)}
              for i, c in enumerate(CHATS[:6])]
     (tmp / "pairs.json").write_text(json.dumps(pairs))
-    try:
-        prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
-            f"--sources={tmp / 'pairs.json'}", f"--data_dir={tmp / 'dpo_data'}", f"--tokenizer={tmp / 'tok'}",
-            "--block_size=64", "--val_fraction=0.3"]))
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))
+    prepare_instruct.prepare(load_config(prepare_instruct.InstructConfig, [
+        f"--sources={tmp / 'pairs.json'}", f"--data_dir={tmp / 'dpo_data'}", f"--tokenizer={tmp / 'tok'}",
+        "--block_size=64", "--val_fraction=0.3"]))
     assert LOCK_NAME not in os.listdir(tmp / "dpo_data")  # released when the preparation finished
     ids, mask, offsets, n_pairs = read_pairs(str(tmp / "dpo_data"), "train")
     assert n_pairs >= 2 and int(ids.max()) < tok.n_vocab and ids[0] == tok.eot
@@ -257,19 +242,16 @@ def test_dpo_pairs_padding_and_folder_lock_with_the_trained_tokenizer(pipeline, 
         dpo.main()
     finally:
         release_folder(str(tmp / "dpo"))
-        use_tokenizer(load_tokenizer("gpt2"))
     ckpt = torch.load(tmp / "dpo" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == tok.to_string() and ckpt["model_config"]["vocab_size"] == 512
     assert LOCK_NAME not in os.listdir(tmp / "dpo")
 
     # its model card: the trained tokenizer's facts and ids, and what made the model
-    from gptkit.checkpoint import load_model
+    from gptkit.loading import load_model
     from gptkit.modelcard import run_facts, write_model_card
-    try:
-        model, ckpt = load_model(str(tmp / "dpo"), verbose=False)
-    finally:
-        use_tokenizer(load_tokenizer("gpt2"))  # the card reads the checkpoint's tokenizer, not the process's
-    assert write_model_card(str(tmp / "dpo_card"), run_facts(model, ckpt, str(tmp / "dpo")), None, "mit", [], []) \
+    model, model_tok, ckpt = load_model(str(tmp / "dpo"), verbose=False)
+    assert write_model_card(str(tmp / "dpo_card"), run_facts(model, model_tok, ckpt, str(tmp / "dpo")), None, "mit",
+                            [], []) \
         == ["loss.png", "README.md"]  # dpo.py's log plots like the others
     card = (tmp / "dpo_card" / "README.md").read_text(encoding="utf-8")
     val = [json.loads(line) for line in open(tmp / "dpo" / "log.jsonl") if "val_loss" in line][-1]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, shared_data
+from gptkit.tokenizer import load_tokenizer
 
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--micro_batch_size=4",
         "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", "--warmup_steps=2"]
@@ -23,10 +24,10 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_siz
 def data_dir(tmp_path_factory):
     """Train/val shards of tiny Shakespeare (the first ~55k tokens; val is the last tenth)."""
     from gptkit.data import write_shard
-    from gptkit.tokenizer import EOT, get_tokenizer
+    from gptkit.tokenizer import EOT, load_tokenizer
     with open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
         text = f.read()[:200_000]
-    ids = np.array([EOT] + get_tokenizer().encode(text), dtype=np.uint16)
+    ids = np.array([EOT] + load_tokenizer("gpt2").encode(text), dtype=np.uint16)
     cut = len(ids) * 9 // 10
     path = tmp_path_factory.mktemp("shards")
     write_shard(str(path / "train_000000.bin"), ids[:cut])
@@ -225,7 +226,7 @@ def tiny_cfg(*args):
     the folder's lock for the rest of the process: never the checkout's out/)."""
     import tempfile
     from gptkit.configurator import load_config
-    from gptkit.trainer import TrainConfig
+    from gptkit.train_config import TrainConfig
     out = [] if any(a.startswith("--out_dir=") for a in args) else [f"--out_dir={tempfile.mkdtemp()}/run"]
     return load_config(TrainConfig, TINY + ["--total_batch_tokens=256", "--max_steps=100", *out, *args])
 
@@ -237,7 +238,7 @@ def cpu_runtime():
 
 def test_token_weighted_accumulation(tiny_config):
     from model import GPT
-    from gptkit.trainer import train_step
+    from gptkit.optim import train_step
     torch.manual_seed(0)
     x = torch.randint(0, 50257, (4, 64))
     y = torch.randint(0, 50257, (4, 64))
@@ -271,7 +272,7 @@ def test_token_weighted_accumulation(tiny_config):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # AdamW skips the update on the device, Muon on the host
 def test_nonfinite_loss_skips_the_update(tiny_config, optimizer):
     from model import GPT
-    from gptkit.trainer import configure_optimizers, train_step
+    from gptkit.optim import configure_optimizers, train_step
     cfg, rt = tiny_cfg(f"--optimizer={optimizer}"), cpu_runtime()
     model = GPT(tiny_config, verbose=False)
     optimizers = configure_optimizers(model, cfg, "cpu")
@@ -298,7 +299,7 @@ def test_adamw_step_reads_nothing_back_from_the_device(tiny_config, monkeypatch)
     """With AdamW (bf16/fp32) the step never waits for the GPU: the host can queue the next step's
     work while this one runs. Here any read of a tensor value on the host fails the test."""
     from model import GPT
-    from gptkit.trainer import configure_optimizers, train_step
+    from gptkit.optim import configure_optimizers, train_step
     cfg, rt = tiny_cfg(), cpu_runtime()
     model = GPT(tiny_config, verbose=False)
     optimizers = configure_optimizers(model, cfg, "cpu")
@@ -317,7 +318,7 @@ def test_adamw_step_reads_nothing_back_from_the_device(tiny_config, monkeypatch)
 
 
 def test_lr_schedules():
-    from gptkit.trainer import lr_multiplier
+    from gptkit.optim import lr_multiplier
     cfg = tiny_cfg("--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_steps=10", "--max_steps=100")
     cosine = [lr_multiplier(s, cfg) for s in range(100)]
     assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
@@ -335,7 +336,7 @@ def test_lr_schedules():
 
 def test_muon_optimizer_covers_every_parameter_once(tiny_config):
     from model import GPT
-    from gptkit.trainer import configure_optimizers, set_lr, train_step
+    from gptkit.optim import configure_optimizers, set_lr, train_step
     cfg, rt = tiny_cfg("--optimizer=muon"), cpu_runtime()
     model = GPT(tiny_config, verbose=False)
     adamw, muon = configure_optimizers(model, cfg, "cpu")
@@ -354,7 +355,7 @@ def test_muon_optimizer_covers_every_parameter_once(tiny_config):
 
 def test_batch_size_must_divide_across_processes():
     from gptkit.configurator import ConfigError
-    from gptkit.trainer import grad_accum_steps
+    from gptkit.losses import grad_accum_steps
     cfg = tiny_cfg("--total_batch_tokens=768")  # 3 micro-batches of 4 x 64
     assert grad_accum_steps(cfg, 1) == 3
     with pytest.raises(ConfigError, match="not a multiple of micro_batch_size"):
@@ -382,10 +383,11 @@ def test_plot_log_writes_png(full_run, tmp_path):
 def test_init_model_from_checkpoint_path(full_run):
     from gptkit.configurator import ConfigError
     from gptkit.checkpoint import load_checkpoint
-    from gptkit.trainer import init_model
+    from gptkit.loading import init_model
     out, _ = full_run
     cfg = tiny_cfg(f"--init_from={out}", "--dropout=0.2")
-    model, ckpt = init_model(cfg, cpu_runtime())
+    model, tok, ckpt = init_model(cfg, cpu_runtime())
+    assert tok.hash == "gpt2"  # the data's tokenizer, which the checkpoint carries too
     assert ckpt is None  # new training from these weights: no optimizer or step carried over
     assert model.config.dropout == 0.2 and model.transformer.h[0].mlp.dropout.p == 0.2
     saved = load_checkpoint(out)["model"]
@@ -405,7 +407,7 @@ def test_a_new_run_never_overwrites_a_run_folder(full_run, data_dir):
     assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
     # starting from the run's weights into the same folder is refused the same way
     from gptkit.configurator import ConfigError
-    from gptkit.trainer import init_model
+    from gptkit.loading import init_model
     with pytest.raises(ConfigError, match="already holds a run"):
         init_model(tiny_cfg(f"--init_from={out}", f"--out_dir={out}"), cpu_runtime())
 
@@ -529,7 +531,7 @@ def test_activation_checkpointing_flag_reaches_the_model(tiny_config, tmp_path, 
         out = str(tmp_path / f"ac_{flag}")
         cfg = tiny_cfg(f"--out_dir={out}", "--max_steps=2", "--eval_interval=2", f"--activation_checkpointing={flag}")
         loader = FixedLoader()
-        train(cfg, cpu_runtime(), model, loader, lambda: [loader.next_batch()])
+        train(cfg, cpu_runtime(), model, load_tokenizer("gpt2"), loader, lambda: [loader.next_batch()])
         assert model.activation_checkpointing is flag
         # 2 steps x 1 micro-batch x 2 blocks when on; the two evals run unchecked
         assert len(calls) == (2 * 2 if flag else 0)

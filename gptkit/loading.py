@@ -1,0 +1,193 @@
+"""
+Where a model comes from: the one place that turns a name into (model, tokenizer), and checks the
+model against the tokenizer and the context a run asks for.
+
+    model, tok, meta = load_model("out/dolly", device="cuda")    # sample, serve, eval, export, bench
+    model, tok, ckpt = init_model(cfg, rt)                       # train.py, finetune.py, dpo.py
+
+A model comes from one of four sources (model_source tells which):
+    scratch       a new GPT of cfg's n_layer, n_head, n_embd, block_size; the data's tokenizer
+    resume        <out_dir>/ckpt.pt with its optimizer, data position and RNG (init_model only)
+    checkpoint    a gptkit run directory or ckpt.pt: its weights and the tokenizer it carries
+    hf            a Hugging Face GPT-2 folder or a hub name (gpt2, gpt2-xl, ...): weights via gptkit/hf.py;
+                  GPT-2's tokenizer, or the trained one a gptkit export carries
+The tokenizer always travels with the model: load_model returns the model's, init_model the data's
+after checking that the model was made with the same one. meta is what the model's file tells
+besides its weights: the checkpoint dict, or for a Hugging Face model hf_run_info's {"kind", ...}.
+"""
+
+import dataclasses
+import json
+import os
+
+from model import GPT, GPTConfig
+from gptkit.checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, resolve_path, saved_step
+from gptkit.configurator import ConfigError
+from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
+from gptkit.lock import hold_folder
+from gptkit.system import print0
+from gptkit.tokenizer import check_same_tokenizer, checkpoint_tokenizer, data_tokenizer, load_tokenizer
+
+
+def model_source(spec):
+    """"scratch", "resume", "checkpoint", "hf" or None (none of them) for an init_from / ckpt value."""
+    if spec in ("scratch", "resume"):
+        return spec
+    if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME)):
+        return "checkpoint"
+    if is_hf_folder(spec) or is_hub_name(spec):
+        return "hf"
+    return None
+
+
+def ckpt_arg_problems(ckpt, example="out/fineweb_124m", hf=True):
+    """The config check of a script's --ckpt option -> a list of problems (empty when it is usable).
+    hf: a Hugging Face GPT-2 folder or hub name (gpt2, ...) is usable too (load_model reads it)."""
+    also = ", a Hugging Face GPT-2 folder or a hub name such as gpt2" if hf else ""
+    if not ckpt:
+        return [f"ckpt is empty: give a run directory (--ckpt={example}) or a ckpt.pt file{also}"]
+    if is_hf_folder(ckpt) or is_hub_name(ckpt):
+        return [] if hf else [f"ckpt={ckpt!r} is a Hugging Face model, not a gptkit run: give a run directory "
+                              "or a ckpt.pt file"]
+    if not os.path.exists(ckpt):
+        return [f"ckpt={ckpt!r} does not exist: give a run directory or a ckpt.pt file{also}"]
+    if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, CKPT_NAME)):
+        return [f"ckpt={ckpt!r} is a folder without {CKPT_NAME} (a run that has not saved yet, or not a run "
+                f"directory): give a run directory holding {CKPT_NAME}, or a .pt file"]
+    return []
+
+
+def model_kind(spec):
+    """"chat" or "base": what the model at spec was trained as (ckpt.json beside a gptkit checkpoint,
+    config.json of a Hugging Face folder), read without loading weights; "base" when it cannot be told."""
+    folder = os.path.dirname(spec) if os.path.isfile(spec) else spec
+    try:
+        with open(os.path.join(folder, "ckpt.json"), encoding="utf-8") as f:
+            return json.load(f).get("kind", "base")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return hf_run_info(folder)["kind"] if is_hf_folder(folder) else "base"
+
+
+def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
+    """GPT from a checkpoint dict; overrides change config fields that do not alter shapes (dropout)."""
+    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:  # a newer or forked gptkit's model
+        raise CheckpointError(f"{path}: its model config has fields this gptkit's model does not know ({', '.join(unknown)}): "
+                              "it was made by another version of gptkit; use that version, or a checkpoint made by this one")
+    model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
+    model = GPT(model_config, verbose=verbose)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model config stored with them: {e}") from e
+    return model
+
+
+def check_vocabulary(model, tok, where):
+    """Every id the tokenizer can produce must have an embedding row."""
+    if model.config.vocab_size < tok.n_vocab:
+        raise CheckpointError(f"{where}: the model has {model.config.vocab_size} token embeddings but the "
+                              f"tokenizer needs {tok.n_vocab} ({tok.name}: text tokens plus the chat tokens); "
+                              "this model was not made for that tokenizer")
+
+
+def _load(spec, source, verbose, **overrides):
+    """A checkpoint or Hugging Face model -> (model on the CPU, its tokenizer, meta)."""
+    if source == "hf":
+        model, meta = load_hf_gpt2(spec, verbose=verbose, **overrides), hf_run_info(spec)
+    else:
+        meta = load_checkpoint(spec)
+        model = build_model(meta, resolve_path(spec), verbose=verbose, **overrides)
+    tok = checkpoint_tokenizer(meta)
+    check_vocabulary(model, tok, spec)
+    return model, tok, meta
+
+
+def load_model(path, device="cpu", verbose=True, **overrides):
+    """-> (model in eval mode on device, its tokenizer, meta), for sample, serve, eval, export and bench.
+    path: a run directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2,
+    gpt2-xl, ...: to compare with OpenAI's models, or use an export)."""
+    source = model_source(path)
+    if source not in ("checkpoint", "hf"):
+        resolve_path(path)  # raises the message that says what to give
+    model, tok, meta = _load(path, source, verbose, **overrides)
+    model.to(device)
+    model.eval()
+    return model, tok, meta
+
+
+def run_tokenizer(cfg):
+    """The tokenizer of cfg.data_dir (prepare_*.py recorded it there; none recorded: GPT-2), checked
+    against cfg.tokenizer when that is given."""
+    tok = data_tokenizer(cfg.data_dir) if os.path.isdir(cfg.data_dir) else load_tokenizer(cfg.tokenizer or "gpt2")
+    if cfg.tokenizer and load_tokenizer(cfg.tokenizer).hash != tok.hash:
+        raise ConfigError(f"tokenizer={cfg.tokenizer} ({load_tokenizer(cfg.tokenizer).hash}), but {cfg.data_dir} was "
+                          f"prepared with tokenizer {tok.name}: leave tokenizer out (the data's is used), or "
+                          "prepare the data again with this one")
+    return tok
+
+
+def model_vocab_size(cfg, tok):
+    """The model's embedding rows: vocab_size when set (at least the tokenizer's), else the tokenizer's."""
+    if cfg.vocab_size and cfg.vocab_size < tok.n_vocab:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {tok.n_vocab} ids of tokenizer "
+                          f"{tok.name}: leave it 0 (the tokenizer's, padded to {tok.vocab_size})")
+    return cfg.vocab_size or tok.vocab_size
+
+
+def scratch_model(cfg, vocab_size, dropout=None, verbose=True):
+    """A new GPT of cfg's shape (n_layer, n_head, n_embd, block_size, bias) on the CPU; dropout: cfg's
+    unless given (bench.py times decoding without it)."""
+    return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_embd=cfg.n_embd, bias=cfg.bias, dropout=cfg.dropout if dropout is None else dropout),
+               verbose=verbose)
+
+
+def init_model(cfg, rt):
+    """-> (model on rt.device, the data's tokenizer, checkpoint dict to resume from or None).
+
+    cfg.init_from: scratch, resume, a gptkit checkpoint (its weights, fresh training; cfg.dropout
+    applies) or a Hugging Face GPT-2 (model_source). First it makes this process out_dir's one
+    writer (rank 0; gptkit/lock.py): a second run on it stops there. A model made with another
+    tokenizer than the data's is refused, and so is a block_size longer than the model's context:
+    cfg.block_size is the length of the rows the run trains on, at most the model's block_size."""
+    if rt.master:  # before anything in out_dir is read: a second process on it stops here, naming the first
+        hold_folder(cfg.out_dir)
+    tok = run_tokenizer(cfg)
+    source, own = model_source(cfg.init_from), os.path.join(cfg.out_dir, CKPT_NAME)
+    if source != "resume" and os.path.exists(own):
+        # a new run here would replace the log at once and the checkpoint at its first save
+        raise ConfigError(f"{cfg.out_dir} already holds a run ({own}{saved_step(cfg.out_dir)}), which a new run "
+                          f"with init_from={cfg.init_from} would overwrite: continue it with --init_from=resume, or "
+                          f"give a new --out_dir (delete {cfg.out_dir} to start over there)")
+    ckpt = None
+    if source == "scratch":
+        model = scratch_model(cfg, model_vocab_size(cfg, tok), verbose=rt.master)
+    elif source == "resume":
+        if not os.path.exists(own):
+            raise ConfigError(f"init_from=resume, but there is no checkpoint at {own}: check out_dir, or start "
+                              "a new run (init_from=scratch to pretrain, or the path of a run or .pt file to start from)")
+        ckpt = load_checkpoint(own)
+        check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(ckpt), own)
+        model = build_model(ckpt, own, verbose=rt.master)  # the run's own model config, dropout included
+        # block_size is the run's row length, not ignored; the model's shape comes from the checkpoint
+        differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
+                  if k != "block_size" and hasattr(cfg, k) and getattr(cfg, k) != v
+                  and not (k == "vocab_size" and cfg.vocab_size == 0)]
+        if differ:
+            print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
+    elif source in ("checkpoint", "hf"):
+        model, model_tok, _ = _load(cfg.init_from, source, rt.master, dropout=cfg.dropout)
+        check_same_tokenizer(tok, cfg.data_dir, model_tok, cfg.init_from)
+    else:
+        raise ConfigError(f"init_from={cfg.init_from!r} is none of: scratch, resume, a gptkit checkpoint (a .pt file "
+                          f"or a run directory holding {CKPT_NAME}), a Hugging Face GPT-2 folder (with config.json), "
+                          "or a hub name such as gpt2 / gpt2-medium")
+    check_vocabulary(model, tok, cfg.init_from)
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context of "
+                          f"{model.config.block_size}: use --block_size={model.config.block_size} or less (and "
+                          "prepare chat data with the same block_size)")
+    model.to(rt.device)
+    return model, tok, ckpt

@@ -1,0 +1,196 @@
+"""
+The settings of the training scripts, one dataclass each: TrainConfig (train.py, and bench.py's
+base), FinetuneConfig (finetune.py) and DPOConfig (dpo.py), each the one before with its own
+defaults and keys. Every field carries a "why" comment, which --help prints.
+
+    cfg = configure(TrainConfig)      # python train.py config/fineweb_124m.py --max_steps=100
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from gptkit.configurator import BaseConfig
+from gptkit.system import STOPPED_EXIT_HELP
+from gptkit.tokenizer import tokenizer_problems
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    help_epilog: ClassVar[str] = STOPPED_EXIT_HELP  # --help ends with it: how a stopped run exits
+    # data and run
+    data_dir: str = "data/fineweb_edu"  # prepared shards (prepare_fineweb.py / prepare_instruct.py)
+    out_dir: str = "out/fineweb_124m"   # checkpoints, log.jsonl, config.json land here
+    init_from: str = "scratch"          # scratch | resume | path of a gptkit checkpoint or a Hugging Face GPT-2 folder | gpt2* hub name
+    # model (ignored when starting from a checkpoint, except dropout)
+    n_layer: int = 12                   # transformer blocks
+    n_head: int = 12                    # attention heads per block (n_embd / n_head is the head size)
+    n_embd: int = 768                   # width of the residual stream
+    block_size: int = 1024              # context length in tokens
+    vocab_size: int = 0                 # 0: the tokenizer's vocabulary padded to a multiple of 64 (GPT-2: 50304, chat tokens included)
+    tokenizer: str = ""                 # empty: the one data_dir was prepared with; gpt2 or a path: checked against it
+    bias: bool = False                  # biases in linear layers and LayerNorms (GPT-2 has them)
+    dropout: float = 0.0                # 0 for pretraining on much data; try 0.1 when finetuning on little
+    # batch: tokens per optimizer step; accumulation = total_batch_tokens / (micro_batch_size * block_size * world_size)
+    total_batch_tokens: int = 524288    # 2**19, about 0.5M tokens per step, as GPT-3 small
+    micro_batch_size: int = 16          # sequences per forward pass per GPU: the memory knob
+    max_steps: int = 19073              # 19073 * 2**19 = 10B tokens, one epoch of FineWeb-Edu sample-10BT
+    # optimizer
+    optimizer: str = "adamw"            # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    learning_rate: float = 6e-4         # peak AdamW learning rate, reached after warmup_steps
+    min_lr: float = 6e-5                # end of the decay
+    warmup_steps: int = 700             # linear warmup from learning_rate / warmup_steps
+    lr_schedule: str = "cosine"         # cosine | wsd (warmup, stable, then linear decay over decay_fraction)
+    decay_fraction: float = 0.2         # wsd: share of the steps spent decaying
+    weight_decay: float = 0.1           # on 2-D weights only (not biases or LayerNorms)
+    beta1: float = 0.9                  # AdamW momentum
+    beta2: float = 0.95                 # AdamW second-moment decay (0.95: steadier for LLMs than 0.999)
+    muon_learning_rate: float = 0.02    # Muon's own scale: its updates are orthogonalised, not Adam-sized
+    grad_clip: float = 1.0              # clip the global gradient norm; 0 disables
+    activation_checkpointing: bool = False  # recompute blocks in backward: much less memory, up to 1/3 more compute
+    max_bad_steps: int = 5              # stop after this many non-finite losses in a row
+    data_mode: str = "random"           # random: every window once per epoch, shuffled anew; sequential: shard order
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250            # steps between val losses (and samples); also at the end
+    eval_tokens: int = 10485760         # fixed val budget (modded-nanogpt uses 10M tokens)
+    log_interval: int = 10              # steps between log lines; the only regular wait for the GPU
+    ckpt_interval: int = 1000           # steps between checkpoints; also at the end and on SIGTERM/Ctrl-C
+    hellaswag_interval: int = 0         # 0: off
+    hellaswag_data: str = ""            # HellaSwag JSONL; empty downloads the official val file
+    hellaswag_limit: int = 0            # 0: all items
+    sample_tokens: int = 48             # length of the samples printed at each eval; 0: none
+    wandb_log: bool = False             # also log to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project: str = "gptkit"       # the wandb project the run goes to
+    wandb_run_name: str = ""            # empty: wandb picks a name
+    stop_step: int = 0                  # save and exit after this step though max_steps is further (job time limits); 0: off
+
+    def validate(self):
+        problems = super().validate()
+        for key in ("data_dir", "out_dir"):
+            if not getattr(self, key).strip():
+                problems.append(f"{key} is empty: give a folder, such as --{key}={getattr(TrainConfig, key)}")
+        if self.optimizer not in ("adamw", "muon"):
+            problems.append(f"optimizer={self.optimizer!r}: use adamw or muon")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            problems.append(f"lr_schedule={self.lr_schedule!r}: use cosine or wsd")
+        if self.data_mode not in ("random", "sequential"):
+            problems.append(f"data_mode={self.data_mode!r}: use random or sequential")
+        if self.micro_batch_size < 1 or self.block_size < 1:
+            problems.append("micro_batch_size and block_size must be positive")
+        else:
+            problems += self.batch_problems()
+        if self.n_head < 1 or self.n_layer < 1 or self.n_embd < 1:
+            problems.append("n_layer, n_head and n_embd must be positive")
+        elif self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.max_steps < 1:
+            problems.append(f"max_steps={self.max_steps} must be at least 1")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            problems.append(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")
+        for key in ("learning_rate", "muon_learning_rate"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{key}={getattr(self, key)} must be positive")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            problems.append(f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                problems.append(f"{key}={getattr(self, key)} must be 0 (off) or more")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)} must be in [0, 1)")
+        if not 0 <= self.decay_fraction <= 1:
+            problems.append(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        for key in ("eval_interval", "log_interval", "ckpt_interval"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)} must be at least 1")
+        if self.tokenizer:
+            problems += tokenizer_problems(self.tokenizer)
+        return problems
+
+    def batch_problems(self):
+        """The step's size against the micro-batch (dpo.py counts pairs, not tokens, and has its own)."""
+        tokens_per_micro_batch = self.micro_batch_size * self.block_size
+        if self.total_batch_tokens % tokens_per_micro_batch:
+            return [f"total_batch_tokens={self.total_batch_tokens} is not a multiple of "
+                    f"micro_batch_size*block_size={tokens_per_micro_batch}"]
+        if self.total_batch_tokens < 1:
+            return [f"total_batch_tokens={self.total_batch_tokens} must be positive (524288 is usual)"]
+        return []
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    data_dir: str = "data/dolly"          # made by prepare_instruct.py
+    out_dir: str = "out/dolly"
+    init_from: str = "out/fineweb_124m"   # the pretrained run (or resume, a .pt file, a Hugging Face GPT-2 folder)
+    dropout: float = 0.1                  # raised from pretraining's 0: a small dataset is easy to memorise
+    total_batch_tokens: int = 32768       # 32 rows of 1024: many small steps, the data is small
+    micro_batch_size: int = 16
+    max_steps: int = 350                  # ~3 epochs of Dolly-15k (printed at the start: adjust to your data)
+    learning_rate: float = 6e-5           # ~10x below pretraining: adapt the model, do not overwrite it
+    min_lr: float = 6e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_tokens: int = 262144             # val conversations scored at each eval (all of them when fewer)
+    ckpt_interval: int = 100
+    data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
+    # the system prompt chats with the model start with: kept in the checkpoint, sample.py's default
+    system: str = "auto"                  # auto: the one prepare_instruct.py gave the data ("" for none)
+    # answers to the first val questions, printed before and after finetuning
+    questions: int = 4                    # how many val questions are asked
+    answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
+
+    def validate(self):
+        problems = super().validate()
+        if self.init_from == "scratch":
+            problems.append("init_from=scratch: finetuning starts from a pretrained model; give its run directory "
+                            "(--init_from=out/fineweb_124m), a .pt file, a Hugging Face GPT-2 folder, or resume")
+        if self.answer_tokens < 0:
+            problems.append(f"answer_tokens={self.answer_tokens} must be 0 or more")
+        if self.questions < 0:
+            problems.append(f"questions={self.questions} must be 0 or more")
+        return problems
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    data_dir: str = "data/dpo"            # preference pairs made by prepare_instruct.py
+    out_dir: str = "out/dpo"
+    init_from: str = "out/dolly"          # the chat model to tune; also the frozen reference
+    dropout: float = 0.0                  # off: dropout would make the policy's log-probs noisy against the reference's
+    total_batch_pairs: int = 64           # pairs per optimizer step (each pair is two sequences)
+    micro_batch_size: int = 4             # pairs per forward pass per GPU: the memory knob (README table)
+    max_steps: int = 900                  # ~1 epoch of UltraFeedback's 61k train pairs at 64 per step
+    learning_rate: float = 1e-6           # DPO moves a chat model little: ~50x below SFT
+    min_lr: float = 1e-7
+    warmup_steps: int = 90                # ~10% of the steps
+    eval_interval: int = 100
+    eval_tokens: int = 524288             # val pairs scored at each eval (chosen + rejected tokens; all when fewer)
+    ckpt_interval: int = 300
+    sample_tokens: int = 0                # the before/after answers show the change; no samples at each eval
+    beta: float = 0.1                     # how far from the reference the policy may move (larger: closer)
+    loss_type: str = "sigmoid"            # sigmoid (DPO) | ipo (squared loss on length-normalised log ratios)
+    label_smoothing: float = 0.0          # sigmoid only: the share of pairs assumed mislabelled (conservative DPO)
+    rpo_alpha: float = 0.0                # weight of an SFT term on the chosen answers (RPO); 0: off
+
+    def batch_problems(self):
+        if self.total_batch_pairs < 1 or self.total_batch_pairs % self.micro_batch_size:
+            return [f"total_batch_pairs={self.total_batch_pairs} must be a positive multiple of "
+                    f"micro_batch_size={self.micro_batch_size}"]
+        return []
+
+    def validate(self):
+        problems = super().validate()
+        if self.beta <= 0:
+            problems.append(f"beta={self.beta} must be positive (0.1 is usual)")
+        if self.loss_type not in ("sigmoid", "ipo"):
+            problems.append(f"loss_type={self.loss_type!r}: use sigmoid or ipo")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            problems.append("label_smoothing applies to loss_type=sigmoid only")
+        if self.rpo_alpha < 0:
+            problems.append(f"rpo_alpha={self.rpo_alpha} must be 0 (off) or more")
+        return problems
