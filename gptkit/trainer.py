@@ -7,7 +7,7 @@ loss they hand to train(): LM_LOSS (next-token cross-entropy) or gptkit/preferen
     train(cfg, rt, model, tok, train_loader, get_val_batches, loss_fn=LM_LOSS, kind="base", ckpt=ckpt)
 
 train() reads top to bottom: set up (optimizers, resume, run folder), then per step: batches ->
-train_step (gptkit/optim.py) -> StepLog (log lines, skipped steps) -> run_eval when due ->
+train_step (gptkit/optim.py) -> StepLog (log lines, skipped steps) -> Evaluation when due ->
 StopSignals / checkpoint. The loss (gptkit/losses.py) says what a batch costs; the loop never asks
 what kind of training it runs.
 """
@@ -219,21 +219,36 @@ class StepLog:
                 "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
 
 
-def run_eval(model, tokenizer, rt, cfg, loss_fn, val_batches, step, hellaswag_path, prompts, logger, say):
-    """Val figures (loss_fn.evaluate), HellaSwag when due, samples -> logged and printed; returns the val figures."""
-    metrics = loss_fn.evaluate(model, val_batches, rt)
-    if hellaswag_path and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
-        result = evaluate_hellaswag(model, tokenizer, hellaswag_path, rt, limit=cfg.hellaswag_limit)
-        metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
-    texts = []
-    if rt.master and prompts and step > 0:
-        texts = sample_texts(model, tokenizer, rt, prompts, cfg.sample_tokens, cfg.seed)
-    logger.log(step, **metrics, **({"samples": "\n---\n".join(texts)} if texts else {}))
-    shown = {k: v for k, v in metrics.items() if not k.startswith("hellaswag_") or k == "hellaswag_acc_norm"}
-    say(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    for text in texts:
-        say(f"  sample: {text!r}")
-    return metrics
+class Evaluation:
+    """What an eval does: val figures (loss_fn.evaluate), HellaSwag when due, samples -> logged and
+    printed. What it needs is bound once; the fixed val batches are made at the first eval and kept."""
+
+    def __init__(self, model, tokenizer, rt, cfg, loss_fn, get_val_batches, hellaswag_path, prompts, logger, say):
+        self.model, self.tokenizer, self.rt, self.cfg, self.loss_fn = model, tokenizer, rt, cfg, loss_fn
+        self.get_val_batches, self.val_batches = get_val_batches, None
+        self.hellaswag_path, self.prompts, self.logger, self.say = hellaswag_path, prompts, logger, say
+
+    def due(self, step):
+        return step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
+
+    def __call__(self, step):
+        """-> the val figures of the model at this step."""
+        cfg, rt = self.cfg, self.rt
+        if self.val_batches is None:
+            self.val_batches = self.get_val_batches()
+        metrics = self.loss_fn.evaluate(self.model, self.val_batches, rt)
+        if self.hellaswag_path and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
+            result = evaluate_hellaswag(self.model, self.tokenizer, self.hellaswag_path, rt, limit=cfg.hellaswag_limit)
+            metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
+        texts = []
+        if rt.master and self.prompts and step > 0:
+            texts = sample_texts(self.model, self.tokenizer, rt, self.prompts, cfg.sample_tokens, cfg.seed)
+        self.logger.log(step, **metrics, **({"samples": "\n---\n".join(texts)} if texts else {}))
+        shown = {k: v for k, v in metrics.items() if not k.startswith("hellaswag_") or k == "hellaswag_acc_norm"}
+        self.say(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        for text in texts:
+            self.say(f"  sample: {text!r}")
+        return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,25 +285,17 @@ def train(cfg, rt, model, tokenizer, train_loader, get_val_batches, loss_fn=LM_L
     logger = MetricsLogger(cfg.out_dir, enabled=rt.master, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
                            wandb_run_name=cfg.wandb_run_name or None, config=config_dict(cfg), resume=ckpt is not None)
     print0(f"{loss_fn.batch_summary(cfg, grad_accum, rt.world_size)}")
-    val_batches = None
-    prompts = sample_prompts if sample_prompts is not None else (default_sample_prompts(tokenizer) if cfg.sample_tokens else [])
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not rt.master)
-
-    def say(line):  # print above the progress bar, on rank 0 only (tqdm.write prints even when disabled)
-        if rt.master:
-            bar.write(line)
-
-    def evaluate():
-        nonlocal val_batches, best_val_loss
-        val_batches = val_batches if val_batches is not None else get_val_batches()
-        metrics = run_eval(model, tokenizer, rt, cfg, loss_fn, val_batches, step, hellaswag_path, prompts, logger, say)
-        best_val_loss = min(best_val_loss, metrics["val_loss"])
-
+    say = bar.write if rt.master else (lambda line: None)  # above the progress bar, on rank 0 only
+    if sample_prompts is None:
+        sample_prompts = default_sample_prompts(tokenizer) if cfg.sample_tokens else []
+    evaluate = Evaluation(model, tokenizer, rt, cfg, loss_fn, get_val_batches, hellaswag_path, sample_prompts,
+                          logger, say)
     steps = StepLog(cfg, rt, model, logger, say, log_state)
     try:
         with StopSignals(rt) as signals:
-            if ckpt is None:
-                evaluate()  # the baseline the val curve starts from
+            if ckpt is None:  # the baseline the val curve starts from
+                best_val_loss = min(best_val_loss, evaluate(step)["val_loss"])
             while step < cfg.max_steps:
                 set_lr(optimizers, lr_multiplier(step, cfg))
                 micro_batches = [train_loader.next_batch() for _ in range(grad_accum)]
@@ -305,16 +312,16 @@ def train(cfg, rt, model, tokenizer, train_loader, get_val_batches, loss_fn=LM_L
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 # evaluate, then checkpoint (so the checkpoint holds this eval's best_val_loss)
                 pause = time.time()
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                    evaluate()
+                if evaluate.due(step):
+                    best_val_loss = min(best_val_loss, evaluate(step)["val_loss"])
                 stop = signals.should_stop(step, cfg.stop_step)
                 save_due = step % cfg.ckpt_interval == 0 or step == cfg.max_steps or stop
                 if save_due:
                     steps.read_flags()
                 # never during a run of skipped steps: the last checkpoint is the last good state
                 if save_due and (steps.bad_in_row == 0 or stop):
-                    save_training_state(cfg, rt, model, tokenizer, optimizers, scaler, train_loader, kind, step, tokens_seen,
-                                        best_val_loss, steps.state())
+                    save_training_state(cfg, rt, model, tokenizer, optimizers, scaler, train_loader, kind, step,
+                                        tokens_seen, best_val_loss, steps.state())
                 steps.start += time.time() - pause  # evals and saves stay out of tokens/s
                 if stop and step < cfg.max_steps:
                     say(f"stopped at step {step} ({signals.reason(cfg.stop_step)}); checkpoint saved in "

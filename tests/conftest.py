@@ -15,6 +15,11 @@ if os.path.isdir(_cache) and "TIKTOKEN_CACHE_DIR" not in os.environ:
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run (a script as a subprocess, training, a browser); "
+                                       "`-m \"not slow\"` is the fast tier")
+
+
 def shared_data(*parts):
     """Path of a file in ../shared/data; skips the test when that folder is absent."""
     path = os.path.join(SHARED_DATA, *parts)

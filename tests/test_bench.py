@@ -32,6 +32,7 @@ def test_mfu_arithmetic():
     assert mfu(flops_per_token, 600_000, None) is None
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_json():
     cmd = [sys.executable, "bench.py", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32",
            "--block_size=32", "--micro_batch_size=2", "--total_batch_tokens=128", "--steps=2", "--warmup=1",
@@ -84,6 +85,7 @@ def test_decode_fits_the_prompt_to_a_short_context(capsys):
     assert result["kv_cache_tokens_per_sec"] > 0 and result["no_cache_tokens_per_sec"] > 0
 
 
+@pytest.mark.slow
 def test_attention_kernels_names_what_ran_on_the_cpu():
     rt = setup_runtime("cpu", "float32", 1337, verbose=False)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32), verbose=False)

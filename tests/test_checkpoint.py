@@ -76,6 +76,7 @@ def test_folder_without_checkpoint_and_unknown_model_fields(tmp_path, tiny_confi
         load_model(str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_scripts_report_a_bad_checkpoint_in_one_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     for script, args in (("sample.py", ["--prompt=hi"]), ("eval_hellaswag.py", []),
@@ -108,6 +109,7 @@ def test_resume_refuses_a_run_of_the_other_script(saved_kind, run_kind, advice):
         restore_training_state(ckpt, SimpleNamespace(out_dir="run", optimizer="adamw"), None, [], None, None, run_kind)
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous(tmp_path):
     # A child process saves big checkpoints over and over; kill it without warning in the middle of
     # a save (most of each save is writing ckpt.pt), at several points of the save.
@@ -178,6 +180,7 @@ def test_ctrl_c_is_one_line_that_says_what_is_kept(capsys):
     assert capsys.readouterr().err == "\ninterrupted: the shards written so far are kept\n"
 
 
+@pytest.mark.slow
 def test_tied_embeddings_stay_one_tensor_through_save_resume_and_export(tmp_path, tiny_config):
     from gptkit.hf import export_hf, load_hf_gpt2
     model = GPT(tiny_config, verbose=False)

@@ -125,6 +125,7 @@ def test_every_config_file_loads(path):
         load_config(cls, [path])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank,says", [("0", True), ("1", False)])
 def test_script_config_error_is_said_once_under_torchrun(rank, says):
     import subprocess
@@ -142,6 +143,7 @@ SCRIPT_CLASSES = [("prepare_fineweb", "PrepareConfig"), ("prepare_instruct", "In
                   ("plot_log", "PlotConfig"), ("quickstart", "QuickstartConfig")]
 
 
+@pytest.mark.slow
 def test_help_says_each_keys_default_type_and_description():
     import subprocess
     import sys

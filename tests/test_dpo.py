@@ -175,6 +175,7 @@ def exported(tmp_path_factory):
     return models, AutoTokenizer.from_pretrained(str(folder / "policy")), folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
 def test_loss_rewards_and_logps_equal_trls(exported, rule_data, loss_type, rpo_alpha):
     # test-only dependencies, heavy to import: only the comparison with trl needs them
@@ -239,6 +240,7 @@ def rule_following(model, tok, prompts):
     return hits / len(prompts), probability / len(prompts)
 
 
+@pytest.mark.slow
 def test_reward_accuracy_rises_and_sampled_answers_follow_the_rule(rule_data, full_run):
     log = read_log(full_run)
     accuracy = losses(log, "val_rewards/accuracies")
@@ -254,6 +256,7 @@ def test_reward_accuracy_rises_and_sampled_answers_follow_the_rule(rule_data, fu
     assert load_model(full_run, verbose=False)[2]["kind"] == "chat"
 
 
+@pytest.mark.slow
 def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run(rule_data, full_run):
     out = str(rule_data / "resumed")
     common = [f"--data_dir={rule_data / 'data'}", f"--out_dir={out}", "--micro_batch_size=4", *RUN]
@@ -268,6 +271,7 @@ def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run(rule_data, full
             assert abs(a[step] - b[step]) < 1e-6, (key, step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(rule_data, full_run):
     out = str(rule_data / "ddp")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -287,6 +291,7 @@ def test_torchrun_two_processes_match_one(rule_data, full_run):
 # ------------------------------------------------------------------------------------------------
 # Bad input
 
+@pytest.mark.slow
 def test_bad_inputs_give_their_messages(rule_data, full_run, tmp_path, monkeypatch, capsys):
     source = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                       {"prompt": "a", "chosen": "b"}])

@@ -122,6 +122,7 @@ def test_transformers_logits_equal_ours_tiny(tiny_export):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_transformers_logits_equal_ours_124m_shape(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=False), verbose=False).eval()
@@ -308,6 +309,7 @@ def test_not_gpt2_folders_give_clear_errors(tmp_path, tiny_export):
         load_hf_gpt2(str(tmp_path / "damaged"))
 
 
+@pytest.mark.slow
 def test_export_script_end_to_end(tmp_path, tiny_export):
     model, _ = tiny_export
     ckpt_dir, out = tmp_path / "run", tmp_path / "hf"
@@ -387,6 +389,7 @@ def test_imported_gpt2_never_prefers_the_padded_slots(tmp_path):
     assert probs[..., 50257:].sum(-1).max().item() <= 47 / 50257 + 1e-6
 
 
+@pytest.mark.slow
 def test_export_killed_over_an_earlier_export_leaves_it_or_a_refused_folder(tiny_export, tmp_path, monkeypatch):
     # Export a model, then export another one (other width, base kind) into the same folder, killed
     # while it writes the weights and before each file rename in turn. sample.py and train.py

@@ -49,6 +49,7 @@ def step_gradients(model, micro_batches):
     return loss.item(), catcher.grads
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_same_gradients_as_one_batch(tmp_path):
     path = tmp_path / "chats.jsonl"  # answers of very different lengths
     path.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": " ".join(map(str, range(n)))}) + "\n"
@@ -81,6 +82,7 @@ def test_finetune_config_checks():
         assert load_config(InstructConfig, [os.path.join(ROOT, recipe)]).data_dir == cfg.data_dir
 
 
+@pytest.mark.slow
 def test_data_without_val_split_is_refused_before_the_model_loads(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
@@ -94,6 +96,7 @@ def test_data_without_val_split_is_refused_before_the_model_loads(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_end_to_end(tmp_path):
     text = open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8").read()[:120_000]
     tokens = [50256] + load_tokenizer("gpt2").encode(text)
@@ -177,6 +180,7 @@ def by_step(records, key):
     return {r["step"]: r[key] for r in records if key in r}
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_double_accumulation(finetuned):
     tmp_path, common, single = finetuned
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -189,6 +193,7 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(finetuned):
             assert abs(one[step] - two[step]) < 1e-5, (key, step, one[step], two[step])
 
 
+@pytest.mark.slow
 def test_stopped_finetune_resumes_exactly(finetuned):
     """finetune.py --init_from=resume: the interrupted run ends with the same figures, bitwise."""
     tmp_path, common, single = finetuned
@@ -202,6 +207,7 @@ def test_stopped_finetune_resumes_exactly(finetuned):
     assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
 
 
+@pytest.mark.slow
 def test_finetune_from_a_hugging_face_folder_trains_the_chat_tokens(tmp_path):
     """GPT-2 has no rows for the chat tokens: they start at the mean embedding and must learn."""
     transformers = pytest.importorskip("transformers")

@@ -251,6 +251,7 @@ def test_top_k_beyond_the_vocabulary_and_top_p_one_change_nothing(model):
     assert tiny_p == list(generate(model, PROMPT, 30, temperature=0))
 
 
+@pytest.mark.slow
 def test_samples_with_the_cache_equal_samples_without(model):
     kwargs = dict(temperature=1.0, top_k=200, top_p=0.95, repetition_penalty=1.2)
     cached = generate_samples(model, PROMPT, 3, 40, generator=make_generator(model, 9), **kwargs)

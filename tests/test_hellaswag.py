@@ -239,6 +239,7 @@ def _run_and_items(tmp_path, config, seed, n_items):
     return model, _write_jsonl(tmp_path / "items.jsonl", items)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
     model, data = _run_and_items(tmp_path, tiny_config, seed=3, n_items=23)  # odd: the ranks get 12 and 11 items
     args = [f"--ckpt={tmp_path / 'run'}", f"--data={data}", "--device=cpu", "--batch_size=5", "--limit=21"]
@@ -254,6 +255,7 @@ def test_two_processes_give_the_same_counts_as_one(tmp_path, tiny_config):
     assert _run_eval([f"--ckpt={tmp_path / 'hf'}"] + args[1:], 1) == one
 
 
+@pytest.mark.slow
 def test_compiled_evaluation_scores_the_same(tmp_path, tiny_config, monkeypatch, capsys):
     """eval_hellaswag.py --compile=True on CPU (inductor; about 15 s to compile here): the model is
     compiled and scores what the eager model scores."""
@@ -344,6 +346,7 @@ def real_items_and_reference():
     return model, reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_scores_match_a_plain_reference_on_real_items(real_items_and_reference, batch_size, tmp_path, monkeypatch):
     model, reference = real_items_and_reference
@@ -376,6 +379,7 @@ def test_scores_match_a_plain_reference_on_real_items(real_items_and_reference, 
             assert seen_total == pytest.approx(total, abs=2e-4)
 
 
+@pytest.mark.slow
 def test_rows_split_context_and_ending_as_lm_evaluation_harness():
     """Every item of the real val file: the scored tokens are the ending's tokens of the whole text
     encoded at once (how lm-evaluation-harness splits a context from its continuation), so encoding

@@ -107,6 +107,7 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_killed_ones(tmp_path, cap
     assert os.listdir(folder) == []  # released: the file is gone, so no stale name is left
 
 
+@pytest.mark.slow
 def test_two_trains_on_one_out_dir_then_sigterm_exits_143(tmp_path, shards):
     out = str(tmp_path / "run")
     args = TINY + [f"--data_dir={shards}", f"--out_dir={out}", "--eval_interval=1000", "--ckpt_interval=1",
@@ -132,6 +133,7 @@ def test_two_trains_on_one_out_dir_then_sigterm_exits_143(tmp_path, shards):
     assert sorted(os.listdir(out)) == ["ckpt.json", "ckpt.pt", "config.json", "log.jsonl"]  # lock released
 
 
+@pytest.mark.slow
 def test_finetune_export_and_prepares_refuse_a_held_folder(tmp_path, tiny_ckpt):
     with open(shared_data("instruct", "instruction-data.json"), encoding="utf-8") as f:
         records = json.load(f)[:40]
@@ -206,6 +208,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_real_checkpoint_save_is_one_error_line(tmp_path, shards):
     out = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "-c", FULL_DISK, os.path.join(ROOT, "train.py"), *TINY,
@@ -231,6 +234,7 @@ def test_full_disk_at_a_runs_first_save_does_not_offer_a_resume(tmp_path, capsys
     assert "no checkpoint had been saved yet" in err and "--init_from=resume" not in err, err
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_has_not_saved_yet_names_the_running_process(tmp_path, shards):
     out = tmp_path / "run"
     with holder(out) as proc:

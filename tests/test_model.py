@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_shapes_and_initial_loss(tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config)
@@ -106,6 +107,7 @@ def test_a_full_kv_cache_says_so(tiny_config):
     assert cache.pos == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_layer,n_head,n_embd,expected", [
     (12, 12, 768, 124_373_760),
     (32, 24, 1296, 711_577_872),
@@ -167,6 +169,7 @@ def test_flops_per_token():
     assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
 
 
+@pytest.mark.slow
 def test_matches_huggingface_gpt2(tiny_config):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -196,6 +199,7 @@ def plain_loss(x, weight, targets):
     return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("chunk_rows", [4096, 7])
 def test_chunked_cross_entropy_matches_plain(monkeypatch, chunk_rows, compiled):

@@ -55,6 +55,7 @@ def exported(run_dir, tmp_path_factory):
     return out, model, proc
 
 
+@pytest.mark.slow
 def test_card_metadata_parses_and_validates_offline(exported):
     # ModelCard.validate posts the card to the Hub (network); offline, the same YAML goes through
     # huggingface_hub's own parsers: metadata_load, ModelCardData and its model-index reader
@@ -72,6 +73,7 @@ def test_card_metadata_parses_and_validates_offline(exported):
     assert card.data.to_dict() == data.to_dict() and card.text.startswith("\n# tiny_chat")
 
 
+@pytest.mark.slow
 def test_card_numbers_match_the_run_log(exported):
     out, model, _ = exported
     text = (out / "README.md").read_text()
@@ -91,6 +93,7 @@ def test_card_numbers_match_the_run_log(exported):
     assert "](loss.png)" in text and open(out / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_cards_transformers_snippet_runs_on_the_export(exported, capsys):
     pytest.importorskip("transformers")
     out, _, _ = exported
@@ -102,6 +105,7 @@ def test_the_cards_transformers_snippet_runs_on_the_export(exported, capsys):
     assert capsys.readouterr().out.endswith("\n")  # it printed the answer (a random model's may be empty)
 
 
+@pytest.mark.slow
 def test_push_uploads_the_export_folder_to_the_named_repo(exported, monkeypatch):
     out, _, _ = exported
     calls = []
@@ -119,6 +123,7 @@ def test_push_uploads_the_export_folder_to_the_named_repo(exported, monkeypatch)
     assert any(fnmatch(LOCK_NAME, p) for p in calls[1][2]["ignore_patterns"])
 
 
+@pytest.mark.slow
 def test_push_offline_or_without_token_is_one_clear_line_and_keeps_the_export(run_dir, tmp_path, monkeypatch,
                                                                                    capsys):
     import export_hf

@@ -25,6 +25,7 @@ def test_notebook_is_stored_without_outputs():
     assert "class GPT" not in source and "def train_step" not in source
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     from nbclient import NotebookClient
     monkeypatch.setenv("GPTKIT_NOTEBOOK_TEXT", shared_data("pretrain", "tinyshakespeare", "input.txt"))

@@ -23,6 +23,7 @@ RECORDS = [{"step": 0, "val_loss": 10.8}, {"step": 5, "loss": 9.5, "lr": 1e-3, "
            {"step": 10, "loss": 8.1, "lr": 2e-3, "tokens_seen": 10240}]
 
 
+@pytest.mark.slow
 def test_out_without_extension_reports_the_file_written(tmp_path):
     write_log(tmp_path, RECORDS)
     [path] = plot_log(str(tmp_path), str(tmp_path / "curves"))
@@ -41,6 +42,7 @@ def test_out_that_cannot_be_written_is_a_config_error(tmp_path):
     assert load_config(PlotConfig, [f"--out={tmp_path / 'loss.pdf'}"]).out.endswith("loss.pdf")
 
 
+@pytest.mark.slow
 def test_empty_log_is_an_error_not_a_blank_plot(tmp_path):
     write_log(tmp_path, [])
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_log.py"), f"--out_dir={tmp_path}"],
@@ -107,6 +109,7 @@ def fake_run(folder, tokens_per_step, steps, loss_at, hellaswag=False):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_runs_of_different_batch_sizes_line_up_by_tokens(tmp_path, monkeypatch):
     # the same token budget in 20 steps of 8192 and in 40 steps of 4096: the same x range, the same curve
     def loss_at(tokens):

@@ -90,6 +90,7 @@ def check_headers(data_dir, shard_tokens):
                 assert tokens.size == shard_tokens  # only the last shard of a split is shorter
 
 
+@pytest.mark.slow
 def test_parquet_and_jsonl_round_trip_split_and_headers(tmp_path):
     records = fineweb_records()
     write_parquet(tmp_path / "fw.parquet", records)
@@ -289,6 +290,7 @@ def test_a_damaged_folder_is_refused_and_foreign_files_are_kept(tmp_path):
         read_header(str(out / "train_000002.bin"))
 
 
+@pytest.mark.slow
 def test_killed_prep_resumes_to_identical_shards(tmp_path):
     reviews = zip_texts("movie_reviews.zip", 300)
     records = [{"text": t, "id": f"review-{i}"} for i, t in enumerate(reviews)]
@@ -327,6 +329,7 @@ def test_killed_prep_resumes_to_identical_shards(tmp_path):
     assert before == {p.name: p.stat().st_mtime_ns for p in killed.iterdir()}
 
 
+@pytest.mark.slow
 def test_unreachable_hub_dataset_says_what_to_do(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # the same failure as no network, without waiting for retries
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), "--source=gptkit-test/no-such-data",
@@ -337,6 +340,7 @@ def test_unreachable_hub_dataset_says_what_to_do(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_next_command_keeps_the_recipe(tmp_path):
     """The printed next step trains with the recipe the data was prepared with, not train.py's 124M defaults."""
     write_jsonl(tmp_path / "fw.jsonl", fineweb_records())
@@ -387,6 +391,7 @@ def test_records_without_text_are_counted_and_too_many_fail(tmp_path):
         run_prepare(tmp_path / "many.jsonl", tmp_path / "many", shard_tokens=5000, val_tokens=2000, num_proc=1)
 
 
+@pytest.mark.slow
 def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
     texts = zip_texts("state_union.zip", 66)  # 8 x 66 speeches: two chunks of 256 that take each worker seconds
     write_jsonl(tmp_path / "speeches.jsonl", [{"text": t} for _ in range(8) for t in texts])

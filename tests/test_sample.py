@@ -285,6 +285,7 @@ def test_stop_tokens_of_each_mode(ckpts, monkeypatch, capsys):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_only_the_answer(ckpts):
     model, chat_dir, _ = ckpts
     result = run_sample([f"--ckpt={chat_dir}", "--prompt=Name a river.", *FLAGS])
@@ -293,6 +294,7 @@ def test_one_shot_prompt_prints_only_the_answer(ckpts):
     assert "mode chat" in result.stderr
 
 
+@pytest.mark.slow
 def test_base_checkpoint_defaults_to_completion(ckpts):
     model, _, base_dir = ckpts
     result = run_sample([f"--ckpt={base_dir}", "--prompt=Once upon a time", *FLAGS])
@@ -302,6 +304,7 @@ def test_base_checkpoint_defaults_to_completion(ckpts):
     assert "mode complete" in result.stderr
 
 
+@pytest.mark.slow
 def test_piped_prompt_and_seeded_samples(ckpts):
     """A piped prompt of two lines is one prompt (one message), two samples: the text equals what the
     same seed gives in this process."""
@@ -333,6 +336,7 @@ def read_until(fd, buffer, predicate, timeout=60):
             buffer[0] += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal(ckpts):
     """Two turns, /reset, a turn, /quit, through a pseudo-terminal; greedy answers are checked
     against the model run here on the same history, so the history must be right."""
@@ -371,6 +375,7 @@ def test_chat_in_a_terminal(ckpts):
     assert text.index(f"{u1}\n{a1}\n", cleared) > cleared  # after /reset the first answer comes back
 
 
+@pytest.mark.slow
 def test_one_shot_mistakes_are_one_error_line(ckpts):
     _, chat_dir, _ = ckpts
     empty = run_sample([f"--ckpt={chat_dir}", *FLAGS], stdin_text="  \n")
@@ -385,6 +390,7 @@ def test_one_shot_mistakes_are_one_error_line(ckpts):
     assert alone.returncode == 2 and "error: this message takes" in alone.stderr and "/system" not in alone.stderr
 
 
+@pytest.mark.slow
 def test_a_hugging_face_folder_answers_like_its_checkpoint(ckpts, tmp_path):
     # an exported model (or any GPT-2 folder, or a hub name such as gpt2) loads in sample.py directly
     model, chat_dir, base_dir = ckpts
@@ -401,6 +407,7 @@ def test_a_hugging_face_folder_answers_like_its_checkpoint(ckpts, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- long chats, Ctrl-C, output
 
+@pytest.mark.slow
 def test_a_chat_longer_than_the_context(ckpts, monkeypatch, capsys):
     """Eight turns through the real sampler on a model with a 64-token context: old turns go, the
     system prompt stays, every prompt plus its answer fits, and each answer is what the model gives
@@ -529,6 +536,7 @@ def test_a_terminal_without_utf8_gets_a_character_it_can_show(ckpts, monkeypatch
     assert raw.getvalue().decode("cp1252").endswith(" café\n")  # what cp1252 has is kept
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(ckpts):
     """`python sample.py --prompt=... | head -c 10`: the reader leaves early; no traceback."""
     _, chat_dir, _ = ckpts

@@ -97,6 +97,7 @@ def chat_ids(messages, max_tokens):
     return chat_prompt_ids(GPT2, "", messages, max_tokens, BLOCK)[0]
 
 
+@pytest.mark.slow
 def test_chat_completion_with_the_openai_client(server, client):
     model = server.model
     messages = [{"role": "user", "content": "Name a river."}]
@@ -201,6 +202,7 @@ def test_stop_strings_never_show_part_of_one():
     assert (stops.feed("nE"), stops.flush()) == (("n", False), "E")  # the end of the answer shows what is held
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_error_line_before_the_model_loads(server):
     result = subprocess.run([sys.executable, "serve.py", f"--ckpt={server.ckpt}", f"--port={server.port}"],
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
@@ -258,6 +260,7 @@ def wait_idle(url):
     return now
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_stops_its_answer(server):
     url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
     before = health(url)
@@ -287,6 +290,7 @@ def find_browser():
     pytest.skip(message)
 
 
+@pytest.mark.slow
 def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
     chromium, driver_path = find_browser()
 
@@ -346,6 +350,7 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
         browser.quit()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_cleanly(server):
     """Last: Ctrl-C while an answer streams ends the server within seconds, without a traceback."""
     url, proc = server.url, server.proc

@@ -105,6 +105,7 @@ def test_trained_layout_and_padding(trained):
     assert (pad_vocab(300), pad_vocab(512), pad_vocab(50261)) == (320, 512, 50304)
 
 
+@pytest.mark.slow
 def test_every_pretrain_file_round_trips_and_matches_tokenizers_library(trained):
     """Real text with CRLF line ends, a byte-order mark and non-ASCII characters: tiktoken with the
     trained ranks gives exactly the ids of the `tokenizers` library, and decodes back to the text."""

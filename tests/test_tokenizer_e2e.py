@@ -17,6 +17,7 @@ from gptkit.tokenizer import TokenizerError, load_tokenizer
 from test_finetune import run
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # every test here stands on the module's pipeline of real runs
 
 TINY = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--device=cpu", "--micro_batch_size=8",
         "--total_batch_tokens=512", "--eval_tokens=512", "--log_interval=2", "--sample_tokens=0", "--warmup_steps=1"]

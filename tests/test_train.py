@@ -71,6 +71,7 @@ def full_run(data_dir, tmp_path_factory):
     return out, args
 
 
+@pytest.mark.slow
 def test_val_loss_falls(full_run):
     out, _ = full_run
     val = losses(read_log(out), "val_loss")
@@ -86,6 +87,7 @@ def test_val_loss_falls(full_run):
     assert all(k in records[5] for k in ("loss", "lr", "grad_norm", "tokens_per_sec"))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_bitwise_identical_losses(full_run, tmp_path):
     full_out, args = full_run
     out = str(tmp_path / "resumed")
@@ -101,6 +103,7 @@ def test_stop_and_resume_gives_bitwise_identical_losses(full_run, tmp_path):
     assert losses(got, "lr") == losses(expected, "lr")
 
 
+@pytest.mark.slow
 def test_resume_inside_a_log_interval_logs_what_an_uninterrupted_run_logs(data_dir, tmp_path):
     # stopped at step 5 with a log line every 3 steps: the line at step 6 averages steps 4-6, two of
     # them run before the stop
@@ -116,6 +119,7 @@ def test_resume_inside_a_log_interval_logs_what_an_uninterrupted_run_logs(data_d
     assert losses(read_log(resumed)) == expected  # floats compared exactly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_signal_saves_and_resume_continues(data_dir, tmp_path, signum):
     out = str(tmp_path / "stopped")
@@ -152,6 +156,7 @@ def test_signal_saves_and_resume_continues(data_dir, tmp_path, signum):
         assert json.load(f)["step"] == stopped_at + 1
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_double_accumulation(data_dir, tmp_path):
     common = [f"--data_dir={data_dir}", "--max_steps=2", "--total_batch_tokens=1024", "--data_mode=sequential",
               "--eval_interval=2", "--learning_rate=3e-3"]
@@ -169,6 +174,7 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(data_dir, tmp
             assert abs(a[step] - b[step]) < 1e-5, (key, step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_absurd_learning_rate_stops_with_clear_message(data_dir, tmp_path):
     out = str(tmp_path / "diverge")
     proc = run_train(f"--data_dir={data_dir}", f"--out_dir={out}", "--max_steps=40", "--total_batch_tokens=256",
@@ -185,6 +191,7 @@ def test_absurd_learning_rate_stops_with_clear_message(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_read_at_the_next_log_still_stop_the_run(data_dir, tmp_path):
     # the host reads the steps' finite flags only at log and checkpoint time: the run must
     # still stop, name the step where it happened, and log every skipped step
@@ -199,6 +206,7 @@ def test_nonfinite_steps_read_at_the_next_log_still_stop_the_run(data_dir, tmp_p
     assert skipped[1] <= 5  # read at the first log step
 
 
+@pytest.mark.slow
 def test_hellaswag_during_training_and_a_missing_file_fails_first(data_dir, tmp_path):
     hellaswag = shared_data("hellaswag", "hellaswag_val_derived.jsonl")
     args = [f"--data_dir={data_dir}", "--max_steps=2", "--total_batch_tokens=256", "--eval_interval=2",
@@ -236,6 +244,7 @@ def cpu_runtime():
     return Runtime(device="cpu", device_type="cpu", dtype="float32")
 
 
+@pytest.mark.slow
 def test_token_weighted_accumulation(tiny_config):
     from model import GPT
     from gptkit.optim import train_step
@@ -362,6 +371,7 @@ def test_batch_size_must_divide_across_processes():
         grad_accum_steps(cfg, 2)
 
 
+@pytest.mark.slow
 def test_missing_data_is_a_clear_error(tmp_path):
     proc = run_train(f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=2",
                      "--total_batch_tokens=256", check=False)
@@ -369,6 +379,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert proc.stderr.count("prepare the data first") == 1  # one problem, said once (not once per split)
 
 
+@pytest.mark.slow
 def test_plot_log_writes_png(full_run, tmp_path):
     out, _ = full_run
     png = str(tmp_path / "loss.png")
@@ -380,6 +391,7 @@ def test_plot_log_writes_png(full_run, tmp_path):
     assert os.path.getsize(png) > 10_000  # a drawn figure, not an empty canvas
 
 
+@pytest.mark.slow
 def test_init_model_from_checkpoint_path(full_run):
     from gptkit.configurator import ConfigError
     from gptkit.checkpoint import load_checkpoint
@@ -396,6 +408,7 @@ def test_init_model_from_checkpoint_path(full_run):
         init_model(tiny_cfg("--init_from=no/such/thing"), cpu_runtime())
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_a_run_folder(full_run, data_dir):
     # the same command run again (no --init_from=resume) would wipe the log at once and the checkpoint later
     out, args = full_run
@@ -412,6 +425,7 @@ def test_a_new_run_never_overwrites_a_run_folder(full_run, data_dir):
         init_model(tiny_cfg(f"--init_from={out}", f"--out_dir={out}"), cpu_runtime())
 
 
+@pytest.mark.slow
 def test_full_disk_when_a_resume_rewrites_config_json_keeps_the_old_one(full_run, tmp_path):
     # A resume writes the run's config.json again. The file-size limit makes every write past 256
     # bytes fail (EFBIG) as a full disk would: the run stops, and config.json must still be the
@@ -436,6 +450,7 @@ def test_full_disk_when_a_resume_rewrites_config_json_keeps_the_old_one(full_run
     assert (tmp_path / "run" / "config.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_removes_temporary_files_of_a_save_cut_short(full_run, tmp_path):
     # a kill during a save leaves ckpt.pt.tmpPID behind (as big as a checkpoint, gigabytes for the
     # large recipes): each such kill would leave one more, until the disk is full
@@ -509,6 +524,7 @@ class FixedLoader:
         pass
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_flag_reaches_the_model(tiny_config, tmp_path, monkeypatch):
     """--activation_checkpointing=True makes the loop recompute every block in the backward pass
     (and only in training: evaluation is not checkpointed), with the same losses as without."""
@@ -541,6 +557,7 @@ def test_activation_checkpointing_flag_reaches_the_model(tiny_config, tmp_path, 
     assert losses(records[True], "val_loss") == losses(records[False], "val_loss")
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     """The first Ctrl-C asks for the step to finish and a checkpoint; a second one stops the run at
     once: the step is not finished and nothing is saved."""
