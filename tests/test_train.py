@@ -589,3 +589,25 @@ def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     assert "interrupted: stopped at once, without saving" in stderr
     assert not os.path.exists(os.path.join(out, "ckpt.pt")), "the second Ctrl-C should not wait for a save"
     assert max(losses(read_log(out))) == 1  # step 2 never finished
+
+
+def test_resume_names_what_it_ignores_and_keeps_block_size_as_the_row_length(tmp_path, capsys):
+    """On resume the model's shape comes from the checkpoint (other n_layer/n_embd are named as ignored),
+    but block_size is the length of the rows the run trains on: never called ignored, and checked once,
+    against the model's context, by init_model."""
+    from model import GPT, GPTConfig
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.configurator import ConfigError
+    from gptkit.loading import init_model
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64), verbose=False)
+    for name in ("short", "long"):
+        save_checkpoint(str(tmp_path / name), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                               "kind": "base", "step": 0})
+    resumed, tok, ckpt = init_model(tiny_cfg("--init_from=resume", f"--out_dir={tmp_path / 'short'}",
+                                             "--block_size=32", "--n_layer=3"), cpu_runtime())
+    note = capsys.readouterr().out
+    assert "ignoring n_layer=3 (checkpoint: 2)" in note and "block_size" not in note
+    assert resumed.config.block_size == 64 and ckpt["step"] == 0 and tok.hash == "gpt2"
+    with pytest.raises(ConfigError, match="block_size=128 is longer than the model's context of 64"):
+        init_model(tiny_cfg("--init_from=resume", f"--out_dir={tmp_path / 'long'}", "--block_size=128",
+                            "--total_batch_tokens=512"), cpu_runtime())
