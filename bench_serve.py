@@ -1,17 +1,19 @@
 """
-Load test of a running serve.py: time to first token, tokens/s and requests/s with 1, 4 and 16
-clients streaming chat answers at once.
+Load test of a running serve.py: time to first token, tokens/s and requests/s with 1, 2, 4, 8 and
+16 clients streaming chat answers at once.
 
     python serve.py --ckpt=out/quickstart/chat &                # in another terminal, or in the background
-    python bench_serve.py                                       # http://127.0.0.1:8000, 1, 4 and 16 clients
+    python bench_serve.py                                       # http://127.0.0.1:8000, 1 to 16 clients
     python bench_serve.py --clients=1,8 --max_tokens=32 --requests=2 --url=http://127.0.0.1:8080
 
 Each client sends `requests` streamed chat requests one after the other (a short question,
 max_tokens answer tokens, temperature 0.8); a first request per client, untimed, warms the server.
-Figures: the median time from sending a request to its first text; answer tokens (from the
-server's usage counts) per second of wall time, all clients together; requests per second.
+Figures: the median (p50) and 95th percentile (p95) time from sending a request to its first text;
+answer tokens (from the server's usage counts) per second of wall time, all clients together;
+requests per second. To compare with one answer at a time, run the server with --max_batch=1.
 """
 
+import math
 import statistics
 import threading
 import time
@@ -25,7 +27,7 @@ from gptkit.system import run_main
 class BenchServeConfig(BaseConfig):
     url: str = "http://127.0.0.1:8000"  # the server
     api_key: str = ""                   # if the server was started with --api_key
-    clients: str = "1,4,16"             # numbers of concurrent clients, one run each
+    clients: str = "1,2,4,8,16"         # numbers of concurrent clients, one run each
     requests: int = 2                   # timed requests per client
     max_tokens: int = 64                # answer length asked for
     prompt: str = "Tell me about rivers."
@@ -70,7 +72,9 @@ def run(client, cfg, clients):
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return statistics.median(t for t, _ in results), sum(n for _, n in results) / wall, len(results) / wall
+    ttfts = sorted(t for t, _ in results)
+    p95 = ttfts[min(len(ttfts) - 1, math.ceil(0.95 * len(ttfts)) - 1)]  # nearest rank
+    return statistics.median(ttfts), p95, sum(n for _, n in results) / wall, len(results) / wall
 
 
 def main(cfg):
@@ -79,11 +83,12 @@ def main(cfg):
     card = client.models.list().data[0]
     print(f"{card.id}: {card.parameters:,} parameters; {cfg.max_tokens} tokens per answer, "
           f"{cfg.requests} timed requests per client")
-    print("| clients | time to first token (median) | tokens/s (all clients) | requests/s |")
-    print("|---|---|---|---|")
+    print("| clients | time to first token p50 | p95 | tokens/s (all clients) | requests/s |")
+    print("|---|---|---|---|---|")
     for clients in (int(part) for part in cfg.clients.split(",")):
-        ttft, tokens_per_sec, requests_per_sec = run(client, cfg, clients)
-        print(f"| {clients} | {ttft * 1000:.0f} ms | {tokens_per_sec:.1f} | {requests_per_sec:.2f} |", flush=True)
+        ttft, p95, tokens_per_sec, requests_per_sec = run(client, cfg, clients)
+        print(f"| {clients} | {ttft * 1000:,.0f} ms | {p95 * 1000:,.0f} ms | {tokens_per_sec:.1f} | {requests_per_sec:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

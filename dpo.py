@@ -9,6 +9,7 @@ and finetune.py (gptkit/trainer.py); the batch source is a PairLoader and the lo
     torchrun --standalone --nproc_per_node=8 dpo.py config/dpo.py
     python dpo.py config/dpo.py --init_from=resume             # continue an interrupted run
     python dpo.py config/dpo.py --loss_type=ipo --beta=0.5     # IPO; --label_smoothing=0.1: cDPO; --rpo_alpha=1: + SFT term
+    python dpo.py config/dpo.py --lora_rank=16 --learning_rate=1e-5   # LoRA: adapters train, the reference is them off
     python sample.py --ckpt=out/dpo                            # then chat with it
 
 At the start the reference log-probs of every pair are computed once with the starting model and
@@ -16,6 +17,10 @@ saved in <out_dir>/reference_logps.npz (a resume reads them). Each log line and 
 figures: loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
 logps/rejected (val_... at each eval, on held-out pairs). Before and after training it prints greedy
 answers to the first val prompts, each with the data's preferred answer.
+
+With --lora_rank=R (gptkit/lora.py) the starting model is frozen and only adapters train; the
+reference is the same model with its adapters off, so there is never a second copy. A LoRA
+finetune.py run as the start is merged first: its adapters become part of the frozen base.
 """
 
 from gptkit.configurator import configure

@@ -4,6 +4,8 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
     python export_hf.py --ckpt=out/dolly --out=hf/dolly            # a chat model: tokenizer with chat template
     python export_hf.py --ckpt=out/fineweb_124m --out=hf/base      # a pretrained model
     python export_hf.py --ckpt=out/dolly --out=hf/dolly --push_to_hub=your-name/gptkit-dolly   # and upload it
+    python export_hf.py --ckpt=out/dolly_lora --out=hf/dolly-lora                      # a LoRA run: a peft adapter folder
+    python export_hf.py --ckpt=out/dolly_lora --out=hf/dolly-merged --merge_lora=True  # ... or its merged weights
 
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
 GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added (a
@@ -20,6 +22,15 @@ without a token or network it says so in one line, and the exported folder stays
     tokenizer = AutoTokenizer.from_pretrained("hf/dolly")
     model = AutoModelForCausalLM.from_pretrained("hf/dolly")
 
+A LoRA run (finetune.py or dpo.py with --lora_rank) holds only its adapters and names its base. By
+default it exports as a peft adapter folder (adapter_config.json, adapter_model.safetensors, the
+tokenizer files; no model card), which peft puts on the base's own export:
+
+    python export_hf.py --ckpt=out/fineweb_124m --out=hf/base          # the base, once
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("hf/base"), "hf/dolly-lora")
+
+--merge_lora=True instead writes the base with the adapters folded in: a full folder as above.
+
 The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub name when online):
 
     python train.py config/fineweb_124m.py --init_from=path/to/gpt2-folder
@@ -33,7 +44,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from gptkit.checkpoint import resolve_path, trained_system_prompt
 from gptkit.configurator import BaseConfig, configure
-from gptkit.hf import export_hf
+from gptkit.hf import export_hf, export_peft_adapter
 from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.lock import hold_folder
 from gptkit.modelcard import push_to_hub, run_facts, write_model_card
@@ -50,6 +61,7 @@ class ExportConfig(BaseConfig):
     language: list[str] = field(default_factory=lambda: ["en"])  # ISO 639-1 codes of the training text
     push_to_hub: str = ""  # user/name: upload the folder to that Hub model repo (created if needed); empty: no upload
     private: bool = False  # a new Hub repo is private
+    merge_lora: bool = False  # a LoRA run: write the merged model (a full folder) instead of a peft adapter folder
 
     def validate(self):
         problems = super().validate()
@@ -76,8 +88,18 @@ def main():
     cfg = configure(ExportConfig)
     hold_folder(cfg.out)  # one writer: two exports at once would mix their files
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
-    model, tok, ckpt = load_model(cfg.ckpt, device="cpu")  # tok: the tokenizer the checkpoint carries
+    # tok: the tokenizer the checkpoint carries; a LoRA run's adapters stay apart unless merged
+    model, tok, ckpt = load_model(cfg.ckpt, device="cpu", merge_lora=cfg.merge_lora)
     chat = ckpt.get("kind") == "chat"
+    if ckpt.get("lora") and not cfg.merge_lora:
+        files = export_peft_adapter(model, cfg.out, tok, chat=chat, system=trained_system_prompt(ckpt))
+        print0(f"wrote the LoRA adapters of a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}\n"
+               f"their base: {ckpt['lora']['base']} (export it too, then load both with peft:)\n"
+               "    from peft import PeftModel\n"
+               f"    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {cfg.out!r})")
+        return
+    if cfg.merge_lora and not ckpt.get("lora"):
+        print0(f"note: {cfg.ckpt} is not a LoRA run: merge_lora has nothing to merge")
     files = export_hf(model, cfg.out, tok, chat=chat, system=trained_system_prompt(ckpt))
     facts = run_facts(model, tok, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
     files = files + write_model_card(cfg.out, facts, cfg.push_to_hub, cfg.license, cfg.datasets, cfg.language)

@@ -8,12 +8,19 @@ tokens and the <|end|> closing each answer, weighted by token count across the w
     torchrun --standalone --nproc_per_node=8 finetune.py config/dolly.py
     python finetune.py config/dolly.py --init_from=resume      # continue an interrupted run
     python finetune.py config/tiny_chat.py                     # on a CPU, after config/tiny_cpu.py (see its header)
+    python finetune.py config/dolly.py --lora_rank=16 --learning_rate=3e-4 --activation_checkpointing=True   # LoRA
     python sample.py --ckpt=out/dolly                          # then chat with it
 
 Before and after training it prints the model's greedy answers to the first few val questions
 (held out from training, asked with the data's system prompt), each with the answer the data
 gives, so the change is visible. The checkpoint is marked kind="chat", so sample.py opens it in
 chat mode, and keeps the data's system prompt (config "system"), which sample.py starts chats with.
+
+With --lora_rank=R only low-rank adapters of the block matrices train (gptkit/lora.py; --lora_alpha,
+--lora_dropout, --lora_targets=attn,mlp, --lora_train_norms, --lora_base_dtype=bfloat16); the base
+stays frozen, so a 712M model finetunes on a 12 GB card (docs/benchmarks.md). Adapters want a
+higher learning rate than full finetuning (about 5-10x). The checkpoint holds the adapters and
+names its base; sample.py, serve.py and export_hf.py load it like any other.
 
 SIGTERM or Ctrl-C save a checkpoint and exit with status 143 (SIGTERM) or 130 (Ctrl-C), as train.py.
 """

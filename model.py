@@ -99,19 +99,79 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated to max_len positions.
 
-    Prefill a prompt with one forward call, then feed one token at a time; `pos` is the number of
-    positions already in the cache."""
+    Each row is its own sequence, of its own length: pos (B,) is how many positions row b holds.
+    A forward call appends its T new tokens to every row at that row's own positions
+    pos[b] .. pos[b]+T-1, and each new token attends to the filled positions of its own row up to
+    itself (an explicit boolean mask when the rows' lengths differ), so prompts of different lengths
+    decode in one batch: a server's requests that joined at different times. rows(i, j) is a view of
+    rows i..j-1 (writing to it writes this cache): a joining request is prefilled into its row alone,
+    and copy_row moves a sequence into a free row, so a finished row's memory serves the next one.
+    When all rows have one length (one prompt, or num_samples copies of it) attention runs exactly
+    as it did with a single position for the whole batch."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, device, dtype, k=None, v=None, pos=None):
         head_size = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.config = config
+        self.k = torch.zeros(shape, device=device, dtype=dtype) if k is None else k  # (L, B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype) if v is None else v  # (L, B, nh, max_len, hs)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device) if pos is None else pos  # (B,)
         self.max_len = max_len
-        self.pos = 0
+        self.step = None  # where the forward call in progress writes, and what it sees (begin)
 
     def reset(self):
-        self.pos = 0
+        self.pos.zero_()
+
+    def rows(self, start, stop):
+        """Rows start..stop-1 as a cache of their own; a view, so what it stores lands in this one."""
+        return KVCache(self.config, stop - start, self.max_len, None, None, self.k[:, start:stop],
+                       self.v[:, start:stop], self.pos[start:stop])
+
+    def copy_row(self, dst, source, src):
+        """Row dst becomes a copy of row src of `source` (this cache or another of the same shape)."""
+        n = int(source.pos[src])
+        self.k[:, dst, :, :n] = source.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = source.v[:, src, :, :n]
+        self.pos[dst] = n
+
+    def begin(self, T):
+        """Before a forward call of T tokens per row: the token positions (B, T) and, for attention,
+        the number of keys to read and the mask (None: one length for all rows, see attend)."""
+        lo, hi = int(self.pos.min()), int(self.pos.max())  # one sync per call, not per layer
+        positions = self.pos[:, None] + torch.arange(T, device=self.pos.device)  # (B, T)
+        mask = None
+        if lo != hi:
+            keys = torch.arange(hi + T, device=self.pos.device)  # (n_keys,)
+            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, n_keys): own row, causal
+        self.step = (lo if lo == hi else None, positions, hi + T, mask)
+        return positions
+
+    def store(self, layer, k, v):
+        """k, v (B, nh, T, hs) of the call in progress -> keys and values to attend to, (B, nh, n_keys, hs) each,
+        with its mask (B, 1, T, n_keys) and is_causal for SDPA."""
+        start, positions, n_keys, mask = self.step
+        T = k.size(2)
+        if start is not None:  # one length for all rows: a slice, and the single-sequence masks
+            self.k[layer, :, :, start:start + T] = k
+            self.v[layer, :, :, start:start + T] = v
+            # SDPA's is_causal aligns the mask top-left, which is wrong when queries start at `start`:
+            # a single new token sees everything, a chunk needs an explicit mask
+            if start == 0:
+                mask, is_causal = None, True
+            else:
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        else:  # rows of different lengths: each writes at its own positions, the mask keeps rows apart
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            self.k[layer, rows, :, positions] = k.transpose(1, 2)  # indexed (B, T, nh, hs)
+            self.v[layer, rows, :, positions] = v.transpose(1, 2)
+            is_causal = False
+        return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys], mask, is_causal
+
+    def end(self, T):
+        self.pos += T
+        self.step = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,17 +196,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask, is_causal = None, True
         if kv_cache is not None:
-            start = kv_cache.pos
-            kv_cache.k[self.layer_idx, :, :, start:start + T] = k
-            kv_cache.v[self.layer_idx, :, :, start:start + T] = v
-            k = kv_cache.k[self.layer_idx, :, :, :start + T].to(q.dtype)  # (B, nh, start+T, hs)
-            v = kv_cache.v[self.layer_idx, :, :, :start + T].to(q.dtype)
-            if start > 0:
-                # SDPA's is_causal aligns the mask top-left, which is wrong when queries start at
-                # `start`: a single new token sees everything, a chunk needs an explicit mask.
-                is_causal = False
-                if T > 1:
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            k, v, mask, is_causal = kv_cache.store(self.layer_idx, k, v)  # (B, nh, n_keys, hs): this row's past too
+            k, v = k.to(q.dtype), v.to(q.dtype)
         head_size = C // self.n_head
         pad = (-head_size) % 8 if (q.is_cuda and self.pad_heads) else 0
         if pad:
@@ -259,7 +310,7 @@ class GPT(nn.Module):
             raise ValueError("last_only=True is for generation, which has no targets: pass targets or "
                              "last_only, not both")
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
+        start = int(kv_cache.pos.max()) if kv_cache is not None else 0  # the longest row
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
                              f"of {self.config.block_size}")
@@ -268,7 +319,10 @@ class GPT(nn.Module):
             raise ValueError(f"the KV cache holds {kv_cache.max_len} positions and {start} are used: {T} more "
                              "do not fit; make the cache with new_kv_cache(batch_size, max_len=...) long enough "
                              "for the prompt and every token to generate")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if kv_cache is not None:
+            pos = kv_cache.begin(T)  # (B, T): each row goes on from its own length
+        else:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and kv_cache is None:
@@ -277,7 +331,7 @@ class GPT(nn.Module):
                 x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.end(T)
         if targets is not None:
             # Training and evaluation need only the loss: compute it (and its gradient) chunk by
             # chunk, never holding the (B*T, V) logits, the largest activation by far.

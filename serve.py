@@ -10,10 +10,13 @@ Serve a model over HTTP: a chat page for the browser, and the OpenAI API that cu
 Endpoints: / (the chat page), /v1/chat/completions and /v1/completions (streamed with
 "stream": true, as server-sent events ending in `data: [DONE]`), /v1/models, /health.
 
+    python serve.py --ckpt=out/dolly --max_batch=1              # one answer at a time (the old queue)
+
 The chat is rendered, fitted to the context and sampled by the code sample.py uses (gptkit/chat.py,
-gptkit/generate.py): at temperature 0 both give the same answer to the same chat. Requests are
-answered one at a time in arrival order by a worker thread (gptkit/engine.py): the others wait in
-line, and each answer is the one it would be alone. A client that disconnects stops its answer.
+gptkit/generate.py): at temperature 0 both give the same answer to the same chat. A worker thread
+(gptkit/engine.py) decodes the concurrent answers as one batch of up to --max_batch rows; requests
+join it between two steps and leave it when done. More than --max_queue answers waiting for a row:
+a 429 with Retry-After at once. A client that disconnects frees its row at the next step.
 Ctrl-C ends the answers in progress (a stream then closes without `data: [DONE]`) and stops.
 """
 
@@ -33,7 +36,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from gptkit.chat import chat_prompt_ids, complete_prompt_ids, resolve_system, stop_tokens_of
 from gptkit.configurator import BaseConfig, UserError, configure
-from gptkit.engine import Engine, Job
+from gptkit.engine import Engine, Job, Overloaded
 from gptkit.generate import check_sampling_args
 from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.openai_api import (ID_PREFIX, RequestError, chat_messages, completion_prompt, error_body, new_id,
@@ -58,7 +61,10 @@ class ServeConfig(BaseConfig):
     max_new_tokens: int = 256       # answer length for requests that give no max_tokens
     max_tokens_limit: int = 2048    # a request asking more max_tokens gets a 400 (the context caps answers anyway)
     max_messages: int = 200         # a chat request with more messages gets a 400
-    max_n: int = 4                  # most answers one request may ask for (n), made one after the other
+    max_n: int = 4                  # most answers one request may ask for (n): rows of the batch
+    max_batch: int = 0              # answers decoded together; 0: as many as a quarter of the free memory holds (CPU <= 16, GPU <= 64); 1: one at a time
+    max_queue: int = 64             # answers that may wait for a row; a request beyond that gets a 429 with Retry-After
+    prefill_chunk: int = 512        # most prompt tokens prefilled between two decode steps (long prompts go in chunks)
     max_request_bytes: int = 1_000_000  # a larger request body gets a 413
 
     def validate(self):
@@ -68,9 +74,14 @@ class ServeConfig(BaseConfig):
                             "(clients then send `Authorization: Bearer SECRET`), or leave --host out for this machine only")
         if not 1 <= self.port <= 65535:
             problems.append(f"port={self.port}: use a TCP port such as 8000")
-        for key in ("max_new_tokens", "max_tokens_limit", "max_messages", "max_n", "max_request_bytes"):
+        for key in ("max_new_tokens", "max_tokens_limit", "max_messages", "max_n", "max_request_bytes", "prefill_chunk"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)}: use 1 or more")
+        if self.max_batch < 0:
+            problems.append(f"max_batch={self.max_batch}: use 0 (sized for the device) or the number of rows")
+        if self.max_queue < self.max_n:
+            problems.append(f"max_queue={self.max_queue}: use at least max_n ({self.max_n}), or no request of n={self.max_n} "
+                            "could ever wait")
         return problems + check_sampling_args(self.temperature, self.top_k, self.top_p, 1.0)
 
 
@@ -159,18 +170,25 @@ def chat_request_ids(cfg, tokenizer, block_size, messages, max_tokens):
 
 def job_for(tokenizer, ids, settings, mode):
     return Job(ids, settings["max_tokens"], stop_tokens_of(tokenizer, mode), settings["temperature"],
-               settings["top_k"], settings["top_p"], settings["stop"], settings["seed"], settings["n"])
+               settings["top_k"], settings["top_p"], settings["stop"], settings["seed"], settings["n"],
+               settings["logprobs"])
 
 
 async def answer(engine, request, ids, settings, kind, model_id):
-    """Queue the prompt's job; answer with server-sent events as it goes, or with one JSON object at the end."""
-    job = engine.submit(job_for(engine.tokenizer, ids, settings, kind))
+    """Queue the prompt's job; answer with server-sent events as it goes, or with one JSON object at the end.
+    A full queue (or a server shutting down) is a 429 (503) at once, with Retry-After."""
+    try:
+        job = engine.submit(job_for(engine.tokenizer, ids, settings, kind))
+    except Overloaded as e:
+        kind_ = "rate_limit_error" if e.status == 429 else "server_error"
+        return JSONResponse(error_body(str(e), kind_, code="rate_limit_exceeded" if e.status == 429 else None),
+                            status_code=e.status, headers={"Retry-After": str(e.retry_after)})
     id_ = new_id(ID_PREFIX[kind])
     if settings["stream"]:
-        chunks = stream_chunks(job, kind, id_, model_id, len(ids), settings["include_usage"])
+        chunks = stream_chunks(job, kind, id_, model_id, len(ids), settings["include_usage"], engine.tokenizer)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await whole_response(job, kind, id_, model_id, len(ids), request.is_disconnected)
+    return await whole_response(job, kind, id_, model_id, len(ids), request.is_disconnected, engine.tokenizer)
 
 
 def build_app(cfg, engine, card):
@@ -185,14 +203,14 @@ def build_app(cfg, engine, card):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_request(cfg, request)
-        messages, settings = chat_messages(body, cfg.max_messages), sampling_fields(body, defaults, limits)
+        messages, settings = chat_messages(body, cfg.max_messages), sampling_fields(body, defaults, limits, "chat")
         ids = chat_request_ids(cfg, tokenizer, block_size, messages, settings["max_tokens"])
         return await answer(engine, request, ids, settings, "chat", card["id"])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_request(cfg, request)
-        prompt, settings = completion_prompt(body), sampling_fields(body, defaults, limits)
+        prompt, settings = completion_prompt(body), sampling_fields(body, defaults, limits, "complete")
         ids = complete_prompt_ids(tokenizer, prompt, settings["max_tokens"], block_size)  # too long: keeps its end
         return await answer(engine, request, ids, settings, "complete", card["id"])
 
@@ -222,10 +240,12 @@ def main(cfg):
             "context_length": model.config.block_size, "system_prompt": cfg.system}
     if cfg.compile:
         print("compile=True is ignored by serve.py: it decodes eagerly, as sample.py does", file=sys.stderr)
-    engine = Engine(model, tokenizer, autocast=rt.autocast)  # the model's own tokenizer, from its checkpoint
+    engine = Engine(model, tokenizer, autocast=rt.autocast, max_batch=cfg.max_batch or None,  # the model's own tokenizer
+                    max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
     app = build_app(cfg, engine, card)
     print(f"{card['id']}: {card['kind']} model, {card['parameters']:,} parameters, context {card['context_length']}; "
-          f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}", flush=True)
+          f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}; batch of up to {engine.max_batch} answers, "
+          f"{engine.max_queue} more may wait", flush=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving at http://{host}:{cfg.port} (chat page at /, OpenAI API at /v1; Ctrl-C stops)", flush=True)
 

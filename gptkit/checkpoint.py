@@ -2,7 +2,8 @@
 Checkpoints: <out_dir>/ckpt.pt plus a human-readable <out_dir>/ckpt.json.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
-    model            state dict of the unwrapped, uncompiled model
+    model            state dict of the unwrapped, uncompiled model; of a LoRA run, only what trained
+    lora             a LoRA run's settings (gptkit/lora.py's LoRASettings), naming its base and its fingerprint
     model_config     GPTConfig fields
     config           the resolved run config
     kind             "base" (pretrained) or "chat" (finetuned with the chat format)
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from gptkit.configurator import ConfigError, UserError, config_dict
 from gptkit.files import atomic_write
+from gptkit.lora import settings_of, trainable_state_dict
 from gptkit.system import print0
 
 CKPT_NAME = "ckpt.pt"
@@ -49,7 +51,7 @@ def save_checkpoint(out_dir, state, summary=None):
     path = os.path.join(out_dir, CKPT_NAME)
     atomic_write(path, lambda f: torch.save(state, f))
     summary = dict(summary or {})
-    summary.update({k: state[k] for k in ("kind", "step", "tokens_seen", "best_val_loss", "model_config")
+    summary.update({k: state[k] for k in ("kind", "step", "tokens_seen", "best_val_loss", "model_config", "lora")
                     if k in state})
     summary["config"] = state.get("config")
     atomic_write(os.path.join(out_dir, "ckpt.json"),
@@ -141,8 +143,11 @@ def save_training_state(cfg, rt, model, tokenizer, optimizers, scaler, train_loa
     rngs = _gather(rng_state(), rt)  # each rank has its own dropout RNG
     if not rt.master:
         return
+    lora = settings_of(model)
     state = {
-        "model": model.state_dict(),  # the raw module: no _orig_mod. or module. prefixes
+        # the raw module: no _orig_mod. or module. prefixes; a LoRA run's only what trains (its base is named)
+        "model": trainable_state_dict(model) if lora else model.state_dict(),
+        **({"lora": lora.to_dict()} if lora else {}),
         "model_config": model.config.to_dict(),
         "config": config_dict(cfg),
         "kind": kind,

@@ -1,29 +1,53 @@
 """
-Answers for a server: one worker thread runs the generations, one at a time, in the order they
-came; the asyncio event loop that talks to the clients only queues jobs and reads their text.
+Answers for a server: a continuous batch. One worker thread runs the model; the asyncio event loop
+that talks to the clients only queues jobs and reads their events.
 
-    engine = Engine(model, tokenizer, autocast=rt.autocast)
+    engine = Engine(model, tokenizer, autocast=rt.autocast)            # max_batch: by the device's memory
     job = engine.submit(Job(ids, max_tokens=64, stop_tokens=stop_tokens_of(tokenizer, "chat"), ...))
-    async for event in job.events(): ...     # ("text", index, str), then ("end", index, finish_reason, n_tokens)
+    async for event in job.events(): ...     # ("text", index, str, logprobs), then ("end", index, finish_reason, n_tokens)
 
-Why a queue and not a batch: one generation at a time keeps each answer exactly the one a client
-would get alone (at temperature 0, token for token), with the same generate() loop sample.py uses,
-at the cost of waiting in line. The event loop never runs a forward pass, so /health and new
-connections answer at once while the model works.
+Why a batch: decoding one token costs reading every weight once, whether for one sequence or for
+eight, so one forward pass that makes a token for each of the running answers serves them all for
+about the price of one. Each answer (n answers of a request: n rows) is a row of one KV cache of
+max_batch rows, and every row has its own length (model.py's KVCache). Between two decode steps,
+waiting answers join: a prompt is prefilled alone into a staging row (a long one in chunks of
+prefill_chunk tokens, a decode step between two chunks, so the running answers never stall for
+long), then copied into the first free row (n answers to one prompt: one prefill, n copies). An
+answer leaves the batch when it ends (a stop token or string, max_tokens, the context full) or its
+client has gone; the last row moves into its place, so the running rows are always 0..n-1 and each
+step computes those only. More than max_queue answers waiting: submit raises Overloaded (serve.py
+answers 429 with Retry-After) rather than let a client wait minutes.
 
-A job whose client has gone (job.cancel()) stops at its next token, or is skipped if still queued.
-A stop string ends an answer early; text that could be the start of one is held back until it is
-known not to be, so a client never sees part of a stop string.
+The same request answered alone and in a batch: alone (one row) the steps are exactly generate()'s,
+so at temperature 0 the answer is sample.py's token for token. In a batch of rows of different
+lengths, attention is masked per row, and the only difference is rounding: on CPU fp32 a matmul of
+8 rows sums in another order than one of 1 row (about 1e-6 on the logits, tests/test_model.py), so
+a greedy answer differs only where two tokens tie to within that. Each answer samples with its own
+torch.Generator (seed + index), so a seed repeats its answer whatever else runs.
+
+The event loop never runs a forward pass, so /health and new connections answer at once while the
+model works. A job whose client has gone (job.cancel()) leaves the batch at the next step. A stop
+string ends an answer early; text that could be the start of one is held back until it is known not
+to be, so a client never sees part of a stop string.
 """
 
 import asyncio
+import collections
+import math
+import os
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 
-from gptkit.generate import generate, make_generator
+import torch
+import torch.nn.functional as F
+
+from gptkit.generate import default_autocast, kv_cache_dtype, make_generator, sampling_probs
 from gptkit.tokenizer import StreamDecoder
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 class StopStrings:
@@ -50,7 +74,16 @@ class StopStrings:
         return out
 
 
-@dataclass
+class Overloaded(Exception):
+    """A job the engine cannot take now: status 429 (the queue is full) or 503 (shutting down), and
+    the seconds after which a retry may succeed."""
+
+    def __init__(self, message, status, retry_after):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+@dataclass(eq=False)  # a job is itself: hashed and compared by identity
 class Job:
     ids: list                       # the prompt's token ids
     max_tokens: int                 # longest answer
@@ -60,7 +93,8 @@ class Job:
     top_p: float = 1.0
     stop: list = field(default_factory=list)  # strings that end an answer (not shown)
     seed: int = None                # None: a fresh random seed
-    n: int = 1                      # answers, one after the other
+    n: int = 1                      # answers: n rows of the batch
+    logprobs: int = None            # None: none; k >= 0: each token's log-probability and the k most likely
     _queue: asyncio.Queue = None
     _loop: asyncio.AbstractEventLoop = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -103,86 +137,282 @@ class Job:
             self.cancel()  # nothing if it finished; stops it otherwise
 
 
-class Engine:
-    """Runs one model's jobs; tokenizer is that model's (load_model returns the pair): it decodes the
-    answers and bounds the ids sampled, so engines of models with different tokenizers can share a process."""
+class Row:
+    """One answer in the batch: its job, sampler and the text it has shown."""
 
-    def __init__(self, model, tokenizer, autocast=None):
-        self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
-        self.jobs = queue.Queue()
-        self.stats = {"completed": 0, "cancelled": 0, "tokens_generated": 0}
-        self.busy, self.stopping = False, False
+    def __init__(self, job, index, block_size, tokenizer, device):
+        self.job, self.index = job, index
+        seed = job.seed if job.seed is not None else random.randrange(2**31)
+        self.generator = make_generator(device, seed + index)  # n answers with one seed differ
+        self.steps = min(job.max_tokens, block_size - len(job.ids))  # prompt + answer stay within the context
+        self.decoder, self.stops = StreamDecoder(tokenizer), StopStrings(job.stop)
+        self.count, self.token, self.ended = 0, None, False  # token: the last one, fed at the next step
+        self.logprobs = []  # entries of the tokens not yet sent
+
+
+def default_max_batch(model, device):
+    """Rows a KV cache of the whole context can have in a quarter of the device's free memory (at
+    most 64 on a GPU, 16 on a CPU, where a step of 16 rows already costs several of one)."""
+    cfg = model.config
+    row_bytes = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * next(model.parameters()).element_size()
+    if device.type == "cuda":
+        free, cap = torch.cuda.mem_get_info(device)[0], 64
+    else:
+        free, cap = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), 16
+    return max(1, min(cap, free // 4 // row_bytes))
+
+
+class Engine:
+    """Runs one model's jobs in a continuous batch; tokenizer is that model's (load_model returns the
+    pair): it decodes the answers and bounds the ids sampled, so engines of models with different
+    tokenizers can share a process. max_batch: rows decoded together (None: default_max_batch; 1: one
+    answer at a time, the old queue). max_queue: answers that may wait for a row; more are refused.
+    prefill_chunk: most prompt tokens prefilled between two decode steps while answers run."""
+
+    def __init__(self, model, tokenizer, autocast=None, max_batch=None, max_queue=64, prefill_chunk=512):
+        self.model, self.tokenizer = model.eval(), tokenizer  # serving never trains: no dropout
+        self.device = next(model.parameters()).device
+        self.autocast = autocast or default_autocast(self.device)
+        self.max_batch = max_batch or default_max_batch(model, self.device)
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        dtype = kv_cache_dtype(self.device, self.autocast)
+        self.cache = model.new_kv_cache(self.max_batch, dtype=dtype)  # (L, max_batch, nh, block_size, hs)
+        self.staging = model.new_kv_cache(1, dtype=dtype)  # a joining prompt's prefill
+        self.inbox = queue.Queue()  # jobs from submit(), to the worker
+        self.waiting = collections.deque()  # (job, index) of answers without a row yet, in arrival order
+        self.running = []  # Row of cache row i, i < len(running)
+        self.staged = None  # (job, prompt tokens prefilled so far, logits of the last one)
+        self.remaining = {}  # job -> its answers not ended yet
+        self.queued = 0  # answers submitted and not yet in a row (the queue limit counts these)
+        self.recent = collections.deque()  # (time, tokens) of the last steps, for tokens/s
+        self.lock = threading.Lock()
+        self.stats = {"completed": 0, "cancelled": 0, "rejected": 0, "tokens_generated": 0}
+        self.stopping = False
         self.worker = threading.Thread(target=self._work, name="generate", daemon=True)
         self.worker.start()
 
+    # ------------------------------------------------------------------------------------------
+    # the event loop's side
+
     def submit(self, job):
-        """Queue a job (from inside the event loop); its events arrive through job.events()."""
+        """Queue a job (from inside the event loop); its events arrive through job.events(). Raises
+        Overloaded when max_queue answers already wait, or the engine is shutting down."""
+        if self.stopping:
+            raise Overloaded("the server is shutting down", 503, 5)
+        with self.lock:
+            if self.queued + job.n > self.max_queue:
+                self.stats["rejected"] += 1
+                raise Overloaded(f"{self.queued} answers are waiting, the most this server queues is "
+                                 f"{self.max_queue}: retry later", 429, self.retry_after())
+            self.queued += job.n
         job._loop, job._queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.jobs.put(job)
+        self.inbox.put(job)
         return job
 
+    def retry_after(self):
+        """Seconds until the queue has room, roughly: the queued answers' tokens at the recent speed."""
+        tokens_per_sec = self.tokens_per_sec()
+        if not tokens_per_sec:
+            return 1
+        return max(1, min(60, math.ceil(self.queued * 64 / tokens_per_sec)))  # 64: a typical answer's tokens
+
+    def tokens_per_sec(self):
+        """Answer tokens made in the last 10 seconds, per second."""
+        now = time.monotonic()
+        return sum(n for t, n in list(self.recent) if now - t <= 10) / 10
+
     def health(self):
-        return {"busy": self.busy, "queued": self.jobs.qsize(), **self.stats}
+        return {"busy": bool(self.running or self.queued), "queued": self.queued, "batch": len(self.running),
+                "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "tokens_per_sec": round(self.tokens_per_sec(), 1), **self.stats}
 
     def close(self):
-        """Shutting down: the answer in progress stops at its next token, queued ones are never
+        """Shutting down: the answers in progress stop at the next step, queued ones are never
         started, and their clients' streams end now (rather than be cut off by the server)."""
         self.stopping = True
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.send("done")
-        self.jobs.put(None)  # the worker ends after the job in hand
+        self.inbox.put(None)  # wakes the worker, which ends every job it holds
+
+    # ------------------------------------------------------------------------------------------
+    # the worker's side
 
     def _work(self):
-        while (job := self.jobs.get()) is not None:
-            self.busy = True
-            try:
-                for index in range(job.n):
-                    if not self._answer(job, index):
-                        self.stats["cancelled"] += 1
-                        break
-                else:
-                    self.stats["completed"] += 1
-            except Exception as e:  # a failure answers this client and keeps the server up
-                job.send("error", f"{type(e).__name__}: {e}")
-            finally:
-                self.busy = False
-                job.send("done")
-
-    def _answer(self, job, index):
-        """One answer, streamed to the job as text events -> False if the job was cancelled."""
-        if job.cancelled or self.stopping:  # its client left while it waited in line
-            return False
-        seed = job.seed if job.seed is not None else random.randrange(2**31)
-        generator = make_generator(self.model, seed + index)  # n answers with one seed differ
-        decoder, stops = StreamDecoder(self.tokenizer), StopStrings(job.stop)
-        steps = min(job.max_tokens, self.model.config.block_size - len(job.ids))
-        count, finish = 0, None
-        for token in generate(self.model, job.ids, job.max_tokens, job.temperature, job.top_k, job.top_p,
-                              stop_tokens=job.stop_tokens, generator=generator, autocast=self.autocast,
-                              n_vocab=self.tokenizer.n_vocab):  # this model's padding ids are never sampled
-            if job.cancelled or self.stopping:
-                return False
-            count += 1
-            self.stats["tokens_generated"] += 1
-            text, hit = stops.feed(decoder.feed(token))
-            if text:
-                job.send("text", index, text)
-            if hit:
-                finish = "stop"
+        while not self.stopping:
+            self._take_jobs(block=not (self.running or self.waiting))
+            if self.stopping:
                 break
-        if job.cancelled or self.stopping:
-            return False
-        if finish is None:
-            text, hit = stops.feed(decoder.flush())
-            text += "" if hit else stops.flush()
-            # generate() ends early only at a stop token; all `steps` tokens made means it ran out of room
-            finish = "stop" if hit or count < steps else "length"
+            try:
+                self._admit()
+                if self.running:
+                    self._step()
+            except Exception as e:  # a failure answers these clients and keeps the server up
+                for job in {row.job for row in self.running} | ({self.staged[0]} if self.staged else set()):
+                    job.send("error", f"{type(e).__name__}: {e}")
+                    self._end_job(job, completed=False)
+                self.running, self.staged = [], None
+                self.cache.reset()
+        jobs = [row.job for row in self.running] + [job for job, _ in self.waiting]
+        while not self.inbox.empty():
+            jobs.append(self.inbox.get())
+        for job in dict.fromkeys(j for j in jobs if j is not None):
+            job.send("done")
+
+    def _take_jobs(self, block):
+        while True:
+            try:
+                job = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            if job is None:
+                return
+            self.remaining[job] = job.n
+            self.waiting.extend((job, index) for index in range(job.n))
+            block = False
+
+    def _end_job(self, job, completed):
+        if self.remaining.pop(job, None) is None:
+            return
+        dropped = sum(1 for j, _ in self.waiting if j is job)
+        if dropped:
+            self.waiting = collections.deque(w for w in self.waiting if w[0] is not job)
+            with self.lock:
+                self.queued -= dropped
+        self.stats["completed" if completed else "cancelled"] += 1
+        job.send("done")
+
+    def _forward(self, ids, cache):
+        """ids (B, T) -> the last position's logits (B, V) in float32; padding ids can never win."""
+        with torch.no_grad(), self.autocast():
+            logits, _ = self.model(ids, kv_cache=cache, last_only=True)  # (B, 1, V)
+        logits = logits[:, -1, :].float()  # (B, V)
+        logits[:, self.tokenizer.n_vocab:] = float("-inf")  # the padding slots: no text, never a target
+        return logits
+
+    def _admit(self):
+        """Waiting answers join the batch while it has free rows, prefilling at most prefill_chunk
+        prompt tokens while other answers run (all of a prompt when none do, as generate() would)."""
+        budget = self.prefill_chunk
+        while self.waiting and len(self.running) < self.max_batch:
+            job, index = self.waiting[0]
+            if job.cancelled:
+                self._end_job(job, completed=False)
+                continue
+            if len(job.ids) == 0 or len(job.ids) >= self.model.config.block_size:
+                job.send("error", f"a prompt of {len(job.ids)} tokens: give 1 to {self.model.config.block_size - 1}")
+                self._end_job(job, completed=False)
+                continue
+            if self.staged is None or self.staged[0] is not job:
+                self.staged = (job, 0, None)
+                self.staging.reset()
+            done = self.staged[1]
+            if done < len(job.ids):
+                if self.running and budget <= 0:
+                    break  # a decode step first; the prompt goes on after it
+                take = len(job.ids) - done if not self.running else min(budget, len(job.ids) - done)
+                chunk = torch.tensor([job.ids[done:done + take]], dtype=torch.long, device=self.device)  # (1, take)
+                self.staged = (job, done + take, self._forward(chunk, self.staging))
+                budget -= take
+                continue
+            # the prompt is in the staging row: this answer takes the first free row
+            self.waiting.popleft()
+            with self.lock:
+                self.queued -= 1
+            self.cache.copy_row(len(self.running), self.staging, 0)
+            row = Row(job, index, self.model.config.block_size, self.tokenizer, self.device)
+            self.running.append(row)
+            self._sample([row], self.staged[2])
+            if not any(j is job for j, _ in self.waiting):
+                self.staged = None  # the job's last answer has its row
+        self._leave()
+
+    def _step(self):
+        """One token for every running answer, in one forward pass."""
+        tokens = torch.tensor([[row.token] for row in self.running], dtype=torch.long, device=self.device)  # (n, 1)
+        logits = self._forward(tokens, self.cache.rows(0, len(self.running)))  # (n, V)
+        self._sample(self.running, logits)
+        self._leave()
+
+    def _sample(self, rows, logits):
+        """Each row's next token from its logits (len(rows), V), rows of the same settings together;
+        each samples with its own generator, so its seed decides its answer whatever runs beside it."""
+        tokens = [None] * len(rows)
+        groups = collections.defaultdict(list)
+        for i, row in enumerate(rows):
+            groups[(row.job.temperature, row.job.top_k, row.job.top_p)].append(i)
+        for (temperature, top_k, top_p), members in groups.items():
+            if temperature == 0:  # greedy: top-k / top-p cannot change the argmax
+                for i, token in zip(members, logits[members].argmax(dim=-1).tolist()):
+                    tokens[i] = token
+                continue
+            probs = sampling_probs(logits[members], temperature, top_k, top_p)  # (len(members), V)
+            for j, i in enumerate(members):
+                tokens[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=rows[i].generator))
+        want = [i for i, row in enumerate(rows) if row.job.logprobs is not None]
+        logprobs = F.log_softmax(logits[want], dim=-1) if want else None  # (len(want), V): the model's distribution
+        made = 0
+        for i, row in enumerate(rows):
+            entry = self._logprob_entry(logprobs[want.index(i)], tokens[i], row.job.logprobs) if i in want else None
+            made += self._advance(row, tokens[i], entry)
+        self.stats["tokens_generated"] += made
+        now = time.monotonic()
+        self.recent.append((now, made))
+        while now - self.recent[0][0] > 10:
+            self.recent.popleft()
+
+    def _logprob_entry(self, logprobs, token, top):
+        """(token, its log-probability, [(token, log-probability)] of the `top` most likely)."""
+        top = min(top, MAX_TOP_LOGPROBS)
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0])
+        return token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
+
+    def _advance(self, row, token, entry):
+        """Row takes its sampled token: text to its client, or its end -> 1 if the token is part of the answer."""
+        job = row.job
+        if token in job.stop_tokens:  # ends the answer, not shown
+            self._finish(row, "stop")
+            return 0
+        row.count += 1
+        if entry is not None:
+            row.logprobs.append(entry)
+        text, hit = row.stops.feed(row.decoder.feed(token))
+        if text:
+            job.send("text", row.index, text, self._take_logprobs(row))
+        if hit:
+            self._finish(row, "stop")
+        elif row.count == row.steps:  # max_tokens, or the context is full
+            text, hit = row.stops.feed(row.decoder.flush())
+            text += "" if hit else row.stops.flush()
             if text:
-                job.send("text", index, text)
-        job.send("end", index, finish, count)
-        return True
+                job.send("text", row.index, text, self._take_logprobs(row))
+            self._finish(row, "stop" if hit else "length")
+        else:
+            row.token = token
+        return 1
+
+    def _take_logprobs(self, row):
+        out, row.logprobs = row.logprobs, []
+        return out if row.job.logprobs is not None else None
+
+    def _finish(self, row, reason):
+        if row.logprobs:  # tokens held back with their text (part of a stop string)
+            row.job.send("text", row.index, "", self._take_logprobs(row))
+        row.job.send("end", row.index, reason, row.count)
+        row.ended = True  # _leave frees its row
+        self.remaining[row.job] -= 1
+        if self.remaining[row.job] == 0:
+            self._end_job(row.job, completed=True)
+
+    def _leave(self):
+        """Ended and cancelled answers leave; the last running row moves into each freed one."""
+        for i in reversed(range(len(self.running))):
+            row = self.running[i]
+            if not (row.ended or row.job.cancelled or self.stopping):
+                continue
+            if not row.ended:  # its client has gone
+                self._end_job(row.job, completed=False)
+            last = len(self.running) - 1
+            if i != last:
+                self.cache.copy_row(i, self.cache, last)
+                self.running[i] = self.running[last]
+            self.running.pop()
+        if self.staged and self.staged[0].cancelled:
+            self.staged = None

@@ -93,6 +93,15 @@ def top_p_filter(logits, p):
     return logits.masked_fill(~keep, float("-inf"))
 
 
+def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
+    """logits (B, V) in float32 -> the distribution to sample from (B, V), temperature > 0; row by
+    row, so rows with the same settings share one call."""
+    logits = logits / temperature
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    return F.softmax(logits, dim=-1)
+
+
 def sample_next(logits, previous_ids, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 exempt=(), generator=None):
     """logits (B, V) of the last position -> next token ids (B,). temperature 0 is greedy."""
@@ -100,11 +109,15 @@ def sample_next(logits, previous_ids, temperature=1.0, top_k=0, top_p=1.0, repet
     logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty, exempt)
     if temperature == 0:
         return torch.argmax(logits, dim=-1)  # greedy: top-k / top-p cannot change the argmax
-    logits = logits / temperature
-    logits = top_k_filter(logits, top_k)
-    logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def kv_cache_dtype(device, autocast):
+    """The dtype to keep keys and values in: the compute dtype (bf16 under autocast: half the memory,
+    no casts), or None for the weights' own."""
+    with autocast():
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
@@ -154,10 +167,7 @@ def generate_batch(model, ids, num_samples, max_new_tokens, temperature=1.0, top
 
     cache = None
     if use_cache:
-        with autocast():
-            # store keys/values in the compute dtype (bf16 under autocast): half the memory, no casts
-            cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        cache = model.new_kv_cache(num_samples, max_len=len(ids) + steps, dtype=cache_dtype)
+        cache = model.new_kv_cache(num_samples, max_len=len(ids) + steps, dtype=kv_cache_dtype(device, autocast))
 
     def last_logits(idx):
         # eval mode for the call (no dropout), then back: the training loop samples mid-training

@@ -3,6 +3,7 @@ Hugging Face transformers <-> gptkit, both ways, for GPT-2-shaped models.
 
     model = load_hf_gpt2("path/to/gpt2-folder")    # a local GPT2LMHeadModel folder, or "gpt2" etc. when online
     export_hf(model, "hf/dolly", tok, chat=True)     # a folder transformers loads with no extra code
+    export_peft_adapter(lora_model, "hf/dolly-lora", tok, chat=True)   # a LoRA run's adapters, for peft
 
 This module owns the weights (state dicts both ways, the config mapping, reading a folder, the hub
 download) and the export of a whole folder; the tokenizer files that go with it are
@@ -39,6 +40,7 @@ from model import GPT, GPTConfig
 from gptkit.configurator import UserError
 from gptkit.files import atomic_write_files
 from gptkit.hf_tokenizer import json_writer, tokenizer_files
+from gptkit.lora import lora_modules, settings_of
 from gptkit.system import print0
 from gptkit.tokenizer import GPT2_VOCAB, TOKENIZER_FILE, pad_vocab
 
@@ -324,6 +326,9 @@ def export_hf(model, out_dir, tok, chat=False, system=""):
     An export over an earlier one replaces it as one set, config.json last: killed or out of disk
     mid-way, the folder holds the earlier export whole, or no config.json (refused), never a mix."""
     cfg = model.config
+    if settings_of(model):
+        raise HFError("the model carries LoRA adapters: merge them first (gptkit.lora.merge_adapters), or write "
+                      "them as a peft adapter folder (export_peft_adapter)")
     if cfg.vocab_size < tok.n_vocab:
         raise HFError(f"the model has {cfg.vocab_size} token embeddings; its tokenizer {tok.name} needs "
                       f"{tok.n_vocab}")
@@ -370,8 +375,59 @@ def export_hf(model, out_dir, tok, chat=False, system=""):
     }
     expected = EXPORT_FILES if tok.hash == "gpt2" else OWN_TOKENIZER_FILES
     assert sorted(files) == expected, f"export writes {sorted(files)}, expected {expected}"
-    for stale in set(EXPORT_FILES + OWN_TOKENIZER_FILES) - set(expected):  # an earlier export's other tokenizer
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))  # transformers would read a stale tokenizer.json first
+    remove_stale(out_dir, expected)  # an earlier export's other tokenizer, or adapter: transformers would read them
     atomic_write_files(out_dir, files, marker="config.json")  # is_hf_folder and transformers look for it
     return expected
+
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM keys: base_model.model.<the GPT2LMHeadModel's name>
+
+
+def export_peft_adapter(model, out_dir, tok, chat=False, system=""):
+    """Write a LoRA model's adapters (gptkit/lora.py, unmerged) as a peft adapter folder:
+    adapter_config.json, adapter_model.safetensors and the tokenizer files, which
+    peft.PeftModel.from_pretrained(GPT2LMHeadModel of the base's export, out_dir) loads. Our
+    lora_A (r, in) and lora_B (out, r) are peft's tensors as they are: peft's fan_in_fan_out=True
+    handles GPT-2's transposed Conv1D layout. Returns the list of files written."""
+    settings = settings_of(model)
+    if settings is None:
+        raise HFError("this model has no LoRA adapters: export it with export_hf (a full model folder)")
+    if settings.train_norms:
+        raise HFError("this LoRA run also trained biases and LayerNorms, which a peft LoRA adapter does not "
+                      "carry: export the merged model instead (export_hf.py --merge_lora=True)")
+    assert lora_modules(model), "settings without adapter modules"
+    weights = {PEFT_PREFIX + name: value.detach().float().cpu().contiguous()
+               for name, value in model.state_dict().items() if ".lora_A." in name or ".lora_B." in name}
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": settings.base,  # informational: the user gives the base model object
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": settings.module_names(),  # suffixes: "attn.c_proj" and "mlp.c_proj" stay apart
+        "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    files = {
+        "adapter_config.json": json_writer(adapter_config),
+        "adapter_model.safetensors": lambda f: f.write(safetensors.torch.save(weights, metadata={"format": "pt"})),
+        **tokenizer_files(tok, chat=chat, model_max_length=model.config.block_size, system=system if chat else ""),
+    }
+    remove_stale(out_dir, files)
+    atomic_write_files(out_dir, files, marker="adapter_config.json")
+    return sorted(files)
+
+
+def remove_stale(out_dir, files):
+    """Remove an earlier export's files that this one does not write (a full model's, an adapter's, the
+    other tokenizer's): transformers and peft would read them beside the new ones."""
+    for stale in set(EXPORT_FILES + OWN_TOKENIZER_FILES + ADAPTER_FILES) - set(files):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))

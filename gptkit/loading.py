@@ -25,6 +25,8 @@ from gptkit.checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, resol
 from gptkit.configurator import ConfigError
 from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
 from gptkit.lock import hold_folder
+from gptkit.lora import (LoRASettings, apply_lora, base_fingerprint, count_parameters, load_trainable_state,
+                         merge_adapters, settings_of)
 from gptkit.system import print0
 from gptkit.tokenizer import check_same_tokenizer, checkpoint_tokenizer, data_tokenizer, load_tokenizer
 
@@ -75,12 +77,42 @@ def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
     if unknown:  # a newer or forked gptkit's model
         raise CheckpointError(f"{path}: its model config has fields this gptkit's model does not know ({', '.join(unknown)}): "
                               "it was made by another version of gptkit; use that version, or a checkpoint made by this one")
+    if ckpt.get("lora"):
+        return lora_model(ckpt, path, verbose, **overrides)
     model_config = GPTConfig(**{**ckpt["model_config"], **overrides})
     model = GPT(model_config, verbose=verbose)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model config stored with them: {e}") from e
+    return model
+
+
+def lora_model(ckpt, path, verbose=True, base_dtype=None, **overrides):
+    """The model of a LoRA run's checkpoint: its base (loaded, checked against the fingerprint the run
+    recorded) with the run's adapters, unmerged. base_dtype: the settings' (resume), or float32 when
+    None (sample, serve, eval, export: the stored base weights as they are)."""
+    settings = LoRASettings.from_dict(ckpt["lora"])
+    settings.base_dtype = base_dtype or "float32"
+    source = model_source(settings.base)
+    if source not in ("checkpoint", "hf"):
+        raise CheckpointError(f"{path} is a LoRA run, which holds only its adapters, and its base {settings.base} "
+                              "is not there any more: put the base model back at that path, or export the run "
+                              "with merged weights where the base is (export_hf.py --merge_lora=True)")
+    overrides = {"dropout": ckpt["model_config"]["dropout"], **overrides}
+    model, _, _ = _load(settings.base, source, verbose, **overrides)
+    if base_fingerprint(model) != settings.base_fingerprint:
+        raise CheckpointError(f"{path} is a LoRA run whose adapters were trained on {settings.base}, but that model "
+                              "has changed since (its weights differ): restore the base the run started from, or "
+                              "train the adapters again on the model there now")
+    differ = {k: v for k, v in ckpt["model_config"].items() if k != "dropout" and model.config.to_dict().get(k) != v}
+    if differ:
+        raise CheckpointError(f"{path}: its base {settings.base} has another shape than the run ({differ})")
+    apply_lora(model, settings)
+    problems = load_trainable_state(model, ckpt["model"])
+    if problems:
+        raise CheckpointError(f"{path}: the adapters do not fit its base {settings.base} ({'; '.join(problems)}): "
+                              "the checkpoint was made by another version of gptkit, or is damaged")
     return model
 
 
@@ -92,26 +124,30 @@ def check_vocabulary(model, tok, where):
                               "this model was not made for that tokenizer")
 
 
-def _load(spec, source, verbose, **overrides):
-    """A checkpoint or Hugging Face model -> (model on the CPU, its tokenizer, meta)."""
+def _load(spec, source, verbose, merge_lora=True, **overrides):
+    """A checkpoint or Hugging Face model -> (model on the CPU, its tokenizer, meta). merge_lora: a LoRA
+    run's adapters folded into its weights (a plain GPT), else kept apart (export_hf.py's adapter folder)."""
     if source == "hf":
         model, meta = load_hf_gpt2(spec, verbose=verbose, **overrides), hf_run_info(spec)
     else:
         meta = load_checkpoint(spec)
         model = build_model(meta, resolve_path(spec), verbose=verbose, **overrides)
+    if merge_lora and settings_of(model):
+        merge_adapters(model)
     tok = checkpoint_tokenizer(meta)
     check_vocabulary(model, tok, spec)
     return model, tok, meta
 
 
-def load_model(path, device="cpu", verbose=True, **overrides):
+def load_model(path, device="cpu", verbose=True, merge_lora=True, **overrides):
     """-> (model in eval mode on device, its tokenizer, meta), for sample, serve, eval, export and bench.
     path: a run directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2,
-    gpt2-xl, ...: to compare with OpenAI's models, or use an export)."""
+    gpt2-xl, ...: to compare with OpenAI's models, or use an export). A LoRA run loads like any other:
+    its base with the adapters merged in; merge_lora=False keeps them apart (gptkit/lora.py)."""
     source = model_source(path)
     if source not in ("checkpoint", "hf"):
         resolve_path(path)  # raises the message that says what to give
-    model, tok, meta = _load(path, source, verbose, **overrides)
+    model, tok, meta = _load(path, source, verbose, merge_lora=merge_lora, **overrides)
     model.to(device)
     model.eval()
     return model, tok, meta
@@ -144,6 +180,42 @@ def scratch_model(cfg, vocab_size, dropout=None, verbose=True):
                verbose=verbose)
 
 
+def base_spec(spec, source):
+    """How a LoRA run names its base: the absolute path of a checkpoint file or folder, a hub name as it is."""
+    if source == "checkpoint":
+        return os.path.abspath(resolve_path(spec))
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+def add_adapters(model, cfg, rt, source):
+    """Turn the starting model into a LoRA run's (gptkit/lora.py): adapters of cfg's settings, the base frozen."""
+    if cfg.lora_base_dtype != "float32" and rt.dtype == "float32":
+        raise ConfigError(f"lora_base_dtype={cfg.lora_base_dtype} needs mixed precision, but this run computes in "
+                          "float32 (dtype=auto on a CPU): give --dtype=bfloat16, or leave lora_base_dtype=float32")
+    settings = LoRASettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            targets=cfg.lora_targets_list(), train_norms=cfg.lora_train_norms,
+                            base_dtype=cfg.lora_base_dtype, base=base_spec(cfg.init_from, source),
+                            base_fingerprint=base_fingerprint(model))
+    apply_lora(model, settings)
+    trainable, total = count_parameters(model)
+    print0(f"LoRA: rank {settings.rank} on {', '.join(settings.module_names())}: {trainable:,} of {total:,} "
+           f"parameters train ({100 * trainable / total:.2f}%); the base {settings.base} is frozen")
+
+
+def lora_settings_ignored(cfg, ckpt):
+    """The LoRA keys of cfg that differ from a resumed checkpoint's, as "key=value (checkpoint: ...)" text."""
+    saved = ckpt.get("lora") or {}
+    if not getattr(cfg, "lora_rank", 0):  # not asked for: nothing to ignore (a LoRA run resumes as one)
+        return ""
+    ours = {"lora_rank": cfg.lora_rank}
+    theirs = {"lora_rank": saved.get("rank", 0)}
+    if saved:
+        for key in ("alpha", "dropout", "train_norms", "base_dtype"):
+            ours[f"lora_{key}"], theirs[f"lora_{key}"] = getattr(cfg, f"lora_{key}"), saved[key]
+        ours["lora_targets"], theirs["lora_targets"] = cfg.lora_targets_list(), saved["targets"]
+    return ", ".join(f"{k}={ours[k]} (checkpoint: {theirs[k]})" for k in ours if ours[k] != theirs[k])
+
+
 def init_model(cfg, rt):
     """-> (model on rt.device, the data's tokenizer, checkpoint dict to resume from or None).
 
@@ -151,7 +223,9 @@ def init_model(cfg, rt):
     applies) or a Hugging Face GPT-2 (model_source). First it makes this process out_dir's one
     writer (rank 0; gptkit/lock.py): a second run on it stops there. A model made with another
     tokenizer than the data's is refused, and so is a block_size longer than the model's context:
-    cfg.block_size is the length of the rows the run trains on, at most the model's block_size."""
+    cfg.block_size is the length of the rows the run trains on, at most the model's block_size.
+    cfg.lora_rank > 0 (finetune.py, dpo.py): the starting model gets adapters and is frozen (add_adapters);
+    a LoRA run resumes as one, its base loaded again from where its checkpoint names it."""
     if rt.master:  # before anything in out_dir is read: a second process on it stops here, naming the first
         hold_folder(cfg.out_dir)
     tok = run_tokenizer(cfg)
@@ -170,7 +244,12 @@ def init_model(cfg, rt):
                               "a new run (init_from=scratch to pretrain, or the path of a run or .pt file to start from)")
         ckpt = load_checkpoint(own)
         check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(ckpt), own)
-        model = build_model(ckpt, own, verbose=rt.master)  # the run's own model config, dropout included
+        # the run's own model config, dropout included; a LoRA run's adapters on its base, in the run's base_dtype
+        model = (lora_model(ckpt, own, rt.master, base_dtype=ckpt["lora"]["base_dtype"]) if ckpt.get("lora")
+                 else build_model(ckpt, own, verbose=rt.master))
+        ignored = lora_settings_ignored(cfg, ckpt)
+        if ignored:
+            print0(f"note: resuming with the checkpoint's LoRA settings; ignoring {ignored}")
         # block_size is the run's row length, not ignored; the model's shape comes from the checkpoint
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
                   if k != "block_size" and hasattr(cfg, k) and getattr(cfg, k) != v
@@ -180,6 +259,8 @@ def init_model(cfg, rt):
     elif source in ("checkpoint", "hf"):
         model, model_tok, _ = _load(cfg.init_from, source, rt.master, dropout=cfg.dropout)
         check_same_tokenizer(tok, cfg.data_dir, model_tok, cfg.init_from)
+        if getattr(cfg, "lora_rank", 0):  # FinetuneConfig's key; train.py's TrainConfig has none
+            add_adapters(model, cfg, rt, source)
     else:
         raise ConfigError(f"init_from={cfg.init_from!r} is none of: scratch, resume, a gptkit checkpoint (a .pt file "
                           f"or a run directory holding {CKPT_NAME}), a Hugging Face GPT-2 folder (with config.json), "

@@ -6,8 +6,12 @@ job's events (gptkit/engine.py) into the responses and stream chunks of /v1/chat
 A request that is not what the API expects (bad JSON, a wrong type, a value out of range, too many
 messages) raises RequestError, which the server turns into OpenAI's error body with status 400:
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
-Fields gptkit does not use (logprobs, tools, presence_penalty, user, ...) are accepted and ignored,
-as many clients send them by default. `model` may name any model: there is one, and answers carry
+Fields gptkit does not use (tools, presence_penalty, user, ...) are accepted and ignored, as many
+clients send them by default. logprobs: on chat, `logprobs: true` (+ `top_logprobs`: 0-20) gives each
+answer token's log-probability under the model (the log-softmax of its logits over the tokenizer's
+ids, before temperature, top-k and top-p) and the most likely alternatives; on completions,
+`logprobs: k` (0-5) gives the legacy shape (tokens, token_logprobs, top_logprobs, text_offset
+counted from the start of the answer). `model` may name any model: there is one, and answers carry
 its name. `top_k` is accepted as an extension (OpenAI has none).
 """
 
@@ -56,8 +60,21 @@ def get(body, name, kind, default, low=None, high=None):
     return value
 
 
-def sampling_fields(body, defaults, limits):
-    """The settings both endpoints share -> dict for an engine Job (plus stream, include_usage)."""
+def logprobs_field(body, kind):
+    """-> None (no log-probabilities) or how many of the most likely tokens to list beside each."""
+    if kind == "chat":
+        top = get(body, "top_logprobs", INTEGER, None, 0, 20)
+        if not get(body, "logprobs", BOOL, False):
+            if top is not None:
+                raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return top or 0
+    return get(body, "logprobs", INTEGER, None, 0, 5)
+
+
+def sampling_fields(body, defaults, limits, kind="chat"):
+    """The settings both endpoints share -> dict for an engine Job (plus stream, include_usage).
+    kind: "chat" or "complete", whose logprobs fields differ."""
     # newer clients send max_completion_tokens, older ones max_tokens
     max_tokens = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stop = body.get("stop")
@@ -76,6 +93,7 @@ def sampling_fields(body, defaults, limits):
         "n": get(body, "n", INTEGER, 1, 1, limits["n"]),
         "seed": get(body, "seed", INTEGER, None, 0, 2**63 - 1),
         "stop": stop or [],
+        "logprobs": logprobs_field(body, kind),
         "stream": get(body, "stream", BOOL, False),
         "include_usage": get(stream_options, "include_usage", BOOL, False),
     }
@@ -146,22 +164,44 @@ def chat_delta(index, delta, finish_reason=None):
     return {"index": index, "delta": delta, "finish_reason": finish_reason}
 
 
-def completion_choice(index, text, finish_reason=None):
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index, text, finish_reason=None, logprobs=None):
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def whole_choice(kind, index, text, finish_reason):
+def logprobs_object(kind, entries, tokenizer, offset=0):
+    """An engine's (token, log-probability, [(token, log-probability)] of the most likely) entries
+    in the API's shape: chat's {"content": [...]}, or completions' parallel lists (offset: the
+    answer's characters before these tokens, for text_offset)."""
+    if entries is None:
+        return None
+    text = tokenizer.decode
+    if kind == "chat":
+        def item(token, logprob):
+            return {"token": text([token]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
+        return {"content": [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in top]}
+                            for token, logprob, top in entries], "refusal": None}
+    offsets = []
+    for token, _, _ in entries:
+        offsets.append(offset)
+        offset += len(text([token]))
+    return {"tokens": [text([token]) for token, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{text([t]): lp for t, lp in top} for _, _, top in entries], "text_offset": offsets}
+
+
+def whole_choice(kind, index, text, finish_reason, logprobs=None):
     """Answer `index` of a response that is not streamed."""
     if kind == "chat":
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-    return completion_choice(index, text, finish_reason)
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+    return completion_choice(index, text, finish_reason, logprobs)
 
 
-def chunk_choice(kind, index, text=None, finish_reason=None):
+def chunk_choice(kind, index, text=None, finish_reason=None, logprobs=None):
     """A streamed piece of answer `index`: some text, or (text None) its end and why it ended."""
     if kind == "chat":
-        return chat_delta(index, {} if text is None else {"content": text}, finish_reason)
-    return completion_choice(index, text or "", finish_reason)
+        choice = chat_delta(index, {} if text is None else {"content": text}, finish_reason)
+        return {**choice, "logprobs": logprobs} if logprobs is not None else choice
+    return completion_choice(index, text or "", finish_reason, logprobs)
 
 
 def sse(data):
@@ -169,38 +209,46 @@ def sse(data):
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def whole_response(job, kind, id_, model, prompt_tokens, disconnected):
-    """A queued engine job's answers, once all are made, as the response body (a dict)."""
+async def whole_response(job, kind, id_, model, prompt_tokens, disconnected, tokenizer):
+    """A queued engine job's answers, once all are made, as the response body (a dict).
+    tokenizer: the model's, for the tokens' text in logprobs."""
     texts, finishes, completion_tokens = [""] * job.n, [None] * job.n, 0
+    entries = [[] for _ in range(job.n)]
     async for event in job.events(disconnected):
         if event[0] == "error":
             raise RequestError(event[1], status=500, kind="server_error")
         if event[0] == "text":
             texts[event[1]] += event[2]
+            entries[event[1]] += event[3] or []
         else:
             finishes[event[1]] = event[2]
             completion_tokens += event[3]
     if None in finishes:  # cut short: the client left (nobody reads this) or the server is stopping
         raise RequestError("the server stopped before the answer was complete", status=503, kind="server_error")
-    choices = [whole_choice(kind, i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
+    logprobs = [logprobs_object(kind, e if job.logprobs is not None else None, tokenizer) for e in entries]
+    choices = [whole_choice(kind, i, text, finish, logprobs[i])
+               for i, (text, finish) in enumerate(zip(texts, finishes))]
     return envelope(id_, OBJECT[kind], model, choices, usage=usage(prompt_tokens, completion_tokens))
 
 
-async def stream_chunks(job, kind, id_, model, prompt_tokens, include_usage):
+async def stream_chunks(job, kind, id_, model, prompt_tokens, include_usage, tokenizer):
     """A queued engine job's text as it comes, as server-sent events; [DONE] only after every answer
-    has ended (a stream cut by the server's shutdown has none, so the client can tell)."""
+    has ended (a stream cut by the server's shutdown has none, so the client can tell). tokenizer:
+    the model's, for the tokens' text in logprobs."""
     def chunk(choices, **extra):
         return sse(envelope(id_, CHUNK_OBJECT[kind], model, choices, **extra))
 
     if kind == "chat":  # the first chunk of each answer names its role
         yield chunk([chat_delta(i, {"role": "assistant", "content": ""}) for i in range(job.n)])
-    completion_tokens, ended = 0, 0
+    completion_tokens, ended, offsets = 0, 0, [0] * job.n
     async for event in job.events():
         if event[0] == "error":
             yield sse(error_body(event[1], "server_error"))
             return
         if event[0] == "text":
-            yield chunk([chunk_choice(kind, event[1], event[2])])
+            _, index, text, entries = event
+            yield chunk([chunk_choice(kind, index, text, None, logprobs_object(kind, entries, tokenizer, offsets[index]))])
+            offsets[index] += sum(len(tokenizer.decode([token])) for token, _, _ in entries or [])
         else:
             completion_tokens, ended = completion_tokens + event[3], ended + 1
             yield chunk([chunk_choice(kind, event[1], None, event[2])])

@@ -20,7 +20,9 @@ These are trl's DPOTrainer figures (tests/test_dpo.py compares them on the same 
 The reference is the starting model, frozen. Its log-probs do not change during training, so they
 are computed once at the start (reference_logps: one forward pass over the pairs, split over the
 processes) and saved in <out_dir>/reference_logps.npz, which a resume reads: the reference model
-is never in memory while training, and each step runs the policy only (docs/benchmarks.md).
+is never in memory while training, and each step runs the policy only (docs/benchmarks.md). With
+LoRA (--lora_rank) the reference is the policy with its adapters off (gptkit/lora.py's
+adapters_disabled): the starting model, computed the same way.
 """
 
 import os
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from gptkit.configurator import ConfigError
 from gptkit.data import check_loader_args
 from gptkit.files import atomic_write
+from gptkit.lora import adapters_disabled
 from gptkit.sft import SFTDataError, read_meta, read_sft_split
 from gptkit.system import print0
 
@@ -194,7 +197,10 @@ def load_or_compute_reference(model, cfg, rt, resuming):
                                   f"{cfg.data_dir} has {n}: the data changed; start a new run (new out_dir)")
         return reference
     start = time.time()
-    reference = {split: reference_logps(model, cfg.data_dir, split, cfg.micro_batch_size, rt) for split in counts}
+    # with LoRA the reference is the base, adapters off: the starting model (B = 0 makes them equal at
+    # step 0, but this does not rest on it), and no second copy of the model
+    with adapters_disabled(model):
+        reference = {split: reference_logps(model, cfg.data_dir, split, cfg.micro_batch_size, rt) for split in counts}
     print0(f"reference log-probs of {counts['train']:,} train and {counts['val']:,} val pairs in "
            f"{time.time() - start:.1f}s (computed once, saved in {path})")
     if rt.master:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from gptkit.configurator import BaseConfig
+from gptkit.lora import BASE_DTYPES, TARGETS as LORA_TARGETS
 from gptkit.system import STOPPED_EXIT_HELP
 from gptkit.tokenizer import tokenizer_problems
 
@@ -141,9 +142,43 @@ class FinetuneConfig(TrainConfig):
     # answers to the first val questions, printed before and after finetuning
     questions: int = 4                    # how many val questions are asked
     answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
+    # LoRA (gptkit/lora.py): train low-rank adapters of the block matrices, the base frozen (a 712M on a 12 GB card)
+    lora_rank: int = 0                    # rank r of each adapter; 0: full finetuning (every weight trains); 16 is usual
+    lora_alpha: float = 32.0              # adapters' output is scaled by alpha / r (peft's convention): 2r is usual
+    lora_dropout: float = 0.05            # dropout on the adapters' input, against memorising a small dataset
+    lora_targets: str = "attn,mlp"        # which matrices get adapters: attn (c_attn, attn.c_proj), mlp (c_fc, mlp.c_proj), or both
+    lora_train_norms: bool = False        # also train all biases and LayerNorms (few parameters; the peft adapter export then refuses)
+    lora_base_dtype: str = "float32"      # bfloat16: hold the frozen block matrices in bf16 (half their memory; needs dtype bfloat16 or float16)
+
+    def lora_targets_list(self):
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def lora_problems(self):
+        if self.lora_rank == 0:
+            return []
+        problems = []
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank={self.lora_rank} must be 0 (full finetuning) or positive (16 is usual)")
+        if self.lora_alpha <= 0:
+            problems.append(f"lora_alpha={self.lora_alpha} must be positive (twice lora_rank is usual)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        targets = self.lora_targets_list()
+        if not targets or set(targets) - set(LORA_TARGETS) or len(set(targets)) != len(targets):
+            problems.append(f"lora_targets={self.lora_targets!r}: use attn, mlp or attn,mlp")
+        if self.lora_base_dtype not in BASE_DTYPES:
+            problems.append(f"lora_base_dtype={self.lora_base_dtype!r}: use float32 or bfloat16")
+        elif self.lora_base_dtype != "float32" and self.dtype == "float32":
+            problems.append(f"lora_base_dtype={self.lora_base_dtype} needs mixed precision (its matmuls run in "
+                            "autocast): use --dtype=bfloat16, or leave lora_base_dtype=float32")
+        if self.optimizer != "adamw":
+            problems.append(f"optimizer={self.optimizer} with LoRA: the adapters train with adamw (Muon is for "
+                            "full matrices); use --optimizer=adamw, or lora_rank=0")
+        return problems
 
     def validate(self):
         problems = super().validate()
+        problems += self.lora_problems()
         if self.init_from == "scratch":
             problems.append("init_from=scratch: finetuning starts from a pretrained model; give its run directory "
                             "(--init_from=out/fineweb_124m), a .pt file, a Hugging Face GPT-2 folder, or resume")
@@ -160,6 +195,7 @@ class DPOConfig(FinetuneConfig):
     out_dir: str = "out/dpo"
     init_from: str = "out/dolly"          # the chat model to tune; also the frozen reference
     dropout: float = 0.0                  # off: dropout would make the policy's log-probs noisy against the reference's
+    lora_dropout: float = 0.0             # off, as dropout: the adapters' log-probs too are compared with the reference's
     total_batch_pairs: int = 64           # pairs per optimizer step (each pair is two sequences)
     micro_batch_size: int = 4             # pairs per forward pass per GPU: the memory knob (README table)
     max_steps: int = 900                  # ~1 epoch of UltraFeedback's 61k train pairs at 64 per step

@@ -67,7 +67,41 @@ def test_kv_cache_matches_full_forward(tiny_config):
         chunk, _ = model(idx[:, 20:], kv_cache=cache)          # a chunk after the cache start
     cached = torch.cat([prefill] + steps + [chunk], dim=1)
     torch.testing.assert_close(cached, full.detach(), rtol=0, atol=1e-5)
-    assert cache.pos == 30
+    assert cache.pos.tolist() == [30, 30]
+
+
+def test_rows_of_different_lengths_decode_in_one_batch_as_they_would_alone(tiny_config):
+    """Three sequences of 5, 17 and 11 tokens, each prefilled into its own row (chunked, the longest
+    in two), then decoded together for 6 tokens: each row's logits are the ones it gets alone,
+    within 1e-5. Not bitwise: on CPU fp32 the matmul sums in an order that depends on how many rows
+    it multiplies (a 1-row and an 8-row Linear differ by ~1e-6), which no masking can change."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config, verbose=False).eval()
+    lengths, new = [5, 17, 11], 6
+    seqs = [torch.randint(0, 50257, (1, n + new)) for n in lengths]
+    cache = model.new_kv_cache(batch_size=4)  # one row more than needed: it stays empty
+    with torch.no_grad():
+        alone = [model(s)[0][:, -new:] for s in seqs]  # (1, new, V) each: no cache at all
+        for row, (s, n) in enumerate(zip(seqs, lengths)):
+            one = cache.rows(row, row + 1)
+            for start in range(0, n, 10):  # a chunked prefill: the second chunk starts at 10
+                model(s[:, start:min(n, start + 10)], kv_cache=one)
+        assert cache.pos.tolist() == lengths + [0]
+        batch = cache.rows(0, 3)
+        together = [model(torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)]), kv_cache=batch)[0]
+                    for t in range(new)]  # (3, 1, V) per step
+    assert cache.pos.tolist() == [n + new for n in lengths] + [0]
+    together = torch.cat(together, dim=1)  # (3, new, V)
+    for row in range(3):
+        torch.testing.assert_close(together[row:row + 1], alone[row], rtol=0, atol=1e-5)
+
+    # a row copied into another (a finished row's memory reused) goes on as the original would
+    cache.copy_row(3, cache, 1)
+    with torch.no_grad():
+        nxt = torch.randint(0, 50257, (1, 1))
+        original, _ = model(nxt, kv_cache=cache.rows(1, 2))
+        copy, _ = model(nxt, kv_cache=cache.rows(3, 4))
+    assert cache.pos[3] == cache.pos[1] and torch.equal(copy, original)
 
 
 def test_last_only_is_the_last_position_of_the_full_logits(tiny_config):
@@ -102,9 +136,9 @@ def test_a_full_kv_cache_says_so(tiny_config):
         model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
         with pytest.raises(ValueError, match=r"KV cache holds 10 positions.*max_len"):
             model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
-        assert cache.pos == 8  # nothing written: the cache is still usable
+        assert cache.pos.tolist() == [8]  # nothing written: the cache is still usable
         model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
-    assert cache.pos == 10
+    assert cache.pos.tolist() == [10]
 
 
 @pytest.mark.slow

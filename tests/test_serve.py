@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -52,7 +53,8 @@ def server(tmp_path_factory):
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny matmuls: one thread is faster on a shared machine
     proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu",
-                             f"--api_key={KEY}", "--name=tiny", "--max_tokens_limit=2000"],
+                             f"--api_key={KEY}", "--name=tiny", "--max_tokens_limit=2000",
+                             "--max_batch=8", "--max_queue=16"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -232,25 +234,92 @@ def test_listening_beyond_this_machine_requires_an_api_key(server):
     assert ServeConfig(ckpt=server.ckpt, host="localhost").validate() == []
 
 
-def test_eight_concurrent_requests_equal_their_solo_answers(server, client):
-    prompts = [f"Question {i}: tell me about number {i}." for i in range(8)]
+@pytest.mark.parametrize("clients", [8, 16])
+def test_concurrent_requests_of_different_lengths_equal_their_solo_answers(server, client, clients):
+    """8 (one batch) and 16 (8 rows, 8 waiting for one) greedy requests of different prompt and answer
+    lengths at once: each gets the answer it gets alone."""
+    prompts = [f"Question {i}: tell me about " + "the number " * i + f"{i}." for i in range(clients)]
 
-    def ask(prompt):
-        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                              temperature=0, max_tokens=16).choices[0].message.content
+    def ask(i):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[i]}],
+                                              temperature=0, max_tokens=8 + i).choices[0].message.content
 
-    solo = [ask(p) for p in prompts]
-    together = [None] * 8
+    solo = [ask(i) for i in range(clients)]
+    together = [None] * clients
 
     def run(i):
-        together[i] = ask(prompts[i])
+        together[i] = ask(i)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert together == solo and len(set(solo)) > 1
+
+
+def test_logprobs_and_n_as_rows_of_the_batch(server, client):
+    model = server.model
+    messages = [{"role": "user", "content": "Name a river."}]
+    ids = chat_ids(messages, 5)
+    reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=5,
+                                           logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == reply.choices[0].message.content and len(content) == 5
+    answer = GPT2.encode(reply.choices[0].message.content)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + answer]))[0][0, len(ids) - 1:-1, :GPT2.n_vocab]
+    expected = torch.log_softmax(logits, dim=-1)
+    for t, c in enumerate(content):
+        assert c.logprob == pytest.approx(float(expected[t].max()), abs=1e-4)  # greedy: the most likely token
+        assert [top.logprob for top in c.top_logprobs] == pytest.approx(expected[t].topk(2).values.tolist(), abs=1e-4)
+    done = client.completions.create(model="tiny", prompt="Once upon", temperature=0, max_tokens=4, logprobs=1)
+    assert len(done.choices[0].logprobs.token_logprobs) == 4 and done.choices[0].logprobs.text_offset[0] == 0
+    three = client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, max_tokens=6, n=3, seed=3)
+    assert [c.index for c in three.choices] == [0, 1, 2] and len({c.message.content for c in three.choices}) == 3
+
+
+@pytest.mark.slow
+def test_requests_over_the_queue_limit_get_429_at_once_and_the_server_stays_up(server):
+    """64 requests at once, more than 8 rows + 16 queued: the rest get a 429 with Retry-After at
+    once; every request gets an answer or a 429, and the server answers afterwards."""
+    url, body = server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}
+    results = [None] * 64
+
+    def ask(i):
+        start = time.time()
+        r = httpx.post(url, json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+        results[i] = (r.status_code, r.headers.get("retry-after"), r.json(), time.time() - start)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    refused = [r for r in results if r[0] == 429]
+    assert len(refused) >= 64 - 8 - 16 - 8 and all(r[0] in (200, 429) for r in results), [r[:2] for r in results]
+    assert all(int(r[1]) >= 1 and r[2]["error"]["type"] == "rate_limit_error" for r in refused)
+    assert max(r[3] for r in refused) < 5  # at once, not after a wait
+    assert post(url, body)[0] == 200 and health(server.url)["status"] == "ok"
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc")
+def test_memory_stays_flat_over_500_requests(server):
+    url, body = server.url + "/v1/completions", {"prompt": "Once", "max_tokens": 2}
+    with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        for _ in range(100):  # warm-up: allocator pools, caches of the first requests
+            http.post(url, json=body)
+        before = rss_kb(server.proc.pid)
+        for _ in range(500):
+            assert http.post(url, json=body).status_code == 200
+        after = rss_kb(server.proc.pid)
+    assert after - before < 20_000, (before, after)  # 20 MB: far less than a leak of 40 bytes per token would make
 
 
 def wait_idle(url):

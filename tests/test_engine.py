@@ -1,0 +1,117 @@
+"""gptkit/engine.py in-process: the continuous batch answers as each request would be answered alone,
+logprobs are the model's, the queue limit refuses at once, and a cancelled answer frees its row."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptkit.engine import Engine, Job, Overloaded
+from gptkit.generate import generate
+from gptkit.tokenizer import load_tokenizer
+from test_generate import lively_model, one_thread  # noqa: F401 (one thread for the tiny model)
+
+GPT2 = load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively_model(block_size=256)
+
+
+def prompts(count):
+    """Prompts of different lengths (2 to 3*count tokens)."""
+    return [[GPT2.eot] + GPT2.encode("word " * (3 * i + 1)) for i in range(count)]
+
+
+async def answer_ids(engine, job):
+    """A job's answers as token ids (from its logprobs entries) and finish reasons."""
+    ids, finishes = [[] for _ in range(job.n)], [None] * job.n
+    async for event in engine.submit(job).events():
+        if event[0] == "text":
+            ids[event[1]] += [token for token, _, _ in event[3]]
+        elif event[0] == "end":
+            finishes[event[1]] = event[2]
+    return ids, finishes
+
+
+def run_all(engine, jobs):
+    async def together():
+        return await asyncio.gather(*(answer_ids(engine, job) for job in jobs))
+    return asyncio.run(together())
+
+
+def test_a_batch_of_different_prompt_lengths_answers_each_as_alone(model):
+    """12 greedy requests, 4 rows: requests join as others leave, prompts of 2 to 35 tokens (a chunked
+    prefill for the long ones, prefill_chunk=8) share each step, and each answer equals generate()'s."""
+    engine = Engine(model, GPT2, max_batch=4, max_queue=32, prefill_chunk=8)
+    try:
+        lengths = [1 + 3 * i for i in range(12)]  # answers of different lengths (one of 1 token): rows leave at different steps
+        alone = [list(generate(model, p, n, temperature=0, n_vocab=GPT2.n_vocab)) for p, n in zip(prompts(12), lengths)]
+        got = run_all(engine, [Job(p, n, (), temperature=0, logprobs=0) for p, n in zip(prompts(12), lengths)])
+        assert [ids for (ids,), _ in got] == alone and len({tuple(a) for a in alone}) == 12
+        assert all(finishes == ["length"] for _, finishes in got)
+        deadline = time.time() + 5
+        while engine.health()["batch"] and time.time() < deadline:  # the last row leaves just after its end event
+            time.sleep(0.01)
+        health = engine.health()
+        assert health["completed"] == 12 and health["batch"] == 0 and health["tokens_generated"] == sum(lengths)
+    finally:
+        engine.close()
+
+
+def test_logprobs_are_the_models_log_softmax_and_seeds_repeat(model):
+    engine = Engine(model, GPT2, max_batch=4)
+    try:
+        ids = prompts(3)[2]
+        job = Job(ids, 4, (), temperature=1.0, seed=5, n=3, logprobs=3)
+        entries = []
+
+        async def collect():
+            async for event in engine.submit(job).events():
+                if event[0] == "text" and event[1] == 0:
+                    entries.extend(event[3])
+        asyncio.run(collect())
+        seq = ids + [token for token, _, _ in entries]
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0][0, len(ids) - 1:-1, :GPT2.n_vocab]  # (4, n_vocab)
+        expected = F.log_softmax(logits.float(), dim=-1)
+        for t, (token, logprob, top) in enumerate(entries):
+            assert logprob == pytest.approx(float(expected[t, token]), abs=1e-4)
+            values, best = expected[t].topk(3)
+            assert [i for i, _ in top] == best.tolist()
+            assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=1e-4)
+        # n=3 with one seed: three rows, three different answers, the same three again
+        first = run_all(engine, [Job(ids, 8, (), temperature=1.0, seed=5, n=3, logprobs=0)])[0][0]
+        again = run_all(engine, [Job(ids, 8, (), temperature=1.0, seed=5, n=3, logprobs=0)])[0][0]
+        assert first == again and len({tuple(a) for a in first}) == 3
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses_at_once_and_a_cancelled_answer_frees_its_row(model):
+    engine = Engine(model, GPT2, max_batch=1, max_queue=2)
+
+    async def scenario():
+        long = engine.submit(Job(prompts(1)[0], 200, (), temperature=0))
+        events = long.events()
+        assert (await events.__anext__())[0] == "text"  # it runs, in the only row
+        waiting = [engine.submit(Job(prompts(1)[0], 2, (), temperature=0)) for _ in range(2)]
+        with pytest.raises(Overloaded) as refused:
+            engine.submit(Job(prompts(1)[0], 2, (), temperature=0))
+        assert refused.value.status == 429 and refused.value.retry_after >= 1
+        await events.aclose()  # the client leaves: the job is cancelled
+        for job in waiting:  # the row is freed at the next step, and the queue runs
+            assert [e[0] async for e in job.events()][-1] == "end"
+        return engine.health()
+
+    try:
+        health = asyncio.run(scenario())
+        assert health["cancelled"] == 1 and health["completed"] == 2 and health["rejected"] == 1
+        assert health["tokens_generated"] < 100  # the long answer stopped far before its 200 tokens
+    finally:
+        engine.close()
+    with pytest.raises(Overloaded, match="shutting down"):
+        asyncio.run(asyncio.sleep(0, engine.submit(Job([1], 1, ()))))
