@@ -39,8 +39,9 @@ def app_files():
 
 
 def command(name):
-    """What the container runs: serve.py on the export, on every interface, with the Space's secret as the key."""
-    return (f"python serve.py --ckpt={MODEL_DIR} --host=0.0.0.0 --port=${{PORT:-{APP_PORT}}} --device=cpu "
+    """What the container runs: serve.py on the export, on every interface, with the Space's secret as the key.
+    `exec`: serve.py replaces the shell, so the container's stop signal reaches it (and no orphan is left)."""
+    return (f"exec python serve.py --ckpt={MODEL_DIR} --host=0.0.0.0 --port=${{PORT:-{APP_PORT}}} --device=cpu "
             f"--dtype=float32 --api_key=\"$GPTKIT_API_KEY\" --name={shlex.quote(name)}")
 
 

@@ -4,6 +4,7 @@ against what its code imports, and the folder's own command started here, answer
 import ast
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_the_space_folder_holds_its_app_and_its_metadata(space):
     meta = metadata_load(folder / "README.md")  # the Hub's own parser of a README's front matter
     assert meta["sdk"] == "docker" and meta["app_port"] == APP_PORT and meta["title"] == "tiny-chat"
     cmd = command_of(folder)
-    assert cmd.startswith("python serve.py --ckpt=model --host=0.0.0.0") and "--api_key=\"$GPTKIT_API_KEY\"" in cmd
+    assert cmd.startswith("exec python serve.py --ckpt=model --host=0.0.0.0") and "--api_key=\"$GPTKIT_API_KEY\"" in cmd
     assert (folder / "serve.py").read_bytes() == open(os.path.join(os.path.dirname(__file__), "..", "serve.py"), "rb").read()
 
 
@@ -98,7 +99,7 @@ def test_the_space_folders_own_command_serves_the_model(space, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PORT=str(port), GPTKIT_API_KEY=KEY, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(["sh", "-c", command_of(folder)], cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
         while True:
@@ -108,7 +109,7 @@ def test_the_space_folders_own_command_serves_the_model(space, tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
+                    stop(proc)
                     pytest.fail(f"the Space's command did not start: {proc.communicate()}")
                 time.sleep(0.2)
         with pytest.raises(urllib.error.HTTPError) as refused:  # no key, no answer
@@ -120,5 +121,14 @@ def test_the_space_folders_own_command_serves_the_model(space, tmp_path):
         assert answer.model == "tiny-chat" and answer.choices[0].finish_reason in ("stop", "length")
         assert answer.usage.prompt_tokens > 0
     finally:
-        proc.kill()
-        proc.communicate()
+        stop(proc)
+
+
+def stop(proc):
+    """Kill the command's whole process group: whatever the shell started must not outlive the test
+    (a leftover child holds the pipes open and communicate() would wait for ever)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
