@@ -6,6 +6,8 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
     python export_hf.py --ckpt=out/dolly --out=hf/dolly --push_to_hub=your-name/gptkit-dolly   # and upload it
     python export_hf.py --ckpt=out/dolly_lora --out=hf/dolly-lora                      # a LoRA run: a peft adapter folder
     python export_hf.py --ckpt=out/dolly_lora --out=hf/dolly-merged --merge_lora=True  # ... or its merged weights
+    python export_hf.py --ckpt=out/dolly --space=spaces/dolly      # a Docker Space that serves it (serve.py)
+    python export_hf.py --ckpt=out/dolly --space=spaces/dolly --push_to_hub=your-name/dolly-chat   # and create it
 
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
 GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added (a
@@ -31,6 +33,12 @@ tokenizer files; no model card), which peft puts on the base's own export:
 
 --merge_lora=True instead writes the base with the adapters folded in: a full folder as above.
 
+--space=DIR writes a Hugging Face Space around the export instead (gptkit/space.py): the model in
+DIR/model (a LoRA run merged, as serve.py needs the whole model), and beside it the Dockerfile,
+the Space's README.md (sdk: docker) and the copies of serve.py and gptkit it runs. With
+--push_to_hub=user/name it creates that Docker Space and uploads the folder; set the Space's secret
+GPTKIT_API_KEY there, which the server requires. Try it here first with the command in DIR/README.md.
+
 The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub name when online):
 
     python train.py config/fineweb_124m.py --init_from=path/to/gpt2-folder
@@ -48,6 +56,7 @@ from gptkit.hf import export_hf, export_peft_adapter
 from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.lock import hold_folder
 from gptkit.modelcard import push_to_hub, run_facts, write_model_card
+from gptkit.space import MODEL_DIR, write_space
 from gptkit.system import print0, run_main, setup_runtime
 
 
@@ -62,12 +71,21 @@ class ExportConfig(BaseConfig):
     push_to_hub: str = ""  # user/name: upload the folder to that Hub model repo (created if needed); empty: no upload
     private: bool = False  # a new Hub repo is private
     merge_lora: bool = False  # a LoRA run: write the merged model (a full folder) instead of a peft adapter folder
+    space: str = ""  # a folder to write a Docker Space into (the model in SPACE/model); push_to_hub then creates a Space
 
     def validate(self):
         problems = super().validate()
         problems += ckpt_arg_problems(self.ckpt, example="out/dolly", hf=False)
-        if not self.out:
-            problems.append("out is empty: give the folder to write, such as --out=hf/dolly")
+        if self.space:
+            if self.out:
+                problems.append(f"give out or space, not both: --space={self.space} writes the model into "
+                                f"{os.path.join(self.space, MODEL_DIR)}")
+            elif os.path.exists(self.space) and not os.path.isdir(self.space):
+                problems.append(f"space={self.space!r} is a file: give a folder, such as --space=spaces/dolly")
+            elif os.path.exists(os.path.join(self.space, "ckpt.pt")):
+                problems.append(f"space={self.space!r} holds a gptkit run (ckpt.pt): give another folder")
+        elif not self.out:
+            problems.append("out is empty: give the folder to write, such as --out=hf/dolly (or --space=spaces/dolly)")
         elif os.path.exists(self.out) and not os.path.isdir(self.out):
             problems.append(f"out={self.out!r} is a file: give a folder")
         elif os.path.exists(os.path.join(self.out, "ckpt.pt")):  # its config.json is the run's own
@@ -86,8 +104,10 @@ class ExportConfig(BaseConfig):
 
 def main():
     cfg = configure(ExportConfig)
-    hold_folder(cfg.out)  # one writer: two exports at once would mix their files
+    hold_folder(cfg.space or cfg.out)  # one writer: two exports at once would mix their files
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
+    if cfg.space:
+        return export_space(cfg)
     # tok: the tokenizer the checkpoint carries; a LoRA run's adapters stay apart unless merged
     model, tok, ckpt = load_model(cfg.ckpt, device="cpu", merge_lora=cfg.merge_lora)
     chat = ckpt.get("kind") == "chat"
@@ -100,9 +120,7 @@ def main():
         return
     if cfg.merge_lora and not ckpt.get("lora"):
         print0(f"note: {cfg.ckpt} is not a LoRA run: merge_lora has nothing to merge")
-    files = export_hf(model, cfg.out, tok, chat=chat, system=trained_system_prompt(ckpt))
-    facts = run_facts(model, tok, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
-    files = files + write_model_card(cfg.out, facts, cfg.push_to_hub, cfg.license, cfg.datasets, cfg.language)
+    files = export_full(model, tok, ckpt, cfg, cfg.out, cfg.push_to_hub)
     print0(f"wrote a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}")
     if chat:
         print0("note: transformers' tokenizer turns control-token text a person types (such as <|user|>) into "
@@ -114,6 +132,28 @@ def main():
            f"    model = AutoModelForCausalLM.from_pretrained({cfg.out!r})")
     if cfg.push_to_hub:
         print0(f"uploaded to {push_to_hub(cfg.out, cfg.push_to_hub, cfg.private)}")
+
+
+def export_full(model, tok, ckpt, cfg, out, repo_id):
+    """The transformers folder and its model card -> the names written."""
+    files = export_hf(model, out, tok, chat=ckpt.get("kind") == "chat", system=trained_system_prompt(ckpt))
+    facts = run_facts(model, tok, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
+    return files + write_model_card(out, facts, repo_id, cfg.license, cfg.datasets, cfg.language)
+
+
+def export_space(cfg):
+    """--space: the merged model in SPACE/model, the Space's files around it, and with push_to_hub
+    the Docker Space created and uploaded."""
+    model, tok, ckpt = load_model(cfg.ckpt, device="cpu", merge_lora=True)  # serve.py runs a whole model
+    name = os.path.basename(os.path.normpath(cfg.space))
+    export_full(model, tok, ckpt, cfg, os.path.join(cfg.space, MODEL_DIR), "")
+    files = write_space(cfg.space, name=name, license=cfg.license)
+    print0(f"wrote a Docker Space serving the {ckpt.get('kind', 'base')} model to {cfg.space}: "
+           f"{MODEL_DIR}/ and {len(files)} files ({', '.join(f for f in files if '/' not in f)})\n"
+           f"try it here first: see {os.path.join(cfg.space, 'README.md')} for its command")
+    if cfg.push_to_hub:
+        print0(f"created the Space {push_to_hub(cfg.space, cfg.push_to_hub, cfg.private, space=True)}: set its "
+               "secret GPTKIT_API_KEY (Settings -> Variables and secrets), which the server requires")
 
 
 if __name__ == "__main__":

@@ -169,8 +169,9 @@ class KVCache:
             is_causal = False
         return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys], mask, is_causal
 
-    def end(self, T):
-        self.pos += T
+    def end(self, grown):
+        """After the call: every row grew by T tokens, or by its own count (a (B,) tensor: right-padded rows)."""
+        self.pos += grown
         self.step = None
 
 
@@ -301,11 +302,15 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False, lengths=None):
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) -> (None, loss):
         the mean loss over the positions whose target is not -1, computed without materialising
         the logits. With kv_cache, idx continues the sequence already in the cache. last_only:
-        logits (B, 1, V) of the last position only, the one generation samples from."""
+        logits (B, 1, V) of the last position only, the one generation samples from. lengths (B,),
+        with kv_cache: idx is right-padded, row b's first lengths[b] tokens are real (prompts of
+        different lengths prefilled together); each row's cache grows by its own length (the padding
+        is never attended to: it lies past the row's end, and the next tokens overwrite it), and
+        last_only gives each row's last real position."""
         if last_only and targets is not None:
             raise ValueError("last_only=True is for generation, which has no targets: pass targets or "
                              "last_only, not both")
@@ -331,7 +336,7 @@ class GPT(nn.Module):
                 x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.end(T)
+            kv_cache.end(T if lengths is None else lengths)
         if targets is not None:
             # Training and evaluation need only the loss: compute it (and its gradient) chunk by
             # chunk, never holding the (B*T, V) logits, the largest activation by far.
@@ -341,7 +346,8 @@ class GPT(nn.Module):
         if last_only:
             # the output layer (V = 50304 wide: a third of the 124M's weights, most of a tiny
             # model's) runs on the one position that is sampled, not on all T
-            return self.lm_head(x[:, -1:, :]), None  # (B, 1, V)
+            last = x[:, -1:, :] if lengths is None else x[torch.arange(B, device=x.device), lengths - 1][:, None]  # (B, 1, C)
+            return self.lm_head(last), None  # (B, 1, V)
         return self.lm_head(x), None  # (B, T, V)
 
     def param_groups(self, weight_decay):

@@ -10,9 +10,11 @@ Why a batch: decoding one token costs reading every weight once, whether for one
 eight, so one forward pass that makes a token for each of the running answers serves them all for
 about the price of one. Each answer (n answers of a request: n rows) is a row of one KV cache of
 max_batch rows, and every row has its own length (model.py's KVCache). Between two decode steps,
-waiting answers join: a prompt is prefilled alone into a staging row (a long one in chunks of
-prefill_chunk tokens, a decode step between two chunks, so the running answers never stall for
-long), then copied into the first free row (n answers to one prompt: one prefill, n copies). An
+waiting answers join: the prompts that fit prefill_chunk tokens together are prefilled in one
+forward pass (right-padded, each row its own length) straight into free rows, so clients that
+arrive together wait for one prefill; a long prompt is prefilled alone into a staging row, in
+chunks of prefill_chunk tokens with a decode step between two, so the running answers never stall
+for long, then copied into the first free row (n answers to one prompt: one prefill, n copies). An
 answer leaves the batch when it ends (a stop token or string, max_tokens, the context full) or its
 client has gone; the last row moves into its place, so the running rows are always 0..n-1 and each
 step computes those only. More than max_queue answers waiting: submit raises Overloaded (serve.py
@@ -279,19 +281,27 @@ class Engine:
         self.stats["completed" if completed else "cancelled"] += 1
         job.send("done")
 
-    def _forward(self, ids, cache):
-        """ids (B, T) -> the last position's logits (B, V) in float32; padding ids can never win."""
+    def _forward(self, ids, cache, lengths=None):
+        """ids (B, T) -> the last position's logits (B, V) in float32 (lengths (B,): right-padded rows,
+        each row's last real one); padding ids can never win."""
         with torch.no_grad(), self.autocast():
-            logits, _ = self.model(ids, kv_cache=cache, last_only=True)  # (B, 1, V)
+            logits, _ = self.model(ids, kv_cache=cache, last_only=True, lengths=lengths)  # (B, 1, V)
         logits = logits[:, -1, :].float()  # (B, V)
         logits[:, self.tokenizer.n_vocab:] = float("-inf")  # the padding slots: no text, never a target
         return logits
 
     def _admit(self):
-        """Waiting answers join the batch while it has free rows, prefilling at most prefill_chunk
-        prompt tokens while other answers run (all of a prompt when none do, as generate() would)."""
+        """Waiting answers join the batch while it has free rows. Prompts that fit prefill_chunk tokens
+        together are prefilled together, in one forward pass straight into their rows (8 clients that
+        arrive at once wait for one prefill, not eight). Any other (a long prompt, n answers for which
+        no n rows are free) is prefilled alone in the staging row, at most prefill_chunk tokens while
+        other answers run (all of it when none do, as generate() would), then copied into free rows."""
         budget = self.prefill_chunk
         while self.waiting and len(self.running) < self.max_batch:
+            group = self._group(budget) if self.staged is None else []
+            if group:
+                budget -= self._prefill_together(group)
+                continue
             job, index = self.waiting[0]
             if job.cancelled:
                 self._end_job(job, completed=False)
@@ -323,6 +333,49 @@ class Engine:
             if not any(j is job for j, _ in self.waiting):
                 self.staged = None  # the job's last answer has its row
         self._leave()
+
+    def _group(self, budget):
+        """The jobs at the head of the queue that can be prefilled together now: every answer of each
+        has a free row, and their prompts, padded to the longest, fit budget tokens. Empty when the
+        first job cannot (the staging path takes it, or it is cancelled or its prompt is unservable)."""
+        group, rows, width = [], self.max_batch - len(self.running), 0
+        for job in dict.fromkeys(j for j, _ in self.waiting):  # waiting jobs in order, each once
+            fits = 0 < len(job.ids) < self.model.config.block_size and not job.cancelled
+            wider = max(width, len(job.ids))
+            if not fits or self.remaining[job] != job.n or job.n > rows or wider * (len(group) + 1) > budget:
+                break
+            group.append(job)
+            rows, width = rows - job.n, wider
+        return group
+
+    def _prefill_together(self, jobs):
+        """Prefill the jobs' prompts in one forward pass into the free rows (one per job, right-padded),
+        copy the prompt of a job of n answers into n - 1 more, and sample each answer's first token
+        -> the prompt tokens computed, padding included."""
+        first, width = len(self.running), max(len(job.ids) for job in jobs)
+        ids = torch.zeros(len(jobs), width, dtype=torch.long, device=self.device)  # (k, width): right-padded
+        for i, job in enumerate(jobs):
+            ids[i, :len(job.ids)] = torch.tensor(job.ids, dtype=torch.long)
+        lengths = torch.tensor([len(job.ids) for job in jobs], dtype=torch.long, device=self.device)  # (k,)
+        cache = self.cache.rows(first, first + len(jobs))
+        cache.reset()  # free rows: whatever a finished answer left there is overwritten
+        logits = self._forward(ids, cache, lengths)  # (k, V)
+        rows, row_logits = [], []
+        for i, job in enumerate(jobs):  # first answers in the prefilled rows, in order
+            rows.append(Row(job, 0, self.model.config.block_size, self.tokenizer, self.device))
+            row_logits.append(logits[i])
+        for i, job in enumerate(jobs):  # then the other answers, each a copy of its prompt's row
+            for index in range(1, job.n):
+                self.cache.copy_row(first + len(rows), self.cache, first + i)
+                rows.append(Row(job, index, self.model.config.block_size, self.tokenizer, self.device))
+                row_logits.append(logits[i])
+        for _ in rows:
+            self.waiting.popleft()
+        with self.lock:
+            self.queued -= len(rows)
+        self.running.extend(rows)
+        self._sample(rows, torch.stack(row_logits))
+        return len(jobs) * width
 
     def _step(self):
         """One token for every running answer, in one forward pass."""

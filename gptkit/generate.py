@@ -97,8 +97,12 @@ def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
     """logits (B, V) in float32 -> the distribution to sample from (B, V), temperature > 0; row by
     row, so rows with the same settings share one call."""
     logits = logits / temperature
-    logits = top_k_filter(logits, top_k)
-    logits = top_p_filter(logits, top_p)
+    if 0 < top_k < logits.size(-1) and top_p < 1.0:
+        # top-p then ranks the k survivors only, not all V logits (a sort of 50,304 per row per token)
+        values, idx = torch.topk(logits, top_k, dim=-1)  # (B, k): the same k that top_k_filter keeps
+        logits = torch.full_like(logits, float("-inf")).scatter_(1, idx, top_p_filter(values, top_p))
+    else:
+        logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     return F.softmax(logits, dim=-1)
 
 

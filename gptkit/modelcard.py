@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
 from gptkit.files import atomic_write
+from gptkit.lock import LOCK_NAME
 from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, series
 
 LOSS_PLOT = "loss.png"
@@ -199,22 +200,26 @@ def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), lan
     return written + ["README.md"]
 
 
-def push_to_hub(folder, repo_id, private=False):
-    """Upload folder to the Hub model repo repo_id (created if needed) -> its URL. No token, no network
-    or a refusal: HubError, one line that says what to do; the folder is untouched either way."""
+def push_to_hub(folder, repo_id, private=False, space=False):
+    """Upload folder to the Hub repo repo_id (created if needed) -> its URL: a model repo, or with
+    space=True a Docker Space (gptkit/space.py's folder). No token, no network or a refusal: HubError,
+    one line that says what to do; the folder is untouched either way."""
+    repo_type = "space" if space else "model"
+    url = f"https://huggingface.co/{'spaces/' if space else ''}{repo_id}"
     again = (f"the export in {folder} is complete; upload it later with: "
-             f"hf upload {repo_id} {folder} .")
+             f"hf upload {'--repo-type=space ' if space else ''}{repo_id} {folder} .")
     if not huggingface_hub.get_token():
         raise HubError(f"no Hugging Face token, so nothing was uploaded: log in with `hf auth login` "
                        f"(or set HF_TOKEN to a write token from https://huggingface.co/settings/tokens); {again}")
     api = huggingface_hub.HfApi()
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        extra = {"space_sdk": "docker"} if space else {}  # a new Space must name its SDK
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **extra)
         # the export's own .gptkit.lock (held while export_hf.py runs) is no part of the model
-        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
-                          commit_message="Upload a gptkit export", ignore_patterns=[".gptkit.lock"])
+        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type,
+                          commit_message="Upload a gptkit export", ignore_patterns=[f"**/{LOCK_NAME}", LOCK_NAME])
     except Exception as e:  # network down, token refused, name taken: all said the same way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HubError(f"could not upload to https://huggingface.co/{repo_id} ({type(e).__name__}: {reason}): "
+        raise HubError(f"could not upload to {url} ({type(e).__name__}: {reason}): "
                        f"check the network and that your token may write there; {again}") from e
-    return f"https://huggingface.co/{repo_id}"
+    return url

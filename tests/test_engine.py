@@ -2,6 +2,7 @@
 logprobs are the model's, the queue limit refuses at once, and a cancelled answer frees its row."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -115,3 +116,40 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_answer_frees_its_row(model
         engine.close()
     with pytest.raises(Overloaded, match="shutting down"):
         asyncio.run(asyncio.sleep(0, engine.submit(Job([1], 1, ()))))
+
+
+def test_requests_that_arrive_together_are_prefilled_in_one_forward_pass(model, monkeypatch):
+    """8 requests of different prompt lengths queued while the model is busy: the next admission
+    prefills all 8 in one right-padded call, and each answer is still the one it gets alone."""
+    engine = Engine(model, GPT2, max_batch=9, max_queue=16)
+    calls, busy, go = [], threading.Event(), threading.Event()
+    forward = model.forward
+
+    def recording(ids, **kwargs):
+        calls.append(tuple(ids.shape))
+        if len(calls) == 1:  # the first request's prefill holds the worker until all 8 are queued
+            busy.set()
+            go.wait(10)
+        return forward(ids, **kwargs)
+
+    alone = [list(generate(model, p, 6, temperature=0, n_vocab=GPT2.n_vocab)) for p in prompts(8)]
+    monkeypatch.setattr(model, "forward", recording)
+    try:
+
+        async def scenario():
+            first = asyncio.ensure_future(answer_ids(engine, Job(prompts(1)[0], 40, (), temperature=0, logprobs=0)))
+            while not busy.is_set():
+                await asyncio.sleep(0.01)
+            together = [asyncio.ensure_future(answer_ids(engine, Job(p, 6, (), temperature=0, logprobs=0)))
+                        for p in prompts(8)]
+            await asyncio.sleep(0.05)  # every job is in the worker's inbox
+            go.set()
+            return await asyncio.gather(first, *together)
+
+        got = asyncio.run(scenario())
+        assert [ids for (ids,), _ in got[1:]] == alone
+        widest = max(len(p) for p in prompts(8))
+        assert (8, widest) in calls  # one prefill of the 8 prompts, padded to the longest
+        assert sum(1 for b, t in calls if t > 1) == 2  # and no other prefill than the first request's
+    finally:
+        engine.close()

@@ -6,7 +6,7 @@ import torch
 from gptkit.checkpoint import save_checkpoint
 from gptkit.engine import Engine, Job
 from gptkit.generate import (apply_repetition_penalty, check_sampling_args, generate, generate_samples,
-                             make_generator, sample_next, top_k_filter, top_p_filter)
+                             make_generator, sample_next, sampling_probs, top_k_filter, top_p_filter)
 from gptkit.loading import load_model
 from gptkit.tokenizer import MIN_VOCAB_SIZE, load_tokenizer
 from model import GPT, GPTConfig
@@ -86,6 +86,15 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept(0.99) == [True, True, True, True]
     assert kept(1.0) == [True, True, True, True]
     assert kept(0.01) == [False, True, False, False]  # the most likely token always stays
+
+
+def test_top_p_over_the_top_k_survivors_is_top_k_then_top_p():
+    """sampling_probs ranks only the k survivors for top-p: the same distribution as filtering all V."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 50304) * 3
+    for top_k, top_p in [(50, 0.9), (50, 0.3), (1, 0.5), (200, 0.99)]:
+        full = torch.softmax(top_p_filter(top_k_filter(logits / 0.8, top_k), top_p), dim=-1)
+        torch.testing.assert_close(sampling_probs(logits, 0.8, top_k, top_p), full, rtol=0, atol=1e-7)
 
 
 def test_repetition_penalty_math():

@@ -104,6 +104,30 @@ def test_rows_of_different_lengths_decode_in_one_batch_as_they_would_alone(tiny_
     assert cache.pos[3] == cache.pos[1] and torch.equal(copy, original)
 
 
+def test_right_padded_rows_prefill_together_as_they_would_alone(tiny_config):
+    """Prompts of 5, 17 and 11 tokens in one call, right-padded to 17 with `lengths`: each row's
+    last_only logits are its last real position's, each row's cache holds its own length, and the
+    next tokens (decoded together) see the prompt and never the padding."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config, verbose=False).eval()
+    lengths, new = [5, 17, 11], 3
+    seqs = [torch.randint(0, 50257, (1, n + new)) for n in lengths]
+    padded = torch.full((3, 17), 50256)
+    for row, (s, n) in enumerate(zip(seqs, lengths)):
+        padded[row, :n] = s[0, :n]
+    cache = model.new_kv_cache(batch_size=3)
+    with torch.no_grad():
+        alone = [model(s)[0] for s in seqs]  # (1, n + new, V) each: no cache at all
+        first, _ = model(padded, kv_cache=cache, last_only=True, lengths=torch.tensor(lengths))  # (3, 1, V)
+        assert cache.pos.tolist() == lengths
+        steps = [model(torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)]), kv_cache=cache)[0]
+                 for t in range(new)]  # (3, 1, V) per step
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(first[row], alone[row][0, n - 1:n], rtol=0, atol=1e-5)
+        for t in range(new):
+            torch.testing.assert_close(steps[t][row], alone[row][0, n + t:n + t + 1], rtol=0, atol=1e-5)
+
+
 def test_last_only_is_the_last_position_of_the_full_logits(tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config).eval()

@@ -12,12 +12,18 @@ import time
 import urllib.error
 import urllib.request
 
+import huggingface_hub
 import pytest
+import torch
 from huggingface_hub import metadata_load
 
-from gptkit.hf import export_hf
-from gptkit.space import APP_PORT, MODEL_DIR, REQUIREMENTS, write_space
-from gptkit.tokenizer import load_tokenizer
+import export_hf
+from gptkit.checkpoint import save_checkpoint
+from gptkit.configurator import ConfigError, load_config
+from gptkit.loading import load_model
+from gptkit.lock import LOCK_NAME
+from gptkit.modelcard import push_to_hub
+from gptkit.space import APP_PORT, MODEL_DIR, REQUIREMENTS, app_files
 from model import GPT, GPTConfig
 
 KEY = "space-secret"
@@ -25,20 +31,36 @@ KEY = "space-secret"
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
-    """A Space folder around the chat export of a tiny model."""
-    folder = tmp_path_factory.mktemp("space")
+    """A Space folder written by `export_hf.py --ckpt=RUN --space=DIR` (run in-process, as the script
+    runs it) around a tiny chat run's checkpoint -> (folder, the names beside its model/, the run's model)."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64), verbose=False)
-    export_hf(model, str(folder / MODEL_DIR), load_tokenizer("gpt2"), chat=True, system="Be brief.")
-    written = write_space(str(folder), name="tiny-chat")
-    return folder, written
+    save_checkpoint(str(run), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                               "config": {"system": "Be brief."}, "kind": "chat", "step": 0})
+    folder = tmp_path_factory.mktemp("spaces") / "tiny-chat"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["export_hf.py", f"--ckpt={run}", f"--space={folder}"])
+        export_hf.main()
+    written = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files
+                     if os.path.relpath(d, folder).split(os.sep)[0] != MODEL_DIR and f != LOCK_NAME)
+    return folder, written, model
+
+
+def test_the_space_holds_the_runs_own_model(space):
+    """SPACE/model is the run's export: the same weights, and the chat template with its system prompt."""
+    folder, _, model = space
+    served, tok, meta = load_model(str(folder / MODEL_DIR), device="cpu")
+    ours = model.state_dict()
+    assert meta["kind"] == "chat" and all(torch.equal(v, ours[k]) for k, v in served.state_dict().items())
+    assert "Be brief." in json.load(open(folder / MODEL_DIR / "tokenizer_config.json"))["chat_template"]
 
 
 def test_the_space_folder_holds_its_app_and_its_metadata(space):
-    folder, written = space
+    folder, written, _ = space
     assert {"README.md", "Dockerfile", "requirements.txt", "serve.py", "model.py", "gptkit/engine.py",
             "gptkit/chat_page.html", "samples/gpt2/vocab.bpe", "LICENSE"} <= set(written)
-    for name in written:
-        assert (folder / name).is_file(), name
+    assert set(written) == set(app_files()) | {"README.md", "Dockerfile", "requirements.txt"}  # and nothing else
     meta = metadata_load(folder / "README.md")  # the Hub's own parser of a README's front matter
     assert meta["sdk"] == "docker" and meta["app_port"] == APP_PORT and meta["title"] == "tiny-chat"
     cmd = command_of(folder)
@@ -75,7 +97,7 @@ def third_party_imports(folder):
 
 
 def test_the_requirements_cover_what_the_served_code_imports(space):
-    folder, _ = space
+    folder, _, _ = space
     needed = third_party_imports(folder) - {"torch"}  # torch: the Dockerfile installs PyTorch's CPU build itself
     listed = set((folder / "requirements.txt").read_text().split())
     provided = {"tiktoken_ext": "tiktoken"}  # modules that come with another package
@@ -94,7 +116,7 @@ def test_the_space_folders_own_command_serves_the_model(space, tmp_path):
     """What the container runs, run here from a copy of the folder (its own serve.py and gptkit, not the
     repository's): the key is required, and the openai client gets an answer from the exported model."""
     openai = pytest.importorskip("openai")
-    folder, _ = space
+    folder, _, _ = space
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PORT=str(port), GPTKIT_API_KEY=KEY, OMP_NUM_THREADS="1")
@@ -132,3 +154,21 @@ def stop(proc):
     except ProcessLookupError:
         pass
     proc.communicate()
+
+
+def test_push_creates_a_docker_space_and_uploads_the_folder(space, monkeypatch):
+    folder, _, _ = space
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append((repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append((kw["repo_id"], kw)))
+    url = push_to_hub(str(folder), "me/tiny-chat", space=True)
+    assert url == "https://huggingface.co/spaces/me/tiny-chat"
+    (_, create), (_, upload) = calls
+    assert create["repo_type"] == "space" and create["space_sdk"] == "docker" and create["exist_ok"] is True
+    assert upload["repo_type"] == "space" and upload["folder_path"] == str(folder)
+
+
+def test_out_and_space_together_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="give out or space, not both"):
+        load_config(export_hf.ExportConfig, [f"--ckpt={tmp_path}", f"--out={tmp_path}/hf", f"--space={tmp_path}/sp"])
