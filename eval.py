@@ -31,10 +31,8 @@ from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.files import atomic_write
 from gptkit.harness import centered_accuracy, run_harness, save_task_data, summarize
 from gptkit.loading import ckpt_arg_problems, load_model
+from gptkit.plot import EVAL_RESULTS_FILE
 from gptkit.system import print0, run_main, setup_runtime
-
-RESULTS_FILE = "eval_results.json"
-
 
 @dataclass
 class EvalHarnessConfig(BaseConfig):
@@ -75,7 +73,7 @@ def results_path(cfg):
     folder = os.path.dirname(cfg.ckpt) if os.path.isfile(cfg.ckpt) else cfg.ckpt
     if not os.path.isdir(folder):  # a hub name such as gpt2
         folder = os.path.join("out", "eval", cfg.ckpt.replace("/", "_"))
-    return os.path.join(folder, RESULTS_FILE)
+    return os.path.join(folder, EVAL_RESULTS_FILE)
 
 
 def json_ready(obj):

@@ -26,7 +26,8 @@ without a token or network it says so in one line, and the exported folder stays
 
 A LoRA run (finetune.py or dpo.py with --lora_rank) holds only its adapters and names its base. By
 default it exports as a peft adapter folder (adapter_config.json, adapter_model.safetensors, the
-tokenizer files; no model card), which peft puts on the base's own export:
+tokenizer files, a model card naming the base; --push_to_hub uploads it), which peft puts on the
+base's own export:
 
     python export_hf.py --ckpt=out/fineweb_124m --out=hf/base          # the base, once
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("hf/base"), "hf/dolly-lora")
@@ -55,6 +56,7 @@ from gptkit.configurator import BaseConfig, configure
 from gptkit.hf import export_hf, export_peft_adapter
 from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.lock import hold_folder
+from gptkit.lora import settings_of
 from gptkit.modelcard import push_to_hub, run_facts, write_model_card
 from gptkit.space import MODEL_DIR, write_space
 from gptkit.system import print0, run_main, setup_runtime
@@ -113,10 +115,15 @@ def main():
     chat = ckpt.get("kind") == "chat"
     if ckpt.get("lora") and not cfg.merge_lora:
         files = export_peft_adapter(model, cfg.out, tok, chat=chat, system=trained_system_prompt(ckpt))
+        facts = run_facts(model, tok, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
+        files += write_model_card(cfg.out, facts, cfg.push_to_hub, cfg.license, cfg.datasets, cfg.language,
+                                  adapter=settings_of(model))
         print0(f"wrote the LoRA adapters of a {'chat' if chat else 'base'} model to {cfg.out}: {', '.join(files)}\n"
                f"their base: {ckpt['lora']['base']} (export it too, then load both with peft:)\n"
                "    from peft import PeftModel\n"
                f"    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), {cfg.out!r})")
+        if cfg.push_to_hub:
+            print0(f"uploaded to {push_to_hub(cfg.out, cfg.push_to_hub, cfg.private)}")
         return
     if cfg.merge_lora and not ckpt.get("lora"):
         print0(f"note: {cfg.ckpt} is not a LoRA run: merge_lora has nothing to merge")

@@ -1,8 +1,9 @@
 """
-Plot runs from their <out_dir>/log.jsonl: train and val loss, learning rate, and HellaSwag where
-logged, against tokens trained, so runs with different batch sizes line up. Several runs share one
-figure, each named by its folder. Works on finished runs and on ones still running (a half-written
-last line is skipped); steps skipped for a non-finite loss are marked with red lines.
+Plot runs from their <out_dir>/log.jsonl: train and val loss, learning rate, and HellaSwag and the
+eval_tasks scores (one panel per task, its headline metric) where logged, against tokens trained,
+so runs with different batch sizes line up. Several runs share one figure, each named by its folder.
+Works on finished runs and on ones still running (a half-written last line is skipped); steps
+skipped for a non-finite loss are marked with red lines.
 
     python plot_log.py --out_dir=out/fineweb_124m              # writes out/fineweb_124m/loss.png
     python plot_log.py config/fineweb_124m.py                   # the same, out_dir from the recipe

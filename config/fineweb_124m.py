@@ -33,3 +33,5 @@ weight_decay = 0.1
 eval_interval = 250
 ckpt_interval = 1000
 hellaswag_interval = 1000
+# standard benchmarks beside HellaSwag (lm-evaluation-harness; the hub, or --eval_tasks_data offline):
+# --eval_tasks=arc_easy,piqa --eval_tasks_interval=1000 --eval_tasks_limit=500

@@ -44,6 +44,7 @@ from lm_eval.tasks._factory import TaskFactory
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from gptkit.checkpoint import rng_state, set_rng_state
 from gptkit.configurator import UserError
 from gptkit.generate import generate, make_generator
 
@@ -411,10 +412,16 @@ def centered_accuracy(output, summary):
 def evaluate_tasks(model, tokenizer, tasks, rt, limit=None, data_dir="", chat=False, system_prompt="", batch_size=8,
                    num_fewshot=None, max_gen_toks=0, progress=False):
     """The training loop's call: run_harness on a model in memory -> {name: {metric: value}} (summarize),
-    plus "centered_mean" {"centered_acc": ...} when any multiple-choice task ran (centered_accuracy)."""
-    output = run_harness(model, tokenizer, tasks, rt, limit=limit, data_dir=data_dir, chat=chat,
-                         system_prompt=system_prompt, batch_size=batch_size, num_fewshot=num_fewshot,
-                         max_gen_toks=max_gen_toks, progress=progress, log_samples=True)
+    plus "centered_mean" {"centered_acc": ...} when any multiple-choice task ran (centered_accuracy).
+    The caller's random state is kept: simple_evaluate seeds python, numpy and torch, which in a training
+    run would change the dropout and data order that follow an eval."""
+    saved = rng_state()
+    try:
+        output = run_harness(model, tokenizer, tasks, rt, limit=limit, data_dir=data_dir, chat=chat,
+                             system_prompt=system_prompt, batch_size=batch_size, num_fewshot=num_fewshot,
+                             max_gen_toks=max_gen_toks, progress=progress, log_samples=True)
+    finally:
+        set_rng_state(saved)
     summary = summarize(output, tasks)
     centered, mean = centered_accuracy(output, summary)
     for name, value in centered.items():

@@ -1,13 +1,15 @@
 """
 A Hugging Face Hub model card for an export, filled from the run that made it, and the upload.
 
-    facts = run_facts(model, tok, ckpt, run_dir)   # parameters, tokens, val loss, HellaSwag: from the run's log
+    facts = run_facts(model, tok, ckpt, run_dir)   # parameters, tokens, val loss, HellaSwag, benchmarks: the run's log, eval_results.json
     write_model_card(out_dir, facts, repo_id="me/tiny", license="mit", datasets=[], language=["en"])
     push_to_hub(out_dir, "me/tiny")                # HfApi.create_repo + upload_folder
 
 The card is the folder's README.md: YAML metadata the Hub reads (license, datasets, language,
-pipeline_tag, tags, and the results as model-index), then the run's numbers, its loss plot
-(loss.png beside it), the chat format and how to use the model from transformers and gptkit.
+pipeline_tag, tags, and the HellaSwag result as model-index), then the run's numbers, its loss plot
+(loss.png beside it), the benchmark scores (the training loop's last eval_tasks from log.jsonl and
+eval.py's eval_results.json beside the run, each with its items, few-shot and prompt format), the
+chat format and how to use the model from transformers and gptkit.
 """
 
 import os
@@ -19,7 +21,8 @@ from gptkit.configurator import ConfigError, UserError
 from gptkit.data import read_prepare_state
 from gptkit.files import atomic_write
 from gptkit.lock import LOCK_NAME
-from gptkit.plot import HELLASWAG_KEY, draw_runs, read_log, read_run, series
+from gptkit.plot import (HELLASWAG_KEY, draw_runs, main_metric, main_task_keys, read_eval_results, read_log,
+                         read_run, series)
 
 LOSS_PLOT = "loss.png"
 
@@ -31,6 +34,46 @@ class HubError(UserError, RuntimeError):
 def _last(records, key):
     steps, values = series(records, key)
     return (steps[-1], values[-1]) if steps else (None, None)
+
+
+def shots_text(num_fewshot):
+    """The card's words for a num_fewshot setting (-1 or absent: each task's own number)."""
+    return str(num_fewshot) if isinstance(num_fewshot, int) and num_fewshot >= 0 else "the task's own"
+
+
+def train_task_scores(records, config, kind):
+    """The last train-time eval_tasks scores in the log (eval/TASK/METRIC) -> the card's benchmark rows."""
+    rows = []
+    for task, key in main_task_keys(dict.fromkeys(k for r in records for k in r)).items():
+        step, value = _last(records, key)
+        if step is not None:
+            limit, shots = config.get("eval_tasks_limit") or 0, config.get("eval_tasks_num_fewshot", -1)
+            rows.append({"task": task, "metric": key.rsplit("/", 1)[1], "value": value, "step": step,
+                         "items": f"first {limit:,}" if limit else "all", "shots": shots_text(shots),
+                         "format": "chat" if kind == "chat" else "plain text", "by": "training (eval_tasks)"})
+    return rows
+
+
+# what an entry of eval.py's results holds beside its metrics
+RESULT_FIELDS = {"items", "step", "limit", "num_fewshot", "seconds"}
+
+
+def eval_script_scores(run_dir):
+    """eval.py's results beside the run (eval_results.json) -> the card's benchmark rows."""
+    rows = []
+    for task, entry in read_eval_results(run_dir).items():
+        metrics = [k for k, v in entry.items() if k not in RESULT_FIELDS and isinstance(v, (int, float))
+                   and not isinstance(v, bool)]
+        if not metrics:
+            continue
+        metric = main_metric(metrics)
+        items = entry.get("items")  # the items scored; absent for an aggregate (centered_mean)
+        rows.append({"task": task, "metric": metric, "value": entry[metric], "step": entry.get("step"),
+                     "items": f"{items:,}" if isinstance(items, int) else "-",
+                     "shots": shots_text(entry.get("num_fewshot")),
+                     "format": "chat" if entry.get("chat_format") else "plain text",
+                     "by": f"eval.py, {entry['date']}" if entry.get("date") else "eval.py"})
+    return rows
 
 
 def run_facts(model, tok, ckpt, run_dir):
@@ -63,6 +106,8 @@ def run_facts(model, tok, ckpt, run_dir):
         "data_source": source,
         "run_dir": run_dir,
         "has_loss_curve": bool(series(records, "loss")[0] or series(records, "val_loss")[0]),
+        # lm-evaluation-harness scores: the training loop's last eval_tasks, then eval.py's (if it ran)
+        "benchmarks": train_task_scores(records, config, ckpt.get("kind", "base")) + eval_script_scores(run_dir),
     }
 
 
@@ -77,8 +122,8 @@ def hub_datasets(facts, datasets):
     return []
 
 
-def card_data(facts, repo_id, license, datasets, language):
-    """The YAML metadata, as huggingface_hub's ModelCardData."""
+def card_data(facts, repo_id, license, datasets, language, adapter=None):
+    """The YAML metadata, as huggingface_hub's ModelCardData (adapter: a peft adapter folder's)."""
     name = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.normpath(facts["run_dir"]))
     results = []
     if facts["hellaswag_acc_norm"] is not None:
@@ -86,8 +131,9 @@ def card_data(facts, repo_id, license, datasets, language):
                                   dataset_type="Rowan/hellaswag", dataset_name="HellaSwag", dataset_split="validation",
                                   metric_type="acc_norm", metric_value=round(facts["hellaswag_acc_norm"], 4)))
     tags = ["gptkit", "gpt2", "causal-lm"] + (["chat", "conversational"] if facts["kind"] == "chat" else [])
+    tags += ["lora", "peft"] if adapter else []
     return ModelCardData(license=license, datasets=hub_datasets(facts, datasets) or None, language=language,
-                         library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                         library_name="peft" if adapter else "transformers", pipeline_tag="text-generation", tags=tags,
                          model_name=name, eval_results=results or None)
 
 
@@ -131,6 +177,20 @@ def _numbers(facts):
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def benchmarks_text(benchmarks):
+    """The card's table of lm-evaluation-harness scores, each row saying on what it was computed."""
+    lines = ["## Benchmarks", "",
+             "lm-evaluation-harness tasks (gptkit/harness.py: the harness's prompts and metrics), each task's "
+             "headline metric; items: how many of the task's items were scored.", "",
+             "| task | metric | score | items | few-shot | prompts | step | scored by |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in benchmarks:
+        step = f"{row['step']:,}" if isinstance(row["step"], int) else "-"
+        lines.append(f"| {row['task']} | {row['metric']} | {row['value']:.4f} | {row['items']} | {row['shots']} | "
+                     f"{row['format']} | {step} | {row['by']} |")
+    return "\n".join(lines)
+
+
 def card_body(facts, repo_id):
     """The Markdown under the metadata."""
     where = repo_id or "path/to/this/folder"
@@ -141,6 +201,8 @@ def card_body(facts, repo_id):
              _numbers(facts)]
     if facts["has_loss_curve"]:
         parts.append(f"![train and val loss against tokens trained]({LOSS_PLOT})")
+    if facts["benchmarks"]:
+        parts.append(benchmarks_text(facts["benchmarks"]))
     if chat:
         system = facts["system"]
         ids = facts["tokenizer"]["controls"]
@@ -177,8 +239,30 @@ def card_body(facts, repo_id):
     return "\n\n".join(parts) + "\n"
 
 
-def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), language=("en",)):
-    """README.md (and loss.png when the run logged a loss) in out_dir -> the file names written."""
+def adapter_card_body(facts, repo_id, adapter):
+    """The Markdown of a peft adapter folder's card: what the adapters are, their base, how to load them."""
+    where = repo_id or "path/to/this/folder"
+    name = repo_id or os.path.basename(os.path.normpath(facts["run_dir"]))
+    modules = ", ".join(f"`{m}`" for m in adapter.module_names())
+    parts = [f"# {name}",
+             f"LoRA adapters (rank {adapter.rank}, alpha {adapter.alpha:g}, on {modules} of every block) for "
+             f"the GPT-2-style model `{adapter.base}`, trained with gptkit. Numbers from the training run:",
+             _numbers(facts)]
+    if facts["has_loss_curve"]:
+        parts.append(f"![train and val loss against tokens trained]({LOSS_PLOT})")
+    parts.append("## Use with peft\n\nThe adapters go on the base model's own export "
+                 f"(`python export_hf.py --ckpt={adapter.base} --out=BASE`):\n\n"
+                 "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained({where!r})\n"
+                 f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"BASE\"), {where!r})\n```\n\n"
+                 "`export_hf.py --merge_lora=True` on the same run writes the merged model instead: one folder "
+                 "that transformers loads alone.")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), language=("en",), adapter=None):
+    """README.md (and loss.png when the run logged a loss) in out_dir -> the file names written.
+    adapter: the LoRASettings of a peft adapter folder, whose card says so and names the base."""
     import matplotlib.pyplot as plt  # here, not at the top: after draw_runs has chosen the Agg backend
     written, plot_path = [], os.path.join(out_dir, LOSS_PLOT)
     run = None
@@ -194,8 +278,9 @@ def write_model_card(out_dir, facts, repo_id="", license="mit", datasets=(), lan
         written.append(LOSS_PLOT)
     elif os.path.exists(plot_path):
         os.remove(plot_path)  # an earlier export's: not this model's curve
-    metadata = card_data(facts, repo_id, license, list(datasets), list(language)).to_yaml()
-    card = ModelCard(f"---\n{metadata}\n---\n\n{card_body(facts, repo_id)}")  # parses it back: a bad card fails here
+    metadata = card_data(facts, repo_id, license, list(datasets), list(language), adapter).to_yaml()
+    body = adapter_card_body(facts, repo_id, adapter) if adapter else card_body(facts, repo_id)
+    card = ModelCard(f"---\n{metadata}\n---\n\n{body}")  # parses it back: a bad card fails here
     atomic_write(os.path.join(out_dir, "README.md"), lambda f: f.write(str(card).encode("utf-8")))
     return written + ["README.md"]
 

@@ -1,11 +1,13 @@
 """
 Curves of one or more runs from their <out_dir>/log.jsonl, on one figure: train and val loss,
-learning rate, and HellaSwag where logged, all against tokens trained, so that runs with different
-batch sizes line up. Used by plot_log.py and by export_hf.py's model card.
+learning rate, and the benchmarks where logged (HellaSwag; each eval_tasks task's headline metric,
+logged as eval/TASK/METRIC), all against tokens trained, so that runs with different batch sizes
+line up. Used by plot_log.py and by export_hf.py's model card.
 
     runs = [read_run("out/a"), read_run("out/b")]   # Run: name, tokens_per_step, records
     fig = draw_runs(runs, smoothing=0.9)            # a matplotlib Figure
     save_figure(fig, "compare.png", svg=True)       # -> ["compare.png", "compare.svg"]
+    read_eval_results("out/a")                      # eval.py's eval_results.json there: {task: {metric: value, ...}}
 """
 
 import json
@@ -16,6 +18,12 @@ from dataclasses import dataclass
 from gptkit.configurator import ConfigError
 
 HELLASWAG_KEY = "hellaswag_acc_norm"  # what the training loop logs at each HellaSwag eval
+# the training loop logs each eval_tasks score as eval/TASK/METRIC (wandb groups the eval/ keys in one section)
+EVAL_TASKS_PREFIX = "eval/"
+# a task's headline metric, the first of these it has: the harness's own (gsm8k's strict match before
+# its flexible one), then the centered accuracy of the centered_mean entry
+MAIN_METRICS = ("acc_norm", "acc", "exact_match_strict-match", "exact_match", "centered_acc")
+EVAL_RESULTS_FILE = "eval_results.json"  # eval.py's results beside the run: {"tasks": {name: {metric: value, ...}}}
 
 
 @dataclass
@@ -47,6 +55,38 @@ def series(records, key):
     points = [(r["step"], r[key]) for r in records
               if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key])]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def read_eval_results(run_dir):
+    """eval.py's results beside the run -> {task: entry} (metrics, items, limit, num_fewshot, chat_format,
+    step, date); {} when there are none or the file is not eval.py's."""
+    try:
+        with open(os.path.join(run_dir, EVAL_RESULTS_FILE), encoding="utf-8") as f:
+            tasks = json.load(f).get("tasks")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {name: entry for name, entry in tasks.items() if isinstance(entry, dict)} if isinstance(tasks, dict) else {}
+
+
+def eval_task_key(task, metric):
+    """The log key of one eval_tasks score: eval/arc_easy/acc_norm."""
+    return f"{EVAL_TASKS_PREFIX}{task}/{metric}"
+
+
+def main_task_keys(keys):
+    """Log keys (any; the eval/TASK/METRIC ones count) -> {task: the key of its headline metric}, tasks
+    in the order first seen; a task with none of MAIN_METRICS keeps its first metric."""
+    by_task = {}
+    for key in keys:
+        if key.startswith(EVAL_TASKS_PREFIX) and key.count("/") >= 2:
+            task, metric = key[len(EVAL_TASKS_PREFIX):].split("/", 1)
+            by_task.setdefault(task, []).append(metric)
+    return {task: eval_task_key(task, main_metric(metrics)) for task, metrics in by_task.items()}
+
+
+def main_metric(metrics):
+    """The headline of a task's metric names: the first of MAIN_METRICS it has, else its first."""
+    return next((m for m in MAIN_METRICS if m in metrics), list(metrics)[0])
 
 
 def read_run(out_dir, name=""):
@@ -98,18 +138,30 @@ def dot_if_alone(values):
     return {"marker": "o", "markersize": 3} if len(values) == 1 else {}
 
 
+def score_panels(runs):
+    """[(log key, y label, chance or None)] of the benchmark panels under the loss and lr: HellaSwag,
+    then each eval_tasks task's headline metric, where any run logged it."""
+    hellaswag = any(token_series(run, HELLASWAG_KEY)[0] for run in runs)
+    panels = [(HELLASWAG_KEY, "HellaSwag acc_norm", 0.25)] if hellaswag else []
+    logged = [key for run in runs for record in run.records for key in record]
+    for task, key in main_task_keys(dict.fromkeys(logged)).items():
+        if any(token_series(run, key)[0] for run in runs):
+            panels.append((key, f"{task}\n{key.rsplit('/', 1)[1]}", None))
+    return panels
+
+
 def draw_runs(runs, smoothing=0.0):
-    """Figure of the runs: loss (train line, val dots) over learning rate, and a HellaSwag panel
-    when any run logged it; the x axis is tokens trained in every panel. One run's curves are
-    labelled "train loss" / "val loss"; several runs' carry their names."""
+    """Figure of the runs: loss (train line, val dots) over learning rate, then one panel per benchmark
+    any run logged (HellaSwag, each eval_tasks task's headline metric); the x axis is tokens trained in
+    every panel. One run's curves are labelled "train loss" / "val loss"; several runs' carry their names."""
     # matplotlib is imported only when a figure is drawn: it takes seconds, and the card and tests read logs without it
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed (servers, ssh, tests)
     import matplotlib.pyplot as plt  # after use("Agg"), so pyplot never looks for a display
     from matplotlib.ticker import EngFormatter  # with the rest of matplotlib, when a figure is drawn
-    hellaswag = any(token_series(run, HELLASWAG_KEY)[0] for run in runs)
-    ratios = [3, 1] + ([1.5] if hellaswag else [])
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(9, 7 + 2 * hellaswag), sharex=True, height_ratios=ratios)
+    panels = score_panels(runs)
+    ratios = [3, 1] + [1.5] * len(panels)
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(9, 7 + 2 * len(panels)), sharex=True, height_ratios=ratios)
     ax_loss, ax_lr = axes[0], axes[1]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
@@ -132,17 +184,18 @@ def draw_runs(runs, smoothing=0.0):
                             label=f"{prefix}skipped steps ({len(skipped)})" if j == 0 else None)
         tokens, lr = token_series(run, "lr")
         ax_lr.plot(tokens, lr, color=color, linewidth=1, label=run.name, **dot_if_alone(lr))
-        if hellaswag:
-            tokens, acc = token_series(run, HELLASWAG_KEY)
-            if acc:
-                axes[2].plot(tokens, acc, "o-", color=color, markersize=3, label=run.name)
+        for ax, (key, _, _) in zip(axes[2:], panels):
+            tokens, score = token_series(run, key)
+            if score:
+                ax.plot(tokens, score, "o-", color=color, markersize=3, label=run.name)
     ax_loss.set_title(runs[0].name if len(runs) == 1 else f"{len(runs)} runs: " + ", ".join(r.name for r in runs))
     ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.legend()
     ax_lr.set_ylabel("learning rate")
-    if hellaswag:
-        axes[2].set_ylabel("HellaSwag acc_norm")
-        axes[2].axhline(0.25, color="gray", linestyle=":", linewidth=0.8)  # chance: 1 of 4 endings
+    for ax, (_, label, chance) in zip(axes[2:], panels):
+        ax.set_ylabel(label)
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle=":", linewidth=0.8)  # HellaSwag: 1 of 4 endings
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(EngFormatter())  # 500k, 1M, 10G tokens

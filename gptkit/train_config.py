@@ -6,7 +6,8 @@ defaults and keys. Every field carries a "why" comment, which --help prints.
     cfg = configure(TrainConfig)      # python train.py config/fineweb_124m.py --max_steps=100
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from gptkit.configurator import BaseConfig
@@ -58,6 +59,13 @@ class TrainConfig(BaseConfig):
     hellaswag_interval: int = 0         # 0: off
     hellaswag_data: str = ""            # HellaSwag JSONL; empty downloads the official val file
     hellaswag_limit: int = 0            # 0: all items
+    # lm-evaluation-harness tasks scored during training (gptkit/harness.py), a chat run in its chat format
+    eval_tasks: list[str] = field(default_factory=list)  # harness names, e.g. arc_easy,piqa (as eval.py's --tasks); empty: off
+    eval_tasks_interval: int = 0        # steps between their runs, a multiple of eval_interval; 0: only at the last step
+    eval_tasks_limit: int = 0           # items per task (the first N); 0: all
+    eval_tasks_num_fewshot: int = -1    # examples before each question; -1: each task's own (gsm8k: 5, from its train split)
+    eval_tasks_data: str = ""           # folder of local dataset copies, eval.py's --data_dir layout; empty: the hub
+    eval_tasks_max_gen_toks: int = 0    # new tokens per generated answer (gsm8k); 0: each task's own (256): must fit block_size
     sample_tokens: int = 48             # length of the samples printed at each eval; 0: none
     wandb_log: bool = False             # also log to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "gptkit"       # the wandb project the run goes to
@@ -107,6 +115,23 @@ class TrainConfig(BaseConfig):
                 problems.append(f"{key}={getattr(self, key)} must be at least 1")
         if self.tokenizer:
             problems += tokenizer_problems(self.tokenizer)
+        problems += self.eval_tasks_problems()
+        return problems
+
+    def eval_tasks_problems(self):
+        """The eval_tasks knobs on their own (the task names and data are checked when training starts)."""
+        problems = [f"{key}={getattr(self, key)} must be 0 or more" for key in
+                    ("eval_tasks_interval", "eval_tasks_limit", "eval_tasks_max_gen_toks") if getattr(self, key) < 0]
+        if self.eval_tasks_num_fewshot < -1:
+            problems.append(f"eval_tasks_num_fewshot={self.eval_tasks_num_fewshot}: use -1 (each task's own) or 0 or more")
+        if self.eval_tasks and self.eval_tasks_data and not os.path.isdir(self.eval_tasks_data):
+            problems.append(f"eval_tasks_data={self.eval_tasks_data!r} is not a folder: give the folder of the local "
+                            "dataset copies (eval.py's --data_dir layout), or leave it empty to read the hub")
+        # the tasks run inside an eval, which happens every eval_interval steps
+        if self.eval_tasks_interval > 0 and self.eval_interval > 0 and self.eval_tasks_interval % self.eval_interval:
+            problems.append(f"eval_tasks_interval={self.eval_tasks_interval} is not a multiple of eval_interval="
+                            f"{self.eval_interval}: the tasks run at evals, so pick a multiple such as "
+                            f"{self.eval_interval * max(1, round(self.eval_tasks_interval / self.eval_interval))}")
         return problems
 
     def batch_problems(self):

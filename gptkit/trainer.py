@@ -7,9 +7,9 @@ loss they hand to train(): LM_LOSS (next-token cross-entropy) or gptkit/preferen
     train(cfg, rt, model, tok, train_loader, get_val_batches, loss_fn=LM_LOSS, kind="base", ckpt=ckpt)
 
 train() reads top to bottom: set up (optimizers, resume, run folder), then per step: batches ->
-train_step (gptkit/optim.py) -> StepLog (log lines, skipped steps) -> Evaluation when due ->
-StopSignals / checkpoint. The loss (gptkit/losses.py) says what a batch costs; the loop never asks
-what kind of training it runs.
+train_step (gptkit/optim.py) -> StepLog (log lines, skipped steps) -> Evaluation when due (val
+figures, HellaSwag, the eval_tasks through gptkit/harness.py) -> StopSignals / checkpoint. The loss
+(gptkit/losses.py) says what a batch costs; the loop never asks what kind of training it runs.
 """
 
 import json
@@ -22,13 +22,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gptkit.checkpoint import restore_training_state, save_training_state, truncate_log
+from gptkit.checkpoint import restore_training_state, save_training_state, trained_system_prompt, truncate_log
 from gptkit.configurator import ConfigError, UserError, config_dict, print_config
 from gptkit.files import atomic_write, remove_temporaries
 from gptkit.generate import generate, make_generator
 from gptkit.hellaswag import download_val, evaluate_hellaswag, load_items
 from gptkit.losses import LM_LOSS
 from gptkit.optim import configure_optimizers, lr_multiplier, set_lr, train_step
+from gptkit.plot import EVAL_TASKS_PREFIX, HELLASWAG_KEY, eval_task_key, main_task_keys
 from gptkit.system import MetricsLogger, device_peak_flops, print0
 
 
@@ -73,6 +74,56 @@ def hellaswag_file(cfg):
     except (UserError, OSError) as e:
         raise ConfigError(f"{e} (or turn HellaSwag off: --hellaswag_interval=0)") from e
     return path
+
+
+def score_tasks(model, tokenizer, rt, cfg, kind, limit):
+    """The eval_tasks' scores through lm-evaluation-harness -> {eval/TASK/METRIC: value}, the same on every
+    rank. A chat model is scored as it is used: its chat format, with the system prompt it trains on.
+    The harness hands its results back on (local) rank 0 only, so under torchrun rank 0 scores and
+    broadcasts the scores, or that it failed, while the other ranks wait (within the process group's
+    timeout: keep an eval of eval_tasks_limit items shorter than that)."""
+    scores, failure = None, None
+    if rt.master:
+        from gptkit.harness import evaluate_tasks  # lm-evaluation-harness takes seconds to import: runs that use it
+        system_prompt = trained_system_prompt({"kind": kind, "config": config_dict(cfg)})
+        try:
+            results = evaluate_tasks(model, tokenizer, cfg.eval_tasks, rt, limit=limit, data_dir=cfg.eval_tasks_data,
+                                     chat=kind == "chat", system_prompt=system_prompt,
+                                     max_gen_toks=cfg.eval_tasks_max_gen_toks,
+                                     num_fewshot=None if cfg.eval_tasks_num_fewshot < 0 else cfg.eval_tasks_num_fewshot)
+        except Exception as e:
+            if not rt.ddp:
+                raise
+            failure = e  # said to the other ranks first, so that none waits for scores that never come
+        else:
+            scores = {eval_task_key(task, metric): value for task, values in results.items()
+                      for metric, value in values.items()}
+    if rt.ddp:
+        box = [scores, None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(box, src=0)
+        if failure is not None:
+            raise failure
+        scores, said = box
+        if said is not None:
+            raise RuntimeError(f"rank 0 could not score the eval_tasks ({said})")
+    return scores
+
+
+def check_eval_tasks(model, tokenizer, rt, cfg, kind):
+    """Score the first item of each eval_task now, so that an unknown name, a missing or short local file
+    or an answer longer than the context fails before the first step, not at the first eval hours later."""
+    if not cfg.eval_tasks:
+        return
+    try:
+        score_tasks(model, tokenizer, rt, cfg, kind, limit=1)
+    except Exception as e:  # whatever the harness raises on the trial item is the user's to fix: one line
+        reason = str(e) if isinstance(e, UserError) else (
+            f"scoring the first item of each task failed ({type(e).__name__}: {e}): check the tasks' local files "
+            "(every split a task reads; a few-shot split with at least as many items as its shots, or fewer "
+            "shots: --eval_tasks_num_fewshot)")
+        raise ConfigError(f"eval_tasks={','.join(cfg.eval_tasks)}: {reason}. Here the data folder is "
+                          "--eval_tasks_data=DATA_DIR and the answer length --eval_tasks_max_gen_toks=N; "
+                          "or turn the tasks off: --eval_tasks=") from e
 
 
 def wrap_for_training(model, cfg, rt):
@@ -220,13 +271,16 @@ class StepLog:
 
 
 class Evaluation:
-    """What an eval does: val figures (loss_fn.evaluate), HellaSwag when due, samples -> logged and
-    printed. What it needs is bound once; the fixed val batches are made at the first eval and kept."""
+    """What an eval does: val figures (loss_fn.evaluate), HellaSwag and the eval_tasks when due, samples
+    -> logged and printed. What it needs is bound once; the fixed val batches are made at the first eval
+    and kept."""
 
-    def __init__(self, model, tokenizer, rt, cfg, loss_fn, get_val_batches, hellaswag_path, prompts, logger, say):
+    def __init__(self, model, tokenizer, rt, cfg, loss_fn, get_val_batches, hellaswag_path, prompts, logger, say,
+                 kind="base"):
         self.model, self.tokenizer, self.rt, self.cfg, self.loss_fn = model, tokenizer, rt, cfg, loss_fn
         self.get_val_batches, self.val_batches = get_val_batches, None
         self.hellaswag_path, self.prompts, self.logger, self.say = hellaswag_path, prompts, logger, say
+        self.kind = kind  # a chat model's eval_tasks are scored in its chat format
 
     def due(self, step):
         return step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
@@ -240,11 +294,17 @@ class Evaluation:
         if self.hellaswag_path and step > 0 and (step % cfg.hellaswag_interval == 0 or step == cfg.max_steps):
             result = evaluate_hellaswag(self.model, self.tokenizer, self.hellaswag_path, rt, limit=cfg.hellaswag_limit)
             metrics.update({f"hellaswag_{k}": v for k, v in result.items()})
+        if cfg.eval_tasks and step > 0 and (step == cfg.max_steps or (
+                cfg.eval_tasks_interval and step % cfg.eval_tasks_interval == 0)):
+            metrics.update(score_tasks(self.model, self.tokenizer, rt, cfg, self.kind, cfg.eval_tasks_limit or None))
         texts = []
         if rt.master and self.prompts and step > 0:
             texts = sample_texts(self.model, self.tokenizer, rt, self.prompts, cfg.sample_tokens, cfg.seed)
         self.logger.log(step, **metrics, **({"samples": "\n---\n".join(texts)} if texts else {}))
-        shown = {k: v for k, v in metrics.items() if not k.startswith("hellaswag_") or k == "hellaswag_acc_norm"}
+        # one figure per benchmark on the console; log.jsonl and wandb get them all
+        headline = set(main_task_keys(metrics).values())
+        shown = {k: v for k, v in metrics.items() if k == HELLASWAG_KEY or k in headline
+                 or not k.startswith(("hellaswag_", EVAL_TASKS_PREFIX))}
         self.say(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         for text in texts:
             self.say(f"  sample: {text!r}")
@@ -280,6 +340,7 @@ def train(cfg, rt, model, tokenizer, train_loader, get_val_batches, loss_fn=LM_L
         print0(f"nothing to do: the run is at step {step} and max_steps={cfg.max_steps}; raise max_steps to go on")
         return {"step": step, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen}
     hellaswag_path = hellaswag_file(cfg)
+    check_eval_tasks(model, tokenizer, rt, cfg, kind)
     forward_model = wrap_for_training(model, cfg, rt)
     open_run_dir(cfg, rt, step if ckpt is not None else None)
     logger = MetricsLogger(cfg.out_dir, enabled=rt.master, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
@@ -290,7 +351,7 @@ def train(cfg, rt, model, tokenizer, train_loader, get_val_batches, loss_fn=LM_L
     if sample_prompts is None:
         sample_prompts = default_sample_prompts(tokenizer) if cfg.sample_tokens else []
     evaluate = Evaluation(model, tokenizer, rt, cfg, loss_fn, get_val_batches, hellaswag_path, sample_prompts,
-                          logger, say)
+                          logger, say, kind)
     steps = StepLog(cfg, rt, model, logger, say, log_state)
     try:
         with StopSignals(rt) as signals:

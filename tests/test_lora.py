@@ -6,15 +6,26 @@ LoRA against full finetuning, and the DPO preference rule learned with LoRA."""
 import copy
 import json
 import os
+import random
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
+import openai
 import pytest
 import torch
 
+import eval as eval_script
+import eval_hellaswag
 from conftest import ROOT, shared_data
+from gptkit.chat import chat_prompt_ids, resolve_system, stop_tokens_of
+from gptkit.checkpoint import CheckpointError, save_checkpoint
 from gptkit.configurator import ConfigError, load_config
+from gptkit.generate import generate
+from gptkit.harness import run_harness
+from gptkit.hellaswag import evaluate_hellaswag, pick_endings, render_item, score_rows
 from gptkit.hf import HFError, export_hf, export_peft_adapter
 from gptkit.loading import load_model
 from gptkit.losses import LM_LOSS
@@ -27,8 +38,13 @@ from gptkit.system import setup_runtime
 from gptkit.tokenizer import load_tokenizer
 from gptkit.train_config import DPOConfig, FinetuneConfig
 from model import GPT, GPTConfig
+from prepare_instruct import InstructConfig, prepare
 from test_dpo import rule_data, rule_following, run_dpo  # noqa: F401 (rule_data: a fixture used here)
+from test_eval import data_dir  # noqa: F401 (a fixture used here: ARC-Easy items in the local layout)
 from test_finetune import by_step, finetuned, run_finetune  # noqa: F401 (finetuned: a fixture used here)
+from test_generate import lively_model
+from test_hellaswag import CPU, _random_text, _write_jsonl
+from test_serve import free_port, health
 from test_train import losses, read_log
 
 
@@ -284,3 +300,153 @@ def test_lora_dpo_learns_the_rule_with_the_base_as_reference(rule_data):
     before = rule_following(*start[:2], prompts)
     after = rule_following(*load_model(out, verbose=False)[:2], prompts)
     assert before[0] == 0 and after[0] == 1, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------
+# sample.py, serve.py, eval.py and eval_hellaswag.py on a LoRA run's directory, no flags: each answers
+# (scores) as the merged model does, and not as the base does, so adapters dropped on the way would fail
+
+SYSTEM = "Answer briefly."
+QUESTION = [{"role": "user", "content": "Name a river."}]
+
+
+def randomize_adapters(path, seed=0):
+    """Give a run's adapters large random B (one step of training leaves B about 0, the base's output)."""
+    ckpt = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(seed)
+    ckpt["model"] = {k: torch.randn(v.shape, generator=g) * 0.5 if ".lora_B." in k else v
+                     for k, v in sorted(ckpt["model"].items())}
+    torch.save(ckpt, path)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A tiny base (a checkpoint, and the same weights as a Hugging Face folder), chat data with a system
+    prompt, and a one-step finetune.py LoRA run on each base, given the same random adapters
+    -> the folder: base, hf, sft, lora (on the checkpoint), lora_hf (on the folder)."""
+    tmp = tmp_path_factory.mktemp("lora_run")
+    base = lively_model(block_size=128)
+    save_checkpoint(str(tmp / "base"), {"model": base.state_dict(), "model_config": base.config.to_dict(),
+                                        "config": {}, "kind": "base", "step": 0})
+    export_hf(base, str(tmp / "hf"), load_tokenizer("gpt2"))
+    prepare(load_config(InstructConfig, [f"--sources={shared_data('instruct', 'instruction-data.json')}",
+                                         f"--data_dir={tmp / 'sft'}", "--block_size=64", "--val_fraction=0.05",
+                                         f"--system={SYSTEM}"]))
+    for name, start in (("lora", "base"), ("lora_hf", "hf")):
+        run_finetune([sys.executable], [f"--data_dir={tmp / 'sft'}", f"--init_from={tmp / start}", "--device=cpu",
+                                        "--block_size=64", "--micro_batch_size=4", "--total_batch_tokens=256",
+                                        "--max_steps=1", "--warmup_steps=0", "--eval_interval=1", "--eval_tokens=256",
+                                        "--answer_tokens=0", "--sample_tokens=0", *LORA], tmp / name)
+        randomize_adapters(tmp / name / "ckpt.pt")
+    return tmp
+
+
+def greedy_chat_answer(model, tok, system, n=8):
+    ids, _ = chat_prompt_ids(tok, system, QUESTION, n, model.config.block_size)
+    return tok.decode(list(generate(model, ids, n, temperature=0, stop_tokens=stop_tokens_of(tok, "chat"),
+                                    n_vocab=tok.n_vocab)))
+
+
+def start_server(ckpt):
+    """serve.py on ckpt, on a free port -> (Popen, url) once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu"],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    while True:
+        try:
+            health(url)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"serve.py did not start: {proc.communicate()}")
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sample_and_serve_answer_a_lora_run_as_its_merged_model(lora_run):
+    run = str(lora_run / "lora")
+    merged, tok, meta = load_model(run, verbose=False, merge_lora=True)
+    assert resolve_system("auto", meta) == SYSTEM  # the run's data's prompt, which both scripts start chats with
+    expected = greedy_chat_answer(merged, tok, SYSTEM)
+    base, base_tok, _ = load_model(str(lora_run / "base"), verbose=False)
+    assert expected != greedy_chat_answer(base, base_tok, SYSTEM)  # the adapters change the answer
+    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={run}", f"--prompt={QUESTION[0]['content']}",
+                           "--temperature=0", "--max_new_tokens=8", "--device=cpu"], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == expected + "\n", proc.stderr[-2000:]
+    server, url = start_server(run)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="lora", messages=QUESTION, temperature=0, max_tokens=8)
+        assert reply.choices[0].message.content == expected
+    finally:
+        server.kill()
+        server.communicate()
+
+
+def hellaswag_items_the_model_gets_right(model, tok, path, n=12):
+    """n random HellaSwag items whose label is the ending model picks by summed log-prob (its acc is 1).
+    Endings of one length: the pick then depends on the model's weights, not on which ending is shortest."""
+    rng = random.Random(0)
+    items = [{"ctx": _random_text(rng, 10), "endings": [_random_text(rng, 4) for _ in range(4)], "label": 0}
+             for _ in range(n)]
+    for item in items:
+        sum_logprobs, num_tokens = score_rows(model, render_item(item, model.config.block_size, tok), CPU, tok.eot)
+        item["label"] = int(pick_endings(sum_logprobs.view(1, 4), num_tokens.view(1, 4), torch.ones(1, 4))["acc"])
+    return _write_jsonl(path, items)
+
+
+def choice_logliks(samples):
+    """{doc id: the log-likelihood of each choice} of the harness's logged ARC items (in memory or as JSON)."""
+    return {s["doc_id"]: [float(resp[0][0]) for resp in s["resps"]] for s in samples}
+
+
+@pytest.mark.slow
+def test_eval_and_hellaswag_score_a_lora_run_as_its_merged_model(lora_run, data_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                  capsys):
+    run = str(lora_run / "lora")
+    merged, tok, meta = load_model(run, verbose=False, merge_lora=True)
+    base = load_model(str(lora_run / "base"), verbose=False)[0]
+    # eval.py: a chat run, so chat format with its system prompt; every choice's log-likelihood is the merged model's
+    monkeypatch.setattr(sys, "argv", ["eval.py", f"--ckpt={run}", "--tasks=arc_easy", f"--data_dir={data_dir}",
+                                      "--device=cpu", "--num_fewshot=0", "--log_samples=True",
+                                      f"--out={tmp_path / 'results.json'}"])
+    eval_script.main()
+    logged = choice_logliks(json.loads((tmp_path / "results.samples.json").read_text())["arc_easy"])
+    kwargs = dict(chat=True, system_prompt=SYSTEM, data_dir=data_dir, num_fewshot=0, log_samples=True)
+    expected = choice_logliks(run_harness(merged, tok, ["arc_easy"], CPU, **kwargs)["samples"]["arc_easy"])
+    of_base = choice_logliks(run_harness(base, tok, ["arc_easy"], CPU, **kwargs)["samples"]["arc_easy"])
+    assert sorted(logged) == sorted(expected) == [0, 1, 2, 3]
+    for doc in expected:
+        assert logged[doc] == pytest.approx(expected[doc], abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(logged[doc], of_base[doc])) > 0.1
+    # eval_hellaswag.py: items the merged model gets all right; the base does not
+    data = hellaswag_items_the_model_gets_right(merged, tok, tmp_path / "hellaswag.jsonl")
+    assert evaluate_hellaswag(base, tok, data, CPU)["acc"] < 0.75
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", f"--ckpt={run}", f"--data={data}", "--device=cpu"])
+    eval_hellaswag.main()
+    out = capsys.readouterr().out
+    assert re.search(r"^  acc +1\.0000", out, re.M) and "HellaSwag: 12 items" in out, out
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_a_hugging_face_base_loads_and_a_missing_base_is_named(lora_run):
+    ckpt = torch.load(lora_run / "lora_hf" / "ckpt.pt", weights_only=True)
+    assert ckpt["lora"]["base"] == str(lora_run / "hf")  # the folder, by its absolute path
+    on_folder = load_model(str(lora_run / "lora_hf"), verbose=False)[0]
+    on_checkpoint = load_model(str(lora_run / "lora"), verbose=False)[0]
+    idx = torch.randint(0, 50257, (2, 32))
+    assert (logits(on_folder, idx) - logits(on_checkpoint, idx)).abs().max() < 1e-5  # same base weights, same adapters
+    # a base moved away: the error names the path the run needs and what to do
+    for run, base in (("lora", lora_run / "base" / "ckpt.pt"), ("lora_hf", lora_run / "hf")):
+        os.rename(base, f"{base}.moved")
+        try:
+            with pytest.raises(CheckpointError) as e:
+                load_model(str(lora_run / run), verbose=False)
+        finally:
+            os.rename(f"{base}.moved", base)
+        assert f"needs its base model at {base}, which is not there any more: put the base back" in str(e.value)

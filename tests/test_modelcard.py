@@ -181,3 +181,20 @@ def test_a_base_run_without_a_log_gets_a_card_without_curves(run_dir, tmp_path):
         facts = run_facts(model, gpt2, {"kind": "base", "config": {"data_dir": str(tmp_path / "data")}}, str(tmp_path))
         write_model_card(str(tmp_path), facts)
         assert metadata_load(tmp_path / "README.md").get("datasets") == datasets
+
+
+def test_a_peft_adapter_folder_gets_a_card_that_names_its_base(run_dir, tmp_path):
+    """A LoRA run's adapter export: library_name peft, the base it goes on, and peft's loading code."""
+    from gptkit.lora import LoRASettings
+    from gptkit.modelcard import run_facts, write_model_card
+    from gptkit.tokenizer import load_tokenizer
+    folder, model = run_dir
+    ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
+    facts = run_facts(model, load_tokenizer("gpt2"), ckpt, str(folder))
+    adapter = LoRASettings(rank=4, alpha=8.0, targets=["attn"], base="out/tiny_base")
+    assert write_model_card(str(tmp_path), facts, "me/tiny-lora", adapter=adapter) == ["loss.png", "README.md"]
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft" and {"lora", "peft", "gptkit"} <= set(card.data.tags)
+    assert "rank 4, alpha 8" in card.text and "`out/tiny_base`" in card.text
+    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"BASE\"), 'me/tiny-lora')" in card.text
+    assert "export_hf.py --ckpt=out/tiny_base --out=BASE" in card.text
