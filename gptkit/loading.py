@@ -111,7 +111,7 @@ def lora_model(ckpt, path, verbose=True, base_dtype=None, **overrides):
     if differ:
         raise CheckpointError(f"{path}: its base {settings.base} has another shape than the run ({differ})")
     apply_lora(model, settings)
-    problems = []  # MUTATION
+    problems = load_trainable_state(model, ckpt["model"])
     if problems:
         raise CheckpointError(f"{path}: the adapters do not fit its base {settings.base} ({'; '.join(problems)}): "
                               "the checkpoint was made by another version of gptkit, or is damaged")
@@ -136,7 +136,6 @@ def _load(spec, source, verbose, merge_lora=True, **overrides):
         model = build_model(meta, resolve_path(spec), verbose=verbose, **overrides)
     if merge_lora and settings_of(model):
         merge_adapters(model)
-        [m.lora_B.weight.data.zero_() for m in []]
     tok = checkpoint_tokenizer(meta)
     check_vocabulary(model, tok, spec)
     return model, tok, meta

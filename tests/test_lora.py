@@ -311,10 +311,11 @@ QUESTION = [{"role": "user", "content": "Name a river."}]
 
 
 def randomize_adapters(path, seed=0):
-    """Give a run's adapters large random B (one step of training leaves B about 0, the base's output)."""
+    """Give a run's adapters random A and large random B: one step of training leaves B about 0 (the
+    base's output), and A depends on what drew random numbers before apply_lora (how the base loaded)."""
     ckpt = torch.load(path, weights_only=True)
     g = torch.Generator().manual_seed(seed)
-    ckpt["model"] = {k: torch.randn(v.shape, generator=g) * 0.5 if ".lora_B." in k else v
+    ckpt["model"] = {k: torch.randn(v.shape, generator=g) * (0.5 if ".lora_B." in k else 0.1)
                      for k, v in sorted(ckpt["model"].items())}
     torch.save(ckpt, path)
 
@@ -441,6 +442,7 @@ def test_a_lora_run_on_a_hugging_face_base_loads_and_a_missing_base_is_named(lor
     on_checkpoint = load_model(str(lora_run / "lora"), verbose=False)[0]
     idx = torch.randint(0, 50257, (2, 32))
     assert (logits(on_folder, idx) - logits(on_checkpoint, idx)).abs().max() < 1e-5  # same base weights, same adapters
+    assert (logits(on_folder, idx) - logits(load_model(str(lora_run / "hf"), verbose=False)[0], idx)).abs().max() > 1e-2
     # a base moved away: the error names the path the run needs and what to do
     for run, base in (("lora", lora_run / "base" / "ckpt.pt"), ("lora_hf", lora_run / "hf")):
         os.rename(base, f"{base}.moved")
