@@ -29,7 +29,7 @@ def configure_optimizers(model, cfg, device_type):
         hidden_ids = {id(p) for p in hidden}
         groups = [{**g, "params": [p for p in g["params"] if id(p) not in hidden_ids]} for g in groups]
         groups = [g for g in groups if g["params"]]
-        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_learning_rate, weight_decay=cfg.weight_decay))
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_learning_rate, weight_decay=cfg.muon_weight_decay))
     optimizers.insert(0, torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                            fused=fused))
     for opt in optimizers:

@@ -47,6 +47,7 @@ class TrainConfig(BaseConfig):
     beta1: float = 0.9                  # AdamW momentum
     beta2: float = 0.95                 # AdamW second-moment decay (0.95: steadier for LLMs than 0.999)
     muon_learning_rate: float = 0.02    # Muon's own scale: its updates are orthogonalised, not Adam-sized
+    muon_weight_decay: float = 0.1      # Muon's own decay (decoupled: each step shrinks by muon_learning_rate x this)
     grad_clip: float = 1.0              # clip the global gradient norm; 0 disables
     activation_checkpointing: bool = False  # recompute blocks in backward: much less memory, up to 1/3 more compute
     max_bad_steps: int = 5              # stop after this many non-finite losses in a row
@@ -100,7 +101,7 @@ class TrainConfig(BaseConfig):
                 problems.append(f"{key}={getattr(self, key)} must be positive")
         if not 0 <= self.min_lr <= self.learning_rate:
             problems.append(f"min_lr={self.min_lr} must be between 0 and learning_rate={self.learning_rate}")
-        for key in ("weight_decay", "grad_clip"):
+        for key in ("weight_decay", "muon_weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 problems.append(f"{key}={getattr(self, key)} must be 0 (off) or more")
         for key in ("beta1", "beta2"):

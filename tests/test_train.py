@@ -346,10 +346,13 @@ def test_lr_schedules():
 def test_muon_optimizer_covers_every_parameter_once(tiny_config):
     from model import GPT
     from gptkit.optim import configure_optimizers, set_lr, train_step
-    cfg, rt = tiny_cfg("--optimizer=muon"), cpu_runtime()
+    cfg, rt = tiny_cfg("--optimizer=muon", "--muon_weight_decay=0.03"), cpu_runtime()
     model = GPT(tiny_config, verbose=False)
     adamw, muon = configure_optimizers(model, cfg, "cpu")
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    # each optimizer its own decay: Muon's steps are ~30x AdamW's, so the same factor would shrink far more
+    assert muon.param_groups[0]["weight_decay"] == 0.03
+    assert max(g["weight_decay"] for g in adamw.param_groups) == cfg.weight_decay == 0.1
     seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())  # all, none twice
     assert {id(p) for p in muon.param_groups[0]["params"]} == {id(p) for p in model.hidden_matrices()}
