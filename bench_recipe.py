@@ -11,9 +11,9 @@ One JSON line per finished run lands in --results as soon as it finishes; a reru
 already there, so a stopped sweep goes on where it stopped. The stages run in order and later ones
 build on the best point so far (mean over seeds of the final val loss):
     reference  nanoGPT's train.py (its recipe: AdamW 6e-4, cosine to 6e-5) and gptkit's default
-    lr         AdamW peak learning rates
-    muon       Muon on the hidden matrices: its weight decay, then its learning rate
-    schedule   WSD instead of cosine, for the best AdamW and the best Muon point
+    lr         AdamW peak learning rates, doubled from 6e-4 while a doubling helps
+    muon       Muon on the hidden matrices: its weight decay, then its learning rate (up while it helps)
+    schedule   WSD instead of cosine for the best point so far
     tokens     the best point with 70% and 50% of the tokens: does it reach nanoGPT's loss with fewer?
     batch      the best point with half and double the batch, same tokens
 Every final checkpoint, nanoGPT's included, is scored by one function on the same fixed val tokens.
@@ -218,7 +218,9 @@ def plan(cfg, results, points):
     yield point("nanoGPT train.py", "reference", runner="nanogpt", learning_rate=6e-4, min_lr=6e-5)
     yield point("adamw lr=6e-4", "reference", **adamw(6e-4))
     adamw_names = ["adamw lr=6e-4"]
-    for lr in (1.2e-3, 2.4e-3, 4.8e-3):
+    for lr in (1.2e-3, 2.4e-3, 4.8e-3, 9.6e-3):  # doubling while the last doubling helped
+        if len(adamw_names) > 2 and best(results, adamw_names) != adamw_names[-1]:
+            break
         adamw_names.append(f"adamw lr={lr:g}")
         yield point(adamw_names[-1], "lr", **adamw(lr))
     lr = points[best(results, adamw_names)]["train"]["learning_rate"]
@@ -232,13 +234,17 @@ def plan(cfg, results, points):
         muon_names.append(f"muon lr=0.02 wd={wd:g}")
         yield point(muon_names[-1], "muon", **muon(0.02, wd))
     wd = points[best(results, muon_names)]["train"]["muon_weight_decay"]
-    for muon_lr in (0.01, 0.04):
+    for muon_lr in (0.04, 0.08):  # as the AdamW rates: up while it helps
+        if len(muon_names) > 2 and best(results, muon_names) != muon_names[-1]:
+            break
         muon_names.append(f"muon lr={muon_lr:g} wd={wd:g}")
         yield point(muon_names[-1], "muon", **muon(muon_lr, wd))
-    schedule_names = []
-    for name in (best(results, adamw_names), best(results, muon_names)):
-        schedule_names.append(f"{name} wsd")
-        yield point(schedule_names[-1], "schedule", **{**points[name]["train"], "lr_schedule": "wsd"})
+    if best(results, muon_names) == muon_names[0 if wd else 1]:  # 0.04 did not help: try below 0.02
+        muon_names.append(f"muon lr=0.01 wd={wd:g}")
+        yield point(muon_names[-1], "muon", **muon(0.01, wd))
+    best_cosine = best(results, adamw_names + muon_names)
+    schedule_names = [f"{best_cosine} wsd"]
+    yield point(schedule_names[0], "schedule", **{**points[best_cosine]["train"], "lr_schedule": "wsd"})
     top = points[best(results, adamw_names + muon_names + schedule_names)]
     for scale in (0.7, 0.5):
         yield point(f"{top['name']} x{scale:g} tokens", "tokens", token_scale=scale, **top["train"])

@@ -16,36 +16,47 @@ def recipe_cfg(*args):
     return configure(bench_recipe.RecipeConfig, ["--report_only=False", *args])
 
 
-def fake_loss(point):
-    """A made-up landscape: AdamW best at 2.4e-3, Muon best without decay at 0.04, WSD a little better."""
+def fake_loss(point, muon_best=0.04):
+    """A made-up landscape: AdamW best at 2.4e-3, Muon best without decay at muon_best, WSD a little better."""
     t = point["train"]
     if t.get("optimizer") == "muon":
-        loss = 4.0 + (0.1 if t["muon_weight_decay"] else 0.0) + abs(t["muon_learning_rate"] - 0.04)
+        loss = 4.0 + (0.1 if t["muon_weight_decay"] else 0.0) + abs(t["muon_learning_rate"] - muon_best)
     else:
         loss = 5.0 + abs(t["learning_rate"] - 2.4e-3) * 100
     loss -= 0.05 if t.get("lr_schedule") == "wsd" else 0.0
     return loss + (1 - point.get("token_scale", 1.0))
 
 
-def test_stages_build_on_the_best_point_so_far():
-    cfg, results, points = recipe_cfg(), [], {}
-    planned = []
+def planned_points(muon_best=0.04):
+    cfg, results, points, planned = recipe_cfg(), [], {}, []
     for point in bench_recipe.plan(cfg, results, points):
         planned.append(point)
-        results += [{"name": point["name"], "seed": s, "val_loss": fake_loss(point)} for s in (1, 2)]
+        results += [{"name": point["name"], "seed": s, "val_loss": fake_loss(point, muon_best)} for s in (1, 2)]
+    return cfg, planned
+
+
+def test_stages_build_on_the_best_point_so_far():
+    cfg, planned = planned_points()
     by_name = {p["name"]: p for p in planned}
+    # AdamW's rate doubles from 6e-4 while the doubling helps: 4.8e-3 was worse, so no 9.6e-3
+    assert [p["name"] for p in planned if p["stage"] == "lr"] == ["adamw lr=0.0012", "adamw lr=0.0024", "adamw lr=0.0048"]
     assert planned[0]["runner"] == "nanogpt" and planned[1]["name"] == "adamw lr=6e-4"
     # Muon's AdamW part (embeddings, LayerNorms) takes the best AdamW learning rate
     muon = [p for p in planned if p["stage"] == "muon"]
     assert {p["train"]["learning_rate"] for p in muon} == {2.4e-3}
-    # the learning-rate points of Muon use the better weight decay (0 here)
-    assert [p["name"] for p in muon[2:]] == ["muon lr=0.01 wd=0", "muon lr=0.04 wd=0"]
-    assert {p["name"] for p in planned if p["stage"] == "schedule"} == {"adamw lr=0.0024 wsd", "muon lr=0.04 wd=0 wsd"}
+    # the learning-rate points of Muon use the better weight decay (0 here), going up while it helps
+    assert [p["name"] for p in muon[2:]] == ["muon lr=0.04 wd=0", "muon lr=0.08 wd=0"]
+    assert [p["name"] for p in planned if p["stage"] == "schedule"] == ["muon lr=0.04 wd=0 wsd"]
     tokens = [p for p in planned if p["stage"] == "tokens"]
     assert [p["token_scale"] for p in tokens] == [0.7, 0.5]
     assert all(p["train"] == by_name["muon lr=0.04 wd=0 wsd"]["train"] for p in tokens)
     assert [p["batch_tokens"] for p in planned if p["stage"] == "batch"] == [4096, 16384]
     assert bench_recipe.steps_of(cfg, tokens[0]) == round(0.7 * cfg.tokens / cfg.batch_tokens)
+
+
+def test_muon_rate_goes_down_when_up_does_not_help():
+    _, planned = planned_points(muon_best=0.01)
+    assert [p["name"] for p in planned if p["stage"] == "muon"][2:] == ["muon lr=0.04 wd=0", "muon lr=0.01 wd=0"]
 
 
 def test_a_rerun_runs_only_the_missing_runs_and_appends_each(tmp_path, monkeypatch, capsys):
