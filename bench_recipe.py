@@ -281,8 +281,7 @@ def report(cfg, results):
     full = [n for n in names if next(r for r in results if r["name"] == n)["tokens"] == steps_of(cfg, {}) * cfg.batch_tokens]
     headline = ["nanoGPT train.py", "adamw lr=6e-4"] + sorted(set(full) - {"nanoGPT train.py", "adamw lr=6e-4"},
                                                               key=lambda n: mean_loss(results, n))[:2]
-    dirs = [next(r["out_dir"] for r in results if r["name"] == n and r["seed"] == int(cfg.seeds.split(",")[0]))
-            for n in headline if any(r["name"] == n for r in results)]
+    dirs = [next(r["out_dir"] for r in results if r["name"] == n) for n in headline if n in names]  # each one's first seed
     if cfg.plot and all(os.path.exists(os.path.join(d, "log.jsonl")) for d in dirs):
         print0("plot:", ", ".join(plot_runs(dirs, cfg.plot, smoothing=0.8)))
 
