@@ -16,6 +16,9 @@ build on the best point so far (mean over seeds of the final val loss):
     schedule   WSD instead of cosine for the best point so far
     tokens     the best point with 70% and 50% of the tokens: does it reach nanoGPT's loss with fewer?
     batch      the best point with half and double the batch, same tokens
+    confirm    nanoGPT's train.py and gptkit's default recipe (DEFAULT below: what the configs use) at
+               100%, 70% and 50% of the tokens, on its own: run it with a larger --tokens and its own
+               --results to check that the default's lead holds on a longer run
 Every final checkpoint, nanoGPT's included, is scored by one function on the same fixed val tokens.
 Train loss curves of the headline runs go to --plot (plot_log.py's comparison figure).
 """
@@ -42,7 +45,11 @@ from gptkit.losses import evaluate_loss
 from gptkit.plot import plot_runs
 from gptkit.system import print0, run_main, setup_runtime
 
-STAGES = ("reference", "lr", "muon", "schedule", "tokens", "batch")
+STAGES = ("reference", "lr", "muon", "schedule", "tokens", "batch", "confirm")
+# The configs' default recipe at the proxy's scale: the sweep's winner (Muon with its default rate and
+# decay on the hidden matrices, WSD), AdamW for embeddings and LayerNorms at the proxy's best AdamW rate.
+DEFAULT = dict(optimizer="muon", muon_learning_rate=0.02, muon_weight_decay=0.01, learning_rate=1.2e-3,
+               min_lr=1.2e-4, lr_schedule="wsd")
 
 
 @dataclass
@@ -250,6 +257,9 @@ def plan(cfg, results, points):
         yield point(f"{top['name']} x{scale:g} tokens", "tokens", token_scale=scale, **top["train"])
     for batch in (cfg.batch_tokens // 2, cfg.batch_tokens * 2):
         yield point(f"{top['name']} batch={batch}", "batch", batch_tokens=batch, **top["train"])
+    yield point("nanoGPT train.py", "confirm", runner="nanogpt", learning_rate=6e-4, min_lr=6e-5)
+    for scale in (0.7, 0.5, 1.0):  # the target first: nanoGPT's loss with 30% fewer tokens
+        yield point(f"gptkit default x{scale:g} tokens", "confirm", token_scale=scale, **DEFAULT)
 
 
 def run_point(cfg, point, seed, data_dir):
@@ -270,17 +280,19 @@ def report(cfg, results):
     """The table (markdown, for docs/benchmarks.md) and the plot of the headline runs."""
     names = list(dict.fromkeys(r["name"] for r in results))
     target = mean_loss(results, "nanoGPT train.py")
-    print0("| stage | recipe | tokens | val loss (per seed) | mean | vs nanoGPT | tokens/s |")
-    print0("|---|---|---|---|---|---|---|")
+    print0("| stage | recipe | tokens | val loss (per seed) | mean | vs nanoGPT | tokens/s | wall |")
+    print0("|---|---|---|---|---|---|---|---|")
     for name in names:
         runs = [r for r in results if r["name"] == name]
         losses = " / ".join(f"{r['val_loss']:.4f}" for r in runs)
         speed = statistics.mean(r["train_tokens_per_sec"] for r in runs)
+        wall = statistics.mean(r.get("wall_s", 0) for r in runs)  # training and scoring, per run
         print0(f"| {runs[0]['stage']} | {name} | {runs[0]['tokens']:,} | {losses} | {mean_loss(results, name):.4f} | "
-               f"{mean_loss(results, name) - target:+.4f} | {speed:,.0f} |")
+               f"{mean_loss(results, name) - target:+.4f} | {speed:,.0f} | {wall:,.0f} s |")
     full = [n for n in names if next(r for r in results if r["name"] == n)["tokens"] == steps_of(cfg, {}) * cfg.batch_tokens]
     headline = ["nanoGPT train.py", "adamw lr=6e-4"] + sorted(set(full) - {"nanoGPT train.py", "adamw lr=6e-4"},
                                                               key=lambda n: mean_loss(results, n))[:2]
+    headline += [n for n in names if n.startswith("gptkit default")]  # the confirm stage's runs: all drawn
     dirs = [next(r["out_dir"] for r in results if r["name"] == n) for n in headline if n in names]  # each one's first seed
     if cfg.plot and all(os.path.exists(os.path.join(d, "log.jsonl")) for d in dirs):
         print0("plot:", ", ".join(plot_runs(dirs, cfg.plot, smoothing=0.8)))

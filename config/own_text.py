@@ -23,9 +23,13 @@ block_size = 512
 total_batch_tokens = 131072    # 2**17: 8 micro-batches of 32 x 512
 micro_batch_size = 32
 max_steps = 4000               # 4000 * 2**17 = 0.5B tokens; a few epochs of a 100-200M-token corpus
-learning_rate = 1e-3           # small models take a larger learning rate than 124M's 6e-4
+learning_rate = 1e-3           # AdamW's (embeddings, LayerNorms): small models take more than 124M's 6e-4
 min_lr = 1e-4
 warmup_steps = 200
+optimizer = "muon"             # Muon on the hidden matrices, WSD: the 124M recipe (config/fineweb_124m.py says why)
+muon_learning_rate = 0.02
+muon_weight_decay = 0.01
+lr_schedule = "wsd"
 eval_interval = 250
 eval_tokens = 1_048_576
 ckpt_interval = 500

@@ -52,6 +52,11 @@ def test_stages_build_on_the_best_point_so_far():
     assert all(p["train"] == by_name["muon lr=0.04 wd=0 wsd"]["train"] for p in tokens)
     assert [p["batch_tokens"] for p in planned if p["stage"] == "batch"] == [4096, 16384]
     assert bench_recipe.steps_of(cfg, tokens[0]) == round(0.7 * cfg.tokens / cfg.batch_tokens)
+    # the confirm stage: nanoGPT again, then the configs' default recipe, the 70% run first
+    confirm = [p for p in planned if p["stage"] == "confirm"]
+    assert confirm[0]["runner"] == "nanogpt" and confirm[0]["name"] == planned[0]["name"]
+    assert [p["token_scale"] for p in confirm[1:]] == [0.7, 0.5, 1.0]
+    assert all(p["train"] == bench_recipe.DEFAULT for p in confirm[1:])
 
 
 def test_muon_rate_goes_down_when_up_does_not_help():
