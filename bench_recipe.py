@@ -292,7 +292,7 @@ def report(cfg, results):
     full = [n for n in names if next(r for r in results if r["name"] == n)["tokens"] == steps_of(cfg, {}) * cfg.batch_tokens]
     headline = ["nanoGPT train.py", "adamw lr=6e-4"] + sorted(set(full) - {"nanoGPT train.py", "adamw lr=6e-4"},
                                                               key=lambda n: mean_loss(results, n))[:2]
-    headline += [n for n in names if n.startswith("gptkit default")]  # the confirm stage's runs: all drawn
+    headline = list(dict.fromkeys(headline + [n for n in names if n.startswith("gptkit default")]))  # confirm: all
     dirs = [next(r["out_dir"] for r in results if r["name"] == n) for n in headline if n in names]  # each one's first seed
     if cfg.plot and all(os.path.exists(os.path.join(d, "log.jsonl")) for d in dirs):
         print0("plot:", ", ".join(plot_runs(dirs, cfg.plot, smoothing=0.8)))
