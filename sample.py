@@ -205,9 +205,9 @@ def main(cfg):
         # a stdout that cannot encode every character (a Windows pipe or file is cp1252) shows '?'
         # for the others rather than ending the chat with UnicodeEncodeError at the first emoji
         sys.stdout.reconfigure(errors="replace")
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
-    info(f"device: {rt.device}; dtype: {rt.dtype}; torch {torch.__version__}")
-    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, verbose=False)  # the model's own tokenizer
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
+    info(f"device: {rt.device}; dtype: {rt.dtype} ({rt.dtype_reason}); torch {torch.__version__}")
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.ptdtype, verbose=False)  # the model's own tokenizer
     kind = meta.get("kind", "base")
     mode = resolve_mode(cfg.mode, kind)
     info(f"loaded {cfg.ckpt}: {kind} model, {model.num_params():,} parameters, context {model.config.block_size}; "

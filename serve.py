@@ -232,8 +232,8 @@ def build_app(cfg, engine, card):
 
 def main(cfg):
     check_port(cfg.host, cfg.port)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
-    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, verbose=False)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.ptdtype, verbose=False)
     cfg = replace(cfg, system=resolve_system(cfg.system, meta))  # auto: ask the model as it was trained
     card = {"id": model_name(cfg), "object": "model", "created": int(time.time()), "owned_by": "gptkit",
             "kind": meta.get("kind", "base"), "parameters": model.num_params(),
@@ -244,7 +244,7 @@ def main(cfg):
                     max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
     app = build_app(cfg, engine, card)
     print(f"{card['id']}: {card['kind']} model, {card['parameters']:,} parameters, context {card['context_length']}; "
-          f"device {rt.device}, dtype {rt.dtype}, torch {torch.__version__}; batch of up to {engine.max_batch} answers, "
+          f"device {rt.device}, dtype {rt.dtype} ({rt.dtype_reason}), torch {torch.__version__}; batch of up to {engine.max_batch} answers, "
           f"{engine.max_queue} more may wait", flush=True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving at http://{host}:{cfg.port} (chat page at /, OpenAI API at /v1; Ctrl-C stops)", flush=True)

@@ -61,7 +61,7 @@ class ConfigError(UserError, ValueError):
 class BaseConfig:
     # where and how it runs
     device: str = "auto"   # auto picks cuda > mps > cpu; or cpu, cuda, cuda:N, mps
-    dtype: str = "auto"    # auto: bfloat16 on GPUs that have it, float16 on older GPUs (with a grad scaler) and MPS, float32 on CPU
+    dtype: str = "auto"    # auto: bfloat16 on GPUs that have it, float16 on older GPUs (with a grad scaler) and MPS, float32 on CPU (sample.py, serve.py: bfloat16 on CPUs with bf16 instructions)
     seed: int = 1337       # random seed (0 to 2**31-1): the same seed and settings give the same run
     compile: bool = False  # torch.compile: faster steps on GPU after a minute of compiling
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gptkit.generate import default_autocast, kv_cache_dtype, make_generator, sampling_probs
+from gptkit.generate import candidate_probs, default_autocast, draw, kv_cache_dtype, make_generator
 from gptkit.tokenizer import StreamDecoder
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
@@ -396,9 +396,10 @@ class Engine:
                 for i, token in zip(members, logits[members].argmax(dim=-1).tolist()):
                     tokens[i] = token
                 continue
-            probs = sampling_probs(logits[members], temperature, top_k, top_p)  # (len(members), V)
+            probs, ids = candidate_probs(logits[members], temperature, top_k, top_p)  # (len(members), k or V)
             for j, i in enumerate(members):
-                tokens[i] = int(torch.multinomial(probs[j:j + 1], 1, generator=rows[i].generator))
+                row_ids = None if ids is None else ids[j:j + 1]
+                tokens[i] = int(draw(probs[j:j + 1], row_ids, generator=rows[i].generator))
         want = [i for i, row in enumerate(rows) if row.job.logprobs is not None]
         logprobs = F.log_softmax(logits[want], dim=-1) if want else None  # (len(want), V): the model's distribution
         made = 0

@@ -93,17 +93,23 @@ def top_p_filter(logits, p):
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
-    """logits (B, V) in float32 -> the distribution to sample from (B, V), temperature > 0; row by
-    row, so rows with the same settings share one call."""
+def candidate_probs(logits, temperature, top_k=0, top_p=1.0):
+    """logits (B, V) in float32, temperature > 0 -> (probs (B, n), ids (B, n) or None): the distribution
+    to sample from over each row's n candidates. With top_k, the candidates are the k most likely
+    tokens, most likely first (ids: their token ids), and top-p ranks those only; a draw from 50
+    candidates instead of 50,304 is what makes sampling cheap beside a decode step. Without top_k,
+    every token is a candidate (ids None: a candidate's index is its token id)."""
     logits = logits / temperature
-    if 0 < top_k < logits.size(-1) and top_p < 1.0:
-        # top-p then ranks the k survivors only, not all V logits (a sort of 50,304 per row per token)
-        values, idx = torch.topk(logits, top_k, dim=-1)  # (B, k): the same k that top_k_filter keeps
-        logits = torch.full_like(logits, float("-inf")).scatter_(1, idx, top_p_filter(values, top_p))
-    else:
-        logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    return F.softmax(logits, dim=-1)
+    if 0 < top_k < logits.size(-1):
+        values, ids = torch.topk(logits, top_k, dim=-1)  # (B, k): the same k that top_k_filter keeps
+        return F.softmax(top_p_filter(values, top_p), dim=-1), ids
+    return F.softmax(top_p_filter(logits, top_p), dim=-1), None
+
+
+def draw(probs, ids, generator=None):
+    """One token per row from candidate_probs' (probs, ids) -> token ids (B,)."""
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1): a candidate's index
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
 
 
 def sample_next(logits, previous_ids, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -113,8 +119,7 @@ def sample_next(logits, previous_ids, temperature=1.0, top_k=0, top_p=1.0, repet
     logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty, exempt)
     if temperature == 0:
         return torch.argmax(logits, dim=-1)  # greedy: top-k / top-p cannot change the argmax
-    probs = sampling_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return draw(*candidate_probs(logits, temperature, top_k, top_p), generator=generator)
 
 
 def kv_cache_dtype(device, autocast):

@@ -141,18 +141,20 @@ def _load(spec, source, verbose, merge_lora=True, **overrides):
     return model, tok, meta
 
 
-def load_model(path, device="cpu", verbose=True, merge_lora=True, **overrides):
+def load_model(path, device="cpu", dtype=None, verbose=True, merge_lora=True, **overrides):
     """-> (model in eval mode on device, its tokenizer, meta), for sample, serve, eval, export and bench.
     path: a run directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2,
     gpt2-xl, ...: to compare with OpenAI's models, or use an export). A LoRA run loads like any other:
     its base with the adapters merged in, since inference never needs them apart and a merged Linear is
     one matmul instead of three (sample, serve and the evals run at the base's speed); merge_lora=False
-    keeps them apart (export_hf.py's adapter folder; gptkit/lora.py)."""
+    keeps them apart (export_hf.py's adapter folder; gptkit/lora.py). dtype: the weights' (None: as
+    stored); sample.py and serve.py hold them in the compute dtype, since decoding reads every weight
+    for each token: bf16 weights are read in half the time, and autocast need not cast them at every call."""
     source = model_source(path)
     if source not in ("checkpoint", "hf"):
         resolve_path(path)  # raises the message that says what to give
     model, tok, meta = _load(path, source, verbose, merge_lora=merge_lora, **overrides)
-    model.to(device)
+    model.to(device=device, dtype=dtype)
     model.eval()
     return model, tok, meta
 

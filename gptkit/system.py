@@ -37,6 +37,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    dtype_reason: str = ""  # why pick_dtype chose dtype, for the scripts that print it
 
     @property
     def ddp(self):
@@ -118,8 +119,16 @@ def pick_device(device="auto", local_rank=0):
     return "cpu", "no CUDA or MPS GPU found"
 
 
-def pick_dtype(dtype, device_type):
-    """-> (dtype name, reason). Mixed precision only where it pays and is safe."""
+def cpu_computes_bf16():
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX: Zen 4, Sapphire Rapids and newer), where
+    PyTorch's bf16 matmuls run at about twice the speed of fp32's; elsewhere they are emulated, and slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private names)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_dtype(dtype, device_type, inference=False):
+    """-> (dtype name, reason). Mixed precision only where it pays and is safe. inference: for sample.py
+    and serve.py, which hold the weights in this dtype (gptkit/loading.py) rather than autocast them."""
     if dtype != "auto":
         if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("dtype=bfloat16 asked for, but this GPU does not support it; "
@@ -131,6 +140,10 @@ def pick_dtype(dtype, device_type):
         return "float16", "the GPU has no bf16; fp16 with a gradient scaler"
     if device_type == "mps":
         return "float16", "MPS: fp16 autocast"
+    if inference and cpu_computes_bf16():
+        # decoding reads every weight for each token: bf16 weights are half the bytes, and this CPU
+        # multiplies them natively (124M: 2x the tokens/s of fp32, docs/benchmarks.md)
+        return "bfloat16", "CPU with bf16 instructions: weights in bf16 decode 2x faster; --dtype=float32 for full precision"
     return "float32", "CPU: fp32 (bf16 autocast on CPU is slow on most processors)"
 
 
@@ -153,11 +166,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
+def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True, inference=False):
+    """inference: dtype=auto picks the dtype to hold the weights in for decoding (pick_dtype)."""
     rank, local_rank, world_size = init_distributed(device)
     device, device_reason = pick_device(device, local_rank)
     device_type = device.split(":")[0]
-    dtype, dtype_reason = pick_dtype(dtype, device_type)
+    dtype, dtype_reason = pick_dtype(dtype, device_type, inference)
     if device_type == "cuda":
         torch.cuda.set_device(device)
         # TF32 for the fp32 matmuls that remain (optimizer, fp32 runs): ~free speed on Ampere and newer
@@ -165,7 +179,7 @@ def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True):
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(seed + rank)
     rt = Runtime(device=device, device_type=device_type, dtype=dtype, rank=rank, local_rank=local_rank,
-                 world_size=world_size)
+                 world_size=world_size, dtype_reason=dtype_reason)
     if verbose:
         print0(f"device: {device} ({device_reason}); dtype: {dtype} ({dtype_reason})"
                + (f"; {world_size} processes" if world_size > 1 else ""))

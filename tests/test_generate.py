@@ -6,7 +6,7 @@ import torch
 from gptkit.checkpoint import save_checkpoint
 from gptkit.engine import Engine, Job
 from gptkit.generate import (apply_repetition_penalty, check_sampling_args, generate, generate_samples,
-                             make_generator, sample_next, sampling_probs, top_k_filter, top_p_filter)
+                             candidate_probs, draw, make_generator, sample_next, top_k_filter, top_p_filter)
 from gptkit.loading import load_model
 from gptkit.tokenizer import MIN_VOCAB_SIZE, load_tokenizer
 from model import GPT, GPTConfig
@@ -88,13 +88,27 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept(0.01) == [False, True, False, False]  # the most likely token always stays
 
 
-def test_top_p_over_the_top_k_survivors_is_top_k_then_top_p():
-    """sampling_probs ranks only the k survivors for top-p: the same distribution as filtering all V."""
+def test_candidates_are_the_distribution_of_top_k_then_top_p():
+    """candidate_probs samples among the k survivors (top-p ranks only those): put back in their places
+    among all V tokens, the same distribution as filtering all V; without top_k, all V are candidates."""
     torch.manual_seed(0)
     logits = torch.randn(8, 50304) * 3
-    for top_k, top_p in [(50, 0.9), (50, 0.3), (1, 0.5), (200, 0.99)]:
+    for top_k, top_p in [(50, 0.9), (50, 0.3), (1, 0.5), (200, 0.99), (50, 1.0), (0, 0.9), (0, 1.0)]:
         full = torch.softmax(top_p_filter(top_k_filter(logits / 0.8, top_k), top_p), dim=-1)
-        torch.testing.assert_close(sampling_probs(logits, 0.8, top_k, top_p), full, rtol=0, atol=1e-7)
+        probs, ids = candidate_probs(logits, 0.8, top_k, top_p)
+        assert probs.shape == (8, top_k or 50304) and (ids is None) == (top_k == 0)
+        placed = probs if ids is None else torch.zeros_like(full).scatter_(1, ids, probs)
+        torch.testing.assert_close(placed, full, rtol=1e-6, atol=1e-7)  # a softmax over k or V: an ulp apart
+
+
+def test_draws_follow_the_candidate_distribution():
+    """draw() maps a candidate back to its token id, with each token's frequency its probability."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -9.0]]).repeat(20000, 1)
+    tokens = draw(*candidate_probs(logits, 1.0, top_k=3), generator=torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {1, 2, 3}  # the top 3 only, as token ids, not candidate indices
+    expected = torch.softmax(torch.tensor([3.0, 1.0, 2.0]), dim=0)
+    counts = torch.bincount(tokens, minlength=5)[[1, 2, 3]].float() / len(tokens)
+    torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)  # 20,000 draws: within ~4 standard errors
 
 
 def test_repetition_penalty_math():
@@ -365,3 +379,24 @@ def test_two_models_with_different_tokenizers_in_one_process(trained, tmp_path):
         model, tok, meta = load_model(save_run(tmp_path / name, models[name], toks[name]), verbose=False)
         assert tok.hash == toks[name].hash and meta["kind"] == "base"
         assert list(answer(name, padding_wins(model, tok.n_vocab), tok)) == alone[name]
+
+
+def test_generation_holds_the_weights_in_the_compute_dtype(monkeypatch, tmp_path):
+    """dtype=auto for sample.py and serve.py (inference=True): bf16 on a CPU with bf16 instructions,
+    fp32 on other CPUs and for training (bf16 autocast of fp32 weights is slow on a CPU);
+    load_model(dtype=) holds the weights in it, and generation runs on them."""
+    from gptkit import system
+    assert system.cpu_computes_bf16() in (True, False)  # this machine's CPU, asked for real
+    monkeypatch.setattr(system, "cpu_computes_bf16", lambda: True)
+    assert system.pick_dtype("auto", "cpu", inference=True)[0] == "bfloat16"
+    assert system.pick_dtype("auto", "cpu")[0] == "float32"
+    assert system.pick_dtype("float32", "cpu", inference=True)[0] == "float32"
+    monkeypatch.setattr(system, "cpu_computes_bf16", lambda: False)
+    assert system.pick_dtype("auto", "cpu", inference=True)[0] == "float32"
+
+    model = lively_model()
+    save_checkpoint(str(tmp_path), {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                    "config": {}, "kind": "base", "step": 0})
+    loaded, tok, _ = load_model(str(tmp_path), dtype=torch.bfloat16, verbose=False)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert len(list(generate(loaded, [tok.eot], 5, temperature=0, n_vocab=tok.n_vocab))) == 5

@@ -351,7 +351,8 @@ def greedy_chat_answer(model, tok, system, n=8):
 def start_server(ckpt):
     """serve.py on ckpt, on a free port -> (Popen, url) once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu"],
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu",
+                             "--dtype=float32"],  # fp32, as the merged model in this process
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
@@ -375,7 +376,7 @@ def test_sample_and_serve_answer_a_lora_run_as_its_merged_model(lora_run):
     base, base_tok, _ = load_model(str(lora_run / "base"), verbose=False)
     assert expected != greedy_chat_answer(base, base_tok, SYSTEM)  # the adapters change the answer
     proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={run}", f"--prompt={QUESTION[0]['content']}",
-                           "--temperature=0", "--max_new_tokens=8", "--device=cpu"], cwd=ROOT,
+                           "--temperature=0", "--max_new_tokens=8", "--device=cpu", "--dtype=float32"], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == expected + "\n", proc.stderr[-2000:]
     server, url = start_server(run)

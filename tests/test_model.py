@@ -104,6 +104,39 @@ def test_rows_of_different_lengths_decode_in_one_batch_as_they_would_alone(tiny_
     assert cache.pos[3] == cache.pos[1] and torch.equal(copy, original)
 
 
+def test_in_bf16_a_batched_row_is_its_solo_self_within_bf16_rounding(tiny_config):
+    """sample.py and serve.py hold the weights in bf16 where that is the compute dtype (a CPU with bf16
+    instructions, a GPU). There a 1-row and a 3-row matmul round differently, so a batched row's logits
+    are not bitwise its solo ones: they agree within 0.02 (a few bf16 steps at this logit scale; seen:
+    under 0.004), no further than bf16 itself is from fp32. At temperature 0 a batched answer can then
+    differ from its solo answer where two tokens are that close; fp32 is exact (the test above)."""
+    torch.manual_seed(0)
+    model32 = GPT(tiny_config, verbose=False).eval()
+    model = GPT(tiny_config, verbose=False).eval()
+    model.load_state_dict(model32.state_dict())
+    model.to(torch.bfloat16)
+    lengths, new = [5, 17, 11], 6
+    seqs = [torch.randint(0, 50257, (1, n + new)) for n in lengths]
+    with torch.no_grad():
+        full32 = [model32(s)[0][:, -new:] for s in seqs]
+        alone = []
+        for s, n in zip(seqs, lengths):
+            one = model.new_kv_cache(batch_size=1)
+            model(s[:, :n], kv_cache=one)
+            alone.append(torch.cat([model(s[:, n + t:n + t + 1], kv_cache=one)[0] for t in range(new)], dim=1))
+        cache = model.new_kv_cache(batch_size=3)
+        assert cache.k.dtype == torch.bfloat16  # the cache keeps the weights' dtype
+        for row, (s, n) in enumerate(zip(seqs, lengths)):
+            model(s[:, :n], kv_cache=cache.rows(row, row + 1))
+        together = torch.cat([model(torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)]), kv_cache=cache)[0]
+                              for t in range(new)], dim=1)  # (3, new, V)
+    assert together.dtype == torch.bfloat16
+    for row in range(3):
+        bf16_error = (alone[row].float() - full32[row]).abs().max()
+        assert 0 < bf16_error < 0.02  # bf16 really ran, and is close to fp32
+        torch.testing.assert_close(together[row:row + 1].float(), alone[row].float(), rtol=0, atol=0.02)
+
+
 def test_right_padded_rows_prefill_together_as_they_would_alone(tiny_config):
     """Prompts of 5, 17 and 11 tokens in one call, right-padded to 17 with `lengths`: each row's
     last_only logits are its last real position's, each row's cache holds its own length, and the

@@ -20,7 +20,7 @@ from test_generate import lively_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2 = load_tokenizer("gpt2")  # the test models' tokenizer: their checkpoints carry none, so they load with GPT-2's
-FLAGS = ["--device=cpu", "--temperature=0", "--max_new_tokens=8"]
+FLAGS = ["--device=cpu", "--dtype=float32", "--temperature=0", "--max_new_tokens=8"]  # fp32: the answers of this process
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -295,6 +295,19 @@ def test_one_shot_prompt_prints_only_the_answer(ckpts):
 
 
 @pytest.mark.slow
+def test_bf16_holds_the_weights_in_bf16(ckpts):
+    """--dtype=bfloat16 (the default on CPUs with bf16 instructions) decodes with bf16 weights: the
+    answer is the one a bf16 copy of the model gives in this process."""
+    model, chat_dir, _ = ckpts
+    result = run_sample([f"--ckpt={chat_dir}", "--prompt=Name a river.", *FLAGS, "--dtype=bfloat16"])
+    assert result.returncode == 0, result.stderr
+    assert "dtype: bfloat16" in result.stderr
+    bf16 = lively_model().to(torch.bfloat16).eval()
+    bf16.load_state_dict(model.state_dict())  # the same weights, rounded to bf16
+    assert result.stdout == chat_answer(bf16, [{"role": "user", "content": "Name a river."}]) + "\n"
+
+
+@pytest.mark.slow
 def test_base_checkpoint_defaults_to_completion(ckpts):
     model, _, base_dir = ckpts
     result = run_sample([f"--ckpt={base_dir}", "--prompt=Once upon a time", *FLAGS])
@@ -309,7 +322,7 @@ def test_piped_prompt_and_seeded_samples(ckpts):
     """A piped prompt of two lines is one prompt (one message), two samples: the text equals what the
     same seed gives in this process."""
     model, chat_dir, _ = ckpts
-    args = [f"--ckpt={chat_dir}", "--device=cpu", "--temperature=1.0", "--top_k=0", "--top_p=1.0",
+    args = [f"--ckpt={chat_dir}", "--device=cpu", "--dtype=float32", "--temperature=1.0", "--top_k=0", "--top_p=1.0",
             "--max_new_tokens=12", "--num_samples=2", "--seed=7"]
     result = run_sample(args, stdin_text="Name a river.\nAnd a sea.\n")
     assert result.returncode == 0, result.stderr
@@ -413,7 +426,7 @@ def test_a_chat_longer_than_the_context(ckpts, monkeypatch, capsys):
     system prompt stays, every prompt plus its answer fits, and each answer is what the model gives
     on that prompt alone (nothing is carried over from an earlier turn's KV cache)."""
     model = ckpts[0]
-    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS[:2], "--max_new_tokens=1000",
+    cfg = load_config(sample.SampleConfig, [f"--ckpt={ckpts[1]}", *FLAGS[:3], "--max_new_tokens=1000",
                                             "--system=Be brief."])
     calls = []
 

@@ -54,7 +54,7 @@ def server(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny matmuls: one thread is faster on a shared machine
     proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu",
                              f"--api_key={KEY}", "--name=tiny", "--max_tokens_limit=2000",
-                             "--max_batch=8", "--max_queue=16"],
+                             "--max_batch=8", "--max_queue=16", "--dtype=float32"],  # fp32: batched answers equal solo ones exactly
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
