@@ -196,7 +196,8 @@ def bench_decode(cfg, rt):
     context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit.
     The ids sampled stop at the data tokenizer's n_vocab, as for a model trained on that data."""
     vocab_size, n_vocab = bench_vocab(cfg)
-    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device).eval()
+    # the weights in the compute dtype, as sample.py and serve.py hold them
+    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device, rt.ptdtype).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
     prompt = torch.randint(0, n_vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
@@ -281,7 +282,7 @@ def main():
     if cfg.mode == "tokenize":
         result = bench_tokenize(cfg)
     else:
-        rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json)
+        rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json, inference=cfg.mode == "decode")
         result = bench_train(cfg, rt) if cfg.mode == "train" else bench_decode(cfg, rt)
     if cfg.json:
         print(json.dumps({**result, "config": config_dict(cfg)}))

@@ -24,8 +24,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+import bench_serve
 from gptkit.chat import chat_prompt_ids, complete_prompt_ids
 from gptkit.checkpoint import save_checkpoint
+from gptkit.configurator import load_config
 from gptkit.engine import StopStrings
 from gptkit.tokenizer import EOT
 from serve import ServeConfig
@@ -433,3 +435,23 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     response.close()
     assert proc.returncode in (0, 130), err
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_bench_serve_measures_both_arrivals(server, capsys):
+    """bench_serve.py against a running server: a row per client count, each with its figures, for
+    requests that arrive together and for steady ones of seeded, varied lengths."""
+    steady = load_config(bench_serve.BenchServeConfig, ["--arrivals=steady", "--max_tokens=6", "--requests=3"])
+    lengths = [bench_serve.answer_lengths(steady, seed) for seed in range(3)]
+    assert lengths == [bench_serve.answer_lengths(steady, seed) for seed in range(3)]  # the same in every run
+    assert all(len(each) == 4 and all(3 <= n <= 9 for n in each) for each in lengths) and len(set(map(tuple, lengths))) > 1
+    for arrivals in ("together", "steady"):
+        cfg = load_config(bench_serve.BenchServeConfig, [f"--url={server.url}", f"--api_key={KEY}", "--clients=1,3",
+                                                         "--requests=2", "--max_tokens=6", f"--arrivals={arrivals}"])
+        bench_serve.main(cfg)
+        out = capsys.readouterr().out
+        assert f"arriving {arrivals}" in out
+        rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+        assert [int(row[0]) for row in rows] == [1, 3]
+        for _, ttft, p95, tokens_per_sec, requests_per_sec in rows:
+            assert 0 < float(ttft.split()[0].replace(",", "")) <= float(p95.split()[0].replace(",", ""))
+            assert float(tokens_per_sec) > 0 and float(requests_per_sec) > 0
