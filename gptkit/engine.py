@@ -35,6 +35,7 @@ to be, so a client never sees part of a stop string.
 
 import asyncio
 import collections
+import concurrent.futures
 import math
 import os
 import queue
@@ -97,6 +98,7 @@ class Job:
     seed: int = None                # None: a fresh random seed
     n: int = 1                      # answers: n rows of the batch
     logprobs: int = None            # None: none; k >= 0: each token's log-probability and the k most likely
+    hide_tokens: tuple = ()         # token ids made but never shown as text (transformers' skip_special_tokens)
     _queue: asyncio.Queue = None
     _loop: asyncio.AbstractEventLoop = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -137,6 +139,29 @@ class Job:
                 yield event
         finally:
             self.cancel()  # nothing if it finished; stops it otherwise
+
+
+def answer_all(engine, jobs, on_done=None):
+    """Every job's answers from code that is not async (an evaluation, a script) -> for each job, the
+    text of each of its answers. All jobs are queued at once, so they share the batch as a server's
+    clients do. on_done(): called as each job finishes (a progress bar). The event loop runs in a
+    thread of its own, so this works where one already runs (a notebook)."""
+    async def answer(job):
+        texts = [""] * job.n
+        async for event in engine.submit(job).events():
+            if event[0] == "error":
+                raise RuntimeError(f"generation failed: {event[1]}")
+            if event[0] == "text":
+                texts[event[1]] += event[2]
+        if on_done is not None:
+            on_done()
+        return texts
+
+    async def together():
+        return await asyncio.gather(*(answer(job) for job in jobs))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, together()).result()
 
 
 class Row:
@@ -422,22 +447,18 @@ class Engine:
         """Row takes its sampled token: text to its client, or its end -> 1 if the token is part of the answer."""
         job = row.job
         if token in job.stop_tokens:  # ends the answer, not shown
-            self._finish(row, "stop")
+            self._finish(row, "stop", flush=True)
             return 0
         row.count += 1
         if entry is not None:
             row.logprobs.append(entry)
-        text, hit = row.stops.feed(row.decoder.feed(token))
+        text, hit = row.stops.feed("" if token in job.hide_tokens else row.decoder.feed(token))
         if text:
             job.send("text", row.index, text, self._take_logprobs(row))
         if hit:
             self._finish(row, "stop")
         elif row.count == row.steps:  # max_tokens, or the context is full
-            text, hit = row.stops.feed(row.decoder.flush())
-            text += "" if hit else row.stops.flush()
-            if text:
-                job.send("text", row.index, text, self._take_logprobs(row))
-            self._finish(row, "stop" if hit else "length")
+            self._finish(row, "length", flush=True)
         else:
             row.token = token
         return 1
@@ -446,7 +467,15 @@ class Engine:
         out, row.logprobs = row.logprobs, []
         return out if row.job.logprobs is not None else None
 
-    def _finish(self, row, reason):
+    def _finish(self, row, reason, flush=False):
+        """The answer ends. flush: at a stop token or the length limit, the text held back (bytes of an
+        unfinished character, the start of what might have been a stop string) is the answer's end."""
+        if flush:
+            text, hit = row.stops.feed(row.decoder.flush())
+            text += "" if hit else row.stops.flush()
+            reason = "stop" if hit else reason
+            if text:
+                row.job.send("text", row.index, text, self._take_logprobs(row))
         if row.logprobs:  # tokens held back with their text (part of a stop string)
             row.job.send("text", row.index, "", self._take_logprobs(row))
         row.job.send("end", row.index, reason, row.count)

@@ -15,9 +15,8 @@ The same items give the same per-item results as the harness's own `hf` model on
 Hugging Face export (export_hf.py; tests/test_eval.py checks it): the same token ids (GPT-2's BPE,
 or the trained tokenizer; a chat prompt's control tokens whole, as the export's tokenizer reads
 them), the same left truncation to the context, the same stop rules. Log-likelihoods run batched
-(rows of similar length together, padded on the right); generation runs one request at a time with
-the KV cache, since a batch of prompts of different lengths would need left padding, which
-gptkit's generation loop does not do.
+(rows of similar length together, padded on the right); generation runs every request through one
+continuous batch (gptkit/engine.py, serve.py's), each row at its own length.
 
 Offline: data_dir holds each dataset's splits as local files in the dataset's own schema,
     DATA_DIR/<dataset_path>/<dataset_name>/<split>.jsonl     (or .json, .parquet, .csv)
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from gptkit.checkpoint import rng_state, set_rng_state
 from gptkit.configurator import UserError
-from gptkit.generate import generate, make_generator
+from gptkit.engine import Engine, Job, answer_all
 
 # datasets' builder for each kind of local file
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -185,11 +184,13 @@ class GptkitLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm=False):
-        """Continue each prompt until a stop string or stop token, one request at a time (KV cache)."""
-        results = []
-        generator = make_generator(self.model, self.seed)
-        stop_tokens = {self.tok.eot, self.tok.end} if self.chat else {self.tok.eot}  # the export's eos ids
-        for request in tqdm(requests, desc="generations", disable=disable_tqdm or not self.progress):
+        """Continue each prompt until a stop string or stop token. Every request is a job of one
+        continuous batch (gptkit/engine.py, batch_size rows, as serve.py's clients share one), greedy
+        unless the task samples; a sampled answer has its own seed (seed + its index), so it is the
+        same whatever else runs beside it."""
+        stop_tokens = (self.tok.eot, self.tok.end) if self.chat else (self.tok.eot,)  # the export's eos ids
+        jobs, stops = [], []
+        for index, request in enumerate(requests):
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(gen_kwargs, 256)  # the harness's hf model's default of 256 tokens
             until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok.decode([self.eot_token_id]))
@@ -202,15 +203,24 @@ class GptkitLM(TemplateLM):
             if kwargs.get("do_sample") and kwargs.get("temperature", 0) > 0:
                 sampling = dict(temperature=kwargs["temperature"], top_k=kwargs.get("top_k") or 0,
                                 top_p=kwargs.get("top_p") or 1.0)
-            new_ids = []
-            for token in generate(self.model, ids, max_gen_toks, stop_tokens=stop_tokens, generator=generator,
-                                  autocast=self.rt.autocast, n_vocab=self.tok.n_vocab, **sampling):
-                new_ids.append(token)
-                tail = self.tok.decode(new_ids[-16:])  # a stop string ends within the last tokens
-                if any(stop in tail for stop in until):
-                    break
-            text = postprocess_generated_text(self.tok_decode(new_ids), until, None)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            jobs.append(Job(ids, max_gen_toks, stop_tokens, stop=until, seed=self.seed + index,
+                            hide_tokens=tuple(self._control_ids), **sampling))  # as tok_decode: no control tokens
+            stops.append(until)
+        model = _core(self.model)
+        was_training = model.training  # the engine puts the model in eval mode; the training loop gets it back as it was
+        engine = Engine(model, self.tok, autocast=self.rt.autocast, max_batch=self.batch_size,
+                        max_queue=max(1, len(jobs)))
+        bar = tqdm(total=len(jobs), desc="generations", disable=disable_tqdm or not self.progress)
+        try:
+            answers = answer_all(engine, jobs, on_done=lambda: bar.update(1))
+        finally:
+            engine.close()
+            bar.close()
+            model.train(was_training)
+        results = []
+        for request, until, (text,) in zip(requests, stops, answers):
+            text = postprocess_generated_text(text, until, None)
+            self.cache_hook.add_partial("generate_until", request.args, text)
             results.append(text)
         return results
 

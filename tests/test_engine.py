@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.engine import Engine, Job, Overloaded
+from gptkit.engine import Engine, Job, Overloaded, answer_all
 from gptkit.generate import generate
 from gptkit.tokenizer import load_tokenizer
 from test_generate import lively_model, one_thread  # noqa: F401 (one thread for the tiny model)
@@ -153,3 +153,22 @@ def test_requests_that_arrive_together_are_prefilled_in_one_forward_pass(model, 
         assert sum(1 for b, t in calls if t > 1) == 2  # and no other prefill than the first request's
     finally:
         engine.close()
+
+
+def test_text_held_back_for_a_stop_string_is_kept_when_a_stop_token_ends_the_answer(model):
+    """A token whose text may begin a stop string is held back; when a stop token then ends the
+    answer, the stop string never came, so that text is the end of the answer, not lost."""
+    for ids in prompts(8):
+        first, second, third = generate(model, ids, 3, temperature=0, n_vocab=GPT2.n_vocab)
+        if third not in (first, second) and GPT2.decode([second]).strip():
+            break
+    else:
+        pytest.fail("no prompt with three different greedy tokens")
+    held = GPT2.decode([second]) + "<never comes>"  # the second token's text may begin it: held back
+    engine = Engine(model, GPT2, max_batch=2)
+    try:
+        answers = answer_all(engine, [Job(ids, 10, (third,), temperature=0, stop=[held]),
+                                      Job(ids, 10, (third,), temperature=0)])
+    finally:
+        engine.close()
+    assert answers == [[GPT2.decode([first, second])]] * 2

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 import eval as eval_script
 from gptkit.checkpoint import save_checkpoint
 from gptkit.configurator import ConfigError, load_config
+from gptkit.engine import Engine
+from gptkit.generate import generate
 from gptkit.harness import GptkitLM, TaskDataError, evaluate_tasks, run_harness, task_manager, with_local_data
 from gptkit.hf import export_hf
 from gptkit.system import Runtime
@@ -114,6 +117,24 @@ def test_loglikelihood_is_the_models_own(data_dir):
         logprobs = torch.log_softmax(logits[0, -len(continuation):], dim=-1)
         expected = float(logprobs.gather(1, torch.tensor(continuation)[:, None]).sum())
         assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_generations_share_one_continuous_batch(monkeypatch):
+    """generate_until answers every request through one engine of batch_size rows, and each greedy
+    answer is the one the model gives that prompt alone (control tokens left out of the text)."""
+    model = _model()
+    lm = GptkitLM(model, GPT2, CPU, batch_size=4)
+    widths, step = [], Engine._step
+    monkeypatch.setattr(Engine, "_step", lambda engine: (widths.append(len(engine.running)), step(engine)))
+    requests = [SimpleNamespace(args=(f"Question {i}:" + " word" * (3 * i), {"until": ["\x00"], "max_gen_toks": 6}))
+                for i in range(6)]
+    texts = lm.generate_until(requests)
+    assert max(widths) == 4  # four rows decoded together, the batch's limit
+    for request, text in zip(requests, texts):
+        alone = generate(model, lm.tok_encode(request.args[0]), 6, temperature=0, stop_tokens=(GPT2.eot,),
+                         n_vocab=GPT2.n_vocab)
+        assert text == lm.tok_decode(list(alone))
+    assert len(set(texts)) > 1
 
 
 def test_config_checks():
