@@ -344,9 +344,10 @@ def test_a_client_that_disconnects_stops_its_answer(server):
     assert now["cancelled"] == before["cancelled"] + 1
     assert now["tokens_generated"] - before["tokens_generated"] < 500  # far from the 1000 asked for
 
-    # a client waiting for a whole (not streamed) answer gives up after a second
+    # a client waiting for a whole (not streamed) answer gives up after a second; n=4 answers of 1000
+    # tokens take seconds (4 s here; one answer alone, 1.5 s, could end before the server notices)
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1, headers=auth)
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "n": 4}, timeout=1, headers=auth)
     after = wait_idle(url)
     assert after["cancelled"] == now["cancelled"] + 1 and after["completed"] == now["completed"]
 
@@ -421,22 +422,6 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
         browser.quit()
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_server_cleanly(server):
-    """Last: Ctrl-C while an answer streams ends the server within seconds, without a traceback."""
-    url, proc = server.url, server.proc
-    body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True})
-    request = urllib.request.Request(url + "/v1/chat/completions", data=body.encode(),
-                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    response = urllib.request.urlopen(request, timeout=30)
-    response.readline()  # streaming has begun
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
-    response.close()
-    assert proc.returncode in (0, 130), err
-    assert "Traceback" not in err, err[-3000:]
-
-
 def test_bench_serve_measures_both_arrivals(server, capsys):
     """bench_serve.py against a running server: a row per client count, each with its figures, for
     requests that arrive together and for steady ones of seeded, varied lengths."""
@@ -455,3 +440,20 @@ def test_bench_serve_measures_both_arrivals(server, capsys):
         for _, ttft, p95, tokens_per_sec, requests_per_sec in rows:
             assert 0 < float(ttft.split()[0].replace(",", "")) <= float(p95.split()[0].replace(",", ""))
             assert float(tokens_per_sec) > 0 and float(requests_per_sec) > 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """Last: Ctrl-C while an answer streams ends the server within seconds, without a traceback."""
+    url, proc = server.url, server.proc
+    body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "stream": True})
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body.encode(),
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = urllib.request.urlopen(request, timeout=30)
+    response.readline()  # streaming has begun
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    response.close()
+    assert proc.returncode in (0, 130), err
+    assert "Traceback" not in err, err[-3000:]
+
