@@ -24,7 +24,10 @@ to continue), answered once; for one answer per line, run sample.py once per lin
 With --prompt or a piped stdin only the answer goes to stdout (then a newline; with --num_samples,
 each under a '----- sample i/n -----' line); everything else goes to stderr, so scripts can use the
 output as is. Ctrl-C there exits with code 130, as it does while loading. The same seed gives the
-same text.
+same text (on the same device and dtype).
+
+The weights are held in the compute dtype (--dtype=auto: bf16 on a GPU, and on a CPU with bf16
+instructions, where it decodes twice as fast; fp32 on other CPUs); --dtype=float32 for full precision.
 """
 
 import os

@@ -11,6 +11,7 @@ Endpoints: / (the chat page), /v1/chat/completions and /v1/completions (streamed
 "stream": true, as server-sent events ending in `data: [DONE]`), /v1/models, /health.
 
     python serve.py --ckpt=out/dolly --max_batch=1              # one answer at a time (the old queue)
+    python serve.py --ckpt=out/dolly --dtype=float32            # full precision; auto: bf16 weights on a GPU and on CPUs with bf16 instructions
 
 The chat is rendered, fitted to the context and sampled by the code sample.py uses (gptkit/chat.py,
 gptkit/generate.py): at temperature 0 both give the same answer to the same chat. A worker thread
