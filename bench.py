@@ -197,7 +197,7 @@ def bench_decode(cfg, rt):
     The ids sampled stop at the data tokenizer's n_vocab, as for a model trained on that data."""
     vocab_size, n_vocab = bench_vocab(cfg)
     # the weights in the compute dtype, as sample.py and serve.py hold them
-    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device, rt.ptdtype).eval()
+    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device, rt.weights_dtype).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
     prompt = torch.randint(0, n_vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))

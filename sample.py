@@ -210,7 +210,7 @@ def main(cfg):
         sys.stdout.reconfigure(errors="replace")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
     info(f"device: {rt.device}; dtype: {rt.dtype} ({rt.dtype_reason}); torch {torch.__version__}")
-    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.ptdtype, verbose=False)  # the model's own tokenizer
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.weights_dtype, verbose=False)  # the model's own tokenizer
     kind = meta.get("kind", "base")
     mode = resolve_mode(cfg.mode, kind)
     info(f"loaded {cfg.ckpt}: {kind} model, {model.num_params():,} parameters, context {model.config.block_size}; "

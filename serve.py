@@ -234,7 +234,7 @@ def build_app(cfg, engine, card):
 def main(cfg):
     check_port(cfg.host, cfg.port)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
-    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.ptdtype, verbose=False)
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.weights_dtype, verbose=False)
     cfg = replace(cfg, system=resolve_system(cfg.system, meta))  # auto: ask the model as it was trained
     card = {"id": model_name(cfg), "object": "model", "created": int(time.time()), "owned_by": "gptkit",
             "kind": meta.get("kind", "base"), "parameters": model.num_params(),

@@ -148,8 +148,9 @@ def load_model(path, device="cpu", dtype=None, verbose=True, merge_lora=True, **
     its base with the adapters merged in, since inference never needs them apart and a merged Linear is
     one matmul instead of three (sample, serve and the evals run at the base's speed); merge_lora=False
     keeps them apart (export_hf.py's adapter folder; gptkit/lora.py). dtype: the weights' (None: as
-    stored); sample.py and serve.py hold them in the compute dtype, since decoding reads every weight
-    for each token: bf16 weights are read in half the time, and autocast need not cast them at every call."""
+    stored); sample.py and serve.py hold them in bf16 when they compute in bf16 (Runtime.weights_dtype),
+    since decoding reads every weight for each token: bf16 weights are read in half the time, and
+    autocast need not cast them at every call."""
     source = model_source(path)
     if source not in ("checkpoint", "hf"):
         resolve_path(path)  # raises the message that says what to give

@@ -52,6 +52,13 @@ class Runtime:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
 
     @property
+    def weights_dtype(self):
+        """What sample.py and serve.py hold the weights in: bf16 when computing in bf16 (half the bytes
+        to read per token, and fp32's range, so nothing overflows), else fp32 under autocast (fp16's
+        range is too small for a residual stream trained in fp32 or bf16)."""
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+    @property
     def needs_grad_scaler(self):
         return self.dtype == "float16"  # fp16 gradients underflow without loss scaling; bf16 has fp32's range
 

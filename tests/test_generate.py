@@ -393,6 +393,8 @@ def test_generation_holds_the_weights_in_the_compute_dtype(monkeypatch, tmp_path
     assert system.pick_dtype("float32", "cpu", inference=True)[0] == "float32"
     monkeypatch.setattr(system, "cpu_computes_bf16", lambda: False)
     assert system.pick_dtype("auto", "cpu", inference=True)[0] == "float32"
+    weights = {dtype: system.Runtime("cpu", "cpu", dtype).weights_dtype for dtype in ("float32", "bfloat16", "float16")}
+    assert weights == {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float32}  # fp16: autocast
 
     model = lively_model()
     save_checkpoint(str(tmp_path), {"model": model.state_dict(), "model_config": model.config.to_dict(),
