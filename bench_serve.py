@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from gptkit.configurator import BaseConfig, configure
+from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.system import run_main
 
 
@@ -109,7 +109,13 @@ def run(client, cfg, clients):
 def main(cfg):
     import openai  # a dev requirement (requirements-dev.txt), not gptkit's: the config check works without it
     client = openai.OpenAI(base_url=cfg.url.rstrip("/") + "/v1", api_key=cfg.api_key or "none", max_retries=0)
-    card = client.models.list().data[0]
+    try:
+        card = client.models.list().data[0]
+    except openai.APIConnectionError as e:
+        raise UserError(f"no server answers at {cfg.url}: start one first (python serve.py --ckpt=RUN), or "
+                        "give its address with --url") from e
+    except openai.AuthenticationError as e:
+        raise UserError(f"the server at {cfg.url} wants an API key: give the one it was started with, --api_key=KEY") from e
     lengths = f"{cfg.max_tokens}" if cfg.arrivals == "together" else f"{cfg.max_tokens // 2} to {cfg.max_tokens * 3 // 2}"
     print(f"{card.id}: {card.parameters:,} parameters; {lengths} tokens per answer, {cfg.requests} timed requests "
           f"per client, arriving {cfg.arrivals}")

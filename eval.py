@@ -42,7 +42,7 @@ class EvalHarnessConfig(BaseConfig):
     download_to: str = ""    # save the tasks' datasets into this folder in data_dir's layout (needs the hub), then stop
     limit: int = 0           # score only the first N items of each task (0: all)
     num_fewshot: int = -1    # examples before each question (-1: each task's own number)
-    batch_size: int = 8      # log-likelihood rows per forward call: lower it if memory runs out
+    batch_size: int = 8      # log-likelihood rows per forward call, and answers generated together (gsm8k...): lower it if memory runs out
     max_gen_toks: int = 0    # new tokens per generated answer (0: each task's own, else 256)
     chat: str = "auto"       # auto: a chat model in its chat format, a base model on plain text; True or False to choose
     out: str = ""            # results JSON; empty: eval_results.json in the run directory

@@ -25,7 +25,10 @@ so at temperature 0 the answer is sample.py's token for token. In a batch of row
 lengths, attention is masked per row, and the only difference is rounding: on CPU fp32 a matmul of
 8 rows sums in another order than one of 1 row (about 1e-6 on the logits, tests/test_model.py), so
 a greedy answer differs only where two tokens tie to within that. Each answer samples with its own
-torch.Generator (seed + index), so a seed repeats its answer whatever else runs.
+torch.Generator (seed + index), so in fp32 a seed repeats its answer whatever else runs. In bf16
+(weights held in bf16: a GPU, or a CPU with bf16 instructions) the rounding is bf16's, a few
+hundredths on the logits, and a sampled token near the edge between two can differ: a seed repeats
+its answer when asked alone, not always beside other requests.
 
 The event loop never runs a forward pass, so /health and new connections answer at once while the
 model works. A job whose client has gone (job.cancel()) leaves the batch at the next step. A stop

@@ -187,7 +187,7 @@ class GptkitLM(TemplateLM):
         """Continue each prompt until a stop string or stop token. Every request is a job of one
         continuous batch (gptkit/engine.py, batch_size rows, as serve.py's clients share one), greedy
         unless the task samples; a sampled answer has its own seed (seed + its index), so it is the
-        same whatever else runs beside it."""
+        same whatever else runs beside it (fp32; eval.py scores in fp32 on a CPU)."""
         stop_tokens = (self.tok.eot, self.tok.end) if self.chat else (self.tok.eot,)  # the export's eos ids
         jobs, stops = [], []
         for index, request in enumerate(requests):

@@ -273,6 +273,9 @@ def init_model(cfg, rt):
                           f"or a run directory holding {CKPT_NAME}), a Hugging Face GPT-2 folder (with config.json), "
                           "or a hub name such as gpt2 / gpt2-medium")
     check_vocabulary(model, tok, cfg.init_from)
+    if source != "scratch":  # the config printed and saved with the run names the model it trains, not defaults
+        for key in ("n_layer", "n_head", "n_embd", "bias"):
+            setattr(cfg, key, getattr(model.config, key))
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context of "
                           f"{model.config.block_size}: use --block_size={model.config.block_size} or less (and "

@@ -151,7 +151,7 @@ def pick_dtype(dtype, device_type, inference=False):
         # decoding reads every weight for each token: bf16 weights are half the bytes, and this CPU
         # multiplies them natively (124M: 2x the tokens/s of fp32, docs/benchmarks.md)
         return "bfloat16", "CPU with bf16 instructions: weights in bf16 decode 2x faster; --dtype=float32 for full precision"
-    return "float32", "CPU: fp32 (bf16 autocast on CPU is slow on most processors)"
+    return "float32", "CPU: bf16 autocast is slow on most processors"
 
 
 def init_distributed(device_type_hint="auto"):

@@ -132,6 +132,9 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert ckpt["kind"] == "chat" and ckpt["step"] == 20
     assert ckpt["model_config"]["dropout"] == 0.1  # raised for finetuning; the pretrained model had 0
     assert ckpt["config"]["system"] == "Be brief."  # the data's: sample.py starts chats with it
+    shape = {key: ckpt["config"][key] for key in ("n_layer", "n_head", "n_embd")}
+    assert shape == {"n_layer": 2, "n_head": 4, "n_embd": 64}  # the model's, not the config's defaults (12, 12, 768)
+    assert "n_layer = 2" in stdout and "n_layer = 12" not in stdout  # and so is the config printed at the start
     assert json.loads((out / "ckpt.json").read_text())["kind"] == "chat"
     result = run("sample.py", f"--ckpt={out}", "--prompt=Name a fruit.", "--max_new_tokens=4", "--device=cpu")
     assert "chat" in result.stderr

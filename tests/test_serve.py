@@ -422,6 +422,14 @@ def test_the_chat_page_in_a_browser_streams_an_answer(server, tmp_path):
         browser.quit()
 
 
+def test_bench_serve_without_a_server_or_key_is_one_error_line(server):
+    for args, says in ((["--url=http://127.0.0.1:9"], "error: no server answers at http://127.0.0.1:9"),
+                       ([f"--url={server.url}"], "error: the server at")):
+        result = subprocess.run([sys.executable, "bench_serve.py", *args, "--clients=1"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_bench_serve_measures_both_arrivals(server, capsys):
     """bench_serve.py against a running server: a row per client count, each with its figures, for
     requests that arrive together and for steady ones of seeded, varied lengths."""
