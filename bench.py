@@ -7,6 +7,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/tiny_cpu.py --device=cpu --steps=3   # runs on a CPU too
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
+    python bench.py config/fineweb_124m.py --mode=decode --decode_rows=8   # 8 sequences in one batch, as serve.py's
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=4   # prepare_fineweb's tokenizer
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=1 --tokenizer=tokenizers/mytext
 
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from gptkit.configurator import ConfigError, config_dict, configure
 from gptkit.documents import resolve_num_proc, tokenize_documents
-from gptkit.generate import generate
+from gptkit.generate import generate, generate_samples
 from gptkit.loading import model_vocab_size, run_tokenizer, scratch_model
 from gptkit.losses import grad_accum_steps
 from gptkit.optim import configure_optimizers, train_step
@@ -68,6 +69,7 @@ class BenchConfig(TrainConfig):
     pad_heads: bool = True    # pad head sizes that are not a multiple of 8 (712M: 54 -> 56) for the fused kernels
     json: bool = False        # print one JSON line instead of a table, with every setting under "config"
     coordinate_descent_tuning: bool = False  # inductor tunes its generated kernels' launch parameters (slower compile)
+    decode_rows: int = 1      # decode: sequences decoded together, as serve.py's batch rows (tokens/s counts them all)
 
     def validate(self):
         problems = super().validate()
@@ -77,6 +79,8 @@ class BenchConfig(TrainConfig):
             problems.append(f"steps={self.steps}: the median needs at least 1 timed step (10 is usual)")
         if self.warmup < 0:
             problems.append(f"warmup={self.warmup}: use 0 or more untimed steps (3 is usual)")
+        if self.decode_rows < 1:
+            problems.append(f"decode_rows={self.decode_rows}: use 1 or more")
         if self.mode == "decode" and self.block_size < 2:
             problems.append(f"block_size={self.block_size}: mode=decode needs room for a prompt and a new token "
                             "(2 or more)")
@@ -192,9 +196,10 @@ def bench_train(cfg, rt):
 
 def bench_decode(cfg, rt):
     """Generation speed of a randomly initialised model: greedy, 64-token prompt, 128 new tokens,
-    with the KV cache (one token per forward) and without (the whole sequence every token). A
-    context shorter than 192 gets a prompt of at most half of it and as many new tokens as fit.
-    The ids sampled stop at the data tokenizer's n_vocab, as for a model trained on that data."""
+    with the KV cache (one token per forward) and without (the whole sequence every token), for one
+    sequence or decode_rows of them in one batch (with the cache only). A context shorter than 192 gets a prompt of at most
+    half of it and as many new tokens as fit. The ids sampled stop at the data tokenizer's n_vocab,
+    as for a model trained on that data."""
     vocab_size, n_vocab = bench_vocab(cfg)
     # the weights in the compute dtype, as sample.py and serve.py hold them
     model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device, rt.weights_dtype).eval()
@@ -203,18 +208,23 @@ def bench_decode(cfg, rt):
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
               else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),
-              "prompt_tokens": len(prompt), "new_tokens": new_tokens, "n_vocab": n_vocab}
+              "prompt_tokens": len(prompt), "new_tokens": new_tokens, "rows": cfg.decode_rows, "n_vocab": n_vocab}
+    # several rows: with the cache only, as serve.py decodes (without it a batch recomputes every row's whole sequence)
+    cache_modes = (True, False) if cfg.decode_rows == 1 else (True,)
     # without the cache a long generation takes minutes on a CPU: show that it moves (stderr, so --json stays clean)
-    bar = tqdm(total=2 * (cfg.warmup + cfg.steps), unit="generation", desc="decode", file=sys.stderr)
-    for use_cache in (True, False):
+    bar = tqdm(total=len(cache_modes) * (cfg.warmup + cfg.steps), unit="generation", desc="decode", file=sys.stderr)
+    for use_cache in cache_modes:
         bar.set_postfix_str("with KV cache" if use_cache else "without KV cache")
         times = []
         for i in range(cfg.warmup + cfg.steps):
             rt.synchronize()
             t0 = time.perf_counter()
             # under the runtime's autocast, as sample.py generates (not generate's own default)
-            n = sum(1 for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
-                                        autocast=rt.autocast, n_vocab=n_vocab))
+            kwargs = dict(temperature=0, use_cache=use_cache, autocast=rt.autocast, n_vocab=n_vocab)
+            if cfg.decode_rows == 1:
+                n = sum(1 for _ in generate(model, prompt, new_tokens, **kwargs))
+            else:
+                n = sum(map(len, generate_samples(model, prompt, cfg.decode_rows, new_tokens, **kwargs)))
             rt.synchronize()
             if i >= cfg.warmup:
                 times.append(time.perf_counter() - t0)

@@ -108,6 +108,22 @@ def test_decode_runs_in_the_configured_dtype(monkeypatch):
     assert result["dtype"] == "bfloat16" and set(seen) == {torch.bfloat16}
 
 
+def test_decode_rows_are_one_batch_and_all_counted(monkeypatch):
+    """--decode_rows=3: every forward carries the 3 rows, with the weights in bf16 as sample.py holds them."""
+    shapes = []
+    forward = GPT.forward
+    def spy(self, idx, *args, **kwargs):
+        shapes.append((idx.size(0), self.lm_head.weight.dtype))
+        return forward(self, idx, *args, **kwargs)
+    monkeypatch.setattr(GPT, "forward", spy)
+    rt = setup_runtime("cpu", "bfloat16", 1337, verbose=False)
+    cfg = load_config(BenchConfig, TINY + ["--mode=decode", "--steps=1", "--warmup=0", "--decode_rows=3"])
+    result = bench_decode(cfg, rt)
+    assert result["rows"] == 3 and set(shapes) == {(3, torch.bfloat16)}
+    assert result["kv_cache_tokens_per_sec"] > 0 and "no_cache_tokens_per_sec" not in result  # serve.py always caches
+    assert "decode_rows=0" in "\n".join(BenchConfig(decode_rows=0).validate())
+
+
 def test_tokenize_figures_of_a_small_input_are_not_rounded_to_zero(tmp_path):
     (tmp_path / "a.txt").write_text("A few words of text.\n\nAnd a second paragraph.\n")
     result = bench_tokenize(load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp_path}", "--num_proc=1"]))
