@@ -105,3 +105,10 @@ def test_bench_runs_on_the_gpu_and_names_its_attention_kernel():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens_per_sec"] > 0 and result["peak_memory_gb"] > 0
     assert result["attention_kernels"] not in ("", "none matched", "math (CPU)")
+
+
+@pytest.mark.skipif(not BF16, reason="needs a GPU with bf16")
+def test_bf16_weights_batched_rows_are_their_solo_selves_within_bf16_rounding(tiny_config):
+    # serve.py on a GPU holds the weights in bf16: a batched row's logits stay within 0.02 of its solo ones
+    from test_model import check_bf16_batched_rows
+    check_bf16_batched_rows(tiny_config, "cuda")

@@ -109,14 +109,19 @@ def test_in_bf16_a_batched_row_is_its_solo_self_within_bf16_rounding(tiny_config
     instructions, a GPU). There a 1-row and a 3-row matmul round differently, so a batched row's logits
     are not bitwise its solo ones: they agree within 0.02 (a few bf16 steps at this logit scale; seen:
     under 0.004), no further than bf16 itself is from fp32. At temperature 0 a batched answer can then
-    differ from its solo answer where two tokens are that close; fp32 is exact (the test above)."""
+    differ from its solo answer where two tokens are that close; fp32 is exact (the test above).
+    tests/test_cuda.py runs the same check on a GPU."""
+    check_bf16_batched_rows(tiny_config, "cpu")
+
+
+def check_bf16_batched_rows(config, device):
     torch.manual_seed(0)
-    model32 = GPT(tiny_config, verbose=False).eval()
-    model = GPT(tiny_config, verbose=False).eval()
+    model32 = GPT(config, verbose=False).eval().to(device)
+    model = GPT(config, verbose=False).eval()
     model.load_state_dict(model32.state_dict())
-    model.to(torch.bfloat16)
+    model.to(device, torch.bfloat16)
     lengths, new = [5, 17, 11], 6
-    seqs = [torch.randint(0, 50257, (1, n + new)) for n in lengths]
+    seqs = [torch.randint(0, 50257, (1, n + new), device=device) for n in lengths]
     with torch.no_grad():
         full32 = [model32(s)[0][:, -new:] for s in seqs]
         alone = []
