@@ -197,9 +197,9 @@ def bench_train(cfg, rt):
 def bench_decode(cfg, rt):
     """Generation speed of a randomly initialised model: greedy, 64-token prompt, 128 new tokens,
     with the KV cache (one token per forward) and without (the whole sequence every token), for one
-    sequence or decode_rows of them in one batch (with the cache only). A context shorter than 192 gets a prompt of at most
-    half of it and as many new tokens as fit. The ids sampled stop at the data tokenizer's n_vocab,
-    as for a model trained on that data."""
+    sequence, or decode_rows of them in one batch (with the cache only). A context shorter than 192
+    gets a prompt of at most half of it and as many new tokens as fit. The ids sampled stop at the
+    data tokenizer's n_vocab, as for a model trained on that data."""
     vocab_size, n_vocab = bench_vocab(cfg)
     # the weights in the compute dtype, as sample.py and serve.py hold them
     model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device, rt.weights_dtype).eval()

@@ -189,7 +189,7 @@ class GptkitLM(TemplateLM):
         unless the task samples; a sampled answer has its own seed (seed + its index), so it is the
         same whatever else runs beside it (fp32; eval.py scores in fp32 on a CPU)."""
         stop_tokens = (self.tok.eot, self.tok.end) if self.chat else (self.tok.eot,)  # the export's eos ids
-        jobs, stops = [], []
+        jobs = []
         for index, request in enumerate(requests):
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(gen_kwargs, 256)  # the harness's hf model's default of 256 tokens
@@ -205,7 +205,6 @@ class GptkitLM(TemplateLM):
                                 top_p=kwargs.get("top_p") or 1.0)
             jobs.append(Job(ids, max_gen_toks, stop_tokens, stop=until, seed=self.seed + index,
                             hide_tokens=tuple(self._control_ids), **sampling))  # as tok_decode: no control tokens
-            stops.append(until)
         model = _core(self.model)
         was_training = model.training  # the engine puts the model in eval mode; the training loop gets it back as it was
         engine = Engine(model, self.tok, autocast=self.rt.autocast, max_batch=self.batch_size,
@@ -218,8 +217,8 @@ class GptkitLM(TemplateLM):
             bar.close()
             model.train(was_training)
         results = []
-        for request, until, (text,) in zip(requests, stops, answers):
-            text = postprocess_generated_text(text, until, None)
+        for request, job, (text,) in zip(requests, jobs, answers):
+            text = postprocess_generated_text(text, job.stop, None)
             self.cache_hook.add_partial("generate_until", request.args, text)
             results.append(text)
         return results
