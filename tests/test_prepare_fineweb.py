@@ -399,23 +399,34 @@ def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
                              f"--data_dir={tmp_path / 'out'}", "--num_proc=2"],
                             cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    def cpu_seconds(pid):  # utime + stime of a process, in clock ticks
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+    # Any process or thread read below can end between listing it and opening its /proc file:
+    # every read treats a vanished one as "not there", never as an error.
+    def proc_text(path, mode="r"):
+        try:
+            with open(path, mode) as f:
+                return f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+
+    def cpu_seconds(pid):  # utime + stime of a process, in clock ticks (0 once it is gone)
+        stat = proc_text(f"/proc/{pid}/stat")
+        fields = stat.rsplit(")", 1)[1].split() if stat else [0] * 13
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def forked(pid):  # a pool worker: a fork of the prepare, with its command line
+        cmdline = proc_text(f"/proc/{pid}/cmdline", "rb")
+        return cmdline is not None and cmdline == proc_text(f"/proc/{proc.pid}/cmdline", "rb")
+
+    def children(pid):  # the children of every thread of pid: a pool's workers hang off its threads
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{proc.pid}/cmdline", "rb") as g:
-                return f.read() == g.read()
+            tasks = os.listdir(f"/proc/{pid}/task")
         except FileNotFoundError:
-            return False
+            return []
+        return [int(child) for task in tasks for child in (proc_text(f"/proc/{pid}/task/{task}/children") or "").split()]
 
     workers, deadline = set(), time.time() + 60
     while time.time() < deadline and proc.poll() is None:  # until both workers are busy tokenizing
-        for task in os.listdir(f"/proc/{proc.pid}/task"):
-            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
-                workers.update(int(pid) for pid in f.read().split() if forked(int(pid)))
+        workers.update(pid for pid in children(proc.pid) if forked(pid))
         if len(workers) == 2 and all(cpu_seconds(pid) > 0.3 for pid in workers):
             break
         time.sleep(0.05)
@@ -425,11 +436,8 @@ def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
     proc.wait()
 
     def running(pid):  # a dead worker's zombie lingers until it is reaped: that is not running
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
+        stat = proc_text(f"/proc/{pid}/stat")
+        return stat is not None and stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
     while any(running(pid) for pid in workers) and time.time() < killed_at + 20:
         time.sleep(0.02)
