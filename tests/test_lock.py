@@ -115,7 +115,7 @@ def test_two_trains_on_one_out_dir_then_sigterm_exits_143(tmp_path, shards):
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180
         while not os.path.exists(os.path.join(out, "ckpt.pt")) and time.time() < deadline:
             assert first.poll() is None, first.communicate()
             time.sleep(0.1)

@@ -355,7 +355,7 @@ def start_server(ckpt):
                              "--dtype=float32"],  # fp32, as the merged model in this process
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
     while True:
         try:
             health(url)

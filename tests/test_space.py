@@ -123,7 +123,7 @@ def test_the_space_folders_own_command_serves_the_model(space, tmp_path):
     proc = subprocess.Popen(["sh", "-c", command_of(folder)], cwd=folder, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
         while True:
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5) as r:
