@@ -5,6 +5,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_712m.py --micro_batch_size=16 --compile=True
     python bench.py config/fineweb_124m.py --json=True          # one JSON line, for scripts
     python bench.py config/tiny_cpu.py --device=cpu --steps=3   # runs on a CPU too
+    python bench.py config/fineweb_712m.py --lora_rank=16 --optimizer=adamw --micro_batch_size=1   # a LoRA finetune's step
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
     python bench.py config/fineweb_124m.py --mode=decode --decode_rows=8   # 8 sequences in one batch, as serve.py's
@@ -36,11 +37,11 @@ from tqdm import tqdm
 from gptkit.configurator import ConfigError, config_dict, configure
 from gptkit.documents import resolve_num_proc, tokenize_documents
 from gptkit.generate import generate, generate_samples
-from gptkit.loading import model_vocab_size, run_tokenizer, scratch_model
+from gptkit.loading import add_adapters, model_vocab_size, run_tokenizer, scratch_model
 from gptkit.losses import grad_accum_steps
 from gptkit.optim import configure_optimizers, train_step
 from gptkit.system import device_peak_flops, print0, run_main, setup_runtime
-from gptkit.train_config import TrainConfig
+from gptkit.train_config import LoRAConfig, TrainConfig
 from gptkit.tokenizer import load_tokenizer
 from model import CausalSelfAttention
 
@@ -58,7 +59,7 @@ def mfu(flops_per_token, tokens_per_sec, peak_flops):
 
 
 @dataclass
-class BenchConfig(TrainConfig):
+class BenchConfig(LoRAConfig, TrainConfig):
     # the benchmark (the model and batch settings above apply too)
     steps: int = 10           # timed repeats, the median is reported: optimizer steps (train), whole generations (decode)
     warmup: int = 3           # untimed steps first (torch.compile, autotuning)
@@ -79,6 +80,10 @@ class BenchConfig(TrainConfig):
             problems.append(f"steps={self.steps}: the median needs at least 1 timed step (10 is usual)")
         if self.warmup < 0:
             problems.append(f"warmup={self.warmup}: use 0 or more untimed steps (3 is usual)")
+        if self.mode == "train":
+            problems += self.lora_problems()  # --lora_rank=16: a LoRA finetune's step (adapters train, the base frozen)
+        elif self.lora_rank:
+            problems.append(f"lora_rank={self.lora_rank} is for mode=train (a LoRA finetune's speed and memory)")
         if self.decode_rows < 1:
             problems.append(f"decode_rows={self.decode_rows}: use 1 or more")
         if self.mode == "decode" and self.block_size < 2:
@@ -138,6 +143,8 @@ def bench_train(cfg, rt):
     vocab_size, n_vocab = bench_vocab(cfg)
     model = scratch_model(cfg, vocab_size, verbose=not cfg.json).to(rt.device)  # random weights: speed does not depend on them
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.lora_rank:
+        add_adapters(model, cfg, rt, source="scratch")
     CausalSelfAttention.pad_heads = cfg.pad_heads
     kernels = attention_kernels(model, rt, cfg)
     optimizers = configure_optimizers(model, cfg, rt.device_type)
@@ -187,6 +194,8 @@ def bench_train(cfg, rt):
         "pad_heads": cfg.pad_heads,
         "coordinate_descent_tuning": cfg.coordinate_descent_tuning,
         "activation_checkpointing": cfg.activation_checkpointing,
+        "lora_rank": cfg.lora_rank,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "micro_batch_size": cfg.micro_batch_size,
         "grad_accum": grad_accum,
         "block_size": cfg.block_size,

@@ -6,6 +6,7 @@ Load test of a running serve.py: time to first token, tokens/s and requests/s wi
     python bench_serve.py                                       # http://127.0.0.1:8000, 1 to 16 clients
     python bench_serve.py --clients=1,8 --max_tokens=32 --requests=2 --url=http://127.0.0.1:8080
     python bench_serve.py --arrivals=steady --requests=4     # clients out of step, as in a chat service
+    python bench_serve.py --clients=1,8,16 --json=True       # one JSON line per number of clients, for scripts
 
 Each client sends a first request, then `requests` timed ones, one after the other, streamed (a
 short question, temperature 0.8). Two ways to arrive:
@@ -21,6 +22,7 @@ answer tokens (from the server's usage counts) per second of wall time, all clie
 requests per second. To compare with one answer at a time, run the server with --max_batch=1.
 """
 
+import json
 import math
 import random
 import statistics
@@ -41,6 +43,7 @@ class BenchServeConfig(BaseConfig):
     max_tokens: int = 64                # answer length asked for (steady: the mean)
     arrivals: str = "together"          # together: all clients' requests start at once; steady: answers of varied lengths, clients out of step
     prompt: str = "Tell me about rivers."
+    json: bool = False                  # one JSON line per number of clients instead of the table, for scripts
 
     def validate(self):
         problems = super().validate()
@@ -117,15 +120,23 @@ def main(cfg):
     except openai.AuthenticationError as e:
         raise UserError(f"the server at {cfg.url} wants an API key: give the one it was started with, --api_key=KEY") from e
     lengths = f"{cfg.max_tokens}" if cfg.arrivals == "together" else f"{cfg.max_tokens // 2} to {cfg.max_tokens * 3 // 2}"
-    print(f"{card.id}: {card.parameters:,} parameters; {lengths} tokens per answer, {cfg.requests} timed requests "
-          f"per client, arriving {cfg.arrivals}")
+    if not cfg.json:
+        print(f"{card.id}: {card.parameters:,} parameters; {lengths} tokens per answer, {cfg.requests} timed "
+              f"requests per client, arriving {cfg.arrivals}")
     one_request(client, cfg, cfg.max_tokens)  # the server's first answer (allocations) is never counted
-    print("| clients | time to first token p50 | p95 | tokens/s (all clients) | requests/s |")
-    print("|---|---|---|---|---|")
+    if not cfg.json:
+        print("| clients | time to first token p50 | p95 | tokens/s (all clients) | requests/s |")
+        print("|---|---|---|---|---|")
     for clients in (int(part) for part in cfg.clients.split(",")):
         ttft, p95, tokens_per_sec, requests_per_sec = run(client, cfg, clients)
-        print(f"| {clients} | {ttft * 1000:,.0f} ms | {p95 * 1000:,.0f} ms | {tokens_per_sec:.1f} | {requests_per_sec:.2f} |",
-              flush=True)
+        if cfg.json:
+            print(json.dumps({"clients": clients, "ttft_p50_ms": round(ttft * 1000, 1), "ttft_p95_ms": round(p95 * 1000, 1),
+                              "tokens_per_sec": round(tokens_per_sec, 1), "requests_per_sec": round(requests_per_sec, 3),
+                              "max_tokens": cfg.max_tokens, "requests": cfg.requests, "arrivals": cfg.arrivals,
+                              "model": card.id, "params": card.parameters}), flush=True)
+        else:
+            print(f"| {clients} | {ttft * 1000:,.0f} ms | {p95 * 1000:,.0f} ms | {tokens_per_sec:.1f} | "
+                  f"{requests_per_sec:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -148,27 +148,10 @@ class TrainConfig(BaseConfig):
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
-    data_dir: str = "data/dolly"          # made by prepare_instruct.py
-    out_dir: str = "out/dolly"
-    init_from: str = "out/fineweb_124m"   # the pretrained run (or resume, a .pt file, a Hugging Face GPT-2 folder)
-    dropout: float = 0.1                  # raised from pretraining's 0: a small dataset is easy to memorise
-    total_batch_tokens: int = 32768       # 32 rows of 1024: many small steps, the data is small
-    micro_batch_size: int = 16
-    max_steps: int = 350                  # ~3 epochs of Dolly-15k (printed at the start: adjust to your data)
-    learning_rate: float = 6e-5           # ~10x below pretraining: adapt the model, do not overwrite it
-    min_lr: float = 6e-6
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    eval_interval: int = 50
-    eval_tokens: int = 262144             # val conversations scored at each eval (all of them when fewer)
-    ckpt_interval: int = 100
-    data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
-    # the system prompt chats with the model start with: kept in the checkpoint, sample.py's default
-    system: str = "auto"                  # auto: the one prepare_instruct.py gave the data ("" for none)
-    # answers to the first val questions, printed before and after finetuning
-    questions: int = 4                    # how many val questions are asked
-    answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
+class LoRAConfig:
+    """The LoRA keys, shared by the scripts that train adapters (finetune.py, dpo.py) and bench.py,
+    which measures their speed and memory. A mixin: its checks read TrainConfig's dtype and optimizer,
+    so it is listed before TrainConfig among a config's bases (--help then shows it after TrainConfig's keys)."""
     # LoRA (gptkit/lora.py): train low-rank adapters of the block matrices, the base frozen (a 712M on a 12 GB card)
     lora_rank: int = 0                    # rank r of each adapter; 0: full finetuning (every weight trains); 16 is usual
     lora_alpha: float = 32.0              # adapters' output is scaled by alpha / r (peft's convention): 2r is usual
@@ -202,6 +185,30 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"optimizer={self.optimizer} with LoRA: the adapters train with adamw (Muon is for "
                             "full matrices); use --optimizer=adamw, or lora_rank=0")
         return problems
+
+
+@dataclass
+class FinetuneConfig(LoRAConfig, TrainConfig):
+    data_dir: str = "data/dolly"          # made by prepare_instruct.py
+    out_dir: str = "out/dolly"
+    init_from: str = "out/fineweb_124m"   # the pretrained run (or resume, a .pt file, a Hugging Face GPT-2 folder)
+    dropout: float = 0.1                  # raised from pretraining's 0: a small dataset is easy to memorise
+    total_batch_tokens: int = 32768       # 32 rows of 1024: many small steps, the data is small
+    micro_batch_size: int = 16
+    max_steps: int = 350                  # ~3 epochs of Dolly-15k (printed at the start: adjust to your data)
+    learning_rate: float = 6e-5           # ~10x below pretraining: adapt the model, do not overwrite it
+    min_lr: float = 6e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_tokens: int = 262144             # val conversations scored at each eval (all of them when fewer)
+    ckpt_interval: int = 100
+    data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
+    # the system prompt chats with the model start with: kept in the checkpoint, sample.py's default
+    system: str = "auto"                  # auto: the one prepare_instruct.py gave the data ("" for none)
+    # answers to the first val questions, printed before and after finetuning
+    questions: int = 4                    # how many val questions are asked
+    answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
 
     def validate(self):
         problems = super().validate()

@@ -28,6 +28,20 @@ def shared_data(*parts):
     return path
 
 
+def shakespeare_shards(path, chars):
+    """Train/val shards (val: the last tenth) of the first `chars` characters of tiny Shakespeare,
+    written directly, GPT-2's tokens (no prepare run) -> path as a str."""
+    import numpy as np
+    from gptkit.data import write_shard
+    from gptkit.tokenizer import EOT, load_tokenizer
+    with open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        ids = np.array([EOT] + load_tokenizer("gpt2").encode(f.read()[:chars]), dtype=np.uint16)
+    cut = len(ids) * 9 // 10
+    write_shard(str(path / "train_000000.bin"), ids[:cut])
+    write_shard(str(path / "val_000000.bin"), ids[cut:])
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(folder, Tokenizer) of a byte-level BPE of 512 ids that train_tokenizer.py trained on a book."""

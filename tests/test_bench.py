@@ -64,6 +64,10 @@ def test_settings_that_cannot_run_are_refused(tmp_path):
         load_config(BenchConfig, TINY + ["--attention=cudnn"])
     with pytest.raises(ConfigError, match="block_size=1"):
         load_config(BenchConfig, TINY + ["--mode=decode", "--block_size=1"])
+    with pytest.raises(ConfigError, match="use --optimizer=adamw"):  # a LoRA step: adapters train with AdamW
+        load_config(BenchConfig, TINY + ["--lora_rank=4", "--optimizer=muon"])
+    with pytest.raises(ConfigError, match="lora_rank=4 is for mode=train"):
+        load_config(BenchConfig, TINY + ["--lora_rank=4", "--mode=decode"])
     (tmp_path / "notes.md").write_text("not a .txt")
     with pytest.raises(ConfigError, match="no .txt or .zip files found"):
         load_config(BenchConfig, ["--mode=tokenize", f"--text={tmp_path}"])

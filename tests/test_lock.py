@@ -11,17 +11,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from conftest import ROOT, shared_data
+from conftest import ROOT, shakespeare_shards, shared_data
 from gptkit.checkpoint import save_checkpoint
 from gptkit.configurator import load_config
-from gptkit.data import write_shard
 from gptkit.loading import load_model
 from gptkit.lock import LOCK_NAME, FolderBusyError, hold_folder, release_folder
 from gptkit.system import run_main
-from gptkit.tokenizer import EOT, load_tokenizer
 from model import GPT, GPTConfig
 import prepare_instruct
 
@@ -72,13 +69,7 @@ def assert_refused(result, holder_pid, folder):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Train/val shards of tiny Shakespeare, written directly (no prepare run)."""
-    with open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        ids = np.array([EOT] + load_tokenizer("gpt2").encode(f.read()[:60_000]), dtype=np.uint16)
-    path = tmp_path_factory.mktemp("shards")
-    cut = len(ids) * 9 // 10
-    write_shard(str(path / "train_000000.bin"), ids[:cut])
-    write_shard(str(path / "val_000000.bin"), ids[cut:])
-    return str(path)
+    return shakespeare_shards(tmp_path_factory.mktemp("shards"), 60_000)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, shared_data
+from conftest import ROOT, shakespeare_shards, shared_data
 from gptkit.tokenizer import load_tokenizer
 
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64", "--micro_batch_size=4",
@@ -23,16 +23,7 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_siz
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Train/val shards of tiny Shakespeare (the first ~55k tokens; val is the last tenth)."""
-    from gptkit.data import write_shard
-    from gptkit.tokenizer import EOT, load_tokenizer
-    with open(shared_data("pretrain", "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
-        text = f.read()[:200_000]
-    ids = np.array([EOT] + load_tokenizer("gpt2").encode(text), dtype=np.uint16)
-    cut = len(ids) * 9 // 10
-    path = tmp_path_factory.mktemp("shards")
-    write_shard(str(path / "train_000000.bin"), ids[:cut])
-    write_shard(str(path / "val_000000.bin"), ids[cut:])
-    return str(path)
+    return shakespeare_shards(tmp_path_factory.mktemp("shards"), 200_000)
 
 
 def env():
