@@ -9,6 +9,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
     python bench.py config/fineweb_124m.py --mode=decode --decode_rows=8   # 8 sequences in one batch, as serve.py's
+    python bench.py config/fineweb_124m.py --mode=decode --quantize=int8   # weight-only int8, as --quantize=int8 decodes
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=4   # prepare_fineweb's tokenizer
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=1 --tokenizer=tokenizers/mytext
 
@@ -40,6 +41,7 @@ from gptkit.generate import generate, generate_samples
 from gptkit.loading import add_adapters, model_vocab_size, run_tokenizer, scratch_model
 from gptkit.losses import grad_accum_steps
 from gptkit.optim import configure_optimizers, train_step
+from gptkit.quantize import quantize_model, quantize_problems
 from gptkit.system import device_peak_flops, print0, run_main, setup_runtime
 from gptkit.train_config import LoRAConfig, TrainConfig
 from gptkit.tokenizer import load_tokenizer
@@ -71,6 +73,7 @@ class BenchConfig(LoRAConfig, TrainConfig):
     json: bool = False        # print one JSON line instead of a table, with every setting under "config"
     coordinate_descent_tuning: bool = False  # inductor tunes its generated kernels' launch parameters (slower compile)
     decode_rows: int = 1      # decode: sequences decoded together, as serve.py's batch rows (tokens/s counts them all)
+    quantize: str = "none"    # decode: int8 holds the matmul weights in int8, as sample.py / serve.py --quantize=int8
 
     def validate(self):
         problems = super().validate()
@@ -84,6 +87,9 @@ class BenchConfig(LoRAConfig, TrainConfig):
             problems += self.lora_problems()  # --lora_rank=16: a LoRA finetune's step (adapters train, the base frozen)
         elif self.lora_rank:
             problems.append(f"lora_rank={self.lora_rank} is for mode=train (a LoRA finetune's speed and memory)")
+        problems += quantize_problems(self.quantize)
+        if self.quantize != "none" and self.mode != "decode":
+            problems.append(f"quantize={self.quantize} is for mode=decode (the generation scripts' int8 weights)")
         if self.decode_rows < 1:
             problems.append(f"decode_rows={self.decode_rows}: use 1 or more")
         if self.mode == "decode" and self.block_size < 2:
@@ -211,12 +217,14 @@ def bench_decode(cfg, rt):
     data tokenizer's n_vocab, as for a model trained on that data."""
     vocab_size, n_vocab = bench_vocab(cfg)
     # the weights in the compute dtype, as sample.py and serve.py hold them
-    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json).to(rt.device, rt.weights_dtype).eval()
+    model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json)
+    model = quantize_model(model, cfg.quantize).to(rt.device, rt.weights_dtype).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
     prompt = torch.randint(0, n_vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
     result = {"mode": "decode", "device": torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda"
-              else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "params": model.num_params(),
+              else rt.device_type, "torch": torch.__version__, "dtype": rt.dtype, "quantize": cfg.quantize,
+              "params": model.num_params(),
               "prompt_tokens": len(prompt), "new_tokens": new_tokens, "rows": cfg.decode_rows, "n_vocab": n_vocab}
     # several rows: with the cache only, as serve.py decodes (without it a batch recomputes every row's whole sequence)
     cache_modes = (True, False) if cfg.decode_rows == 1 else (True,)

@@ -32,7 +32,9 @@ from gptkit.files import atomic_write
 from gptkit.harness import centered_accuracy, run_harness, save_task_data, summarize
 from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.plot import EVAL_RESULTS_FILE
+from gptkit.quantize import precision_line, quantize_problems
 from gptkit.system import print0, run_main, setup_runtime
+
 
 @dataclass
 class EvalHarnessConfig(BaseConfig):
@@ -47,9 +49,10 @@ class EvalHarnessConfig(BaseConfig):
     chat: str = "auto"       # auto: a chat model in its chat format, a base model on plain text; True or False to choose
     out: str = ""            # results JSON; empty: eval_results.json in the run directory
     log_samples: bool = False  # also write every item (prompt, answers, score) to <out>.samples.json
+    quantize: str = "none"   # int8: score the weight-only int8 model that sample.py / serve.py --quantize=int8 run
 
     def validate(self):
-        problems = super().validate()
+        problems = super().validate() + quantize_problems(self.quantize)
         if not self.download_to:
             problems += ckpt_arg_problems(self.ckpt)
         if not [name for name in self.tasks.split(",") if name.strip()]:
@@ -89,10 +92,11 @@ def main():
             print0(f"wrote {path}")
         print0(f"copy {cfg.download_to} over and give --data_dir={cfg.download_to}")
         return
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
+    print0(f"device: {rt.device}; {precision_line(rt, cfg.quantize)}")
     if rt.ddp:
         raise UserError("eval.py runs in one process (one GPU or the CPU): run it with python, not torchrun")
-    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device)
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, quantize=cfg.quantize)
     kind = meta.get("kind", "base")
     chat = kind == "chat" if cfg.chat == "auto" else cfg.chat == "True"
     step = f", step {meta['step']}" if "step" in meta else ""  # a Hugging Face model has no step

@@ -298,6 +298,8 @@ class GPT(nn.Module):
         """Parameter count; tied weights counted once. non_embedding leaves out the position
         embeddings (the token embedding stays: it is also the output layer and does real work)."""
         n = sum(p.numel() for p in self.parameters())
+        # int8 matrices (gptkit/quantize.py) are buffers; the head's is a copy of wte, counted already
+        n += sum(m.qweight.numel() for m in self.modules() if hasattr(m, "qweight") and m is not self.lm_head)
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -371,5 +373,5 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def new_kv_cache(self, batch_size, max_len=None, dtype=None):
-        p = self.lm_head.weight
+        p = self.transformer.wte.weight  # a parameter in every model (lm_head may hold int8, gptkit/quantize.py)
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)

@@ -40,6 +40,7 @@ from gptkit.chat import chat_prompt_ids, complete_prompt_ids, resolve_system, st
 from gptkit.configurator import BaseConfig, UserError, configure
 from gptkit.generate import check_sampling_args, generate, generate_samples, make_generator
 from gptkit.loading import ckpt_arg_problems, load_model
+from gptkit.quantize import precision_line, quantize_problems
 from gptkit.system import run_main, setup_runtime
 from gptkit.tokenizer import StreamDecoder
 
@@ -58,6 +59,7 @@ class SampleConfig(BaseConfig):
     top_p: float = 0.95             # ... and among the most likely ones holding this much probability; 1: all
     repetition_penalty: float = 1.0 # > 1 discourages tokens already in the text (small models loop); 1: off
     num_samples: int = 1            # independent answers to each prompt
+    quantize: str = "none"          # int8: weight-only int8 matmuls, a quarter of fp32's bytes per token (faster on a CPU)
 
     def validate(self):
         problems = super().validate()
@@ -68,7 +70,7 @@ class SampleConfig(BaseConfig):
             problems.append(f"max_new_tokens={self.max_new_tokens}: use 1 or more")
         if self.num_samples < 1:
             problems.append(f"num_samples={self.num_samples}: use 1 or more")
-        return problems + check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        return problems + quantize_problems(self.quantize) + check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
 
 def info(*args):
@@ -209,8 +211,9 @@ def main(cfg):
         # for the others rather than ending the chat with UnicodeEncodeError at the first emoji
         sys.stdout.reconfigure(errors="replace")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
-    info(f"device: {rt.device}; dtype: {rt.dtype} ({rt.dtype_reason}); torch {torch.__version__}")
-    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.weights_dtype, verbose=False)  # the model's own tokenizer
+    info(f"device: {rt.device}; {precision_line(rt, cfg.quantize)}; torch {torch.__version__}")
+    model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.weights_dtype, verbose=False,
+                                        quantize=cfg.quantize)  # the model's own tokenizer
     kind = meta.get("kind", "base")
     mode = resolve_mode(cfg.mode, kind)
     info(f"loaded {cfg.ckpt}: {kind} model, {model.num_params():,} parameters, context {model.config.block_size}; "

@@ -27,6 +27,7 @@ from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
 from gptkit.lock import hold_folder
 from gptkit.lora import (LoRASettings, apply_lora, base_fingerprint, count_parameters, load_trainable_state,
                          merge_adapters, settings_of)
+from gptkit.quantize import quantize_model
 from gptkit.system import print0
 from gptkit.tokenizer import check_same_tokenizer, checkpoint_tokenizer, data_tokenizer, load_tokenizer
 
@@ -141,7 +142,7 @@ def _load(spec, source, verbose, merge_lora=True, **overrides):
     return model, tok, meta
 
 
-def load_model(path, device="cpu", dtype=None, verbose=True, merge_lora=True, **overrides):
+def load_model(path, device="cpu", dtype=None, verbose=True, merge_lora=True, quantize="none", **overrides):
     """-> (model in eval mode on device, its tokenizer, meta), for sample, serve, eval, export and bench.
     path: a run directory or checkpoint file, or a Hugging Face GPT-2 folder or hub name (gpt2,
     gpt2-xl, ...: to compare with OpenAI's models, or use an export). A LoRA run loads like any other:
@@ -150,11 +151,13 @@ def load_model(path, device="cpu", dtype=None, verbose=True, merge_lora=True, **
     keeps them apart (export_hf.py's adapter folder; gptkit/lora.py). dtype: the weights' (None: as
     stored); sample.py and serve.py hold them in bf16 when they compute in bf16 (Runtime.weights_dtype),
     since decoding reads every weight for each token: bf16 weights are read in half the time, and
-    autocast need not cast them at every call."""
+    autocast need not cast them at every call. quantize="int8": the matmul weights in int8 (a quarter
+    of fp32's bytes; gptkit/quantize.py), rounded from the weights as stored, before dtype applies."""
     source = model_source(path)
     if source not in ("checkpoint", "hf"):
         resolve_path(path)  # raises the message that says what to give
     model, tok, meta = _load(path, source, verbose, merge_lora=merge_lora, **overrides)
+    quantize_model(model, quantize)
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tok, meta

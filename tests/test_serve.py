@@ -45,6 +45,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_serve(ckpt, *flags):
+    """serve.py on ckpt on a free port, once it answers /health -> (Popen, url)."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny matmuls: one thread is faster on a shared machine
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu",
+                             f"--api_key={KEY}", "--name=tiny", *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180  # a guard against a hang: startup on a loaded machine may take long
+    while True:
+        try:
+            health(url)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"serve.py did not start: {proc.communicate()}")
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A chat checkpoint of a tiny model, served on a free port: .model, .url, .proc (the Popen), .ckpt, .port"""
@@ -52,24 +72,9 @@ def server(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("chat"))
     save_checkpoint(ckpt, {"model": model.state_dict(), "model_config": model.config.to_dict(),
                            "config": {}, "kind": "chat", "step": 0})
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny matmuls: one thread is faster on a shared machine
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--ckpt={ckpt}", f"--port={port}", "--device=cpu",
-                             f"--api_key={KEY}", "--name=tiny", "--max_tokens_limit=2000",
-                             "--max_batch=8", "--max_queue=16", "--dtype=float32"],  # fp32: batched answers equal solo ones exactly
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180  # a guard against a hang: startup on a loaded machine may take long
-    while True:
-        try:
-            health(url)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"serve.py did not start: {proc.communicate()}")
-            time.sleep(0.2)
-    yield SimpleNamespace(model=model, url=url, proc=proc, ckpt=ckpt, port=port)
+    proc, url = start_serve(ckpt, "--max_tokens_limit=2000", "--max_batch=8", "--max_queue=16",
+                            "--dtype=float32")  # fp32: batched answers equal solo ones exactly
+    yield SimpleNamespace(model=model, url=url, proc=proc, ckpt=ckpt, port=int(url.rsplit(":", 1)[1]))
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
