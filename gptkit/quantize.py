@@ -13,8 +13,9 @@ reads one row, not the matrix. The head's weight is tied to the token embedding'
 is made beside it.
 
 The matmul: PyTorch's own int8 weight-only kernel (torch.ops.aten._weight_int8pack_mm: int8 weights
-times bf16/fp16/fp32 activations, the per-channel scale applied on the output) where the device has it
-(CPUs, Apple GPUs); elsewhere (CUDA) the weights are widened to the activations' dtype at each call,
+times bf16/fp16/fp32 activations, the per-channel scale applied on the output) where the device has it;
+on a CPU its activations go in as bf16 (its fast path; the sum is fp32's, the output the model's
+dtype). Where the kernel is missing the weights are widened to the activations' dtype at each call,
 which saves memory, not time. docs/benchmarks.md has the figures and the quality cost.
 """
 
@@ -53,7 +54,14 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         if int8_kernel(x2.device):
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
+            # on a CPU the kernel is fast with bf16 activations only (fp32 ones take a slow path: 124M
+            # decodes at half fp32's speed with them, 3x with bf16; docs/benchmarks.md)
+            # The kernel's scales and output are in the activations' dtype: the scales go in as ones
+            # and are applied after, in the model's dtype, so a bf16 kernel rounds the sum once only.
+            act = torch.bfloat16 if x2.device.type == "cpu" else x2.dtype
+            ones = torch.ones(self.out_features, dtype=act, device=x2.device)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(act).contiguous(), self.qweight, ones)
+            y = y.to(x.dtype) * self.scales.to(x.dtype)
         else:  # no int8 kernel on this device: widen the weights (less memory, not faster)
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:

@@ -20,6 +20,8 @@ import torch
 import eval as eval_script
 import eval_hellaswag
 from conftest import ROOT, shared_data
+from test_generate import one_thread  # noqa: F401 (autouse: tiny models train and decode on one thread; two
+                                      # threads under a loaded 2-core machine took the 5-minute limit once)
 from gptkit.chat import chat_prompt_ids, resolve_system, stop_tokens_of
 from gptkit.checkpoint import CheckpointError, save_checkpoint
 from gptkit.configurator import ConfigError, load_config
