@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from conftest import ROOT, shakespeare_shards
-import bench
 import gpu_check
 from gptkit.configurator import load_config
 
@@ -31,7 +30,7 @@ def test_dry_run_takes_every_step_through_the_scripts(tmp_path):
     got = results(out)
     steps = got["steps"]
     assert list(steps) == list(gpu_check.STEPS) and got["dry_run"] and got["device"] == "cpu"
-    for name in ("train_124m", "train_712m", "recipe", "serve", "lora_memory"):
+    for name in ("train_124m", "train_712m", "recipe", "serve", "lora_memory", "int8_decode"):
         assert steps[name]["status"] == "ok", (name, steps[name])
     # the two micro-batches of each speed step, measured
     for name in ("train_124m", "train_712m", "lora_memory"):
@@ -47,14 +46,11 @@ def test_dry_run_takes_every_step_through_the_scripts(tmp_path):
     assert recipes[0]["final_val_loss"] != recipes[1]["final_val_loss"]  # two recipes, not one run twice
     serve = steps["serve"]
     assert [r["clients"] for r in serve["results"]] == [1, 2] and all(r["tokens_per_sec"] > 0 for r in serve["results"])
-    # int8 decode: measured once bench.py has --quantize, else named as unavailable
     int8 = steps["int8_decode"]
-    if "quantize" in bench.BenchConfig.__dataclass_fields__:
-        assert int8["status"] == "ok" and [r["quantize"] for r in int8["results"]] == ["none", "int8"]
-    else:
-        assert int8["status"] == "unavailable" and "--quantize" in int8["reason"]
+    assert int8["status"] == "ok" and [r["quantize"] for r in int8["results"]] == ["none", "int8"]
+    assert all(r["kv_cache_tokens_per_sec"] > 0 for r in int8["results"])
     log = (out / "log.txt").read_text()
-    assert log.count("$ bench.py config") == 6 + 2 * (int8["status"] == "ok") and log.count("$ train.py") == 2 and "$ bench_serve.py" in log
+    assert log.count("$ bench.py config") == 8 and log.count("$ train.py") == 2 and "$ bench_serve.py" in log
 
 
 def test_a_spent_budget_and_missing_packages_skip_steps_with_the_reason(tmp_path, monkeypatch, capsys):
