@@ -107,5 +107,6 @@ def precision_line(rt, quantize):
     if quantize == "int8":
         why = "weight-only int8, a scale per channel: a quarter of fp32's bytes to read per token"
     else:
-        why = "as loaded" + ("; --quantize=int8 reads a quarter of the bytes per token" if rt.device_type == "cpu" else "")
+        why = "every matmul in the dtype" + ("; --quantize=int8 reads a quarter of fp32's bytes per token"
+                                             if rt.device_type == "cpu" else "")
     return f"dtype {rt.dtype} ({rt.dtype_reason}); weights {quantize if quantize != 'none' else rt.dtype} ({why})"

@@ -301,7 +301,7 @@ def test_bf16_holds_the_weights_in_bf16(ckpts):
     model, chat_dir, _ = ckpts
     result = run_sample([f"--ckpt={chat_dir}", "--prompt=Name a river.", *FLAGS, "--dtype=bfloat16"])
     assert result.returncode == 0, result.stderr
-    assert "dtype: bfloat16" in result.stderr
+    assert "dtype bfloat16 (as configured); weights bfloat16" in result.stderr
     bf16 = lively_model().to(torch.bfloat16).eval()
     bf16.load_state_dict(model.state_dict())  # the same weights, rounded to bf16
     assert result.stdout == chat_answer(bf16, [{"role": "user", "content": "Name a river."}]) + "\n"
