@@ -93,7 +93,7 @@ def main():
         print0(f"copy {cfg.download_to} over and give --data_dir={cfg.download_to}")
         return
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False)
-    print0(f"device: {rt.device}; {precision_line(rt, cfg.quantize)}")
+    print0(f"device: {rt.device}; {precision_line(rt, cfg.quantize, weights='float32')}")  # fp32 under autocast
     if rt.ddp:
         raise UserError("eval.py runs in one process (one GPU or the CPU): run it with python, not torchrun")
     model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, quantize=cfg.quantize)

@@ -54,10 +54,9 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         if int8_kernel(x2.device):
-            # on a CPU the kernel is fast with bf16 activations only (fp32 ones take a slow path: 124M
-            # decodes at half fp32's speed with them, 3x with bf16; docs/benchmarks.md)
-            # The kernel's scales and output are in the activations' dtype: the scales go in as ones
-            # and are applied after, in the model's dtype, so a bf16 kernel rounds the sum once only.
+            # On a CPU the kernel is fast with bf16 activations only (fp32 ones take a slow path;
+            # docs/benchmarks.md). Its scales and output are in the activations' dtype: the scales go
+            # in as ones and are applied after, in the model's dtype, so a bf16 sum is rounded once.
             act = torch.bfloat16 if x2.device.type == "cpu" else x2.dtype
             ones = torch.ones(self.out_features, dtype=act, device=x2.device)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(act).contiguous(), self.qweight, ones)
@@ -93,8 +92,8 @@ def quantize_model(model, quantize):
     "int8"); "none" leaves it as it is. -> model. For inference only: nothing here trains."""
     if quantize == "none":
         return model
-    for problem in quantize_problems(quantize):
-        raise ValueError(problem)
+    if quantize_problems(quantize):
+        raise ValueError(quantize_problems(quantize)[0])
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
@@ -102,11 +101,12 @@ def quantize_model(model, quantize):
     return model
 
 
-def precision_line(rt, quantize):
-    """'dtype bfloat16 (why); weights int8 (why)': what the generation scripts print at the start."""
+def precision_line(rt, quantize, weights=None):
+    """'dtype bfloat16 (why); weights int8 (why)': what the generation scripts print at the start.
+    weights: the dtype the other weights are held in (None: rt.weights_dtype, as sample.py and serve.py)."""
+    held = str(weights or rt.weights_dtype).removeprefix("torch.")
     if quantize == "int8":
-        why = "weight-only int8, a scale per channel: a quarter of fp32's bytes to read per token"
-    else:
-        why = "every matmul in the dtype" + ("; --quantize=int8 reads a quarter of fp32's bytes per token"
-                                             if rt.device_type == "cpu" else "")
-    return f"dtype {rt.dtype} ({rt.dtype_reason}); weights {quantize if quantize != 'none' else rt.dtype} ({why})"
+        return (f"dtype {rt.dtype} ({rt.dtype_reason}); weights int8 (weight-only int8, a scale per channel: "
+                f"a quarter of fp32's bytes to read per token; embeddings and norms {held})")
+    hint = "; --quantize=int8 reads a quarter of fp32's bytes per token" if rt.device_type == "cpu" else ""
+    return f"dtype {rt.dtype} ({rt.dtype_reason}); weights {held} (as held for this dtype{hint})"
