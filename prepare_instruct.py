@@ -34,15 +34,15 @@ the run with the file and record index (and line, in a .jsonl file) (on_bad_reco
 """
 
 import collections
-import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 
-from gptkit.configurator import BaseConfig, UserError, configure, print_config
+from gptkit.configurator import BaseConfig, configure, print_config
 from gptkit.lock import hold_folder, release_folder
+from gptkit.records import BadRecord, InstructDataError, read_records, stable_fraction
 from gptkit.sft import write_sft
 from gptkit.system import print0, run_main
 from gptkit.tokenizer import load_tokenizer, tokenizer_problems
@@ -86,14 +86,6 @@ class InstructConfig(BaseConfig):
         return problems
 
 
-class InstructDataError(UserError, ValueError):
-    """An unreadable source, or a bad record when on_bad_record=error; the message names the file and record."""
-
-
-class BadRecord(Exception):
-    """One record that cannot become a training example; the message is the reason, counted by it."""
-
-
 def parse_source(spec):
     """'name' or 'name*weight' -> (name, weight)."""
     name, star, weight = spec.rpartition("*")
@@ -113,48 +105,6 @@ def parse_source(spec):
 
 
 # ----------------------------------------------------------------------------- reading
-
-def read_local_records(path):
-    """Yield (index, record or BadRecord) from a local .json or .jsonl file. Bytes that are not UTF-8
-    are kept as lone surrogates while parsing, so the one record holding them can be told apart."""
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="surrogateescape")
-    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-    stripped = text.lstrip(" \t\r\n")
-    if path.endswith(".json") and stripped.startswith(("[", "{")):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            if not (stripped.startswith("{") and e.msg == "Extra data"):
-                raise BadRecord(f"not valid JSON ({e.msg} at line {e.lineno})")
-            data = None  # several objects: one record per line after all
-        if data is not None:
-            if not isinstance(data, list):
-                raise BadRecord("the file holds a JSON object, not a list of records: write [record, record, ...] "
-                                "or one record per line")
-            yield from enumerate(data)
-            return
-    # lines end at "\n" only: splitlines() would also cut at U+2028, U+0085, ..., which JSON strings may hold raw
-    for index, line in enumerate(text.split("\n")):
-        if not line.strip():
-            continue
-        try:
-            yield index, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield index, BadRecord(f"line {index + 1} is not valid JSON ({e.msg})")
-
-
-HUB_SPLITS = {"HuggingFaceH4/ultrafeedback_binarized": "train_prefs"}  # hub datasets without a "train" split
-
-
-def read_hub_records(name):
-    import datasets  # heavy and optional: only a hub source needs it, local files prepare without it
-    try:
-        return enumerate(datasets.load_dataset(name, split=HUB_SPLITS.get(name, "train")))
-    except Exception as e:
-        raise InstructDataError(f"source {name!r} is no local file, and loading it from the Hugging Face hub failed "
-                                f"({type(e).__name__}: {e}); check the name or the path") from e
-
 
 SCHEMAS = {  # schema -> (required fields, optional fields)
     "preference": (("chosen", "rejected"), ("prompt",)),
@@ -320,12 +270,6 @@ def render_pair(tokenizer, prompt, chosen, rejected, block_size, overlong):
     return [(head + a, [0] * len(head) + [1] * len(a)) for a in answers], note
 
 
-def stable_fraction(*parts):
-    """A number in [0, 1) from the text: the same on every machine and Python version."""
-    digest = hashlib.sha1("\x00".join(parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 # ----------------------------------------------------------------------------- the pipeline
 
 def make_example(record, schema, cfg, tokenizer, stats):
@@ -357,12 +301,8 @@ def make_example(record, schema, cfg, tokenizer, stats):
 
 
 def read_source(name):
-    """A source's records and schema. A file that cannot be read as a whole stops the run: skipped,
-    a source would silently vanish."""
-    try:
-        records = list(read_local_records(name) if os.path.exists(name) else read_hub_records(name))
-    except BadRecord as e:
-        raise InstructDataError(f"{name}: {e}") from None
+    """A source's records and schema."""
+    records = read_records(name)
     return records, detect_schema(records, name)
 
 

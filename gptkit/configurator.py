@@ -39,6 +39,8 @@ SCRIPT_CONFIGS = [
     ("gptkit/train_config.py", "TrainConfig"),
     ("gptkit/train_config.py", "FinetuneConfig"),
     ("gptkit/train_config.py", "DPOConfig"),
+    ("gptkit/train_config.py", "RLConfig"),
+    ("prepare_toy_task.py", "ToyTaskConfig"),
     ("sample.py", "SampleConfig"),
     ("eval_hellaswag.py", "EvalConfig"),
     ("export_hf.py", "ExportConfig"),

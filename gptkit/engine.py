@@ -4,7 +4,7 @@ that talks to the clients only queues jobs and reads their events.
 
     engine = Engine(model, tokenizer, autocast=rt.autocast)            # max_batch: by the device's memory
     job = engine.submit(Job(ids, max_tokens=64, stop_tokens=stop_tokens_of(tokenizer, "chat"), ...))
-    async for event in job.events(): ...     # ("text", index, str, logprobs), then ("end", index, finish_reason, n_tokens)
+    async for event in job.events(): ...     # ("text", index, str, logprobs), then ("end", index, finish_reason, n_tokens, ids)
 
 Why a batch: decoding one token costs reading every weight once, whether for one sequence or for
 eight, so one forward pass that makes a token for each of the running answers serves them all for
@@ -144,21 +144,32 @@ class Job:
             self.cancel()  # nothing if it finished; stops it otherwise
 
 
-def answer_all(engine, jobs, on_done=None):
-    """Every job's answers from code that is not async (an evaluation, a script) -> for each job, the
-    text of each of its answers. All jobs are queued at once, so they share the batch as a server's
-    clients do. on_done(): called as each job finishes (a progress bar). The event loop runs in a
-    thread of its own, so this works where one already runs (a notebook)."""
+class Answer:
+    """One finished answer: its text (what a client is shown), every token id it sampled (the stop
+    token that ended it included: what rl.py trains on) and why it ended ("stop", "length")."""
+
+    def __init__(self):
+        self.text, self.ids, self.finish_reason = "", [], None
+
+
+def answer_all(engine, jobs, on_done=None, answers=False):
+    """Every job's answers from code that is not async (an evaluation, a script, rl.py's samples) ->
+    for each job, the text of each of its answers (answers=True: each as an Answer). All jobs are
+    queued at once, so they share the batch as a server's clients do. on_done(): called as each job
+    finishes (a progress bar). The event loop runs in a thread of its own, so this works where one
+    already runs (a notebook)."""
     async def answer(job):
-        texts = [""] * job.n
+        got = [Answer() for _ in range(job.n)]
         async for event in engine.submit(job).events():
             if event[0] == "error":
                 raise RuntimeError(f"generation failed: {event[1]}")
             if event[0] == "text":
-                texts[event[1]] += event[2]
+                got[event[1]].text += event[2]
+            elif event[0] == "end":
+                got[event[1]].finish_reason, got[event[1]].ids = event[2], event[4]
         if on_done is not None:
             on_done()
-        return texts
+        return got if answers else [a.text for a in got]
 
     async def together():
         return await asyncio.gather(*(answer(job) for job in jobs))
@@ -177,6 +188,7 @@ class Row:
         self.steps = min(job.max_tokens, block_size - len(job.ids))  # prompt + answer stay within the context
         self.decoder, self.stops = StreamDecoder(tokenizer), StopStrings(job.stop)
         self.count, self.token, self.ended = 0, None, False  # token: the last one, fed at the next step
+        self.ids = []  # every token sampled, the stop token included
         self.logprobs = []  # entries of the tokens not yet sent
 
 
@@ -197,17 +209,21 @@ class Engine:
     pair): it decodes the answers and bounds the ids sampled, so engines of models with different
     tokenizers can share a process. max_batch: rows decoded together (None: default_max_batch; 1: one
     answer at a time, the old queue). max_queue: answers that may wait for a row; more are refused.
-    prefill_chunk: most prompt tokens prefilled between two decode steps while answers run."""
+    prefill_chunk: most prompt tokens prefilled between two decode steps while answers run. context:
+    positions each row holds, prompt and answer (None: the model's block_size; rl.py, whose prompts and
+    answers are short, keeps a cache of many rows small with it)."""
 
-    def __init__(self, model, tokenizer, autocast=None, max_batch=None, max_queue=64, prefill_chunk=512):
+    def __init__(self, model, tokenizer, autocast=None, max_batch=None, max_queue=64, prefill_chunk=512,
+                 context=None):
         self.model, self.tokenizer = model.eval(), tokenizer  # serving never trains: no dropout
         self.device = next(model.parameters()).device
         self.autocast = autocast or default_autocast(self.device)
         self.max_batch = max_batch or default_max_batch(model, self.device)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.context = min(context or model.config.block_size, model.config.block_size)
         dtype = kv_cache_dtype(self.device, self.autocast)
-        self.cache = model.new_kv_cache(self.max_batch, dtype=dtype)  # (L, max_batch, nh, block_size, hs)
-        self.staging = model.new_kv_cache(1, dtype=dtype)  # a joining prompt's prefill
+        self.cache = model.new_kv_cache(self.max_batch, self.context, dtype=dtype)  # (L, max_batch, nh, context, hs)
+        self.staging = model.new_kv_cache(1, self.context, dtype=dtype)  # a joining prompt's prefill
         self.inbox = queue.Queue()  # jobs from submit(), to the worker
         self.waiting = collections.deque()  # (job, index) of answers without a row yet, in arrival order
         self.running = []  # Row of cache row i, i < len(running)
@@ -334,8 +350,8 @@ class Engine:
             if job.cancelled:
                 self._end_job(job, completed=False)
                 continue
-            if len(job.ids) == 0 or len(job.ids) >= self.model.config.block_size:
-                job.send("error", f"a prompt of {len(job.ids)} tokens: give 1 to {self.model.config.block_size - 1}")
+            if len(job.ids) == 0 or len(job.ids) >= self.context:
+                job.send("error", f"a prompt of {len(job.ids)} tokens: give 1 to {self.context - 1}")
                 self._end_job(job, completed=False)
                 continue
             if self.staged is None or self.staged[0] is not job:
@@ -355,7 +371,7 @@ class Engine:
             with self.lock:
                 self.queued -= 1
             self.cache.copy_row(len(self.running), self.staging, 0)
-            row = Row(job, index, self.model.config.block_size, self.tokenizer, self.device)
+            row = Row(job, index, self.context, self.tokenizer, self.device)
             self.running.append(row)
             self._sample([row], self.staged[2])
             if not any(j is job for j, _ in self.waiting):
@@ -368,7 +384,7 @@ class Engine:
         first job cannot (the staging path takes it, or it is cancelled or its prompt is unservable)."""
         group, rows, width = [], self.max_batch - len(self.running), 0
         for job in dict.fromkeys(j for j, _ in self.waiting):  # waiting jobs in order, each once
-            fits = 0 < len(job.ids) < self.model.config.block_size and not job.cancelled
+            fits = 0 < len(job.ids) < self.context and not job.cancelled
             wider = max(width, len(job.ids))
             if not fits or self.remaining[job] != job.n or job.n > rows or wider * (len(group) + 1) > budget:
                 break
@@ -390,12 +406,12 @@ class Engine:
         logits = self._forward(ids, cache, lengths)  # (k, V)
         rows, row_logits = [], []
         for i, job in enumerate(jobs):  # first answers in the prefilled rows, in order
-            rows.append(Row(job, 0, self.model.config.block_size, self.tokenizer, self.device))
+            rows.append(Row(job, 0, self.context, self.tokenizer, self.device))
             row_logits.append(logits[i])
         for i, job in enumerate(jobs):  # then the other answers, each a copy of its prompt's row
             for index in range(1, job.n):
                 self.cache.copy_row(first + len(rows), self.cache, first + i)
-                rows.append(Row(job, index, self.model.config.block_size, self.tokenizer, self.device))
+                rows.append(Row(job, index, self.context, self.tokenizer, self.device))
                 row_logits.append(logits[i])
         for _ in rows:
             self.waiting.popleft()
@@ -449,6 +465,7 @@ class Engine:
     def _advance(self, row, token, entry):
         """Row takes its sampled token: text to its client, or its end -> 1 if the token is part of the answer."""
         job = row.job
+        row.ids.append(token)
         if token in job.stop_tokens:  # ends the answer, not shown
             self._finish(row, "stop", flush=True)
             return 0
@@ -481,7 +498,7 @@ class Engine:
                 row.job.send("text", row.index, text, self._take_logprobs(row))
         if row.logprobs:  # tokens held back with their text (part of a stop string)
             row.job.send("text", row.index, "", self._take_logprobs(row))
-        row.job.send("end", row.index, reason, row.count)
+        row.job.send("end", row.index, reason, row.count, row.ids)
         row.ended = True  # _leave frees its row
         self.remaining[row.job] -= 1
         if self.remaining[row.job] == 0:

@@ -60,16 +60,24 @@ def ckpt_arg_problems(ckpt, example="out/fineweb_124m", hf=True):
     return []
 
 
-def model_kind(spec):
-    """"chat" or "base": what the model at spec was trained as (ckpt.json beside a gptkit checkpoint,
-    config.json of a Hugging Face folder), read without loading weights; "base" when it cannot be told."""
+def model_summary(spec):
+    """What the model at spec was trained as, read without loading weights: {"kind": "chat" | "base",
+    "config": its run's settings} from ckpt.json beside a gptkit checkpoint or a Hugging Face folder's
+    run info; {"kind": "base"} when it cannot be told."""
     folder = os.path.dirname(spec) if os.path.isfile(spec) else spec
     try:
         with open(os.path.join(folder, "ckpt.json"), encoding="utf-8") as f:
-            return json.load(f).get("kind", "base")
-    except (OSError, ValueError, AttributeError):
+            summary = json.load(f)
+        if isinstance(summary, dict):
+            return {"kind": summary.get("kind", "base"), "config": summary.get("config") or {}}
+    except (OSError, ValueError):
         pass
-    return hf_run_info(folder)["kind"] if is_hf_folder(folder) else "base"
+    return hf_run_info(folder) if is_hf_folder(folder) else {"kind": "base"}
+
+
+def model_kind(spec):
+    """"chat" or "base": what the model at spec was trained as ("base" when it cannot be told)."""
+    return model_summary(spec)["kind"]
 
 
 def build_model(ckpt, path="checkpoint", verbose=True, **overrides):
@@ -238,7 +246,7 @@ def init_model(cfg, rt):
     a LoRA run resumes as one, its base loaded again from where its checkpoint names it."""
     if rt.master:  # before anything in out_dir is read: a second process on it stops here, naming the first
         hold_folder(cfg.out_dir)
-    tok = run_tokenizer(cfg)
+    tok = run_tokenizer(cfg) if cfg.data_dir else None  # rl.py has no data folder: the model's tokenizer
     source, own = model_source(cfg.init_from), os.path.join(cfg.out_dir, CKPT_NAME)
     if source != "resume" and os.path.exists(own):
         # a new run here would replace the log at once and the checkpoint at its first save
@@ -247,13 +255,15 @@ def init_model(cfg, rt):
                           f"give a new --out_dir (delete {cfg.out_dir} to start over there)")
     ckpt = None
     if source == "scratch":
+        if tok is None:
+            raise ConfigError("init_from=scratch needs a tokenizer: start from a trained model (--init_from=RUN)")
         model = scratch_model(cfg, model_vocab_size(cfg, tok), verbose=rt.master)
     elif source == "resume":
         if not os.path.exists(own):
             raise ConfigError(f"init_from=resume, but there is no checkpoint at {own}: check out_dir, or start "
                               "a new run (init_from=scratch to pretrain, or the path of a run or .pt file to start from)")
         ckpt = load_checkpoint(own)
-        check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(ckpt), own)
+        tok = check_same_tokenizer(tok, cfg.data_dir, checkpoint_tokenizer(ckpt), own)
         # the run's own model config, dropout included; a LoRA run's adapters on its base, in the run's base_dtype
         model = (lora_model(ckpt, own, rt.master, base_dtype=ckpt["lora"]["base_dtype"]) if ckpt.get("lora")
                  else build_model(ckpt, own, verbose=rt.master))
@@ -268,7 +278,7 @@ def init_model(cfg, rt):
             print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
     elif source in ("checkpoint", "hf"):
         model, model_tok, _ = _load(cfg.init_from, source, rt.master, dropout=cfg.dropout)
-        check_same_tokenizer(tok, cfg.data_dir, model_tok, cfg.init_from)
+        tok = check_same_tokenizer(tok, cfg.data_dir, model_tok, cfg.init_from)
         if getattr(cfg, "lora_rank", 0):  # FinetuneConfig's key; train.py's TrainConfig has none
             add_adapters(model, cfg, rt, source)
     else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from gptkit.configurator import ConfigError
 
 HELLASWAG_KEY = "hellaswag_acc_norm"  # what the training loop logs at each HellaSwag eval
+RL_PANELS = [("reward", "mean reward\n(train samples)"), ("pass@1", "held-out\npass@1")]  # rl.py logs them
 # the training loop logs each eval_tasks score as eval/TASK/METRIC (wandb groups the eval/ keys in one section)
 EVAL_TASKS_PREFIX = "eval/"
 # a task's headline metric, the first of these it has: the harness's own (gsm8k's strict match before
@@ -102,6 +103,8 @@ def read_run(out_dir, name=""):
         with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
             tokens_per_step = int(json.load(f)["total_batch_tokens"])
     except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if tokens_per_step <= 0:  # not in the config, or 0 (rl.py: a step's answers vary in length): the log's mean
         steps, seen = series(records, "tokens_seen")
         if steps and steps[-1] > 0:
             tokens_per_step = round(seen[-1] / steps[-1])
@@ -139,10 +142,13 @@ def dot_if_alone(values):
 
 
 def score_panels(runs):
-    """[(log key, y label, chance or None)] of the benchmark panels under the loss and lr: HellaSwag,
+    """[(log key, y label, chance or None)] of the panels under the loss and lr: HellaSwag, rl.py's reward and pass@1,
     then each eval_tasks task's headline metric, where any run logged it."""
     hellaswag = any(token_series(run, HELLASWAG_KEY)[0] for run in runs)
     panels = [(HELLASWAG_KEY, "HellaSwag acc_norm", 0.25)] if hellaswag else []
+    for key, label in RL_PANELS:  # rl.py's runs: the train samples' reward, the held-out pass@1
+        if any(token_series(run, key)[0] for run in runs):
+            panels.append((key, label, None))
     logged = [key for run in runs for record in run.records for key in record]
     for task, key in main_task_keys(dict.fromkeys(logged)).items():
         if any(token_series(run, key)[0] for run in runs):

@@ -276,11 +276,13 @@ def record_tokenizer(data_dir, tok):
 
 
 def check_same_tokenizer(data_tok, data_dir, model_tok, model_where):
-    """Data made with one tokenizer and a model trained with another would train on garbage ids."""
-    if data_tok.hash != model_tok.hash:
+    """Data made with one tokenizer and a model trained with another would train on garbage ids ->
+    the model's tokenizer (data_tok None: no data folder to check, rl.py's case)."""
+    if data_tok is not None and data_tok.hash != model_tok.hash:
         raise TokenizerError(f"{data_dir} was made with tokenizer {data_tok.name}, but the model in {model_where} "
                              f"uses tokenizer {model_tok.name}: prepare the data again with "
                              f"--tokenizer=<the model's tokenizer>, or start from a model made with the data's")
+    return model_tok
 
 
 class StreamDecoder:

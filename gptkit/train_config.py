@@ -1,6 +1,6 @@
 """
 The settings of the training scripts, one dataclass each: TrainConfig (train.py, and bench.py's
-base), FinetuneConfig (finetune.py) and DPOConfig (dpo.py), each the one before with its own
+base), FinetuneConfig (finetune.py), DPOConfig (dpo.py) and RLConfig (rl.py), each the one before with its own
 defaults and keys. Every field carries a "why" comment, which --help prints.
 
     cfg = configure(TrainConfig)      # python train.py config/fineweb_124m.py --max_steps=100
@@ -74,9 +74,11 @@ class TrainConfig(BaseConfig):
     wandb_run_name: str = ""            # empty: wandb picks a name
     stop_step: int = 0                  # save and exit after this step though max_steps is further (job time limits); 0: off
 
+    folders: ClassVar[tuple] = ("data_dir", "out_dir")  # settings that must name a folder
+
     def validate(self):
         problems = super().validate()
-        for key in ("data_dir", "out_dir"):
+        for key in self.folders:
             if not getattr(self, key).strip():
                 problems.append(f"{key} is empty: give a folder, such as --{key}={getattr(TrainConfig, key)}")
         if self.optimizer not in ("adamw", "muon"):
@@ -206,6 +208,7 @@ class FinetuneConfig(LoRAConfig, TrainConfig):
     data_mode: str = "random"             # random: conversations in a new order each epoch; sequential: file order
     # the system prompt chats with the model start with: kept in the checkpoint, sample.py's default
     system: str = "auto"                  # auto: the one prepare_instruct.py gave the data ("" for none)
+    # (init_from=scratch trains a chat model of n_layer/n_head/n_embd on the chat data alone: a toy task's, not language)
     # answers to the first val questions, printed before and after finetuning
     questions: int = 4                    # how many val questions are asked
     answer_tokens: int = 64               # length limit of the before/after answers; 0: skip them
@@ -213,9 +216,9 @@ class FinetuneConfig(LoRAConfig, TrainConfig):
     def validate(self):
         problems = super().validate()
         problems += self.lora_problems()
-        if self.init_from == "scratch":
-            problems.append("init_from=scratch: finetuning starts from a pretrained model; give its run directory "
-                            "(--init_from=out/fineweb_124m), a .pt file, a Hugging Face GPT-2 folder, or resume")
+        if self.init_from == "scratch" and self.lora_rank:
+            problems.append("init_from=scratch with lora_rank: adapters train on a pretrained model; give its run "
+                            "directory (--init_from=out/fineweb_124m), or lora_rank=0")
         if self.answer_tokens < 0:
             problems.append(f"answer_tokens={self.answer_tokens} must be 0 or more")
         if self.questions < 0:
@@ -263,4 +266,88 @@ class DPOConfig(FinetuneConfig):
             problems.append("label_smoothing applies to loss_type=sigmoid only")
         if self.rpo_alpha < 0:
             problems.append(f"rpo_alpha={self.rpo_alpha} must be 0 (off) or more")
+        return problems
+
+
+@dataclass
+class RLConfig(FinetuneConfig):
+    folders: ClassVar[tuple] = ("out_dir",)  # no data_dir: prompts come from data / val_data
+    # prompts (gptkit/grpo.py): records with "prompt" (or GSM8K's "question") and what the reward reads ("answer")
+    data: str = "openai/gsm8k"            # hub dataset (its train split) or a local .json / .jsonl file
+    val_data: str = "openai/gsm8k"        # held-out prompts: a hub dataset's test split or a local file; empty: val_fraction of data
+    val_fraction: float = 0.05            # share of data held out (by a stable hash of the prompt) when val_data is empty
+    val_prompts: int = 200                # held-out prompts answered (greedily) at each eval for pass@1; 0: all
+    data_dir: str = ""                    # unused: rl.py reads its prompts itself
+    out_dir: str = "out/rl_gsm8k"
+    init_from: str = "out/dolly"          # the chat model to improve (finetune.py's); also the reference for the KL
+    reward: list[str] = field(default_factory=lambda: ["gsm8k"])  # summed: built-ins (gsm8k, exact_match, answer_format) or module:function
+    pass_reward: float = 1.0              # a held-out answer passes (pass@1) when its reward reaches this
+    # sampling: group_size answers to each prompt, through the engine (one batch, the KV cache)
+    prompts_per_step: int = 16            # prompts per optimizer step
+    group_size: int = 8                   # answers per prompt (trl's num_generations); advantages are relative to the group
+    max_new_tokens: int = 256             # longest answer (trl's max_completion_length); prompts must leave room for it
+    temperature: float = 1.0              # sampling temperature; the log-probs of the loss use it too (as trl)
+    top_k: int = 0                        # 0: off
+    top_p: float = 1.0                    # 1.0: off
+    rollout_batch: int = 64               # rows the engine decodes at once (its KV cache: rows x (prompt + answer))
+    # the objective (trl's GRPOTrainer names and defaults)
+    loss_type: str = "dapo"               # dapo: mean over all answer tokens | grpo: per answer, then over answers | dr_grpo
+    epsilon: float = 0.2                  # clip ratio below 1 - epsilon ...
+    epsilon_high: float = 0.2             # ... and above 1 + epsilon_high (DAPO suggests 0.28)
+    beta: float = 0.0                     # weight of the KL to the reference in the loss; 0: off (trl, nanochat); logged anyway
+    scale_rewards: str = "group"          # divide advantages by the std of the group | batch | none (Dr. GRPO)
+    num_iterations: int = 1               # optimizer steps on each batch of samples (PPO's epochs; 1: on-policy)
+    micro_batch_size: int = 16            # answers per forward pass per GPU: the memory knob
+    total_batch_tokens: int = 0           # unused: a step is prompts_per_step x group_size answers
+    dropout: float = 0.0                  # off: dropout would make the policy's log-probs noisy against the sampler's
+    lora_dropout: float = 0.0             # off, as dropout
+    max_steps: int = 200
+    learning_rate: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 25
+    log_interval: int = 1                 # each step is many forward passes: a line for each
+    ckpt_interval: int = 50
+    sample_tokens: int = 0                # the pass@1 evals and before/after answers show the change
+    answer_tokens: int = 128
+
+    def batch_problems(self):
+        answers = self.prompts_per_step * self.group_size
+        if self.prompts_per_step < 1 or self.group_size < 2:
+            return [f"prompts_per_step={self.prompts_per_step} and group_size={self.group_size}: use at least 1 prompt "
+                    "and 2 answers per prompt (advantages compare the answers of a group)"]
+        if answers % self.micro_batch_size:
+            return [f"prompts_per_step x group_size = {answers} answers is not a multiple of "
+                    f"micro_batch_size={self.micro_batch_size}"]
+        return []
+
+    def validate(self):
+        problems = super().validate()
+        for key in ("data", "out_dir"):
+            if not getattr(self, key).strip():
+                problems.append(f"{key} is empty: give a hub dataset or a local .json / .jsonl file of prompts")
+        if not self.reward:
+            problems.append("reward is empty: name at least one (gsm8k, exact_match, answer_format or module:function)")
+        if not 0 < self.max_new_tokens < self.block_size:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be between 1 and block_size - 1 = {self.block_size - 1}")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be positive: the samples of a group must differ")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            problems.append(f"top_k={self.top_k} must be 0 or more and top_p={self.top_p} in (0, 1]")
+        if self.loss_type not in ("dapo", "grpo", "dr_grpo"):
+            problems.append(f"loss_type={self.loss_type!r}: use dapo, grpo or dr_grpo")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            problems.append(f"scale_rewards={self.scale_rewards!r}: use group, batch or none")
+        if self.epsilon <= 0 or self.epsilon_high <= 0 or self.epsilon >= 1:
+            problems.append(f"epsilon={self.epsilon} must be in (0, 1) and epsilon_high={self.epsilon_high} positive")
+        if self.beta < 0:
+            problems.append(f"beta={self.beta} must be 0 (off) or more")
+        for key in ("num_iterations", "rollout_batch"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)} must be at least 1")
+        if not 0 <= self.val_fraction < 1 or self.val_prompts < 0:
+            problems.append(f"val_fraction={self.val_fraction} must be in [0, 1) and val_prompts={self.val_prompts} 0 or more")
+        if self.init_from == "scratch":
+            problems.append("init_from=scratch: rl.py improves a chat model; give its run (--init_from=out/dolly) or resume")
         return problems

@@ -74,8 +74,9 @@ def test_accumulation_gives_the_same_gradients_as_one_batch(tmp_path):
 
 
 def test_finetune_config_checks():
-    with pytest.raises(ConfigError, match="init_from=scratch: finetuning starts from a pretrained model"):
-        load_config(FinetuneConfig, ["--init_from=scratch"])
+    with pytest.raises(ConfigError, match="init_from=scratch with lora_rank: adapters train on a pretrained model"):
+        load_config(FinetuneConfig, ["--init_from=scratch", "--lora_rank=8"])
+    assert load_config(FinetuneConfig, ["--init_from=scratch"]).init_from == "scratch"  # a toy task's chat model
     for recipe in ("config/dolly.py", "config/alpaca.py"):
         cfg = load_config(FinetuneConfig, [os.path.join(ROOT, recipe)])
         assert cfg.init_from == "out/fineweb_124m" and cfg.dropout > 0

@@ -1,0 +1,33 @@
+# The toy task's first model (prepare_toy_task.py): a tiny chat model trained from scratch on 4,000
+# "Write backwards: k e l p" -> "p l e k" chats, stopped while it still gets some wrong, so that
+# rl.py (config/reverse_rl.py) has something to improve. About a minute on 2 CPU cores.
+#   python prepare_toy_task.py
+#   python train_tokenizer.py --source=data/reverse/text.txt --vocab_size=261 --out=data/reverse/tokenizer
+#   python prepare_instruct.py config/reverse_sft.py --tokenizer=data/reverse/tokenizer   # bytes only: one id
+#       per letter, and an output layer of 261 rows (finetune.py takes it from the data)
+#   python finetune.py config/reverse_sft.py
+# prepare_instruct.py
+sources = ["data/reverse/sft.jsonl"]
+data_dir = "data/reverse/sft"
+block_size = 64
+val_fraction = 0.05
+# finetune.py
+out_dir = "out/reverse_sft"
+init_from = "scratch"
+device = "cpu"
+n_layer = 2
+n_head = 4
+n_embd = 128
+dropout = 0.0
+total_batch_tokens = 4096   # 2 micro-batches of 32 rows of 64 tokens (several chats packed in each)
+micro_batch_size = 32
+max_steps = 60
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_steps = 5
+eval_interval = 30
+eval_tokens = 8192
+log_interval = 10
+ckpt_interval = 60
+sample_tokens = 0
+answer_tokens = 16

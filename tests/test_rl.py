@@ -1,0 +1,230 @@
+"""rl.py and gptkit/grpo.py: the advantages and the loss equal trl's GRPOTrainer on the same prompts,
+answers and model; the rewards; bad input; and the toy task end to end (pass@1 rises)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gptkit.configurator import ConfigError, load_config
+from gptkit.engine import Engine, Job, answer_all
+from gptkit.grpo import GRPOLoss, Reference, RolloutLoader, Sampler, Task, group_advantages, token_logps
+from gptkit.hf import export_hf
+from gptkit.rewards import RewardError, answer_format, check_reward, exact_match, final_number, gsm8k, load_reward
+from gptkit.system import setup_runtime
+from gptkit.tokenizer import load_tokenizer
+from gptkit.train_config import RLConfig
+from model import GPT, GPTConfig
+
+TOK = load_tokenizer("gpt2")
+
+
+def letter_count(prompt, completion, row):
+    """A reward that varies between random answers (a random model is never right): the test's."""
+    return float(sum(c in "aeiou" for c in completion) % 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards
+
+def test_rewards():
+    row = {"question": "?", "answer": "She pays 3 + 4 = 7 dollars.\n#### 1,200"}
+    assert final_number(row["answer"]) == "1200"
+    assert gsm8k("?", "so the answer is 1200.", row) == 1.0
+    assert gsm8k("?", "It is 1200 or 5", row) == 0.0  # the last number counts
+    assert gsm8k("?", "#### 1200.0", row) == 1.0
+    assert gsm8k("?", "no number", row) == 0.0
+    assert gsm8k("?", "12", {"answer": "no marker, ends on 12"}) == 1.0
+    assert exact_match("?", " p l e k\n", {"answer": "p l e k"}) == 1.0
+    assert exact_match("?", "p l e", {"answer": "p l e k"}) == 0.0
+    assert answer_format("?", "3 + 4 = 7\n#### 7", {}) == pytest.approx(0.1)
+    assert answer_format("?", "7", {}) == 0.0
+    assert load_reward("gsm8k") is gsm8k
+
+
+def test_user_reward_and_bad_rewards(tmp_path):
+    (tmp_path / "mine.py").write_text("def short(prompt, completion, row):\n    return len(completion) < 5\n"
+                                      "def broken(prompt, completion, row):\n    return row['missing']\n"
+                                      "def text(prompt, completion, row):\n    return 'yes'\n")
+    short = load_reward(f"{tmp_path / 'mine.py'}:short")
+    assert check_reward("short", short, "p", "abc", {}) == 1.0  # a bool counts as a number
+    with pytest.raises(RewardError, match=r"reward broken on the prompt 'What is 2\+2\?' raised KeyError"):
+        check_reward("broken", load_reward(f"{tmp_path / 'mine.py'}:broken"), "What is 2+2?", "4", {})
+    with pytest.raises(RewardError, match="returned 'yes': a reward must be a finite number"):
+        check_reward("text", load_reward(f"{tmp_path / 'mine.py'}:text"), "p", "4", {})
+    for spec, message in ((f"{tmp_path / 'mine.py'}:nothing", "has no function nothing"),
+                          ("no_such_module_xyz:f", "importing no_such_module_xyz failed"),
+                          ("gsm9k", "use a built-in"), (f"{tmp_path / 'gone.py'}:f", "no file")):
+        with pytest.raises(ConfigError, match=message):
+            load_reward(spec)
+
+
+def test_rl_config_checks():
+    cfg = load_config(RLConfig, [os.path.join(ROOT, "config/rl_gsm8k.py")])
+    assert cfg.reward == ["gsm8k"] and cfg.loss_type == "dapo" and cfg.beta == 0.0
+    for bad, message in ((["--group_size=1"], "2 answers per prompt"), (["--loss_type=ppo"], "use dapo, grpo or dr_grpo"),
+                         (["--micro_batch_size=48"], "not a multiple of micro_batch_size=48"),
+                         (["--max_new_tokens=2000"], "between 1 and block_size - 1"),
+                         (["--scale_rewards=max"], "use group, batch or none"), (["--init_from=scratch"], "improves a chat model")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(RLConfig, bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine hands back every sampled id, the stop token included
+
+def test_answers_carry_their_ids():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), verbose=False)
+    engine = Engine(model, TOK, max_batch=4, context=40)
+    prompt = TOK.encode("Hello there")
+    try:
+        (answers,) = answer_all(engine, [Job(prompt, 12, (TOK.eot,), n=3, seed=5, temperature=1.0)], answers=True)
+    finally:
+        engine.close()
+    for a in answers:
+        assert a.finish_reason in ("stop", "length") and 1 <= len(a.ids) <= 12
+        shown = a.ids[:-1] if a.finish_reason == "stop" else a.ids
+        assert a.ids[-1] == TOK.eot if a.finish_reason == "stop" else TOK.eot not in a.ids
+        assert TOK.decode(shown) == a.text
+
+
+# ------------------------------------------------------------------------------------------------
+# trl as the oracle: the same prompts, answers, rewards and model through GRPOTrainer
+
+class Settings:
+    """The RLConfig keys the loader reads, for an in-process round."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(dict(prompts_per_step=3, group_size=4, micro_batch_size=12, max_new_tokens=10,
+                                  temperature=0.8, top_k=0, top_p=1.0, num_iterations=1, scale_rewards="group",
+                                  seed=3), **kw)
+
+
+@pytest.fixture(scope="module")
+def policy_and_export(tmp_path_factory):
+    from transformers import AutoTokenizer, GPT2LMHeadModel  # a test-only dependency: the trl comparison's
+    folder = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(1)
+    ours = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=True), verbose=False)
+    export_hf(ours, str(folder / "policy"), TOK, chat=True)
+    return ours, GPT2LMHeadModel.from_pretrained(str(folder / "policy")), AutoTokenizer.from_pretrained(str(folder / "policy")), folder
+
+
+def one_round(model, settings, prompts):
+    """One RolloutLoader round on the CPU -> (its one micro-batch, the tasks, the loss)."""
+    rt = setup_runtime("cpu", "float32", 0)
+    tasks = [Task(p, {"answer": "a e"}, TOK.render_prompt([{"role": "user", "content": p}])) for p in prompts]
+    sampler = Sampler(model, TOK, rt, [("letter_count", letter_count)], rows=12, context=64, max_queue=12)
+    loss = GRPOLoss(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+    loader = RolloutLoader(sampler, Reference(model), tasks, loss, settings, rt)
+    try:
+        batch = loader.next_batch()
+    finally:
+        sampler.close()
+    return batch, tasks, rt
+
+
+def split_rows(x, y):
+    """A loader micro-batch's rows -> (prompt ids, answer ids) of each."""
+    out = []
+    for xr, yr in zip(x.tolist(), y.tolist()):
+        start = next(i for i, t in enumerate(yr) if t != -1)
+        out.append((xr[:start + 1], [t for t in yr if t != -1]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type,beta,scale", [("dapo", 0.0, "group"), ("grpo", 0.04, "group"), ("grpo", 0.0, "group"), ("dapo", 0.04, "group"),
+                                                  ("dr_grpo", 0.0, "none"), ("dapo", 0.1, "batch")])
+def test_advantages_and_loss_equal_trls(policy_and_export, loss_type, beta, scale):
+    from datasets import Dataset  # test-only dependencies, heavy to import: the comparison with trl's
+    from trl import GRPOConfig, GRPOTrainer
+    ours, hf_model, hf_tok, folder = policy_and_export
+    settings = Settings(scale_rewards=scale)
+    # prompts of one length: trl left-pads prompts, and transformers' GPT-2 then starts the padded rows'
+    # positions at the padding (a quirk of the pair, not of the objective), so the oracle gets none
+    prompts = ["Name a fruit", "Say a word", "Count to three"]
+    assert len({len(TOK.encode(p)) for p in prompts}) == 1
+    batch, tasks, rt = one_round(ours, settings, prompts)
+    x, y, advantages, ref, _, figures = batch
+    rows = split_rows(x, y)
+    G = settings.group_size
+    by_ids = {tuple(t.ids): t.prompt for t in tasks}
+    order = [by_ids[tuple(rows[g * G][0])] for g in range(len(tasks))]  # the loader's shuffle
+    assert sorted(order) == sorted(prompts)
+    assert [p for p, _ in rows] == [TOK.render_prompt([{"role": "user", "content": p}]) for p in order for _ in range(G)]
+
+    def rollout(trl_prompts, trainer):  # trl's generation step, given our answers
+        return {"prompt_ids": [p for p, _ in rows], "completion_ids": [c for _, c in rows],
+                "logprobs": [[0.0] * len(c) for _, c in rows]}
+
+    def trl_reward(prompts, completions, **kw):
+        return [letter_count(p, c, {}) for p, c in zip(prompts, completions)]
+
+    args = GRPOConfig(output_dir=str(folder / "trl"), per_device_train_batch_size=len(rows), num_generations=G,
+                      gradient_accumulation_steps=1, max_completion_length=settings.max_new_tokens, beta=beta,
+                      loss_type=loss_type, scale_rewards=scale, temperature=settings.temperature, epsilon=0.2,
+                      report_to="none", use_cpu=True, bf16=False, fp16=False)
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    trainer = GRPOTrainer(model=hf_model, reward_funcs=trl_reward, args=args, processing_class=hf_tok,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), rollout_func=rollout)
+    trainer.model.train()  # dropout is 0: "train" only selects trl's normalisation and metrics
+    trainer.current_gradient_accumulation_steps = 1  # what trl's training loop sets: one micro-batch per step
+    inputs = [{"prompt": p} for p in order for _ in range(G)]
+    out = trainer._generate_and_score_completions(inputs)
+    assert out["completion_ids"].shape[0] == len(rows)
+    # the same rewards (trl decodes the answers itself) and the same advantages
+    trl_rewards = torch.tensor(trainer._logs["rewards"]["trl_reward"])
+    assert torch.allclose(trl_rewards.view(-1, G).mean(), figures["reward"] / float(y.ne(-1).sum()), atol=1e-6)
+    assert advantages.abs().max() > 0.1  # the groups' rewards differ: the check has teeth
+    assert torch.allclose(advantages, out["advantages"].float(), atol=1e-5), (advantages, out["advantages"])
+
+    # the loss, with a sampling policy that differs from the current one so that the clip acts
+    mask = out["completion_mask"].bool()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        current = token_logps(ours, x, y, settings.temperature)
+    shift = torch.randn(y.shape, generator=generator) * 0.3
+    old = torch.where(y != -1, current + shift, torch.zeros_like(current))
+    ours_old = torch.zeros_like(out["completion_mask"], dtype=torch.float32)
+    ours_ref = torch.zeros_like(ours_old)
+    for i, (p, c) in enumerate(rows):  # our rows' answer positions -> trl's right-padded answer columns
+        cols = torch.arange(len(c))
+        ours_old[i, cols] = old[i, len(p) - 1 + cols]
+        ours_ref[i, cols] = ref[i, len(p) - 1 + cols] - 0.2 * torch.rand(len(c), generator=generator)
+        ref[i, len(p) - 1 + cols] = ours_ref[i, cols]  # a reference that differs from the policy: KL > 0
+    out["old_per_token_logps"] = ours_old
+    if beta:
+        out["ref_per_token_logps"] = ours_ref
+    loss_fn = GRPOLoss(loss_type, 0.2, 0.2, beta, settings.temperature, settings.max_new_tokens)
+    hf_model.zero_grad()
+    trl_loss = trainer._compute_loss(trainer.model, out)
+    trl_loss.backward()
+    ours.zero_grad()
+    loss_sum, stats = loss_fn(ours, (x, y, advantages, ref, old, {}))
+    loss = loss_sum / loss_fn.count((x, y)).float()
+    loss.backward()
+    assert abs(loss.item() - trl_loss.item()) < 1e-5, (loss.item(), trl_loss.item())
+    trl_clip = trainer._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert stats["clip_ratio"].item() / loss_fn.count((x, y)).item() > 0  # some tokens clipped
+    assert abs(float(mask.sum()) - float(y.ne(-1).sum())) == 0
+    # the gradients too: the same log-probs, through the same weights (Conv1D in transformers: transposed)
+    ours_grad = ours.transformer.h[0].attn.c_attn.weight.grad
+    trl_grad = hf_model.transformer.h[0].attn.c_attn.weight.grad.t()
+    assert torch.allclose(ours_grad, trl_grad, atol=1e-6, rtol=1e-4), (ours_grad - trl_grad).abs().max()
+    assert ours_grad.abs().max() > 1e-4
+    if loss_type == "dapo":
+        assert abs(stats["clip_ratio"].item() / float(mask.sum()) - trl_clip) < 1e-5
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    a = group_advantages(rewards)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased, as trl's
+    assert torch.allclose(a[0], (rewards[0] - 0.5) / (std + 1e-4)) and a[1].abs().max() == 0  # one reward: no signal
+    assert torch.allclose(group_advantages(rewards, "none")[0], rewards[0] - 0.5)
