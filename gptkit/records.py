@@ -60,7 +60,8 @@ def read_hub_records(name, split=None):
     import datasets  # heavy and optional: only a hub source needs it, local files prepare without it
     split = split or HUB_SPLITS.get(name, "train")
     try:
-        return enumerate(datasets.load_dataset(name, HUB_CONFIGS.get(name), split=split))
+        config = (HUB_CONFIGS[name],) if name in HUB_CONFIGS else ()
+        return enumerate(datasets.load_dataset(name, *config, split=split))
     except Exception as e:
         raise InstructDataError(f"source {name!r} is no local file, and loading its {split} split from the Hugging "
                                 f"Face hub failed ({type(e).__name__}: {e}); check the name or the path") from e
