@@ -80,7 +80,7 @@ def main():
         "rl_val.jsonl": lines(task(w) for w in val),
     }
     # rl_val.jsonl last: a folder holding it holds the other two from the same run
-    atomic_write_files(cfg.out_dir, {name: (lambda data: lambda f: f.write(data))(data) for name, data in files.items()},
+    atomic_write_files(cfg.out_dir, {name: (lambda f, data=data: f.write(data)) for name, data in files.items()},
                        marker="rl_val.jsonl")
     print0(f"wrote {len(sft)} chat records, {len(train)} train prompts and {len(val)} val prompts to {cfg.out_dir}; "
            f"next: python train_tokenizer.py --source={cfg.out_dir}/text.txt --vocab_size=261 "

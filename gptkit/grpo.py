@@ -32,11 +32,11 @@ import copy
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gptkit.configurator import ConfigError
 from gptkit.engine import Engine, Job, answer_all
 from gptkit.lora import adapters_disabled, settings_of
+from gptkit.losses import token_logps
 from gptkit.records import BadRecord, InstructDataError, read_records, stable_fraction
 from gptkit.rewards import check_reward
 
@@ -113,7 +113,7 @@ class Sampler:
         of task j samples with seed + n * j + i, so a run's samples repeat with its seed."""
         stop = (self.tokenizer.end, self.tokenizer.eot)
         jobs = [Job(task.ids, max_tokens, stop, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
-                    seed=seed + n * j, hide_tokens=stop) for j, task in enumerate(tasks)]
+                    seed=seed + n * j) for j, task in enumerate(tasks)]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -128,13 +128,14 @@ class Sampler:
         self.engine.close()
 
 
-def group_advantages(rewards, scale="group"):
+def group_advantages(rewards, scale="group", batch_std=None):
     """rewards (P, G): G answers to each of P prompts -> advantages (P, G), trl's formula: the reward
-    less its group's mean, over the std (unbiased) of its group, of the whole batch, or not at all."""
+    less its group's mean, over the std (unbiased) of its group, of the whole batch (batch_std: of
+    every process's rewards, when given), or not at all."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if scale == "none":
         return centred
-    std = rewards.std(dim=1, keepdim=True) if scale == "group" else rewards.std()
+    std = rewards.std(dim=1, keepdim=True) if scale == "group" else (rewards.std() if batch_std is None else batch_std)
     return centred / (std + 1e-4)
 
 
@@ -150,14 +151,6 @@ def answer_rows(tasks, answers, device):
         x[row, :len(seq) - 1] = seq[:-1]
         y[row, len(prompt) - 1:len(seq) - 1] = seq[len(prompt):]
     return x.to(device), y.to(device)
-
-
-def token_logps(model, x, y, temperature=1.0):
-    """Log-probability of each target (y != -1; 0 elsewhere) under the model at the sampling
-    temperature (N, L), in fp32 for the softmax."""
-    logits, _ = model(x)  # (N, L, V)
-    logits = logits.float() / temperature
-    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
 
 
 class Reference:
@@ -253,8 +246,7 @@ class RolloutLoader:
         # the std of the whole step, every rank's rewards: gathered (they are few numbers)
         gathered = [torch.zeros_like(rewards) for _ in range(self.rt.world_size)]
         dist.all_gather(gathered, rewards.to(self.rt.device) if self.rt.device_type == "cuda" else rewards)
-        std = torch.cat([g.cpu() for g in gathered]).std()
-        return (rewards - rewards.mean(dim=1, keepdim=True)) / (std + 1e-4)
+        return group_advantages(rewards, "batch", batch_std=torch.cat([g.cpu() for g in gathered]).std())
 
     def state_dict(self):
         # a resume samples the next round afresh (a round part-used with num_iterations > 1 is sampled again)
@@ -306,13 +298,14 @@ class GRPOLoss:
         y = batch[1]
         return (y != -1).sum() if self.loss_type == "dapo" else torch.tensor(y.size(0), device=y.device)
 
-    def per_unit_sum(self, values, mask):
-        """The sum over the batch's units of values (N, L): over tokens (dapo), or of each answer's mean."""
+    def per_unit_sum(self, values, mask, figure=False):
+        """The sum over the batch's units of values (N, L): over tokens (dapo), or of each answer's mean
+        (grpo; dr_grpo's loss divides each answer's sum by max_new_tokens, its figures are means too)."""
         if self.loss_type == "dapo":
             return (values * mask).sum()
-        if self.loss_type == "grpo":
+        if self.loss_type == "grpo" or figure:
             return ((values * mask).sum(1) / mask.sum(1).clamp(min=1.0)).sum()
-        return (values * mask).sum() / self.max_new_tokens  # dr_grpo
+        return (values * mask).sum() / self.max_new_tokens
 
     def __call__(self, forward_model, batch):
         x, y, advantages, ref, old, figures = batch
@@ -327,9 +320,8 @@ class GRPOLoss:
         if self.beta:  # weighted by the ratio, as trl (DeepSeek-V3.2): its gradient is then the reverse KL's, unbiased
             per_token = per_token + self.beta * kl * ratio
         is_clipped = ((ratio < 1 - self.epsilon) & (a < 0)) | ((ratio > 1 + self.epsilon_high) & (a > 0))
-        mean_like = self.per_unit_sum if self.loss_type != "dr_grpo" else (
-            lambda v, m: ((v * m).sum(1) / m.sum(1).clamp(min=1.0)).sum())  # figures: each answer's mean
-        stats = {"kl": mean_like(kl.detach(), mask), "clip_ratio": mean_like(is_clipped.float(), mask)}
+        stats = {"kl": self.per_unit_sum(kl.detach(), mask, figure=True),
+                 "clip_ratio": self.per_unit_sum(is_clipped.float(), mask, figure=True)}
         return self.per_unit_sum(per_token, mask), {**stats, **(figures or {})}
 
     def evaluate(self, model, tasks, rt):

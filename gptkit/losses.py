@@ -12,6 +12,7 @@ new class with them, passed to train(..., loss_fn=...): the loop itself never ch
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from gptkit.configurator import ConfigError
 
@@ -54,6 +55,15 @@ class LanguageModelLoss:
 
 
 LM_LOSS = LanguageModelLoss()
+
+
+def token_logps(model, x, y, temperature=1.0):
+    """Log-probability of each target (y != -1; 0 elsewhere) -> (N, T), for the losses that need it
+    per token or per answer (DPO, GRPO; the model's chunked loss gives one mean). The logits are built
+    here, in fp32 for the softmax, divided by the temperature the answers were sampled at (GRPO's)."""
+    logits, _ = model(x)  # (N, T, V)
+    logits = logits.float() / temperature
+    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
 
 
 # Evaluation always runs on the raw model: a compiled or DDP-wrapped one is never needed

@@ -37,6 +37,7 @@ from gptkit.configurator import ConfigError
 from gptkit.data import check_loader_args
 from gptkit.files import atomic_write
 from gptkit.lora import adapters_disabled
+from gptkit.losses import token_logps
 from gptkit.sft import SFTDataError, read_meta, read_sft_split
 from gptkit.system import print0
 
@@ -152,11 +153,8 @@ def _sum_dtype(rt):
 
 
 def sequence_logps(model, x, y):
-    """-> (summed log-prob of each row's targets (y != -1), their count), both (N,). The logits are
-    built here (the model's chunked loss gives one mean, not a sum per row), in fp32 for the softmax."""
-    logits, _ = model(x)  # (N, T, V)
-    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-    return token_logps.view_as(y).sum(1), (y != -1).sum(1)
+    """-> (summed log-prob of each row's targets (y != -1), their count), both (N,)."""
+    return token_logps(model, x, y).sum(1), (y != -1).sum(1)
 
 
 @torch.no_grad()

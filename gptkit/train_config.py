@@ -324,9 +324,8 @@ class RLConfig(FinetuneConfig):
 
     def validate(self):
         problems = super().validate()
-        for key in ("data", "out_dir"):
-            if not getattr(self, key).strip():
-                problems.append(f"{key} is empty: give a hub dataset or a local .json / .jsonl file of prompts")
+        if not self.data.strip():
+            problems.append("data is empty: give a hub dataset or a local .json / .jsonl file of prompts")
         if not self.reward:
             problems.append("reward is empty: name at least one (gsm8k, exact_match, answer_format or module:function)")
         if not 0 < self.max_new_tokens < self.block_size:

@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT
 from gptkit.configurator import ConfigError, load_config
 from gptkit.engine import Engine, Job, answer_all
-from gptkit.grpo import GRPOLoss, Reference, RolloutLoader, Sampler, Task, group_advantages, token_logps
+from gptkit.grpo import GRPOLoss, Reference, RolloutLoader, Sampler, Task, group_advantages
+from gptkit.losses import token_logps
 from gptkit.hf import export_hf
 from gptkit.rewards import RewardError, answer_format, check_reward, exact_match, final_number, gsm8k, load_reward
 from gptkit.system import setup_runtime
