@@ -10,6 +10,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
     python bench.py config/fineweb_124m.py --mode=decode --decode_rows=8   # 8 sequences in one batch, as serve.py's
     python bench.py config/fineweb_124m.py --mode=decode --quantize=int8   # weight-only int8, as --quantize=int8 decodes
+    python bench.py config/fineweb_124m.py --mode=decode --device=cpu --gguf_type=q8_0   # and llama.cpp on its GGUF, beside
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=4   # prepare_fineweb's tokenizer
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=1 --tokenizer=tokenizers/mytext
 
@@ -26,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -35,9 +37,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from gptkit.configurator import ConfigError, config_dict, configure
+from gptkit.configurator import ConfigError, UserError, config_dict, configure
 from gptkit.documents import resolve_num_proc, tokenize_documents
 from gptkit.generate import generate, generate_samples
+from gptkit.gguf_export import export_gguf, gguf_type_problems
 from gptkit.loading import add_adapters, model_vocab_size, run_tokenizer, scratch_model
 from gptkit.losses import grad_accum_steps
 from gptkit.optim import configure_optimizers, train_step
@@ -74,6 +77,7 @@ class BenchConfig(LoRAConfig, TrainConfig):
     coordinate_descent_tuning: bool = False  # inductor tunes its generated kernels' launch parameters (slower compile)
     decode_rows: int = 1      # decode: sequences decoded together, as serve.py's batch rows (tokens/s counts them all)
     quantize: str = "none"    # decode: int8 holds the matmul weights in int8, as sample.py / serve.py --quantize=int8
+    gguf_type: str = ""       # decode: also time llama.cpp (llama-cpp-python) on the same model exported as this GGUF type
 
     def validate(self):
         problems = super().validate()
@@ -90,6 +94,11 @@ class BenchConfig(LoRAConfig, TrainConfig):
         problems += quantize_problems(self.quantize)
         if self.quantize != "none" and self.mode != "decode":
             problems.append(f"quantize={self.quantize} is for mode=decode (the generation scripts' int8 weights)")
+        if self.gguf_type:
+            problems += gguf_type_problems(self.gguf_type)
+            if self.mode != "decode" or self.decode_rows != 1 or self.quantize != "none":
+                problems.append(f"gguf_type={self.gguf_type} is for mode=decode with decode_rows=1 and no quantize "
+                                "(llama.cpp's own q8_0 is the int8 to compare)")
         if self.decode_rows < 1:
             problems.append(f"decode_rows={self.decode_rows}: use 1 or more")
         if self.mode == "decode" and self.block_size < 2:
@@ -249,7 +258,37 @@ def bench_decode(cfg, rt):
         key = "kv_cache" if use_cache else "no_cache"
         result[f"{key}_tokens_per_sec"] = round(n / statistics.median(times), 1)
     bar.close()
+    if cfg.gguf_type:
+        result["llama_cpp_tokens_per_sec"] = bench_llama_cpp(cfg, model, prompt, new_tokens)
+        result["gguf_type"] = cfg.gguf_type
     return result
+
+
+def bench_llama_cpp(cfg, model, prompt, new_tokens):
+    """llama.cpp's greedy decode of the same model, prompt and length, from a GGUF of cfg.gguf_type
+    (export_hf.py --gguf's file), on as many threads as PyTorch uses -> tokens/s (median)."""
+    try:
+        import llama_cpp  # a test dependency (requirements-dev.txt), needed only for this comparison
+    except ImportError:
+        raise UserError("gguf_type needs llama-cpp-python: pip install -r requirements-dev.txt") from None
+    tok = run_tokenizer(cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        path, _ = export_gguf(model.float(), os.path.join(folder, "bench.gguf"), tok, cfg.gguf_type)
+        llm = llama_cpp.Llama(path, n_ctx=cfg.block_size, n_threads=torch.get_num_threads(), verbose=False)
+        try:
+            times = []
+            for i in range(cfg.warmup + cfg.steps):
+                t0 = time.perf_counter()
+                n = 0
+                for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                    n += 1
+                    if n == new_tokens:
+                        break
+                if i >= cfg.warmup:
+                    times.append(time.perf_counter() - t0)
+        finally:
+            llm.close()
+    return round(n / statistics.median(times), 1)
 
 
 def text_files(folder):

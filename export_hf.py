@@ -8,6 +8,7 @@ Export a gptkit checkpoint as a Hugging Face transformers GPT-2 folder.
     python export_hf.py --ckpt=out/dolly_lora --out=hf/dolly-merged --merge_lora=True  # ... or its merged weights
     python export_hf.py --ckpt=out/dolly --space=spaces/dolly      # a Docker Space that serves it (serve.py)
     python export_hf.py --ckpt=out/dolly --space=spaces/dolly --push_to_hub=your-name/dolly-chat   # and create it
+    python export_hf.py --ckpt=out/dolly --gguf=gguf/dolly.gguf --gguf_type=q8_0   # one GGUF file for llama.cpp and Ollama
 
 The folder holds config.json (GPT2LMHeadModel), model.safetensors, generation_config.json and
 GPT-2's tokenizer files with the chat tokens <|system|> <|user|> <|assistant|> <|end|> added (a
@@ -40,6 +41,13 @@ the Space's README.md (sdk: docker) and the copies of serve.py and gptkit it run
 --push_to_hub=user/name it creates that Docker Space and uploads the folder; set the Space's secret
 GPTKIT_API_KEY there, which the server requires. Try it here first with the command in DIR/README.md.
 
+--gguf=FILE.gguf writes the model as one GGUF file instead (gptkit/gguf_export.py), which llama.cpp,
+Ollama and LM Studio run: --gguf_type=f32, f16 (the default) or q8_0; a LoRA run merged; a chat
+model with its chat template and <|end|> as its end of turn. Beside it, FILE.Modelfile for Ollama:
+
+    ollama create dolly -f gguf/dolly.Modelfile && ollama run dolly
+    llama-cli -m gguf/dolly.gguf -cnv                        # llama.cpp's own chat, with the model's template
+
 The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub name when online):
 
     python train.py config/fineweb_124m.py --init_from=path/to/gpt2-folder
@@ -53,6 +61,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from gptkit.checkpoint import resolve_path, trained_system_prompt
 from gptkit.configurator import BaseConfig, configure
+from gptkit.gguf_export import export_gguf, gguf_type_problems
 from gptkit.hf import export_hf, export_peft_adapter
 from gptkit.loading import ckpt_arg_problems, load_model
 from gptkit.lock import hold_folder
@@ -74,11 +83,19 @@ class ExportConfig(BaseConfig):
     private: bool = False  # a new Hub repo is private
     merge_lora: bool = False  # a LoRA run: write the merged model (a full folder) instead of a peft adapter folder
     space: str = ""  # a folder to write a Docker Space into (the model in SPACE/model); push_to_hub then creates a Space
+    gguf: str = ""  # a .gguf file to write instead, for llama.cpp and Ollama (FILE.Modelfile beside it)
+    gguf_type: str = "f16"  # the GGUF's weights: f32, f16 or q8_0
 
     def validate(self):
         problems = super().validate()
         problems += ckpt_arg_problems(self.ckpt, example="out/dolly", hf=False)
-        if self.space:
+        problems += gguf_type_problems(self.gguf_type)
+        if self.gguf:
+            if self.out or self.space or self.push_to_hub:
+                problems.append("give gguf alone: --gguf writes one file, without --out, --space or --push_to_hub")
+            elif not self.gguf.endswith(".gguf") or os.path.isdir(self.gguf):
+                problems.append(f"gguf={self.gguf!r}: give a file name ending in .gguf, such as --gguf=gguf/dolly.gguf")
+        elif self.space:
             if self.out:
                 problems.append(f"give out or space, not both: --space={self.space} writes the model into "
                                 f"{os.path.join(self.space, MODEL_DIR)}")
@@ -106,10 +123,13 @@ class ExportConfig(BaseConfig):
 
 def main():
     cfg = configure(ExportConfig)
-    hold_folder(cfg.space or cfg.out)  # one writer: two exports at once would mix their files
+    # one writer: two exports at once would mix their files (a GGUF's: its folder)
+    hold_folder(os.path.dirname(os.path.abspath(cfg.gguf)) if cfg.gguf else cfg.space or cfg.out)
     setup_runtime("cpu", "float32", cfg.seed)  # export is a copy of fp32 weights: no GPU needed
     if cfg.space:
         return export_space(cfg)
+    if cfg.gguf:
+        return export_gguf_file(cfg)
     # tok: the tokenizer the checkpoint carries; a LoRA run's adapters stay apart unless merged
     model, tok, ckpt = load_model(cfg.ckpt, device="cpu", merge_lora=cfg.merge_lora)
     chat = ckpt.get("kind") == "chat"
@@ -146,6 +166,19 @@ def export_full(model, tok, ckpt, cfg, out, repo_id):
     files = export_hf(model, out, tok, chat=ckpt.get("kind") == "chat", system=trained_system_prompt(ckpt))
     facts = run_facts(model, tok, ckpt, os.path.dirname(resolve_path(cfg.ckpt)))
     return files + write_model_card(out, facts, repo_id, cfg.license, cfg.datasets, cfg.language)
+
+
+def export_gguf_file(cfg):
+    """--gguf: the model (a LoRA run merged) as one GGUF file and its Ollama Modelfile."""
+    model, tok, ckpt = load_model(cfg.ckpt, device="cpu", merge_lora=True)  # llama.cpp runs a whole model
+    chat = ckpt.get("kind") == "chat"
+    name = os.path.splitext(os.path.basename(cfg.gguf))[0]
+    path, modelfile = export_gguf(model, cfg.gguf, tok, cfg.gguf_type, chat=chat, system=trained_system_prompt(ckpt),
+                                  name=name)
+    print0(f"wrote a {'chat' if chat else 'base'} model to {path} ({cfg.gguf_type}, "
+           f"{os.path.getsize(path) / 2**20:.1f} MiB) and its Ollama Modelfile {modelfile}; run it with\n"
+           f"    ollama create {name} -f {modelfile} && ollama run {name}\n"
+           f"    llama-cli -m {path}{' -cnv' if chat else ''}")
 
 
 def export_space(cfg):

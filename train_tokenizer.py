@@ -35,14 +35,8 @@ from gptkit.files import atomic_write
 from gptkit.lock import hold_folder, release_folder
 from gptkit.sources import open_records, source_problems
 from gptkit.system import print0, run_main
-from gptkit.tokenizer import CONTROL_TOKENS, MAX_VOCAB, TOKENIZER_FILE, load_tokenizer
+from gptkit.tokenizer import CONTROL_TOKENS, MAX_VOCAB, PATTERNS, TOKENIZER_FILE, load_tokenizer
 
-PATTERNS = {
-    # GPT-2's split: contractions, words, numbers, punctuation runs, white space
-    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    # GPT-4's (cl100k): case-insensitive contractions, numbers of at most 3 digits, newlines apart
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
-}
 HELD_OUT = 0.01  # share of documents kept out of training, to measure bytes per token
 
 

@@ -38,6 +38,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_template(system=""):
+    """CHAT_TEMPLATE with its DEFAULT_SYSTEM set to system (the transformers and GGUF exports')."""
+    # a Jinja string literal: json.dumps escapes quotes, backslashes and newlines the way Jinja
+    # reads them, and ensure_ascii=False leaves other characters for Jinja to take as they are
+    return "{%- set DEFAULT_SYSTEM = " + json.dumps(system, ensure_ascii=False) + " -%}" + CHAT_TEMPLATE
+
+
 def json_writer(obj, indent=2):
     """write_fn for atomic_write_files: obj as UTF-8 JSON (the export's config files use it too)."""
     return lambda f: f.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -114,10 +121,7 @@ def tokenizer_files(tok, chat=False, model_max_length=1024, system=""):
         "extra_special_tokens": chat_tokens,
     }
     if chat:
-        # a Jinja string literal: json.dumps escapes quotes, backslashes and newlines the way Jinja
-        # reads them, and ensure_ascii=False leaves other characters for Jinja to take as they are
-        default = "{%- set DEFAULT_SYSTEM = " + json.dumps(system, ensure_ascii=False) + " -%}"
-        tokenizer_config["chat_template"] = default + CHAT_TEMPLATE
+        tokenizer_config["chat_template"] = chat_template(system)
     files["tokenizer_config.json"] = json_writer(tokenizer_config)
     files["special_tokens_map.json"] = json_writer({
         "bos_token": "<|endoftext|>", "eos_token": eos, "unk_token": "<|endoftext|>",

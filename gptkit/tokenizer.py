@@ -55,6 +55,13 @@ SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS.values()
 MIN_VOCAB_SIZE = END + 1  # GPT-2 + chat tokens
 MAX_VOCAB = 65536  # shards and SFT files store uint16 ids
 TOKENIZER_FILE = "tokenizer.json"  # the file a trained tokenizer (folder) and a data folder hold
+# train_tokenizer.py's split before BPE (--pattern); a trained tokenizer.json records which
+PATTERNS = {
+    # GPT-2's split: contractions, words, numbers, punctuation runs, white space
+    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    # GPT-4's (cl100k): case-insensitive contractions, numbers of at most 3 digits, newlines apart
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
+}
 
 
 class TokenizerError(UserError, ValueError):

@@ -391,6 +391,31 @@ def test_sample_and_serve_answer_a_lora_run_as_its_merged_model(lora_run):
         server.communicate()
 
 
+def test_a_lora_run_exports_to_gguf_as_its_merged_model(lora_run, tmp_path):
+    """export_hf.py --gguf merges the adapters: llama.cpp's logits are the merged model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "lora.gguf"
+    proc = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={lora_run / 'lora'}", f"--gguf={out}",
+                           "--gguf_type=f32"], cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged, tok, _ = load_model(str(lora_run / "lora"), verbose=False, merge_lora=True)
+    base, _, _ = load_model(str(lora_run / "base"), verbose=False)
+    ids = tok.render_prompt([{"role": "system", "content": SYSTEM}] + QUESTION)
+    with torch.no_grad():
+        ours = merged(torch.tensor([ids]))[0][0, :, :tok.n_vocab].numpy()
+        base_logits = base(torch.tensor([ids]))[0][0, :, :tok.n_vocab].numpy()
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    scale = np.abs(ours).max()
+    assert np.abs(theirs - ours).max() < 1e-3 * scale  # tests/test_gguf.py's f32 bound
+    assert np.abs(base_logits - ours).max() > 1e-2 * scale  # the adapters are in it
+
+
 def hellaswag_items_the_model_gets_right(model, tok, path, n=12):
     """n random HellaSwag items whose label is the ending model picks by summed log-prob (its acc is 1).
     Endings of one length: the pick then depends on the model's weights, not on which ending is shortest."""
