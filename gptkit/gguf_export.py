@@ -121,6 +121,8 @@ def gguf_tensors(model, n_vocab):
            "position_embd.weight": sd["transformer.wpe.weight"],
            "output_norm.weight": sd["transformer.ln_f.weight"],
            "output_norm.bias": get("transformer.ln_f.bias", cfg.n_embd)}
+    if not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):  # untied: llama.cpp reads its own
+        out["output.weight"] = sd["lm_head.weight"][:n_vocab]
     parts = {"attn_norm": ("ln_1", cfg.n_embd), "attn_qkv": ("attn.c_attn", 3 * cfg.n_embd),
              "attn_output": ("attn.c_proj", cfg.n_embd), "ffn_norm": ("ln_2", cfg.n_embd),
              "ffn_up": ("mlp.c_fc", 4 * cfg.n_embd), "ffn_down": ("mlp.c_proj", cfg.n_embd)}
@@ -187,9 +189,9 @@ def export_gguf(model, path, tok, gguf_type="f16", chat=False, system="", name="
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.fout[0].flush()
-        os.fsync(writer.fout[0].fileno())
         writer.close()
+        with open(tmp, "rb") as f:  # on disk before the rename, as atomic_write does
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         writer.close()

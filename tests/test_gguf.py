@@ -271,3 +271,19 @@ def test_export_script_writes_a_gguf_llama_cpp_runs(tmp_path):
         result = run_export(f"--ckpt={run}", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert sorted(os.listdir(tmp_path / "gguf")) == ["tiny.Modelfile", "tiny.gguf"]
+
+
+def test_an_untied_output_layer_goes_out_as_its_own_tensor(tmp_path):
+    model, tok = lively(), load_tokenizer("gpt2")
+    with torch.no_grad():  # an imported or edited model whose output layer is not the token embedding
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight + 0.1 * torch.randn_like(model.lm_head.weight))
+    path, _ = export_gguf(model, str(tmp_path / "untied.gguf"), tok, "f32")
+    llm = open_gguf(path)
+    try:
+        ids = tok.encode(PROMPTS[1])
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]))[0][0, :, :tok.n_vocab].numpy()
+        llm.eval(ids)
+        assert np.abs(np.array(llm.scores[:len(ids)]) - ours).max() < BOUNDS["f32"] * np.abs(ours).max()
+    finally:
+        llm.close()
