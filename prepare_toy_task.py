@@ -33,10 +33,16 @@ class ToyTaskConfig(BaseConfig):
     sft_examples: int = 4000        # chat records for the first, supervised model
     rl_prompts: int = 4000          # prompts rl.py trains on
     val_prompts: int = 200          # held-out prompts for pass@1
+    sft_copied: float = 0.6         # share of the chat records whose answer copies the letters instead of
+                                    # reversing them: demonstrations with a mistake in them, as real ones have,
+                                    # so that the SFT model can do the task but does not always, and the
+                                    # exact-match reward has something to fix
     seed: int = 1337
 
     def validate(self):
         problems = super().validate()
+        if not 0 <= self.sft_copied < 1:
+            problems.append(f"sft_copied={self.sft_copied}: use a share in [0, 1)")
         if not 1 <= self.min_letters <= self.max_letters:
             problems.append(f"min_letters={self.min_letters} and max_letters={self.max_letters}: use 1 <= min <= max")
         need = self.sft_examples + self.rl_prompts + self.val_prompts
@@ -60,8 +66,7 @@ def strings(cfg):
     return out
 
 
-def main():
-    cfg = configure(ToyTaskConfig)
+def main(cfg):
     words = strings(cfg)
     sft, train, val = (words[:cfg.sft_examples], words[cfg.sft_examples:cfg.sft_examples + cfg.rl_prompts],
                        words[cfg.sft_examples + cfg.rl_prompts:])
@@ -72,9 +77,14 @@ def main():
     def task(w):
         return {"prompt": PROMPT + w, "answer": " ".join(reversed(w.split()))}
 
+    copied = random.Random(cfg.seed + 1)  # its own stream: the strings stay the same whatever the share
+
+    def demonstration(w):  # what the SFT model learns from: right, or the letters copied as they are
+        return w if copied.random() < cfg.sft_copied else task(w)["answer"]
+
     files = {
         "sft.jsonl": lines({"messages": [{"role": "user", "content": PROMPT + w},
-                                         {"role": "assistant", "content": task(w)["answer"]}]} for w in sft),
+                                         {"role": "assistant", "content": demonstration(w)}]} for w in sft),
         "rl_train.jsonl": lines(task(w) for w in train),
         "text.txt": "".join(f"{PROMPT}{w}\n{task(w)['answer']}\n" for w in sft).encode("utf-8"),
         "rl_val.jsonl": lines(task(w) for w in val),
@@ -88,4 +98,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, configure(ToyTaskConfig))

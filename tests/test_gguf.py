@@ -147,6 +147,15 @@ def test_tokenization_equals_ours_gpt2(gpt2_files):
         llm.close()
 
 
+def assert_f32_logits_equal(llm, model, tok, prompt):
+    """llama.cpp's logits on one prompt equal the model's within the f32 bound."""
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0, :, :tok.n_vocab].numpy()
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[:len(ids)]) - ours).max() < BOUNDS["f32"] * np.abs(ours).max()
+
+
 def test_tokenization_equals_ours_trained_tokenizer(trained, tmp_path):
     _, tok = trained
     model = lively(vocab_size=tok.vocab_size)
@@ -154,11 +163,7 @@ def test_tokenization_equals_ours_trained_tokenizer(trained, tmp_path):
     llm = open_gguf(path)
     try:
         check_tokenization(llm, tok)
-        ids = tok.encode(PROMPTS[5])
-        with torch.no_grad():
-            ours = model(torch.tensor([ids]))[0][0, :, :tok.n_vocab].numpy()
-        llm.eval(ids)
-        assert np.abs(np.array(llm.scores[:len(ids)]) - ours).max() < BOUNDS["f32"] * np.abs(ours).max()
+        assert_f32_logits_equal(llm, model, tok, PROMPTS[5])
     finally:
         llm.close()
 
@@ -280,10 +285,6 @@ def test_an_untied_output_layer_goes_out_as_its_own_tensor(tmp_path):
     path, _ = export_gguf(model, str(tmp_path / "untied.gguf"), tok, "f32")
     llm = open_gguf(path)
     try:
-        ids = tok.encode(PROMPTS[1])
-        with torch.no_grad():
-            ours = model(torch.tensor([ids]))[0][0, :, :tok.n_vocab].numpy()
-        llm.eval(ids)
-        assert np.abs(np.array(llm.scores[:len(ids)]) - ours).max() < BOUNDS["f32"] * np.abs(ours).max()
+        assert_f32_logits_equal(llm, model, tok, PROMPTS[1])
     finally:
         llm.close()

@@ -244,30 +244,32 @@ def run(args, cwd, timeout=300, check=True):
 
 @pytest.fixture(scope="module")
 def toy_sft(tmp_path_factory):
-    """The README's toy pipeline, smaller: 3-4 letters, a tiny chat model from scratch."""
+    """The README's toy pipeline, smaller: 3 letters (the same positions every time: learned in 300
+    steps rather than 800), a tiny chat model from scratch that mostly copies (60% of its demonstrations do)."""
     work = tmp_path_factory.mktemp("toy")
     script = lambda name: os.path.join(ROOT, name)  # noqa: E731
-    run([script("prepare_toy_task.py"), "--out_dir=data/reverse", "--min_letters=3", "--max_letters=4",
+    run([script("prepare_toy_task.py"), "--out_dir=data/reverse", "--min_letters=3", "--max_letters=3",
          "--sft_examples=3000", "--rl_prompts=1000", "--val_prompts=100"], work)
     run([script("train_tokenizer.py"), "--source=data/reverse/text.txt", "--vocab_size=261",
          "--out=data/reverse/tokenizer"], work)
     recipe = os.path.join(ROOT, "config/reverse_sft.py")
     run([script("prepare_instruct.py"), recipe, "--tokenizer=data/reverse/tokenizer"], work)
-    run([script("finetune.py"), recipe, "--compile=False"], work)  # 400 steps: some right, not all
+    run([script("finetune.py"), recipe, "--max_steps=300", "--compile=False"], work)
     return work
 
 
 @pytest.mark.slow
-def test_toy_task_end_to_end(toy_sft):
-    # the pipeline runs and logs what a user watches; how far pass@1 rises is measured in
-    # docs/benchmarks.md (a rise of a few points on 100 prompts is too close to call in a test)
+def test_toy_task_end_to_end_raises_pass_at_1(toy_sft):
+    # the issue's bar, 20 points on held-out prompts, in 30 steps (measured: 0.15 -> 0.58 -> 0.77);
+    # the README-sized run's curve is in docs/benchmarks.md
     run([os.path.join(ROOT, "rl.py"), os.path.join(ROOT, "config/reverse_rl.py"), "--val_prompts=100",
-         "--max_steps=10", "--eval_interval=10", "--compile=False", "--questions=0"], toy_sft)
+         "--max_steps=30", "--eval_interval=15", "--compile=False", "--questions=0"], toy_sft)
     records = [json.loads(line) for line in open(toy_sft / "out/reverse_rl/log.jsonl")]
     passes = [r["pass@1"] for r in records if "pass@1" in r]
-    assert len(passes) == 2 and 0 < passes[0] < 0.9, passes  # the SFT model gets some right, not all
+    assert len(passes) == 3 and passes[0] < 0.5, passes  # greedy, the SFT model mostly copies
+    assert passes[-1] >= passes[0] + 0.2, passes
     steps = [r for r in records if "reward" in r]
-    assert len(steps) == 10 and all(k in steps[0] for k in ("kl", "clip_ratio", "completions/mean_length"))
+    assert len(steps) == 30 and all(k in steps[0] for k in ("kl", "clip_ratio", "completions/mean_length"))
     assert any(r["reward_std"] > 0 for r in steps) and max(r["kl"] for r in steps) > 0  # signal, and the model moved
 
 
@@ -280,3 +282,20 @@ def test_a_bad_reward_is_one_error_line(toy_sft, tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "returned None" in errors[0] and "Write backwards:" in errors[0], errors
+
+
+def test_toy_task_copies_the_share_it_is_asked_to(tmp_path):
+    import prepare_toy_task
+    from gptkit.configurator import load_config
+    out = tmp_path / "toy"
+    prepare_toy_task.main(load_config(prepare_toy_task.ToyTaskConfig, [f"--out_dir={out}", "--sft_examples=1000"]))
+    chats = [json.loads(line)["messages"] for line in open(out / "sft.jsonl")]
+    letters = [(m[0]["content"].removeprefix(prepare_toy_task.PROMPT), m[1]["content"]) for m in chats]
+    copied = sum(a == w for w, a in letters if w != w[::-1])
+    reversed_ = sum(a == " ".join(reversed(w.split())) for w, a in letters if w != w[::-1])
+    palindromes = sum(w == w[::-1] for w, _ in letters)
+    assert copied + reversed_ + palindromes == 1000 and 0.55 < copied / (copied + reversed_) < 0.65
+    for rl in ("rl_train.jsonl", "rl_val.jsonl"):  # the prompts rl.py learns and is scored on: always right
+        assert all(json.loads(line)["answer"] == " ".join(reversed(json.loads(line)["prompt"].split()[2:]))
+                   for line in open(out / rl))
+    assert any("sft_copied=1.0" in p for p in prepare_toy_task.ToyTaskConfig(sft_copied=1.0).validate())
