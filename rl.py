@@ -61,7 +61,9 @@ def main():
                       max_queue=max(cfg.prompts_per_step * cfg.group_size // rt.world_size, len(val), 1))
     loss_fn = GRPOLoss(cfg.loss_type, cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, cfg.max_new_tokens,
                        sampler, cfg.pass_reward)
-    loader = RolloutLoader(sampler, Reference(model), train_tasks, loss_fn, cfg, rt)
+    resumed = cfg.init_from == "resume"
+    reference = Reference(model, ckpt["loader"].get("reference") if resumed else cfg.init_from, resumed, rt, cfg.beta)
+    loader = RolloutLoader(sampler, reference, train_tasks, loss_fn, cfg, rt)
     questions = [(t.ids, tokenizer.encode(str(t.row.get("answer", "")))) for t in val_tasks[:cfg.questions]]
     print_answers(model, tokenizer, rt, questions, cfg.answer_tokens, "answers before RL")
     try:

@@ -122,12 +122,29 @@ def one_round(model, settings, prompts):
     tasks = [Task(p, {"answer": "a e"}, TOK.render_prompt([{"role": "user", "content": p}])) for p in prompts]
     sampler = Sampler(model, TOK, rt, [("letter_count", letter_count)], rows=12, context=64, max_queue=12)
     loss = GRPOLoss(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
-    loader = RolloutLoader(sampler, Reference(model), tasks, loss, settings, rt)
+    loader = RolloutLoader(sampler, Reference(model, None), tasks, loss, settings, rt)
     try:
         batch = loader.next_batch()
     finally:
         sampler.close()
     return batch, tasks, rt
+
+
+def test_a_resumed_run_takes_its_reference_from_the_start(policy_and_export, tmp_path):
+    ours, _, _, folder = policy_and_export
+    rt = setup_runtime("cpu", "float32", 0)
+    moved = GPT(ours.config, verbose=False)  # the resumed policy: other weights, the same shape
+    reference = Reference(moved, str(folder / "policy"), resumed=True, rt=rt)
+    assert torch.equal(reference.copy.lm_head.weight, ours.lm_head.weight)
+    assert not torch.equal(reference.copy.lm_head.weight, moved.lm_head.weight)
+    assert Reference(moved, "out/dolly").copy is not moved  # a new run: a frozen copy of its own start
+    gone = str(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="--beta=0"):  # the loss needs the start: no stand-in
+        Reference(moved, gone, resumed=True, rt=rt, beta=0.04)
+    assert torch.equal(Reference(moved, gone, resumed=True, rt=rt).copy.lm_head.weight, moved.lm_head.weight)
+    other = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=64, bias=True), verbose=False)
+    with pytest.raises(ConfigError, match="another shape"):
+        Reference(other, str(folder / "policy"), resumed=True, rt=rt, beta=0.04)
 
 
 def split_rows(x, y):
@@ -271,6 +288,25 @@ def test_toy_task_end_to_end_raises_pass_at_1(toy_sft):
     steps = [r for r in records if "reward" in r]
     assert len(steps) == 30 and all(k in steps[0] for k in ("kl", "clip_ratio", "completions/mean_length"))
     assert any(r["reward_std"] > 0 for r in steps) and max(r["kl"] for r in steps) > 0  # signal, and the model moved
+
+
+@pytest.mark.slow
+def test_stop_and_resume_give_the_figures_of_an_uninterrupted_run(toy_sft):
+    """--stop_step then --init_from=resume: the same samples, rewards, losses and pass@1, and the kl is
+    still to the starting model (reloaded from the path the checkpoint keeps), not to the resumed weights."""
+    common = [os.path.join(ROOT, "rl.py"), os.path.join(ROOT, "config/reverse_rl.py"), "--max_steps=6",
+              "--eval_interval=3", "--val_prompts=20", "--compile=False", "--questions=0", "--ckpt_interval=3"]
+    run(common + ["--out_dir=out/rl_whole"], toy_sft)
+    stopped = run(common + ["--out_dir=out/rl_resumed", "--stop_step=3"], toy_sft)
+    assert "stopped at step 3" in stopped.stdout + stopped.stderr
+    run(common + ["--out_dir=out/rl_resumed", "--init_from=resume"], toy_sft)
+    logs = [[json.loads(line) for line in open(toy_sft / f"out/{name}/log.jsonl")] for name in ("rl_whole", "rl_resumed")]
+    for key in ("loss", "reward", "kl", "completions/mean_length", "pass@1"):
+        one, two = ({r["step"]: r[key] for r in log if key in r} for log in logs)
+        assert sorted(one) == sorted(two) and one, key
+        for step in one:
+            assert abs(one[step] - two[step]) < 1e-6, (key, step, one[step], two[step])
+    assert max(r["kl"] for r in logs[1] if "kl" in r and r["step"] > 3) > 0
 
 
 @pytest.mark.slow
