@@ -320,6 +320,42 @@ def test_a_bad_reward_is_one_error_line(toy_sft, tmp_path):
     assert len(errors) == 1 and "returned None" in errors[0] and "Write backwards:" in errors[0], errors
 
 
+@pytest.mark.slow
+def test_lora_on_gsm8k_records_with_the_harness_scoring_gsm8k(tmp_path):
+    """rl.py --lora_rank on records in GSM8K's schema (question, answer), the user's own reward by
+    module:function, and the harness's gsm8k at the last step: the adapters train (kl to the start,
+    which is the adapters off, moves), the checkpoint is a LoRA run's, and plot_log.py draws the scores."""
+    from gptkit.plot import Run, score_panels
+    from test_eval import GSM8K, _write_jsonl
+    torch.manual_seed(0)
+    export_hf(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256, bias=True), verbose=False),
+              str(tmp_path / "start"), TOK, chat=True)
+    _write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": q, "answer": a} for q, a in GSM8K * 4])
+    (tmp_path / "my_reward.py").write_text("def vowels(prompt, completion, row):\n"
+                                          "    return float(sum(c in 'aeiou' for c in completion) % 4)\n")
+    evals = tmp_path / "evals"
+    _write_jsonl(evals / "openai/gsm8k/main/test.jsonl", [{"question": q, "answer": a} for q, a in GSM8K])
+    _write_jsonl(evals / "openai/gsm8k/main/train.jsonl", [{"question": q, "answer": a} for q, a in GSM8K])
+    run([os.path.join(ROOT, "rl.py"), f"--data={tmp_path / 'gsm8k.jsonl'}", "--val_data=", "--val_fraction=0.3",
+         f"--reward={tmp_path / 'my_reward.py'}:vowels", f"--init_from={tmp_path / 'start'}", "--out_dir=out/lora",
+         "--lora_rank=4", "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_steps=0", "--device=cpu",
+         "--block_size=256", "--max_new_tokens=8", "--prompts_per_step=2", "--group_size=4", "--micro_batch_size=8",
+         "--max_steps=3", "--eval_interval=3", "--val_prompts=2", "--questions=0", "--compile=False",
+         "--eval_tasks=gsm8k", f"--eval_tasks_data={evals}", "--eval_tasks_limit=2", "--eval_tasks_num_fewshot=0",
+         "--eval_tasks_max_gen_toks=8"], tmp_path)
+    records = [json.loads(line) for line in open(tmp_path / "out/lora/log.jsonl")]
+    steps = [r for r in records if "reward" in r]
+    assert len(steps) == 3 and steps[0]["kl"] == 0 and max(r["kl"] for r in steps[1:]) > 0  # the adapters moved it
+    assert "eval/gsm8k/exact_match_strict-match" in records[-1] and records[-1]["step"] == 3
+    ckpt = torch.load(tmp_path / "out/lora/ckpt.pt", weights_only=True)
+    assert ckpt["lora"]["rank"] == 4 and all("lora" in name for name in ckpt["model"])
+    # plot_log.py's panels: the reward, pass@1 and the harness's score under the loss
+    panels = [key for key, _, _ in score_panels([Run("lora", str(tmp_path / "out/lora"), 1, records)])]
+    assert panels == ["reward", "pass@1", "eval/gsm8k/exact_match_strict-match"], panels
+    run([os.path.join(ROOT, "plot_log.py"), "--out_dir=out/lora"], tmp_path)
+    assert (tmp_path / "out/lora/loss.png").stat().st_size > 0
+
+
 def test_toy_task_copies_the_share_it_is_asked_to(tmp_path):
     import prepare_toy_task
     from gptkit.configurator import load_config
