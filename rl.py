@@ -31,14 +31,31 @@ to the first held-out prompts, each with the data's answer.
 """
 
 from gptkit.checkpoint import trained_system_prompt
-from gptkit.configurator import configure
+from gptkit.configurator import ConfigError, UserError, configure
 from gptkit.grpo import GRPOLoss, Reference, RolloutLoader, Sampler, engine_rows, train_val_tasks, val_share
-from gptkit.loading import init_model, model_kind, model_summary
+from gptkit.loading import init_model, load_model, model_kind, model_summary
 from gptkit.rewards import load_reward
 from gptkit.sft import print_answers
 from gptkit.system import cleanup_distributed, exit_if_stopped, print0, run_main, setup_runtime
 from gptkit.train_config import RLConfig
 from gptkit.trainer import train
+
+
+def resumed_start(cfg, source, rt):
+    """A resumed run's starting model, the reference of kl (and of the loss with beta > 0), loaded again
+    from source -> the model, or None (beta 0: kl is then measured from the resumed weights)."""
+    try:
+        if source:
+            return load_model(source, device=rt.device, verbose=False)[0]
+        why = "its checkpoint names none (saved before rl.py kept it)"
+    except (UserError, OSError) as e:
+        why = str(e)
+    if cfg.beta > 0:  # the loss itself needs the start: a silent stand-in would change what is trained
+        raise ConfigError(f"init_from=resume with beta={cfg.beta} needs the starting model as the KL's reference, "
+                          f"and it did not load: {why}. Put it back where the run started from ({source}), or "
+                          "resume with --beta=0")
+    print0(f"note: the starting model did not load ({why}); kl is measured from the resumed weights")
+    return None
 
 
 def main():
@@ -61,8 +78,8 @@ def main():
                       max_queue=max(cfg.prompts_per_step * cfg.group_size // rt.world_size, len(val), 1))
     loss_fn = GRPOLoss(cfg.loss_type, cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, cfg.max_new_tokens,
                        sampler, cfg.pass_reward)
-    resumed = cfg.init_from == "resume"
-    reference = Reference(model, ckpt["loader"].get("reference") if resumed else cfg.init_from, resumed, rt, cfg.beta)
+    source = ckpt["loader"].get("reference") if cfg.init_from == "resume" else cfg.init_from
+    reference = Reference(model, source, resumed_start(cfg, source, rt) if cfg.init_from == "resume" else None)
     loader = RolloutLoader(sampler, reference, train_tasks, loss_fn, cfg, rt)
     questions = [(t.ids, tokenizer.encode(str(t.row.get("answer", "")))) for t in val_tasks[:cfg.questions]]
     print_answers(model, tokenizer, rt, questions, cfg.answer_tokens, "answers before RL")

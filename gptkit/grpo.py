@@ -25,7 +25,7 @@ and the loss with GRPOTrainer's on the same prompts, answers and model).
 
 The reference (the starting model) gives the KL to the start, logged every step whether or not beta
 uses it: with LoRA it is the policy with its adapters off (gptkit/lora.py), without it a frozen copy
-(a resumed run loads it again from the starting model's path, which its checkpoint keeps).
+(a resumed run is given it again, loaded from the starting model's path, which its checkpoint keeps).
 """
 
 import copy
@@ -34,14 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gptkit.configurator import ConfigError, UserError
+from gptkit.configurator import ConfigError
 from gptkit.engine import Engine, Job, answer_all
-from gptkit.loading import load_model
 from gptkit.lora import adapters_disabled, settings_of
 from gptkit.losses import token_logps
 from gptkit.records import BadRecord, InstructDataError, read_records, stable_fraction
 from gptkit.rewards import check_reward
-from gptkit.system import print0
 
 PROMPT_KEYS = ("prompt", "question")  # the prompt's field: a prompt+answer JSONL's, or GSM8K's
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
@@ -158,32 +156,18 @@ def answer_rows(tasks, answers, device):
 
 class Reference:
     """The starting model's log-probs: the policy with its adapters off (LoRA), or a frozen copy of the
-    starting weights. source: where those came from (init_from), kept in the run's checkpoint; a
-    resumed run's policy has moved on, so it loads them again from there (resumed=True)."""
+    starting weights. source: where those came from (init_from), kept in the run's checkpoint. start:
+    the starting model loaded again (a resumed run, whose policy has moved on: rl.py loads it from
+    source); None: the policy as it is now."""
 
-    def __init__(self, model, source, resumed=False, rt=None, beta=0.0):
+    def __init__(self, model, source, start=None):
         self.source, self.copy = source, None
         if settings_of(model):
             return
-        if not resumed:
-            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
-            return
-        try:
-            start = load_model(source, device=rt.device, verbose=False)[0] if source else None
-        except (UserError, OSError) as e:
-            start, why = None, str(e)
-        else:
-            why = "its checkpoint names none (saved before rl.py kept it)"
         if start is not None and start.config.to_dict() != model.config.to_dict():
-            start, why = None, f"{source} is not the model this run started from (another shape)"
-        if start is None:
-            if beta > 0:  # the loss itself needs the start: a silent stand-in would change what is trained
-                raise ConfigError(f"init_from=resume with beta={beta} needs the starting model as the KL's "
-                                  f"reference, and it did not load: {why}. Put it back where the run started "
-                                  f"from ({source}), or resume with --beta=0")
-            print0(f"note: the starting model did not load ({why}); kl is measured from the resumed weights")
-            start = model
-        self.copy = copy.deepcopy(start).eval().requires_grad_(False)
+            raise ConfigError(f"{source} is not the model this run started from (another shape): give the run's "
+                              "own starting model")
+        self.copy = copy.deepcopy(start if start is not None else model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def logps(self, policy, x, y, rt, temperature):

@@ -131,20 +131,23 @@ def one_round(model, settings, prompts):
 
 
 def test_a_resumed_run_takes_its_reference_from_the_start(policy_and_export, tmp_path):
+    import rl
+    from gptkit.loading import load_model
     ours, _, _, folder = policy_and_export
     rt = setup_runtime("cpu", "float32", 0)
     moved = GPT(ours.config, verbose=False)  # the resumed policy: other weights, the same shape
-    reference = Reference(moved, str(folder / "policy"), resumed=True, rt=rt)
+    cfg = load_config(RLConfig, ["--data=x.jsonl", "--init_from=resume"])
+    reference = Reference(moved, str(folder / "policy"), rl.resumed_start(cfg, str(folder / "policy"), rt))
     assert torch.equal(reference.copy.lm_head.weight, ours.lm_head.weight)
     assert not torch.equal(reference.copy.lm_head.weight, moved.lm_head.weight)
     assert Reference(moved, "out/dolly").copy is not moved  # a new run: a frozen copy of its own start
     gone = str(tmp_path / "gone")
+    assert rl.resumed_start(cfg, gone, rt) is None  # beta 0: kl from the resumed weights, with a note
     with pytest.raises(ConfigError, match="--beta=0"):  # the loss needs the start: no stand-in
-        Reference(moved, gone, resumed=True, rt=rt, beta=0.04)
-    assert torch.equal(Reference(moved, gone, resumed=True, rt=rt).copy.lm_head.weight, moved.lm_head.weight)
+        rl.resumed_start(load_config(RLConfig, ["--data=x.jsonl", "--init_from=resume", "--beta=0.04"]), gone, rt)
     other = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=64, bias=True), verbose=False)
     with pytest.raises(ConfigError, match="another shape"):
-        Reference(other, str(folder / "policy"), resumed=True, rt=rt, beta=0.04)
+        Reference(other, str(folder / "policy"), load_model(str(folder / "policy"), verbose=False)[0])
 
 
 def split_rows(x, y):
@@ -295,7 +298,8 @@ def test_stop_and_resume_give_the_figures_of_an_uninterrupted_run(toy_sft):
     """--stop_step then --init_from=resume: the same samples, rewards, losses and pass@1, and the kl is
     still to the starting model (reloaded from the path the checkpoint keeps), not to the resumed weights."""
     common = [os.path.join(ROOT, "rl.py"), os.path.join(ROOT, "config/reverse_rl.py"), "--max_steps=6",
-              "--eval_interval=3", "--val_prompts=20", "--compile=False", "--questions=0", "--ckpt_interval=3"]
+              "--eval_interval=3", "--val_prompts=20", "--compile=False", "--questions=0", "--ckpt_interval=3",
+              "--prompts_per_step=4", "--micro_batch_size=16"]  # small steps: the figures, not the learning, are checked
     run(common + ["--out_dir=out/rl_whole"], toy_sft)
     stopped = run(common + ["--out_dir=out/rl_resumed", "--stop_step=3"], toy_sft)
     assert "stopped at step 3" in stopped.stdout + stopped.stderr
@@ -345,7 +349,9 @@ def test_lora_on_gsm8k_records_with_the_harness_scoring_gsm8k(tmp_path):
          "--eval_tasks_max_gen_toks=8"], tmp_path)
     records = [json.loads(line) for line in open(tmp_path / "out/lora/log.jsonl")]
     steps = [r for r in records if "reward" in r]
-    assert len(steps) == 3 and steps[0]["kl"] == 0 and max(r["kl"] for r in steps[1:]) > 0  # the adapters moved it
+    # step 1: the adapters start at zero, so the policy is the start (up to the matmuls' rounding, which
+    # may differ with a buffer's alignment); then they move it
+    assert len(steps) == 3 and steps[0]["kl"] < 1e-6 and max(r["kl"] for r in steps[1:]) > 1e-3, steps
     assert "eval/gsm8k/exact_match_strict-match" in records[-1] and records[-1]["step"] == 3
     ckpt = torch.load(tmp_path / "out/lora/ckpt.pt", weights_only=True)
     assert ckpt["lora"]["rank"] == 4 and all("lora" in name for name in ckpt["model"])
