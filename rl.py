@@ -34,6 +34,7 @@ from gptkit.checkpoint import trained_system_prompt
 from gptkit.configurator import ConfigError, UserError, configure
 from gptkit.grpo import GRPOLoss, Reference, RolloutLoader, Sampler, engine_rows, train_val_tasks, val_share
 from gptkit.loading import init_model, load_model, model_kind, model_summary
+from gptkit.lora import settings_of
 from gptkit.rewards import load_reward
 from gptkit.sft import print_answers
 from gptkit.system import cleanup_distributed, exit_if_stopped, print0, run_main, setup_runtime
@@ -58,6 +59,15 @@ def resumed_start(cfg, source, rt):
     return None
 
 
+def reference_of(cfg, ckpt, model, rt):
+    """The run's Reference: a new run's is its starting weights; a resumed run's is loaded again from
+    where its checkpoint says the run started, except with LoRA (the adapters off: nothing to load)."""
+    if cfg.init_from != "resume":
+        return Reference(model, cfg.init_from)
+    source = ckpt["loader"].get("reference")
+    return Reference(model, source, None if settings_of(model) else resumed_start(cfg, source, rt))
+
+
 def main():
     cfg = configure(RLConfig)
     rewards = [(spec, load_reward(spec)) for spec in cfg.reward]  # a bad name or module fails before the model loads
@@ -78,9 +88,7 @@ def main():
                       max_queue=max(cfg.prompts_per_step * cfg.group_size // rt.world_size, len(val), 1))
     loss_fn = GRPOLoss(cfg.loss_type, cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.temperature, cfg.max_new_tokens,
                        sampler, cfg.pass_reward)
-    source = ckpt["loader"].get("reference") if cfg.init_from == "resume" else cfg.init_from
-    reference = Reference(model, source, resumed_start(cfg, source, rt) if cfg.init_from == "resume" else None)
-    loader = RolloutLoader(sampler, reference, train_tasks, loss_fn, cfg, rt)
+    loader = RolloutLoader(sampler, reference_of(cfg, ckpt, model, rt), train_tasks, loss_fn, cfg, rt)
     questions = [(t.ids, tokenizer.encode(str(t.row.get("answer", "")))) for t in val_tasks[:cfg.questions]]
     print_answers(model, tokenizer, rt, questions, cfg.answer_tokens, "answers before RL")
     try:

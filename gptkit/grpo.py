@@ -164,7 +164,8 @@ class Reference:
         self.source, self.copy = source, None
         if settings_of(model):
             return
-        if start is not None and start.config.to_dict() != model.config.to_dict():
+        shape = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "dropout"}  # noqa: E731 (eval: no dropout)
+        if start is not None and shape(start) != shape(model):
             raise ConfigError(f"{source} is not the model this run started from (another shape): give the run's "
                               "own starting model")
         self.copy = copy.deepcopy(start if start is not None else model).eval().requires_grad_(False)

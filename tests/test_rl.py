@@ -132,22 +132,27 @@ def one_round(model, settings, prompts):
 
 def test_a_resumed_run_takes_its_reference_from_the_start(policy_and_export, tmp_path):
     import rl
-    from gptkit.loading import load_model
+    from gptkit.lora import LoRASettings, apply_lora
     ours, _, _, folder = policy_and_export
     rt = setup_runtime("cpu", "float32", 0)
-    moved = GPT(ours.config, verbose=False)  # the resumed policy: other weights, the same shape
-    cfg = load_config(RLConfig, ["--data=x.jsonl", "--init_from=resume"])
-    reference = Reference(moved, str(folder / "policy"), rl.resumed_start(cfg, str(folder / "policy"), rt))
+    resume = load_config(RLConfig, ["--data=x.jsonl", "--init_from=resume"])
+    saved = lambda path: {"loader": {"reference": str(path)}}  # noqa: E731 (what the checkpoint keeps)
+    # the resumed policy: other weights, the same shape (dropout aside: the finetune that made the start had some)
+    moved = GPT(GPTConfig(**{**ours.config.to_dict(), "dropout": 0.1}), verbose=False)
+    reference = rl.reference_of(resume, saved(folder / "policy"), moved, rt)
     assert torch.equal(reference.copy.lm_head.weight, ours.lm_head.weight)
     assert not torch.equal(reference.copy.lm_head.weight, moved.lm_head.weight)
-    assert Reference(moved, "out/dolly").copy is not moved  # a new run: a frozen copy of its own start
-    gone = str(tmp_path / "gone")
-    assert rl.resumed_start(cfg, gone, rt) is None  # beta 0: kl from the resumed weights, with a note
+    assert rl.reference_of(load_config(RLConfig, ["--data=x.jsonl"]), None, moved, rt).copy is not moved  # a new run's own start
+    gone = saved(tmp_path / "gone")
+    assert torch.equal(rl.reference_of(resume, gone, moved, rt).copy.lm_head.weight, moved.lm_head.weight)  # beta 0: a note
+    with_kl = load_config(RLConfig, ["--data=x.jsonl", "--init_from=resume", "--beta=0.04"])
     with pytest.raises(ConfigError, match="--beta=0"):  # the loss needs the start: no stand-in
-        rl.resumed_start(load_config(RLConfig, ["--data=x.jsonl", "--init_from=resume", "--beta=0.04"]), gone, rt)
+        rl.reference_of(with_kl, gone, moved, rt)
+    lora = apply_lora(GPT(ours.config, verbose=False), LoRASettings(rank=2))
+    assert rl.reference_of(with_kl, gone, lora, rt).copy is None  # LoRA: its adapters off, nothing to load
     other = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=64, bias=True), verbose=False)
     with pytest.raises(ConfigError, match="another shape"):
-        Reference(other, str(folder / "policy"), load_model(str(folder / "policy"), verbose=False)[0])
+        rl.reference_of(with_kl, saved(folder / "policy"), other, rt)
 
 
 def split_rows(x, y):
