@@ -14,17 +14,19 @@ Endpoints: / (the chat page), /v1/chat/completions and /v1/completions (streamed
     python serve.py --ckpt=out/dolly --dtype=float32            # full precision; auto: bf16 weights on a GPU and on CPUs with bf16 instructions
 
 The chat is rendered, fitted to the context and sampled by the code sample.py uses (gptkit/chat.py,
-gptkit/generate.py): at temperature 0 both give the same answer to the same chat. A worker thread
-(gptkit/engine.py) decodes the concurrent answers as one batch of up to --max_batch rows; requests
-join it between two steps and leave it when done. More than --max_queue answers waiting for a row:
-a 429 with Retry-After at once. A client that disconnects frees its row at the next step.
+gptkit/generate.py): at temperature 0 both give the same answer to the same chat. The main thread
+(gptkit/engine.py) decodes the concurrent answers as one batch of up to --max_batch rows while the
+HTTP server runs in another; requests join it between two steps and leave it when done. More than
+--max_queue answers waiting for a row: a 429 with Retry-After at once. A client that disconnects frees its row at the next step.
 Ctrl-C ends the answers in progress (a stream then closes without `data: [DONE]`) and stops.
 """
 
 import hmac
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -244,8 +246,10 @@ def main(cfg):
             "context_length": model.config.block_size, "system_prompt": cfg.system}
     if cfg.compile:
         print("compile=True is ignored by serve.py: it decodes eagerly, as sample.py does", file=sys.stderr)
+    # thread=False: the model runs in this thread, which loaded it (a CPU decodes faster there: Engine's
+    # docstring), and the HTTP server's event loop in another
     engine = Engine(model, tokenizer, autocast=rt.autocast, max_batch=cfg.max_batch or None,  # the model's own tokenizer
-                    max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
+                    max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk, thread=False)
     app = build_app(cfg, engine, card)
     print(f"{card['id']}: {card['kind']} model, {card['parameters']:,} parameters, context {card['context_length']}; "
           f"device {rt.device}, {precision_line(rt, cfg.quantize)}, torch {torch.__version__}; batch of up to {engine.max_batch} answers, "
@@ -260,14 +264,36 @@ def main(cfg):
 
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                    timeout_graceful_shutdown=2))
+    failed, signals = [], []
+
+    def serve_http():
+        try:
+            server.run()
+        except BaseException as e:  # SystemExit: uvicorn's way of saying it could not listen (it logged why)
+            failed.append(e)
+        finally:
+            engine.close()  # the server has stopped: so does the model's loop
+
+    def on_signal(sig, frame):  # uvicorn listens for signals in the main thread only: here, for it
+        signals.append(sig)
+        server.handle_exit(sig, frame)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve_http, name="http", daemon=True)
+    http.start()
     try:
-        server.run()
-    except SystemExit:  # uvicorn's way of saying it could not listen after all (it logged why)
-        if server.started:
-            raise
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: pick another --port, or stop what uses it")
+        engine.run()  # until engine.close(): a signal, or the server stopped
+        http.join()
     finally:
         engine.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed and not server.started:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: pick another --port, or stop what uses it")
+    if failed:
+        raise failed[0]
+    for sig in signals[-1:]:  # stopped by a signal: end as it would have ended us (Ctrl-C: exit code 130)
+        signal.raise_signal(sig)
 
 
 if __name__ == "__main__":

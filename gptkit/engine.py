@@ -1,6 +1,6 @@
 """
-Answers for a server: a continuous batch. One worker thread runs the model; the asyncio event loop
-that talks to the clients only queues jobs and reads their events.
+Answers for a server: a continuous batch. One thread runs the model (engine.run()); the asyncio event
+loop that talks to the clients, in another, only queues jobs and reads their events.
 
     engine = Engine(model, tokenizer, autocast=rt.autocast)            # max_batch: by the device's memory
     job = engine.submit(Job(ids, max_tokens=64, stop_tokens=stop_tokens_of(tokenizer, "chat"), ...))
@@ -157,7 +157,7 @@ def answer_all(engine, jobs, on_done=None, answers=False):
     for each job, the text of each of its answers (answers=True: each as an Answer). All jobs are
     queued at once, so they share the batch as a server's clients do. on_done(): called as each job
     finishes (a progress bar). The event loop runs in a thread of its own, so this works where one
-    already runs (a notebook)."""
+    already runs (a notebook); an Engine(thread=False) runs the model in the calling thread meanwhile."""
     async def answer(job):
         got = [Answer() for _ in range(job.n)]
         async for event in engine.submit(job).events():
@@ -175,7 +175,16 @@ def answer_all(engine, jobs, on_done=None, answers=False):
         return await asyncio.gather(*(answer(job) for job in jobs))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, together()).result()
+        future = pool.submit(asyncio.run, together())
+        if engine.worker is None:  # Engine(thread=False): the model runs here, in the caller's thread
+            future.add_done_callback(lambda _: engine.inbox.put(None))  # wakes run() to return
+            try:
+                engine.run(until=future.done)
+            except BaseException:  # Ctrl-C: end the jobs, so that the event loop's thread returns too
+                engine.close()
+                engine.run()
+                raise
+        return future.result()
 
 
 class Row:
@@ -211,10 +220,18 @@ class Engine:
     answer at a time, the old queue). max_queue: answers that may wait for a row; more are refused.
     prefill_chunk: most prompt tokens prefilled between two decode steps while answers run. context:
     positions each row holds, prompt and answer (None: the model's block_size; rl.py, whose prompts and
-    answers are short, keeps a cache of many rows small with it)."""
+    answers are short, keeps a cache of many rows small with it). thread: run() in a worker thread of
+    its own, started here; False: the caller runs run() (serve.py, in the thread that loaded the model).
+
+    Why the thread matters on a CPU: each thread that runs PyTorch ops gets a pool of OpenMP workers of
+    its own. Once a second pool exists (the loading thread's, then a worker's), a decode step's hundreds
+    of small matmuls run slower in the second: on 2 cores, one int8 matmul took 215 us there against
+    165 us in the first, its CPU time 1.5x its wall time instead of 2.0x (the pool's workers idle
+    between two ops, as when they sleep rather than spin). A 124M int8 model answered one client at
+    26-29 tokens/s from a worker thread and at 38-40 from the thread that loaded it (docs/benchmarks.md)."""
 
     def __init__(self, model, tokenizer, autocast=None, max_batch=None, max_queue=64, prefill_chunk=512,
-                 context=None):
+                 context=None, thread=True):
         self.model, self.tokenizer = model.eval(), tokenizer  # serving never trains: no dropout
         self.device = next(model.parameters()).device
         self.autocast = autocast or default_autocast(self.device)
@@ -228,14 +245,17 @@ class Engine:
         self.waiting = collections.deque()  # (job, index) of answers without a row yet, in arrival order
         self.running = []  # Row of cache row i, i < len(running)
         self.staged = None  # (job, prompt tokens prefilled so far, logits of the last one)
+        self.prefilling = []  # the jobs of a prefill together in progress
         self.remaining = {}  # job -> its answers not ended yet
         self.queued = 0  # answers submitted and not yet in a row (the queue limit counts these)
         self.recent = collections.deque()  # (time, tokens) of the last steps, for tokens/s
         self.lock = threading.Lock()
         self.stats = {"completed": 0, "cancelled": 0, "rejected": 0, "tokens_generated": 0}
         self.stopping = False
-        self.worker = threading.Thread(target=self._work, name="generate", daemon=True)
-        self.worker.start()
+        self.worker = None
+        if thread:
+            self.worker = threading.Thread(target=self.run, name="generate", daemon=True)
+            self.worker.start()
 
     # ------------------------------------------------------------------------------------------
     # the event loop's side
@@ -281,8 +301,12 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # the worker's side
 
-    def _work(self):
+    def run(self, until=None):
+        """The model's loop: decodes until close() (then ends every job it holds), or, given until (a
+        function), until until() is true and no answer is left (answer_all: its jobs are done)."""
         while not self.stopping:
+            if until is not None and until() and not (self.running or self.waiting or self.staged):
+                return
             self._take_jobs(block=not (self.running or self.waiting))
             if self.stopping:
                 break
@@ -291,10 +315,11 @@ class Engine:
                 if self.running:
                     self._step()
             except Exception as e:  # a failure answers these clients and keeps the server up
-                for job in {row.job for row in self.running} | ({self.staged[0]} if self.staged else set()):
+                failed = [row.job for row in self.running] + ([self.staged[0]] if self.staged else []) + self.prefilling
+                for job in dict.fromkeys(failed):  # a job whose prompts failed to prefill too: never retried
                     job.send("error", f"{type(e).__name__}: {e}")
                     self._end_job(job, completed=False)
-                self.running, self.staged = [], None
+                self.running, self.staged, self.prefilling = [], None, []
                 self.cache.reset()
         jobs = [row.job for row in self.running] + [job for job, _ in self.waiting]
         while not self.inbox.empty():
@@ -403,7 +428,9 @@ class Engine:
         lengths = torch.tensor([len(job.ids) for job in jobs], dtype=torch.long, device=self.device)  # (k,)
         cache = self.cache.rows(first, first + len(jobs))
         cache.reset()  # free rows: whatever a finished answer left there is overwritten
+        self.prefilling = jobs  # still waiting: if the pass fails, run() ends them
         logits = self._forward(ids, cache, lengths)  # (k, V)
+        self.prefilling = []
         rows, row_logits = [], []
         for i, job in enumerate(jobs):  # first answers in the prefilled rows, in order
             rows.append(Row(job, 0, self.context, self.tokenizer, self.device))

@@ -106,7 +106,7 @@ class Sampler:
     def __init__(self, model, tokenizer, rt, rewards, rows, context, max_queue):
         self.model, self.tokenizer, self.rewards = model, tokenizer, rewards
         self.engine = Engine(model, tokenizer, autocast=rt.autocast, max_batch=rows, max_queue=max_queue,
-                             context=context)
+                             context=context, thread=False)  # answer_all runs it in the training thread
         model.train()  # the engine sets eval mode; each answers() call sets it and puts it back
 
     def answers(self, tasks, n, max_tokens, seed, temperature=1.0, top_k=0, top_p=1.0):

@@ -208,7 +208,7 @@ class GptkitLM(TemplateLM):
         model = _core(self.model)
         was_training = model.training  # the engine puts the model in eval mode; the training loop gets it back as it was
         engine = Engine(model, self.tok, autocast=self.rt.autocast, max_batch=self.batch_size,
-                        max_queue=max(1, len(jobs)))
+                        max_queue=max(1, len(jobs)), thread=False)  # answer_all runs it here
         bar = tqdm(total=len(jobs), desc="generations", disable=disable_tqdm or not self.progress)
         try:
             answers = answer_all(engine, jobs, on_done=lambda: bar.update(1))

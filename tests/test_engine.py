@@ -172,3 +172,35 @@ def test_text_held_back_for_a_stop_string_is_kept_when_a_stop_token_ends_the_ans
     finally:
         engine.close()
     assert answers == [[GPT2.decode([first, second])]] * 2
+
+
+def test_answer_all_runs_a_threadless_engine_in_the_calling_thread(model, monkeypatch):
+    """Engine(thread=False) (rl.py's and the harness's): answer_all steps the model in the caller's
+    thread, the answers equal a worker thread's, the engine serves a second call, and a failing step
+    is an error for the caller, not a hang."""
+    jobs = lambda: [Job(p, 6, (), temperature=0.8, seed=i, n=2) for i, p in enumerate(prompts(5))]  # noqa: E731
+    threaded = Engine(model, GPT2, max_batch=4, max_queue=32)
+    try:
+        expected = answer_all(threaded, jobs())
+    finally:
+        threaded.close()
+    engine = Engine(model, GPT2, max_batch=4, max_queue=32, thread=False)
+    assert engine.worker is None
+    seen, forward = set(), model.forward
+
+    def recorded(*args, **kwargs):
+        seen.add(threading.current_thread())
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(model, "forward", recorded)
+    try:
+        assert answer_all(engine, jobs()) == expected
+        assert seen == {threading.current_thread()}
+        assert answer_all(engine, jobs()[:2]) == expected[:2]  # run() returned and runs again
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory")
+        monkeypatch.setattr(model, "forward", broken)
+        with pytest.raises(RuntimeError, match="generation failed: RuntimeError: out of memory"):
+            answer_all(engine, jobs()[:1])
+    finally:
+        engine.close()
