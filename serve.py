@@ -17,7 +17,8 @@ The chat is rendered, fitted to the context and sampled by the code sample.py us
 gptkit/generate.py): at temperature 0 both give the same answer to the same chat. The main thread
 (gptkit/engine.py) decodes the concurrent answers as one batch of up to --max_batch rows while the
 HTTP server runs in another; requests join it between two steps and leave it when done. More than
---max_queue answers waiting for a row: a 429 with Retry-After at once. A client that disconnects frees its row at the next step.
+--max_queue answers waiting for a row: a 429 with Retry-After at once. A client that disconnects
+frees its row at the next step.
 Ctrl-C ends the answers in progress (a stream then closes without `data: [DONE]`) and stops.
 """
 

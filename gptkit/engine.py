@@ -305,7 +305,7 @@ class Engine:
         """The model's loop: decodes until close() (then ends every job it holds), or, given until (a
         function), until until() is true and no answer is left (answer_all: its jobs are done)."""
         while not self.stopping:
-            if until is not None and until() and not (self.running or self.waiting or self.staged):
+            if until is not None and until() and not (self.running or self.waiting):  # a staged job still waits
                 return
             self._take_jobs(block=not (self.running or self.waiting))
             if self.stopping:
