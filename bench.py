@@ -9,7 +9,7 @@ Training-speed benchmark of a config on the current device, with synthetic token
     python bench.py config/fineweb_124m.py --mode=decode        # generation tokens/s, with and without KV cache
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --steps=3 --warmup=1   # the same on a CPU
     python bench.py config/fineweb_124m.py --mode=decode --decode_rows=8   # 8 sequences in one batch, as serve.py's
-    python bench.py config/fineweb_124m.py --mode=decode --quantize=int8   # weight-only int8, as --quantize=int8 decodes
+    python bench.py config/fineweb_124m.py --mode=decode --quantize=int8   # weight-only int8, as --quantize=int8 decodes (or fp16: a CPU's)
     python bench.py config/fineweb_124m.py --mode=decode --device=cpu --gguf_type=q8_0   # and llama.cpp on its GGUF, beside
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=4   # prepare_fineweb's tokenizer
     python bench.py --mode=tokenize --text=path/to/text_folder --num_proc=1 --tokenizer=tokenizers/mytext
@@ -76,7 +76,8 @@ class BenchConfig(LoRAConfig, TrainConfig):
     json: bool = False        # print one JSON line instead of a table, with every setting under "config"
     coordinate_descent_tuning: bool = False  # inductor tunes its generated kernels' launch parameters (slower compile)
     decode_rows: int = 1      # decode: sequences decoded together, as serve.py's batch rows (tokens/s counts them all)
-    quantize: str = "none"    # decode: int8 holds the matmul weights in int8, as sample.py / serve.py --quantize=int8
+    no_cache: bool = True     # decode, one row: also time it without the KV cache (minutes on a CPU)
+    quantize: str = "none"    # decode: int8 or fp16 matmul weights, as sample.py / serve.py --quantize=int8 or fp16
     gguf_type: str = ""       # decode: also time llama.cpp (llama-cpp-python) on the same model exported as this GGUF type
 
     def validate(self):
@@ -93,7 +94,7 @@ class BenchConfig(LoRAConfig, TrainConfig):
             problems.append(f"lora_rank={self.lora_rank} is for mode=train (a LoRA finetune's speed and memory)")
         problems += quantize_problems(self.quantize)
         if self.quantize != "none" and self.mode != "decode":
-            problems.append(f"quantize={self.quantize} is for mode=decode (the generation scripts' int8 weights)")
+            problems.append(f"quantize={self.quantize} is for mode=decode (the generation scripts' matmul weights)")
         if self.gguf_type:
             problems += gguf_type_problems(self.gguf_type)
             if self.mode != "decode" or self.decode_rows != 1 or self.quantize != "none":
@@ -227,7 +228,7 @@ def bench_decode(cfg, rt):
     vocab_size, n_vocab = bench_vocab(cfg)
     # the weights in the compute dtype, as sample.py and serve.py hold them
     model = scratch_model(cfg, vocab_size, dropout=0.0, verbose=not cfg.json)
-    model = quantize_model(model, cfg.quantize).to(rt.device, rt.weights_dtype).eval()
+    model = quantize_model(model, cfg.quantize, rt.device).to(rt.device, rt.weights_dtype).eval()
     prompt_tokens = min(64, cfg.block_size // 2)
     prompt = torch.randint(0, n_vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     new_tokens = min(128, cfg.block_size - len(prompt))
@@ -236,7 +237,7 @@ def bench_decode(cfg, rt):
               "params": model.num_params(),
               "prompt_tokens": len(prompt), "new_tokens": new_tokens, "rows": cfg.decode_rows, "n_vocab": n_vocab}
     # several rows: with the cache only, as serve.py decodes (without it a batch recomputes every row's whole sequence)
-    cache_modes = (True, False) if cfg.decode_rows == 1 else (True,)
+    cache_modes = (True, False) if cfg.decode_rows == 1 and cfg.no_cache else (True,)
     # without the cache a long generation takes minutes on a CPU: show that it moves (stderr, so --json stays clean)
     bar = tqdm(total=len(cache_modes) * (cfg.warmup + cfg.steps), unit="generation", desc="decode", file=sys.stderr)
     for use_cache in cache_modes:

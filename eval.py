@@ -49,7 +49,7 @@ class EvalHarnessConfig(BaseConfig):
     chat: str = "auto"       # auto: a chat model in its chat format, a base model on plain text; True or False to choose
     out: str = ""            # results JSON; empty: eval_results.json in the run directory
     log_samples: bool = False  # also write every item (prompt, answers, score) to <out>.samples.json
-    quantize: str = "none"   # int8: score the weight-only int8 model that sample.py / serve.py --quantize=int8 run
+    quantize: str = "none"   # int8 or fp16: score the model that sample.py / serve.py --quantize=int8 or fp16 run
 
     def validate(self):
         problems = super().validate() + quantize_problems(self.quantize)

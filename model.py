@@ -298,8 +298,9 @@ class GPT(nn.Module):
         """Parameter count; tied weights counted once. non_embedding leaves out the position
         embeddings (the token embedding stays: it is also the output layer and does real work)."""
         n = sum(p.numel() for p in self.parameters())
-        # int8 matrices (gptkit/quantize.py) are buffers; the head's is a copy of wte, counted already
-        n += sum(m.qweight.numel() for m in self.modules() if hasattr(m, "qweight") and m is not self.lm_head)
+        # quantized matrices (gptkit/quantize.py) are not parameters; the head's is a copy of wte, counted already
+        n += sum(m.in_features * m.out_features for m in self.modules()
+                 if getattr(m, "quantized", False) and m is not self.lm_head)
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n

@@ -59,7 +59,7 @@ class SampleConfig(BaseConfig):
     top_p: float = 0.95             # ... and among the most likely ones holding this much probability; 1: all
     repetition_penalty: float = 1.0 # > 1 discourages tokens already in the text (small models loop); 1: off
     num_samples: int = 1            # independent answers to each prompt
-    quantize: str = "none"          # int8: weight-only int8 matmuls, a quarter of fp32's bytes per token (faster on a CPU)
+    quantize: str = "none"          # int8: weight-only int8 matmuls (a quarter of fp32's bytes); fp16: fbgemm's fp16 matmuls (CPU: the fastest without bf16)
 
     def validate(self):
         problems = super().validate()

@@ -71,7 +71,7 @@ class ServeConfig(BaseConfig):
     max_queue: int = 64             # answers that may wait for a row; a request beyond that gets a 429 with Retry-After
     prefill_chunk: int = 512        # most prompt tokens prefilled between two decode steps (long prompts go in chunks)
     max_request_bytes: int = 1_000_000  # a larger request body gets a 413
-    quantize: str = "none"          # int8: weight-only int8 matmuls, a quarter of fp32's bytes per token (faster on a CPU)
+    quantize: str = "none"          # int8: weight-only int8 matmuls (a quarter of fp32's bytes); fp16: fbgemm's fp16 matmuls (CPU: the fastest without bf16)
 
     def validate(self):
         problems = super().validate() + ckpt_arg_problems(self.ckpt, example="out/dolly") + quantize_problems(self.quantize)

@@ -160,12 +160,13 @@ def load_model(path, device="cpu", dtype=None, verbose=True, merge_lora=True, qu
     stored); sample.py and serve.py hold them in bf16 when they compute in bf16 (Runtime.weights_dtype),
     since decoding reads every weight for each token: bf16 weights are read in half the time, and
     autocast need not cast them at every call. quantize="int8": the matmul weights in int8 (a quarter
-    of fp32's bytes; gptkit/quantize.py), rounded from the weights as stored, before dtype applies."""
+    of fp32's bytes; gptkit/quantize.py), "fp16" (a CPU's fbgemm fp16 GEMM), rounded from the weights
+    as stored, before dtype applies."""
     source = model_source(path)
     if source not in ("checkpoint", "hf"):
         resolve_path(path)  # raises the message that says what to give
     model, tok, meta = _load(path, source, verbose, merge_lora=merge_lora, **overrides)
-    quantize_model(model, quantize)
+    quantize_model(model, quantize, device)
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tok, meta

@@ -107,9 +107,10 @@ def test_decode_runs_in_the_configured_dtype(monkeypatch):
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
         return forward(self, *args, **kwargs)
     monkeypatch.setattr(GPT, "forward", spy)
-    cfg = load_config(BenchConfig, TINY + ["--mode=decode", "--steps=1", "--warmup=0", "--dtype=bfloat16"])
+    cfg = load_config(BenchConfig, TINY + ["--mode=decode", "--steps=1", "--warmup=0", "--dtype=bfloat16", "--no_cache=False"])
     result = bench_decode(cfg, setup_runtime("cpu", "bfloat16", cfg.seed, verbose=False))
     assert result["dtype"] == "bfloat16" and set(seen) == {torch.bfloat16}
+    assert "no_cache_tokens_per_sec" not in result  # --no_cache=False: the cached decode only
 
 
 def test_decode_rows_are_one_batch_and_all_counted(monkeypatch):
