@@ -128,7 +128,7 @@ def fp16_kernel():
     return _KERNEL["fp16"]
 
 
-_KERNEL = {}
+_KERNEL = {}  # what the probes found: int8_kernel's per device type, fp16_kernel's under "fp16"
 
 
 def int8_kernel(device):
