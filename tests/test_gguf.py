@@ -98,10 +98,11 @@ class LlamaCppGELU(torch.nn.Module):
 def test_llama_cpp_f32_is_as_exact_as_ours_given_its_gelu(gpt2_files):
     """The f32 file holds our weights exactly. The exact answer: our model in float64 with llama.cpp's
     GELU (its one rounding that differs from ours). llama.cpp's f32 logits are as close to it as our
-    own f32 model's are, and within 1e-3 of ours on most prompts. Not within 1e-3 on every prompt: the
-    table rounds GELU's input to fp16, so the smallest f32 difference in an input can move it by a step
-    of the table (measured: 9.4e-4 at worst between the two f32 runs, 9.7e-4 from float64 for llama.cpp,
-    9.0e-4 for ours; docs/benchmarks.md)."""
+    own f32 model's are, and all but the rarest are within 1e-3 of ours. Not every one: the table rounds
+    GELU's input to fp16, so the smallest f32 difference in an input can move it by a step of the table,
+    and which logits that moves depends on the CPU's kernels (measured on an AVX2-only CPU: 9.4e-4 at
+    worst between the two f32 runs; on an AVX-512 one 1.2e-3, where gptkit's own f32 was the farther
+    from float64, 1.0e-3 against llama.cpp's 1.1e-3; docs/benchmarks.md)."""
     model, tok, paths = gpt2_files
     emulated = copy.deepcopy(model)
     for block in emulated.transformer.h:
@@ -109,7 +110,7 @@ def test_llama_cpp_f32_is_as_exact_as_ours_given_its_gelu(gpt2_files):
     exact = copy.deepcopy(emulated).double()
     llm = open_gguf(paths["f32"])
     try:
-        theirs_off, ours_off, between = [], [], []
+        theirs_off, ours_off, between, most = [], [], [], []
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
             with torch.no_grad():
@@ -121,10 +122,12 @@ def test_llama_cpp_f32_is_as_exact_as_ours_given_its_gelu(gpt2_files):
             theirs_off.append(np.abs(theirs - truth).max())
             ours_off.append(np.abs(ours - truth).max())
             between.append(np.abs(theirs - ours).max())
+            most.append(np.quantile(np.abs(theirs - ours), 0.999))
         print(f"f32, llama.cpp's GELU: from float64 llama.cpp {max(theirs_off):.1e}, ours {max(ours_off):.1e}; "
-              f"between the two {max(between):.1e}")
+              f"between the two {max(between):.1e}, 99.9% of logits within {max(most):.1e}")
         assert max(theirs_off) < 2 * max(ours_off) and max(theirs_off) < 2e-3, (theirs_off, ours_off)
-        assert sum(d < 1e-3 for d in between) >= len(PROMPTS) - 1, between
+        assert max(between) < 2e-3, between  # at worst the two f32 errors add up
+        assert max(most) < 1e-3, most  # the issue's bound, on every prompt, for all but one logit in 1000
     finally:
         llm.close()
 
