@@ -349,7 +349,8 @@ def main():
     if cfg.mode == "tokenize":
         result = bench_tokenize(cfg)
     else:
-        rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json, inference=cfg.mode == "decode")
+        rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=not cfg.json, inference=cfg.mode == "decode",
+                           quantize=cfg.quantize)
         result = bench_train(cfg, rt) if cfg.mode == "train" else bench_decode(cfg, rt)
     if cfg.json:
         print(json.dumps({**result, "config": config_dict(cfg)}))

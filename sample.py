@@ -210,7 +210,7 @@ def main(cfg):
         # a stdout that cannot encode every character (a Windows pipe or file is cp1252) shows '?'
         # for the others rather than ending the chat with UnicodeEncodeError at the first emoji
         sys.stdout.reconfigure(errors="replace")
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True, quantize=cfg.quantize)
     info(f"device: {rt.device}; {precision_line(rt, cfg.quantize)}; torch {torch.__version__}")
     model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.weights_dtype, verbose=False,
                                         quantize=cfg.quantize)  # the model's own tokenizer

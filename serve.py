@@ -238,7 +238,7 @@ def build_app(cfg, engine, card):
 
 def main(cfg):
     check_port(cfg.host, cfg.port)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, verbose=False, inference=True, quantize=cfg.quantize)
     model, tokenizer, meta = load_model(cfg.ckpt, device=rt.device, dtype=rt.weights_dtype, verbose=False,
                                         quantize=cfg.quantize)
     cfg = replace(cfg, system=resolve_system(cfg.system, meta))  # auto: ask the model as it was trained

@@ -133,9 +133,10 @@ def cpu_computes_bf16():
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def pick_dtype(dtype, device_type, inference=False):
-    """-> (dtype name, reason). Mixed precision only where it pays and is safe. inference: for sample.py
-    and serve.py, which hold the weights in this dtype (gptkit/loading.py) rather than autocast them."""
+def pick_dtype(dtype, device_type, inference=False, quantize="none"):
+    """-> (dtype name, reason). Mixed precision only where it pays and is safe. inference: for sample.py,
+    serve.py and bench.py's decode, which hold the weights in this dtype (gptkit/loading.py) rather than
+    autocast them; quantize: their --quantize, which on a CPU can settle the dtype."""
     if dtype != "auto":
         if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("dtype=bfloat16 asked for, but this GPU does not support it; "
@@ -147,6 +148,10 @@ def pick_dtype(dtype, device_type, inference=False):
         return "float16", "the GPU has no bf16; fp16 with a gradient scaler"
     if device_type == "mps":
         return "float16", "MPS: fp16 autocast"
+    if inference and quantize == "fp16":
+        # fbgemm's fp16 GEMM takes fp32 activations and sums in fp32: bf16 ones are widened at every
+        # matmul, at the same speed (docs/benchmarks.md), and would only round the rest of the model
+        return "float32", "--quantize=fp16 computes in fp32: bf16 activations would add rounding, not speed"
     if inference and cpu_computes_bf16():
         # decoding reads every weight for each token: bf16 weights are half the bytes, and this CPU
         # multiplies them natively (124M: 2x the tokens/s of fp32, docs/benchmarks.md)
@@ -173,12 +178,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True, inference=False):
-    """inference: dtype=auto picks the dtype to hold the weights in for decoding (pick_dtype)."""
+def setup_runtime(device="auto", dtype="auto", seed=1337, verbose=True, inference=False, quantize="none"):
+    """inference: dtype=auto picks the dtype to hold the weights in for decoding, given quantize (pick_dtype)."""
     rank, local_rank, world_size = init_distributed(device)
     device, device_reason = pick_device(device, local_rank)
     device_type = device.split(":")[0]
-    dtype, dtype_reason = pick_dtype(dtype, device_type, inference)
+    dtype, dtype_reason = pick_dtype(dtype, device_type, inference, quantize)
     if device_type == "cuda":
         torch.cuda.set_device(device)
         # TF32 for the fp32 matmuls that remain (optimizer, fp32 runs): ~free speed on Ampere and newer

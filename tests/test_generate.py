@@ -384,7 +384,8 @@ def test_two_models_with_different_tokenizers_in_one_process(trained, tmp_path):
 
 def test_generation_holds_the_weights_in_the_compute_dtype(monkeypatch, tmp_path):
     """dtype=auto for sample.py and serve.py (inference=True): bf16 on a CPU with bf16 instructions,
-    fp32 on other CPUs and for training (bf16 autocast of fp32 weights is slow on a CPU);
+    fp32 on other CPUs, for training (bf16 autocast of fp32 weights is slow on a CPU) and with
+    --quantize=fp16 (whose matmuls compute in fp32 whatever they are given);
     load_model(dtype=) holds the weights in it, and generation runs on them."""
     from gptkit import system
     assert system.cpu_computes_bf16() in (True, False)  # this machine's CPU, asked for real
@@ -392,6 +393,10 @@ def test_generation_holds_the_weights_in_the_compute_dtype(monkeypatch, tmp_path
     assert system.pick_dtype("auto", "cpu", inference=True)[0] == "bfloat16"
     assert system.pick_dtype("auto", "cpu")[0] == "float32"
     assert system.pick_dtype("float32", "cpu", inference=True)[0] == "float32"
+    assert system.pick_dtype("auto", "cpu", inference=True, quantize="int8")[0] == "bfloat16"
+    assert system.pick_dtype("auto", "cpu", inference=True, quantize="fp16") == (
+        "float32", "--quantize=fp16 computes in fp32: bf16 activations would add rounding, not speed")
+    assert system.pick_dtype("bfloat16", "cpu", inference=True, quantize="fp16")[0] == "bfloat16"  # as asked
     monkeypatch.setattr(system, "cpu_computes_bf16", lambda: False)
     assert system.pick_dtype("auto", "cpu", inference=True)[0] == "float32"
     weights = {dtype: system.Runtime("cpu", "cpu", dtype).weights_dtype for dtype in ("float32", "bfloat16", "float16")}
