@@ -164,8 +164,8 @@ class KVCache:
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=k.device).tril(diagonal=start)
         else:  # rows of different lengths: each writes at its own positions, the mask keeps rows apart
             rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
-            self.k[layer, rows, :, positions] = k.transpose(1, 2)  # indexed (B, T, nh, hs)
-            self.v[layer, rows, :, positions] = v.transpose(1, 2)
+            self.k[layer, rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # indexed (B, T, nh, hs)
+            self.v[layer, rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
             is_causal = False
         return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys], mask, is_causal
 

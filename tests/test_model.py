@@ -104,6 +104,30 @@ def test_rows_of_different_lengths_decode_in_one_batch_as_they_would_alone(tiny_
     assert cache.pos[3] == cache.pos[1] and torch.equal(copy, original)
 
 
+def test_a_cache_in_another_dtype_takes_rows_of_different_lengths(tiny_config):
+    """Keys and values held in a dtype other than the activations' (a bf16 cache for an fp32 model; an
+    fp32 cache under bf16 autocast is the same case) are rounded into the cache whether the rows have
+    one length (a slice) or several (indexed writes): each batched row decodes as it does alone."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config, verbose=False).eval()
+    lengths, new = [5, 17, 11], 4
+    seqs = [torch.randint(0, 50257, (1, n + new)) for n in lengths]
+    with torch.no_grad():
+        alone = []
+        for s, n in zip(seqs, lengths):
+            one = model.new_kv_cache(batch_size=1, dtype=torch.bfloat16)
+            model(s[:, :n], kv_cache=one)
+            alone.append(torch.cat([model(s[:, n + t:n + t + 1], kv_cache=one)[0] for t in range(new)], dim=1))
+        cache = model.new_kv_cache(batch_size=3, dtype=torch.bfloat16)
+        for row, (s, n) in enumerate(zip(seqs, lengths)):
+            model(s[:, :n], kv_cache=cache.rows(row, row + 1))
+        together = torch.cat([model(torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)]), kv_cache=cache)[0]
+                              for t in range(new)], dim=1)  # (3, new, V)
+    assert together.dtype == torch.float32 and cache.k.dtype == torch.bfloat16
+    for row in range(3):
+        torch.testing.assert_close(together[row:row + 1], alone[row], rtol=0, atol=1e-5)
+
+
 def test_in_bf16_a_batched_row_is_its_solo_self_within_bf16_rounding(tiny_config):
     """sample.py and serve.py hold the weights in bf16 where that is the compute dtype (a CPU with bf16
     instructions, a GPU). There a 1-row and a 3-row matmul round differently, so a batched row's logits
