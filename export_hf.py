@@ -46,7 +46,7 @@ Ollama and LM Studio run: --gguf_type=f32, f16 (the default) or q8_0; a LoRA run
 model with its chat template and <|end|> as its end of turn. Beside it, FILE.Modelfile for Ollama:
 
     ollama create dolly -f gguf/dolly.Modelfile && ollama run dolly
-    llama-cli -m gguf/dolly.gguf -cnv                        # llama.cpp's own chat, with the model's template
+    llama-cli -m gguf/dolly.gguf -c 1024 -cnv                # llama.cpp's own chat, with the model's template
 
 The other direction, starting a run from a Hugging Face GPT-2 folder (or a hub name when online):
 
@@ -178,7 +178,7 @@ def export_gguf_file(cfg):
     print0(f"wrote a {'chat' if chat else 'base'} model to {path} ({cfg.gguf_type}, "
            f"{os.path.getsize(path) / 2**20:.1f} MiB) and its Ollama Modelfile {modelfile}; run it with\n"
            f"    ollama create {name} -f {modelfile} && ollama run {name}\n"
-           f"    llama-cli -m {path}{' -cnv' if chat else ''}")
+           f"    llama-cli -m {path} -c {model.config.block_size}{' -cnv' if chat else ''}")
 
 
 def export_space(cfg):

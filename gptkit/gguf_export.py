@@ -22,7 +22,7 @@ means a trained tokenizer is not refused for a pre-tokenizer hash the converter 
 A chat model (finetune.py, dpo.py, rl.py) carries its chat template, the same Jinja as the
 transformers export (gptkit/hf_tokenizer.py), so llama.cpp renders exactly gptkit's ids, and its
 turn ends at <|end|> (end of generation in llama.cpp). Beside the file, an Ollama Modelfile with
-the template in Ollama's syntax, the trained system prompt and the stop tokens:
+the template in Ollama's syntax, the trained system prompt, the stop tokens and the model's context:
 
     ollama create dolly -f gguf/dolly.Modelfile && ollama run dolly
 
@@ -175,7 +175,9 @@ def export_gguf(model, path, tok, gguf_type="f16", chat=False, system="", name="
     writer.add_bos_token_id(tok.eot)
     writer.add_eos_token_id(tok.end if chat else tok.eot)  # a chat reply ends at <|end|>
     writer.add_pad_token_id(tok.eot)
-    writer.add_add_bos_token(False)  # the chat template writes <|endoftext|> itself; a base model's text is as given
+    # a document starts with <|endoftext|>, as gptkit's own completions do (gptkit/chat.py): llama.cpp puts
+    # it before a base model's text; a chat model's template writes it itself (or it would come twice)
+    writer.add_add_bos_token(not chat)
     writer.add_add_eos_token(False)
     if chat:
         writer.add_eot_token_id(tok.end)
@@ -199,17 +201,19 @@ def export_gguf(model, path, tok, gguf_type="f16", chat=False, system="", name="
             os.remove(tmp)
         raise
     modelfile = os.path.splitext(path)[0] + ".Modelfile"
-    text = ollama_modelfile(os.path.basename(path), chat, system)
+    text = ollama_modelfile(os.path.basename(path), chat, system, context=cfg.block_size)
     atomic_write(modelfile, lambda f: f.write(text.encode("utf-8")))
     return path, modelfile
 
 
-def ollama_modelfile(gguf_name, chat=False, system=""):
+def ollama_modelfile(gguf_name, chat=False, system="", context=1024):
     """An Ollama Modelfile for a GGUF in the same folder. A chat model: gptkit's chat format as an
     Ollama (Go) template, the system prompt it was finetuned with (Ollama puts SYSTEM first in a chat
     that brings none, as gptkit's own template does) and <|end|> as its stop. A base model: the text
-    as given, stopping at <|endoftext|>."""
-    lines = [f"FROM ./{gguf_name}"]
+    as given (after <|endoftext|>, which llama.cpp adds), stopping at <|endoftext|>. context: the
+    model's block_size, as num_ctx: learned positions end there, and llama.cpp aborts on a chat that
+    runs past them where its context is longer (Ollama's default is)."""
+    lines = [f"FROM ./{gguf_name}", f"PARAMETER num_ctx {context}"]
     if chat:
         template = "<|endoftext|>{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{- end }}<|assistant|>"
         lines.append(f'TEMPLATE """{template}"""')

@@ -261,8 +261,31 @@ def test_ollama_modelfile():
     assert text.splitlines()[0] == "FROM ./dolly.gguf"
     assert 'SYSTEM """Be brief."""' in text and 'PARAMETER stop "<|end|>"' in text
     assert "<|endoftext|>{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{- end }}<|assistant|>" in text
-    base = ollama_modelfile("base.gguf")
+    base = ollama_modelfile("base.gguf", context=256)
     assert 'TEMPLATE """{{ .Prompt }}"""' in base and "SYSTEM" not in base and "<|end|>" not in base
+    assert "PARAMETER num_ctx 256" in base.splitlines()  # Ollama's longer default would run past the positions
+
+
+def test_a_base_model_completes_in_llama_cpp_as_in_gptkit(tmp_path):
+    """A base model's prompt is <|endoftext|> + the text in gptkit (complete_prompt_ids): llama.cpp adds
+    the same token by itself, so a plain completion there is gptkit's greedy answer."""
+    from gptkit.chat import complete_prompt_ids
+    model, tok = lively(), load_tokenizer("gpt2")
+    path, _ = export_gguf(model, str(tmp_path / "base.gguf"), tok, "f32")
+    prompt = PROMPTS[1]
+    ids = complete_prompt_ids(tok, prompt, 8, model.config.block_size)
+    assert ids[0] == tok.eot
+    ours = list(generate(model, ids, 8, temperature=0.0, n_vocab=tok.n_vocab))
+    with torch.no_grad():
+        top2 = model(torch.tensor([ids + ours]))[0][0, len(ids) - 1:-1, :tok.n_vocab].topk(2).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-2  # no near-tie that llama.cpp's own rounding could flip
+    llm = open_gguf(path)
+    try:
+        assert llm.tokenize(prompt.encode("utf-8")) == ids  # the document start added, as gptkit adds it
+        reply = llm.create_completion(prompt, max_tokens=8, temperature=0.0)
+        assert reply["choices"][0]["text"] == tok.decode(ours)
+    finally:
+        llm.close()
 
 
 def test_models_llama_cpp_cannot_hold_are_refused(tmp_path, trained):
@@ -312,7 +335,9 @@ def test_export_script_writes_a_gguf_llama_cpp_runs(tmp_path):
     result = run_export(f"--ckpt={run}", f"--gguf={out}", "--gguf_type=q8_0")
     assert result.returncode == 0, result.stderr
     assert "ollama create tiny -f" in result.stdout and "llama-cli -m" in result.stdout
-    assert 'SYSTEM """Be brief."""' in (tmp_path / "gguf" / "tiny.Modelfile").read_text()
+    assert f"llama-cli -m {out} -c 64 -cnv" in result.stdout  # the model's context, which llama.cpp must not pass
+    modelfile = (tmp_path / "gguf" / "tiny.Modelfile").read_text()
+    assert 'SYSTEM """Be brief."""' in modelfile and "PARAMETER num_ctx 64" in modelfile
     llm = open_gguf(str(out))
     try:
         assert llm.metadata["general.architecture"] == "gpt2" and llm.metadata["gpt2.context_length"] == "64"
