@@ -171,8 +171,11 @@ def start_or_resume(cfg, settings):
     if os.path.exists(state_path):
         state, train_partial, val_partial = load_state(state_path)
         if state["settings"] != settings:
-            raise UserError(f"{cfg.data_dir} holds a preparation with other settings {state['settings']}; "
-                             f"use another data_dir, or delete {cfg.data_dir} to start over")
+            differ = ", ".join(f"{k}={state['settings'].get(k)!r} there, {settings.get(k)!r} now"
+                               for k in sorted(set(state["settings"]) | set(settings))
+                               if state["settings"].get(k) != settings.get(k))
+            raise UserError(f"{cfg.data_dir} holds a preparation with other settings ({differ}); "
+                            f"use another data_dir, or delete {cfg.data_dir} to start over")
         if not state["done"]:
             print0(f"resuming after {state['records']:,} documents "
                    f"({state['train']['tokens'] + state['val']['tokens']:,} tokens)")

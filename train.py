@@ -62,7 +62,7 @@ def check_config(cfg, rt):
         problems.append(f"hellaswag_data={cfg.hellaswag_data} does not exist: give a HellaSwag JSONL file, or leave "
                         "it empty to download the official val file")
     if problems:  # a missing data_dir is one problem, not one per split
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+        raise ConfigError.of(problems)
 
 
 def main():

@@ -58,6 +58,14 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
     """A user's configuration mistake; the message says what to change."""
 
+    @classmethod
+    def of(cls, problems):
+        """One error for validate()'s problems: a single one as it is (one line), several as a list."""
+        problems = list(dict.fromkeys(problems))  # a missing folder named by two checks is one problem
+        if len(problems) == 1:
+            return cls(problems[0])
+        return cls(f"{len(problems)} problems with the configuration:\n  - " + "\n  - ".join(problems))
+
 
 @dataclass
 class BaseConfig:
@@ -271,7 +279,7 @@ def load_config(cls, args):
     cfg = cls(**values)
     problems = cfg.validate()
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.of(problems)
     return cfg
 
 
@@ -349,7 +357,7 @@ def configure(cls, args=None):
         return load_config(cls, args)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
-            print(f"config error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -176,12 +176,12 @@ def precision_line(rt, quantize, weights=None):
                 f"a quarter of fp32's bytes to read per token; embeddings and norms {held})")
     if quantize == "fp16":
         return (f"dtype {rt.dtype} ({rt.dtype_reason}); weights fp16 (fbgemm's fp16 GEMM, fp32 sums: half of "
-                f"fp32's bytes to read per token, and the fastest on a CPU without bf16; embeddings and norms {held})")
+                f"fp32's bytes to read per token, the fastest on the CPUs measured; embeddings and norms {held})")
     hint = ""
     if rt.device_type == "cpu" and not fp16_kernel():
         hint = "; --quantize=int8 reads a quarter of fp32's bytes per token"
     elif rt.device_type == "cpu" and rt.dtype == "float32":
-        hint = "; --quantize=fp16 decodes about 2x faster than fp32 without bf16 instructions, int8 in the least memory"
+        hint = "; --quantize=fp16 decodes about 2x faster than fp32, int8 with the smallest matmul weights"
     elif rt.device_type == "cpu" and rt.dtype == "bfloat16":  # a CPU with bf16 instructions (docs/benchmarks.md)
-        hint = "; --quantize=fp16 or int8 decodes one answer about 2x faster than bf16, int8 in the least memory"
+        hint = "; --quantize=fp16 or int8 decodes one answer about 2x faster than bf16, int8 with the smallest matmul weights"
     return f"dtype {rt.dtype} ({rt.dtype_reason}); weights {held} (as held for this dtype{hint})"

@@ -89,6 +89,10 @@ def test_cross_field_checks_report_everything():
         load_config(TrainConfig, ["--n_embd=100", "--n_head=3", "--optimizer=sgd", "--total_batch_tokens=1000"])
     message = str(e.value)
     assert "n_embd" in message and "optimizer" in message and "total_batch_tokens" in message
+    assert message.startswith("3 problems with the configuration:\n  - ")  # n_embd/n_head is one
+    with pytest.raises(ConfigError) as e:  # one problem: one line, as scripts print it after "error: "
+        load_config(TrainConfig, ["--optimizer=sgd"])
+    assert "\n" not in str(e.value) and str(e.value).startswith("optimizer='sgd'")
 
 
 def test_list_and_optional_fields():
@@ -146,6 +150,7 @@ def test_script_config_error_is_said_once_under_torchrun(rank, says):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert ("did you mean 'out_dir'" in proc.stderr) == says, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 if says else not proc.stderr
 
 
 SCRIPT_CLASSES = [("prepare_fineweb", "PrepareConfig"), ("prepare_instruct", "InstructConfig"),

@@ -267,7 +267,7 @@ def test_bad_sources_give_clear_messages(tmp_path):
     # a data_dir prepared with other settings is not silently mixed
     write_jsonl(tmp_path / "fw.jsonl", fineweb_records()[:50])
     run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=20000, val_tokens=1000, num_proc=1)
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"other settings \(shard_tokens=20000 there, 30000 now\); use another"):
         run_prepare(tmp_path / "fw.jsonl", tmp_path / "out", shard_tokens=30000, val_tokens=1000, num_proc=1)
 
 
