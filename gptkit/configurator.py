@@ -277,6 +277,7 @@ def load_config(cls, args):
             raise ConfigError(f"cannot understand argument {arg!r}: give config files (config/NAME.py) "
                               f"and flags (--key=value)")
     cfg = cls(**values)
+    cfg.given = frozenset(values)  # the keys a file or flag set (not a field: never saved or printed)
     problems = cfg.validate()
     if problems:
         raise ConfigError.of(problems)

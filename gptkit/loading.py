@@ -235,6 +235,17 @@ def lora_settings_ignored(cfg, ckpt):
     return ", ".join(f"{k}={ours[k]} (checkpoint: {theirs[k]})" for k in ours if ours[k] != theirs[k])
 
 
+# settings a resumed run may change without changing what it computes, or that only name the resume
+RESUME_FREE = {"init_from", "stop_step", "device", "compile", "out_dir", "wandb_log", "wandb_project",
+               "wandb_run_name", "log_interval", "ckpt_interval", "num_proc"}
+
+
+def changed_settings(cfg, saved, skip=()):
+    """'max_steps=100 (the run: 30), ...' for cfg's settings that differ from a run's saved config."""
+    return ", ".join(f"{k}={getattr(cfg, k)!r} (the run: {v!r})" for k, v in saved.items()
+                     if k not in RESUME_FREE and k not in skip and hasattr(cfg, k) and getattr(cfg, k) != v)
+
+
 def init_model(cfg, rt):
     """-> (model on rt.device, the data's tokenizer, checkpoint dict to resume from or None).
 
@@ -271,12 +282,18 @@ def init_model(cfg, rt):
         ignored = lora_settings_ignored(cfg, ckpt)
         if ignored:
             print0(f"note: resuming with the checkpoint's LoRA settings; ignoring {ignored}")
-        # block_size is the run's row length, not ignored; the model's shape comes from the checkpoint
+        # block_size is the run's row length, not ignored; the model's shape comes from the checkpoint,
+        # so only a shape the command asked for (a file or flag; not a default) is worth a word
+        given = getattr(cfg, "given", None)
         differ = [f"{k}={getattr(cfg, k)} (checkpoint: {v})" for k, v in ckpt["model_config"].items()
-                  if k != "block_size" and hasattr(cfg, k) and getattr(cfg, k) != v
+                  if k != "block_size" and hasattr(cfg, k) and getattr(cfg, k) != v and (given is None or k in given)
                   and not (k == "vocab_size" and cfg.vocab_size == 0)]
         if differ:
             print0("note: resuming with the checkpoint's model config; ignoring " + ", ".join(differ))
+        changed = changed_settings(cfg, ckpt.get("config") or {}, skip=set(ckpt["model_config"]) - {"block_size"})
+        if changed:
+            print0(f"note: resuming with this command's settings where they differ from the run's: {changed} "
+                   "(give the run's values to go on exactly as it would have)")
     elif source in ("checkpoint", "hf"):
         model, model_tok, _ = _load(cfg.init_from, source, rt.master, dropout=cfg.dropout)
         tok = check_same_tokenizer(tok, cfg.data_dir, model_tok, cfg.init_from)

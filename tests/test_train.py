@@ -1,6 +1,7 @@
 """The training loop and train.py, on CPU with a 2-layer, 64-wide model and real text."""
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -600,14 +601,18 @@ def test_resume_names_what_it_ignores_and_keeps_block_size_as_the_row_length(tmp
     from gptkit.checkpoint import save_checkpoint
     from gptkit.configurator import ConfigError
     from gptkit.loading import init_model
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64), verbose=False)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, dropout=0.1), verbose=False)
+    run_settings = {**dataclasses.asdict(tiny_cfg()), "max_steps": 30, "dropout": 0.1}
     for name in ("short", "long"):
         save_checkpoint(str(tmp_path / name), {"model": model.state_dict(), "model_config": model.config.to_dict(),
-                                               "kind": "base", "step": 0})
+                                               "kind": "base", "step": 0, "config": run_settings})
     resumed, tok, ckpt = init_model(tiny_cfg("--init_from=resume", f"--out_dir={tmp_path / 'short'}",
                                              "--block_size=32", "--n_layer=3"), cpu_runtime())
     note = capsys.readouterr().out
-    assert "ignoring n_layer=3 (checkpoint: 2)" in note and "block_size" not in note
+    assert "ignoring n_layer=3 (checkpoint: 2)" in note and "block_size" not in note.split("ignoring")[1].split("\n")[0]
+    assert "dropout" not in note  # the default dropout differs from the run's too, but the command did not ask for it
+    # a setting that changes the rest of the run (a forgotten --max_steps=30) is named, with the run's value
+    assert "differ from the run's: block_size=32 (the run: 64), max_steps=100 (the run: 30)" in note
     assert resumed.config.block_size == 64 and ckpt["step"] == 0 and tok.hash == "gpt2"
     with pytest.raises(ConfigError, match="block_size=128 is longer than the model's context of 64"):
         init_model(tiny_cfg("--init_from=resume", f"--out_dir={tmp_path / 'long'}", "--block_size=128",
