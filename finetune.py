@@ -55,7 +55,8 @@ def main():
            f"{train_loader.rows_per_epoch():,} packed rows of {cfg.block_size}: {steps_per_epoch:.1f} steps per "
            f"epoch, so max_steps={cfg.max_steps} is {cfg.max_steps / steps_per_epoch:.1f} epochs")
     questions = val_questions(cfg.data_dir, cfg.questions, cfg.block_size)
-    print_answers(model, tokenizer, rt, questions, cfg.answer_tokens, "answers before finetuning")
+    if ckpt is None:  # a resumed run's model is already part-finetuned: its "before" was printed when it began
+        print_answers(model, tokenizer, rt, questions, cfg.answer_tokens, "answers before finetuning")
     result = train(cfg, rt, model, tokenizer, train_loader, get_val_batches, kind="chat", ckpt=ckpt,
                    sample_prompts=[ids for ids, _ in questions] if cfg.sample_tokens else [])
     exit_if_stopped(result)  # 143 after SIGTERM: a scheduler requeues the run

@@ -126,7 +126,8 @@ def main(cfg):
                f"bytes per token on {sum(len(t) for t in held):,} held-out characters: {ours:.3f} "
                f"(GPT-2: {theirs:.3f}, {ours / theirs - 1:+.1%})\n")
     atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write(summary.encode("utf-8")))
-    print0(summary + f"next: python prepare_fineweb.py --source={cfg.source} --tokenizer={out} --data_dir=data/NAME")
+    print0(summary + f"next: python prepare_fineweb.py --source={cfg.source} --tokenizer={out} --data_dir=data/NAME"
+           f"   (chat data: python prepare_instruct.py --tokenizer={out} ...)")
     release_folder(out)  # (on an error it is released when the process ends)
 
 

@@ -237,7 +237,7 @@ def lora_settings_ignored(cfg, ckpt):
 
 # settings a resumed run may change without changing what it computes, or that only name the resume
 RESUME_FREE = {"init_from", "stop_step", "device", "compile", "out_dir", "wandb_log", "wandb_project",
-               "wandb_run_name", "log_interval", "ckpt_interval", "num_proc"}
+               "wandb_run_name", "log_interval", "ckpt_interval", "num_proc", "questions", "answer_tokens"}
 
 
 def changed_settings(cfg, saved, skip=()):

@@ -204,7 +204,12 @@ def test_stopped_finetune_resumes_exactly(finetuned):
     out = tmp_path / "resumed"
     first, proc = run_finetune([sys.executable], common + ["--stop_step=1"], out)
     assert "stopped at step 1" in proc.stdout and max(by_step(first, "loss")) == 1
-    resumed, proc = run_finetune([sys.executable], common + ["--init_from=resume"], out)
+    resumed, proc = run_finetune([sys.executable], common + ["--init_from=resume", "--answer_tokens=2"], out)
+    # the same settings (answers shown or not change nothing): no note (finetune's own defaults are not
+    # the checkpoint's shape, and were named as ignored on every resume), and no "before" answers from a
+    # model already part-finetuned
+    assert "note: resuming" not in proc.stdout and "answers before finetuning" not in proc.stdout, proc.stdout
+    assert "answers after finetuning" in proc.stdout
     for key in ("loss", "grad_norm", "lr", "val_loss"):
         assert by_step(resumed, key) == by_step(single, key), key
     assert sorted(by_step(resumed, "loss")) == [1, 2, 3]
