@@ -59,12 +59,21 @@ def save_checkpoint(out_dir, state, summary=None):
     return path
 
 
+def saved_summary(out_dir):
+    """<out_dir>/ckpt.json (kind, step, ...) for messages, or {} when it cannot be read."""
+    try:
+        with open(os.path.join(out_dir, "ckpt.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        return summary if isinstance(summary, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def saved_step(out_dir):
     """", step N" from <out_dir>/ckpt.json for messages, or "" when it cannot be read."""
     try:
-        with open(os.path.join(out_dir, "ckpt.json"), encoding="utf-8") as f:
-            return f", step {int(json.load(f)['step']):,}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return f", step {int(saved_summary(out_dir)['step']):,}"
+    except (KeyError, ValueError, TypeError):
         return ""
 
 

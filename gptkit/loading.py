@@ -21,7 +21,7 @@ import json
 import os
 
 from model import GPT, GPTConfig
-from gptkit.checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, resolve_path, saved_step
+from gptkit.checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, resolve_path, saved_step, saved_summary
 from gptkit.configurator import ConfigError
 from gptkit.hf import hf_run_info, is_hf_folder, is_hub_name, load_hf_gpt2
 from gptkit.lock import hold_folder
@@ -262,9 +262,12 @@ def init_model(cfg, rt):
     source, own = model_source(cfg.init_from), os.path.join(cfg.out_dir, CKPT_NAME)
     if source != "resume" and os.path.exists(own):
         # a new run here would replace the log at once and the checkpoint at its first save
+        # a pretraining run is resumed by train.py only: say so, or finetune.py's user is sent to a refusal
+        by = " (with train.py: it is a pretraining run)" if saved_summary(cfg.out_dir).get("kind") == "base" else ""
         raise ConfigError(f"{cfg.out_dir} already holds a run ({own}{saved_step(cfg.out_dir)}), which a new run "
-                          f"with init_from={cfg.init_from} would overwrite: continue it with --init_from=resume, or "
-                          f"give a new --out_dir (delete {cfg.out_dir} to start over there)")
+                          f"with init_from={cfg.init_from} would overwrite: continue it with --init_from=resume{by}, "
+                          f"start from its model with --init_from={cfg.out_dir} and a new --out_dir, or give a new "
+                          f"--out_dir (delete {cfg.out_dir} to start over there)")
     ckpt = None
     if source == "scratch":
         if tok is None:

@@ -412,6 +412,9 @@ def test_a_new_run_never_overwrites_a_run_folder(full_run, data_dir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"{out} already holds a run" in proc.stderr and "step 12" in proc.stderr
     assert "--init_from=resume" in proc.stderr and "new --out_dir" in proc.stderr
+    # a pretraining run: only train.py resumes it (finetune.py's user is told so, not sent to a refusal)
+    assert "--init_from=resume (with train.py: it is a pretraining run)" in proc.stderr
+    assert f"start from its model with --init_from={out} and a new --out_dir" in proc.stderr
     assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
     # starting from the run's weights into the same folder is refused the same way
     from gptkit.configurator import ConfigError
