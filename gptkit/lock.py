@@ -13,6 +13,7 @@ and its file removed, when the process exits.
 """
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from gptkit.configurator import UserError
 
 LOCK_NAME = ".gptkit.lock"
 _held = {}  # folder (absolute) -> open file of its lock, for as long as this process lives
+_made = set()  # the folders hold_folder created: left empty at release (a run refused at start), removed
 
 
 class FolderBusyError(UserError):
@@ -69,6 +71,8 @@ def hold_folder(folder):
     folder = os.path.abspath(folder)
     if folder in _held:
         return
+    if not os.path.isdir(folder):
+        _made.add(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     while True:
@@ -114,14 +118,19 @@ def running_holder(folder):
 
 def release_folder(folder):
     """Give the folder up (at exit this happens by itself): remove the lock file, then drop the lock."""
-    f = _held.pop(os.path.abspath(folder), None)
+    folder = os.path.abspath(folder)
+    f = _held.pop(folder, None)
     if f is None:
         return
     try:
-        os.remove(os.path.join(os.path.abspath(folder), LOCK_NAME))  # while still locked: no one is mid-take
+        os.remove(os.path.join(folder, LOCK_NAME))  # while still locked: no one is mid-take
     except OSError:
         pass
     f.close()  # closing drops the OS lock
+    if folder in _made:  # made by this process and still empty (a bad setting stopped it): leave no trace
+        _made.discard(folder)
+        with contextlib.suppress(OSError):  # not empty, or another process wrote into it meanwhile
+            os.rmdir(folder)
 
 
 @atexit.register

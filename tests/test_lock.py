@@ -98,6 +98,25 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_killed_ones(tmp_path, cap
     assert os.listdir(folder) == []  # released: the file is gone, so no stale name is left
 
 
+def test_a_run_refused_at_start_leaves_no_folder(tmp_path, shards):
+    """A folder the lock made stays only if something was written into it: a run stopped by a bad
+    setting after taking out_dir leaves nothing behind; a folder that existed before, or holds files, stays."""
+    made, kept, written = tmp_path / "made", tmp_path / "kept", tmp_path / "written"
+    kept.mkdir()
+    for folder in (made, kept, written):
+        hold_folder(folder)
+    (written / "log.jsonl").write_text("{}\n")
+    for folder in (made, kept, written):
+        release_folder(folder)
+    assert not made.exists() and os.listdir(kept) == [] and os.listdir(written) == ["log.jsonl"]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={shards}",
+                           f"--out_dir={out}", f"--init_from={tmp_path / 'nope'}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "init_from=" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_two_trains_on_one_out_dir_then_sigterm_exits_143(tmp_path, shards):
     out = str(tmp_path / "run")
