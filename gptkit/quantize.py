@@ -167,6 +167,15 @@ def quantize_model(model, quantize, device="cpu"):
     return model
 
 
+# what the start-up line suggests on a CPU with fbgemm, by the dtype the weights are held in (bf16: a CPU
+# with bf16 instructions; figures in docs/benchmarks.md)
+FASTER_ON_CPU = {
+    "float32": "; --quantize=fp16 decodes about 2x faster than fp32, int8 with the smallest matmul weights",
+    "bfloat16": "; --quantize=fp16 or int8 decodes one answer about 2x faster than bf16, int8 with the smallest "
+                "matmul weights",
+}
+
+
 def precision_line(rt, quantize, weights=None):
     """'dtype bfloat16 (why); weights int8 (why)': what the generation scripts print at the start.
     weights: the dtype the other weights are held in (None: rt.weights_dtype, as sample.py and serve.py)."""
@@ -178,10 +187,6 @@ def precision_line(rt, quantize, weights=None):
         return (f"dtype {rt.dtype} ({rt.dtype_reason}); weights fp16 (fbgemm's fp16 GEMM, fp32 sums: half of "
                 f"fp32's bytes to read per token, the fastest on the CPUs measured; embeddings and norms {held})")
     hint = ""
-    if rt.device_type == "cpu" and not fp16_kernel():
-        hint = "; --quantize=int8 reads a quarter of fp32's bytes per token"
-    elif rt.device_type == "cpu" and rt.dtype == "float32":
-        hint = "; --quantize=fp16 decodes about 2x faster than fp32, int8 with the smallest matmul weights"
-    elif rt.device_type == "cpu" and rt.dtype == "bfloat16":  # a CPU with bf16 instructions (docs/benchmarks.md)
-        hint = "; --quantize=fp16 or int8 decodes one answer about 2x faster than bf16, int8 with the smallest matmul weights"
+    if rt.device_type == "cpu":
+        hint = FASTER_ON_CPU.get(rt.dtype, "") if fp16_kernel() else "; --quantize=int8 reads a quarter of fp32's bytes per token"
     return f"dtype {rt.dtype} ({rt.dtype_reason}); weights {held} (as held for this dtype{hint})"
